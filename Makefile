@@ -1,0 +1,30 @@
+# The two commands a new user runs: `make demo` (the main job on the embedded default) and `make test`.
+# Both create .venv on first use. torch is pinned and installed first: torch==2.13.0 takes the local
+# CPU build, while an unpinned torch (asked for by any later package) would pull gigabytes of CUDA.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint models clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python train_stage1.py experiment=embedded
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+models: $(STAMP)
+	$(BIN)/python -m models
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,23 @@
+"""Networks: ccDiT (class-conditional), mmDiT (PixArt-style cross-attention), JointDiT (SD3-style)."""
+
+from models.ccdit import CCDiT
+from models.config import ModelConfig
+from models.joint_dit import JointDiT
+from models.linear import convert_linears, linear_backend, make_linear
+from models.mmdit import MMDiT
+from models.registry import FAMILIES, SIZES, build_model, model_config, named_models
+
+__all__ = [
+    "CCDiT",
+    "FAMILIES",
+    "JointDiT",
+    "MMDiT",
+    "ModelConfig",
+    "SIZES",
+    "build_model",
+    "convert_linears",
+    "linear_backend",
+    "make_linear",
+    "model_config",
+    "named_models",
+]

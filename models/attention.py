@@ -1,0 +1,111 @@
+"""Attention with per-head QK-RMSNorm through F.scaled_dot_product_attention (self, cross, joint).
+
+QK-norm keeps attention logits bounded when training in low precision at large width
+[dehghani2023vit22b, esser2024sd3]. Boolean masks follow SDPA's convention: True = may attend.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm for queries and keys (a learnable gain of size head_dim each)."""
+
+    def __init__(self, head_dim: int, enabled: bool = True):
+        super().__init__()
+        self.q = nn.RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
+        self.k = nn.RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q(q), self.k(k)
+
+
+def attend(
+    q: Float[Tensor, "b h n e"],
+    k: Float[Tensor, "b h m e"],
+    v: Float[Tensor, "b h m e"],
+    key_mask: Bool[Tensor, "b m"] | None = None,
+) -> Float[Tensor, "b n (h e)"]:
+    """SDPA over heads; `key_mask` hides padded keys. Every row must keep at least one key."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return rearrange(out, "b h n e -> b n (h e)")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b n d"]:
+        q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.heads)
+        q, k = self.norm(q, k)
+        return self.proj(attend(q, k, v))
+
+
+class CrossAttention(nn.Module):
+    """Image queries attend to text tokens: q from the image width, k and v from the encoder width."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.norm = QKNorm(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Float[Tensor, "b n d"], context: Float[Tensor, "b m c"], context_mask: Bool[Tensor, "b m"]
+    ) -> Float[Tensor, "b n d"]:
+        q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.heads)
+        k, v = rearrange(self.kv(context), "b m (two h e) -> two b h m e", two=2, h=self.heads)
+        q, k = self.norm(q, k)
+        return self.proj(attend(q, k, v, context_mask))
+
+
+class JointAttention(nn.Module):
+    """SD3's MM-DiT attention [esser2024sd3]: two streams with their own projections and QK-norms,
+    one softmax over the concatenated sequence [context; image].
+
+    With `context_out=False` (the last block) the context stream only supplies keys and values, so it
+    has no output projection: an unused parameter would break DDP's gradient bookkeeping.
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, context_out: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim)
+        self.context_qkv = nn.Linear(dim, 3 * dim)
+        self.context_norm = QKNorm(dim // heads, qk_norm)
+        self.context_proj = nn.Linear(dim, dim) if context_out else None
+
+    def forward(
+        self, x: Float[Tensor, "b n d"], context: Float[Tensor, "b m d"], context_mask: Bool[Tensor, "b m"]
+    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b m d"] | None]:
+        split = "b n (three h e) -> three b h n e"
+        q, k, v = rearrange(self.qkv(x), split, three=3, h=self.heads)
+        cq, ck, cv = rearrange(self.context_qkv(context), split, three=3, h=self.heads)
+        q, k = self.norm(q, k)
+        cq, ck = self.context_norm(cq, ck)
+        m = context.shape[1]
+        image_mask = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        key_mask = torch.cat([context_mask, image_mask], dim=1)
+        queries = torch.cat([cq, q], dim=2) if self.context_proj is not None else q
+        out = attend(queries, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), key_mask)
+        if self.context_proj is None:
+            return self.proj(out), None
+        return self.proj(out[:, m:]), self.context_proj(out[:, :m])

@@ -1,0 +1,74 @@
+"""ModelConfig: every number that defines a network, saved with each checkpoint so tools rebuild it."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Family = Literal["ccdit", "mmdit", "jointdit"]
+
+
+@dataclass
+class ModelConfig:
+    family: Family
+    """ccdit: class-conditional DiT (Stage 1); mmdit: PixArt-style cross-attention (Stages 2-5);
+    jointdit: SD3-style joint attention over text and image tokens."""
+    size: str = "debug"
+    """Named size (S, B, L, XL, debug): a label for logs and checkpoints; the numbers below rule."""
+    dim: int = 64
+    """Transformer width."""
+    depth: int = 2
+    """Number of blocks."""
+    heads: int = 4
+    """Attention heads; dim / heads is the head width."""
+    patch: int = 2
+    """Patch side in input pixels (latent pixels for latent models)."""
+    in_channels: int = 16
+    """Input channels: 16 for SD3 VAE latents, 3 for pixel space."""
+    input_size: int = 32
+    """Default input side (latent or pixel grid). Other sizes run too; positions interpolate."""
+    base_grid: int | None = None
+    """Token grid side at which position steps are 1 (None: input_size // patch). Keep it fixed when
+    moving to a new resolution so positions interpolate rather than extrapolate."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / dim."""
+    cond_dim: int = 256
+    """Width of the timestep sinusoid and the class embedding that feed the adaLN MLPs."""
+    time_scale: float = 1000.0
+    """t in [0, 1] is multiplied by this before the sinusoid. The reference fed raw t, where the highest
+    frequency turns one radian over the whole range and the embedding is nearly linear in t; DiT and SD3
+    use a 0..1000 scale."""
+    qk_norm: bool = True
+    """Per-head RMSNorm on queries and keys."""
+    num_classes: int = 1000
+    """ccdit: real classes; index num_classes is the null class for guidance."""
+    text_dim: int = 2048
+    """mmdit / jointdit: width of the frozen text encoder's hidden states."""
+    text_len: int = 120
+    """mmdit / jointdit: tokens per caption (tokenizer max length)."""
+    num_registers: int = 0
+    """jointdit: learnable register tokens in the joint sequence."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes carried into checkpoints (never read by the model)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in ("ccdit", "mmdit", "jointdit"):
+            raise ValueError(f"model.family must be ccdit, mmdit or jointdit, got {self.family!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if self.input_size % self.patch:
+            raise ValueError(f"model.input_size={self.input_size} is not divisible by model.patch={self.patch}")
+        if self.base_grid is None:
+            self.base_grid = self.input_size // self.patch
+
+    @property
+    def name(self) -> str:
+        return f"{_DISPLAY[self.family]}-{self.size}/{self.patch}"
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DISPLAY = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT"}

@@ -1,0 +1,112 @@
+"""Input embeddings shared by every model family: timesteps, class labels, patches and positions."""
+
+import math
+
+import torch
+from einops import rearrange
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Float[Tensor, "b"], dim: int, max_period: float = 10_000.0) -> Float[Tensor, "b dim"]:
+    """Sinusoidal embedding [cos | sin] of a continuous time, as in the Transformer/DiT [vaswani2017, peebles2023].
+
+    Frequencies run from 1 down to 1/max_period radians per unit of `t`, so callers scale t in [0, 1]
+    by a few hundred or thousand (`ModelConfig.time_scale`) to make neighbouring times distinguishable.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]  # b half
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoid of width `dim`. No parameters: each consumer owns the MLP it applies."""
+
+    def __init__(self, dim: int, time_scale: float):
+        super().__init__()
+        self.dim = dim
+        self.time_scale = time_scale
+
+    def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b dim"]:
+        return timestep_embedding(t * self.time_scale, self.dim)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. Row `num_classes` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: Int[Tensor, "b"]) -> Float[Tensor, "b dim"]:
+        return self.table(labels)
+
+
+def sincos_pos_embed_2d(
+    dim: int, grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
+) -> Float[Tensor, "n dim"]:
+    """2-D sin-cos position embedding for a grid_h x grid_w token grid, rows first (n = grid_h * grid_w).
+
+    Positions are measured in units of the base grid: a grid with s times as many tokens per side
+    (s = sqrt(grid_h * grid_w) / base_grid) steps positions by 1/s, so a model trained at the base
+    resolution sees the same range of positions at any other one and interpolates between them
+    [chen2023pixartalpha]. One scale for both axes keeps the aspect ratio.
+    Half the channels encode the row (y), half the column (x), each as [sin | cos].
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    step = base_grid / math.sqrt(grid_h * grid_w)
+    ys = torch.arange(grid_h, device=device, dtype=torch.float64) * step
+    xs = torch.arange(grid_w, device=device, dtype=torch.float64) * step
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
+
+    def encode(pos: Tensor) -> Tensor:  # [g] -> [g, dim/2]
+        angles = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    emb_y = encode(ys)[:, None, :].expand(grid_h, grid_w, dim // 2)
+    emb_x = encode(xs)[None, :, :].expand(grid_h, grid_w, dim // 2)
+    emb = torch.cat([emb_y, emb_x], dim=-1)  # h w dim
+    return rearrange(emb, "h w d -> (h w) d").float()
+
+
+class PatchEmbed(nn.Module):
+    """Image [b, c, H, W] -> tokens [b, n, dim] by a conv with kernel = stride = patch, plus positions."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, base_grid: int):
+        super().__init__()
+        self.patch = patch
+        self.base_grid = base_grid
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Float[Tensor, "b c H W"]) -> Float[Tensor, "b n dim"]:
+        H, W = x.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
+        tokens = rearrange(self.proj(x), "b d h w -> b (h w) d")
+        pos = sincos_pos_embed_2d(tokens.shape[-1], H // self.patch, W // self.patch, self.base_grid, x.device)
+        return tokens + pos.to(tokens.dtype)
+
+
+def unpatchify(
+    tokens: Float[Tensor, "b n pc"], patch: int, channels: int, grid_h: int, grid_w: int
+) -> Float[Tensor, "b c H W"]:
+    """Inverse of patchifying: token i holds the patch*patch*channels values of its patch, (p q c) order."""
+    return rearrange(
+        tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=grid_h, w=grid_w, p=patch, q=patch, c=channels
+    )
+
+
+def patchify(x: Float[Tensor, "b c H W"], patch: int) -> Float[Tensor, "b n pc"]:
+    """Reference patchify in the layout `unpatchify` inverts (the model itself patchifies with a conv)."""
+    return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=patch, q=patch)

@@ -1,0 +1,92 @@
+"""The one place that decides which linear layer a model runs: torch's nn.Linear or Transformer Engine's
+te.Linear (FP8). Models always build nn.Linear; `convert_linears` swaps layers from outside, the way
+torchtitan applies its float8 converter, so models know nothing of precision.
+
+Both layers name their parameters `weight` [out, in] and `bias` [out], so state dicts move between them.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["torch", "te"]
+
+# Small or precision-sensitive layers stay in bf16 by default: adaLN (modulation), embeddings, the final
+# projection. FP8 pays off on the large per-token matmuls.
+_KEEP_HIGH_PRECISION = ("adaLN", "t_block", "final", "embed")
+
+
+def te_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why te.Linear cannot run here, or None when it can (a CUDA device and transformer_engine)."""
+    device = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return "no CUDA device"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
+        return f"transformer_engine is not importable ({err}); on a CUDA machine: pip install -e '.[gpu]'"
+    return None
+
+
+def linear_backend(precision: str, device: torch.device | str | None = None) -> Backend:
+    """'te' when precision is fp8 and TE can run; else 'torch', with one log line saying why."""
+    if precision != "fp8":
+        return "torch"
+    reason = te_unavailable_reason(device)
+    if reason is not None:
+        log.warning("precision=fp8 but %s: linear layers stay nn.Linear (bf16/fp32)", reason)
+        return "torch"
+    return "te"
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = True, backend: Backend = "torch") -> nn.Module:
+    """A linear layer of the chosen backend with fp32 master parameters."""
+    if backend == "torch":
+        return nn.Linear(in_features, out_features, bias=bias)
+    import transformer_engine.pytorch as te
+
+    return te.Linear(in_features, out_features, bias=bias, params_dtype=torch.float32)
+
+
+def default_fp8_filter(name: str, layer: nn.Linear) -> bool:
+    """Convert the large projections; FP8 GEMMs need both dimensions divisible by 16."""
+    if any(part in name for part in _KEEP_HIGH_PRECISION):
+        return False
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
+def convert_linears(
+    model: nn.Module,
+    precision: str,
+    device: torch.device | str | None = None,
+    include: Callable[[str, nn.Linear], bool] = default_fp8_filter,
+) -> int:
+    """Swap the nn.Linear layers selected by `include` for te.Linear in place, copying weights.
+
+    Returns the number converted; logs one line either way.
+    """
+    backend = linear_backend(precision, device)
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    if backend == "torch":
+        if precision == "fp8":
+            log.info("converted 0/%d linear layers to te.Linear", len(linears))
+        return 0
+    chosen = [(n, m) for n, m in linears if include(n, m)]
+    for name, layer in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = make_linear(layer.in_features, layer.out_features, layer.bias is not None, backend)
+        new = new.to(layer.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        setattr(parent, child, new)
+    log.info("converted %d/%d linear layers to te.Linear (fp8); kept in bf16: adaLN, embeddings, final",
+             len(chosen), len(linears))
+    return len(chosen)

@@ -1,0 +1,66 @@
+"""Named model sizes and the one function that builds a model from a name or a ModelConfig."""
+
+import re
+from typing import Any
+
+from torch import nn
+
+from models.ccdit import CCDiT
+from models.config import ModelConfig
+from models.joint_dit import JointDiT
+from models.mmdit import MMDiT
+
+FAMILIES: dict[str, type[nn.Module]] = {"ccdit": CCDiT, "mmdit": MMDiT, "jointdit": JointDiT}
+
+# Widths, depths and heads of DiT's S/B/L/XL [peebles2023]. Defaults describe 256 px SD3-VAE latents
+# (16 x 32 x 32), ImageNet-1k labels and a 2048-wide encoder (T5Gemma-XL in the reference system).
+SIZES: dict[str, dict[str, Any]] = {
+    "S": dict(dim=384, depth=12, heads=6),
+    "B": dict(dim=768, depth=12, heads=12),
+    "L": dict(dim=1024, depth=24, heads=16),
+    "XL": dict(dim=1152, depth=28, heads=16),
+    # Depth 2 on 32 px RGB with MiniLM's 384-wide tokens: the embedded default, seconds on a CPU.
+    "debug": dict(
+        dim=64, depth=2, heads=4, cond_dim=64, in_channels=3, num_classes=8, text_dim=384, text_len=16
+    ),
+}
+PATCHES = (2, 4)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"jointdit": dict(num_registers=4)}
+
+_NAME = re.compile(r"^(?P<family>[a-z]+)-(?P<size>[a-z]+)/(?P<patch>\d+)$", re.IGNORECASE)
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """'ccDiT-XL/2' (case-insensitive: family-size/patch) plus field overrides -> ModelConfig."""
+    match = _NAME.match(name.strip())
+    if match is None:
+        raise ValueError(f"model name {name!r} is not of the form FAMILY-SIZE/PATCH, e.g. 'mmDiT-XL/2'")
+    family = match["family"].lower()
+    size = {s.lower(): s for s in SIZES}.get(match["size"].lower())
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {match['family']!r} in {name!r}; known: {sorted(FAMILIES)}")
+    if size is None:
+        raise ValueError(f"unknown model size {match['size']!r} in {name!r}; known: {list(SIZES)}")
+    fields = dict(family=family, size=size, patch=int(match["patch"]))
+    fields |= FAMILY_DEFAULTS.get(family, {}) | SIZES[size] | overrides
+    return ModelConfig(**fields)
+
+
+def build_model(config: ModelConfig | str, **overrides: Any) -> nn.Module:
+    """Build an initialised model; `config` is a ModelConfig or a name for `model_config`."""
+    if isinstance(config, str):
+        config = model_config(config, **overrides)
+    elif overrides:
+        raise TypeError("pass overrides together with a model name, not with a ModelConfig")
+    return FAMILIES[config.family](config)
+
+
+def named_models() -> list[str]:
+    """Every named model: each family at every size and patch (debug at patch 4 only)."""
+    display = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT"}
+    names = []
+    for family in FAMILIES:
+        for size in SIZES:
+            for patch in (4,) if size == "debug" else PATCHES:
+                names.append(f"{display[family]}-{size}/{patch}")
+    return names
