@@ -67,7 +67,7 @@ class CCDiT(nn.Module):
     ) -> Float[Tensor, "b c H W"]:
         H, W = x.shape[-2:]
         h = self.patch_embed(x)
-        c = self.t_embed(t) + self.y_embed(labels)
+        c = self.t_embed(t).to(h.dtype) + self.y_embed(labels)
         for block in self.blocks:
             h = block(h, c)
         p = self.config.patch

@@ -98,7 +98,7 @@ class JointDiT(nn.Module):
         H, W = x.shape[-2:]
         b = x.shape[0]
         h = self.patch_embed(x)
-        t_emb = self.t_embed(t)
+        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
         context = torch.cat([self.registers.expand(b, -1, -1), self.context_embed(text)], dim=1)
         text_mask = text_mask.bool()
         mask = torch.cat([text_mask.new_ones(b, self.config.num_registers), text_mask], dim=1)

@@ -82,7 +82,7 @@ class MMDiT(nn.Module):
     ) -> Float[Tensor, "b c H W"]:
         H, W = x.shape[-2:]
         h = self.patch_embed(x)
-        t_emb = self.t_embed(t)
+        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
         s = self.t_block(t_emb)
         b = x.shape[0]
         text = torch.cat([self.null_text.expand(b, 1, -1).to(text.dtype), text], dim=1)  # b (1+l) e
