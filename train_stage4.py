@@ -1,0 +1,18 @@
+"""Stage 4: 512 px (64x64 latents, interpolated positions).
+
+    python train_stage4.py [key=value ...]
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.loop import train
+
+
+@hydra.main(config_path="configs", config_name="stage4", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

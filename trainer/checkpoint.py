@@ -1,0 +1,44 @@
+"""Checkpoints: written atomically (temp file + rename), loaded with weights_only=True, newest K kept."""
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """A crash at any moment leaves either the old file or the complete new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def load(path: Path) -> dict:
+    """Load a checkpoint without executing code; a clear error names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err

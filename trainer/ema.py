@@ -1,0 +1,43 @@
+"""Exponential moving average of the model weights, with its own state for checkpoints.
+
+Two schedules: the reference system's (update every `every` steps, decay rising linearly from
+`start_decay` to `decay` over `warmup_steps`) and plain per-step EMA (every=1, warmup_steps=0).
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(
+        self, model: nn.Module, decay: float = 0.999, every: int = 1, warmup_steps: int = 0, start_decay: float = 0.0
+    ):
+        self.decay, self.every, self.warmup_steps, self.start_decay = decay, every, warmup_steps, start_decay
+        # A copy of the unwrapped model: no DDP, no compile wrapper, so its keys match the model's.
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return self.decay
+        ramp = min(step / self.warmup_steps, 1.0)
+        return self.start_decay + (self.decay - self.start_decay) * ramp
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Call after optimiser step `step` (1-based); only every `every`-th step blends."""
+        if step % self.every:
+            return
+        d = self.decay_at(step)
+        ema_params = list(self.model.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
+        torch._foreach_lerp_(ema_params, params, 1 - d)  # e <- d e + (1 - d) p
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
