@@ -73,9 +73,7 @@ def train(cfg: DictConfig) -> dict:
     o = cfg.optim
     opt = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
     max_steps = cfg.train.max_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, o.warmup_steps, max_steps, o.decay_fraction)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.warmup_steps, max_steps, o.decay_fraction))
     timesteps = build_timestep_sampler(**OmegaConf.to_container(cfg.train.timesteps, resolve=True))
     step, history = 0, []
     drop_gen = torch.Generator().manual_seed(cfg.seed + 1)  # label dropout draws, checkpointed with the rest
@@ -96,11 +94,21 @@ def train(cfg: DictConfig) -> dict:
         path = checkpoint.checkpoint_path(ckpt_dir, at)
         checkpoint.save_atomic(
             dict(
-                model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(), step=at, history=history, rng=dict(torch=torch.get_rng_state(), label_dropout=drop_gen.get_state()),
+                model=model.state_dict(),
+                ema=ema.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                step=at,
+                history=history,
+                rng=dict(torch=torch.get_rng_state(), label_dropout=drop_gen.get_state()),
                 config=OmegaConf.to_container(cfg, resolve=True),
-                metadata=dict(model=mcfg.to_dict(), stage=cfg.stage, space="pixel", pixel_range=[-1, 1],
-                              class_names=data.class_names),
+                metadata=dict(
+                    model=mcfg.to_dict(),
+                    stage=cfg.stage,
+                    space="pixel",
+                    pixel_range=[-1, 1],
+                    class_names=data.class_names,
+                ),
             ),
             path,
         )
@@ -140,7 +148,14 @@ def train(cfg: DictConfig) -> dict:
     final = checkpoint.list_checkpoints(ckpt_dir)[-1]
     save_loss_plot(list(range(1, len(history) + 1)), history, out_dir / "loss.png", f"stage {cfg.stage}: {mcfg.name}")
     tail = history[-50:]
-    summary = dict(stage=cfg.stage, steps=len(history), final_loss=sum(tail) / len(tail), first_loss=history[0],
-                   checkpoint=str(final), samples=str(out_dir / "samples"), loss_plot=str(out_dir / "loss.png"))
+    summary = dict(
+        stage=cfg.stage,
+        steps=len(history),
+        final_loss=sum(tail) / len(tail),
+        first_loss=history[0],
+        checkpoint=str(final),
+        samples=str(out_dir / "samples"),
+        loss_plot=str(out_dir / "loss.png"),
+    )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
