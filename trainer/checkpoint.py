@@ -42,3 +42,21 @@ def load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def load_model(path: Path, weights: str = "ema"):
+    """Rebuild the model a training checkpoint describes and load its `ema` or `raw` weights.
+
+    Returns (model in eval mode, metadata). Everything needed comes from the checkpoint itself.
+    """
+    from models import ModelConfig, build_model
+
+    state = load(path)
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    model = build_model(ModelConfig(**meta["model"]))
+    model.load_state_dict(state["ema" if weights == "ema" else "model"])
+    return model.eval().requires_grad_(False), meta

@@ -46,7 +46,16 @@ def preview(model: torch.nn.Module, cfg: DictConfig, path: Path) -> None:
     size = cfg.data.image_size
     x0 = torch.randn(len(labels), model.config.in_channels, size, size, generator=gen)
     uncond = dict(labels=torch.full_like(labels, model.null_label))
-    x1 = sample(model, x0, dict(labels=labels), uncond, steps=p.steps, alpha=p.alpha, cfg_scale=p.cfg_scale)
+    x1 = sample(
+        model,
+        x0,
+        dict(labels=labels),
+        uncond,
+        steps=p.steps,
+        alpha=p.alpha,
+        cfg_scale=p.cfg_scale,
+        prediction=cfg.train.prediction,
+    )
     save_grid(x1, path, cols=len(p.labels), scale=p.scale)
 
 
@@ -107,6 +116,7 @@ def train(cfg: DictConfig) -> dict:
                     stage=cfg.stage,
                     space="pixel",
                     pixel_range=[-1, 1],
+                    prediction=cfg.train.prediction,
                     class_names=data.class_names,
                 ),
             ),
