@@ -132,3 +132,11 @@ def test_text_stages_say_what_is_missing(tmp_path):
         cfg = compose(config_name="stage2", overrides=["experiment=embedded", f"train.out_dir={tmp_path}"])
     with pytest.raises(NotImplementedError, match="stage 2"):
         train(cfg)
+
+
+def test_resume_setting_is_validated(tmp_path):
+    from trainer.loop import resolve_resume
+
+    assert resolve_resume("auto", tmp_path) is None and resolve_resume("never", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="train.resume='nope.pt'"):
+        resolve_resume("nope.pt", tmp_path)

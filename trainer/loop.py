@@ -59,6 +59,19 @@ def preview(model: torch.nn.Module, cfg: DictConfig, path: Path) -> None:
     save_grid(x1, path, cols=len(p.labels), scale=p.scale)
 
 
+def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    """train.resume: 'auto' (newest checkpoint in out_dir, if any), 'never', or a checkpoint path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = checkpoint.list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    return path
+
+
 def train(cfg: DictConfig) -> dict:
     """Run a stage; returns a summary (final loss, checkpoint path, figures)."""
     if cfg.stage != 1:
@@ -87,9 +100,9 @@ def train(cfg: DictConfig) -> dict:
     step, history = 0, []
     drop_gen = torch.Generator().manual_seed(cfg.seed + 1)  # label dropout draws, checkpointed with the rest
 
-    latest = checkpoint.list_checkpoints(ckpt_dir)
-    if cfg.train.resume == "auto" and latest:
-        state = checkpoint.load(latest[-1])
+    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -97,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         drop_gen.set_state(state["rng"]["label_dropout"])
         step, history = state["step"], state["history"]
-        log.info("resumed from %s at step %d", latest[-1], step)
+        log.info("resumed from %s at step %d", resume_from, step)
 
     def save(at: int) -> Path:
         path = checkpoint.checkpoint_path(ckpt_dir, at)
