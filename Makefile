@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python train_stage1.py experiment=embedded
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -90,6 +90,7 @@ def train(cfg: DictConfig) -> dict:
     if mcfg.family == "ccdit" and mcfg.num_classes != data.num_classes:
         raise ValueError(f"model.overrides.num_classes={mcfg.num_classes} but the data has {data.num_classes}")
     model = build_model(mcfg)
+    n_params = sum(p.numel() for p in model.parameters())
     e = cfg.train.ema
     ema = EMA(model, decay=e.decay, every=e.every, warmup_steps=e.warmup_steps, start_decay=e.start_decay)
     o = cfg.optim
@@ -169,7 +170,8 @@ def train(cfg: DictConfig) -> dict:
             save(done)
 
     final = checkpoint.list_checkpoints(ckpt_dir)[-1]
-    save_loss_plot(list(range(1, len(history) + 1)), history, out_dir / "loss.png", f"stage {cfg.stage}: {mcfg.name}")
+    title = f"stage {cfg.stage}: {mcfg.name}, {n_params / 1e6:.1f}M parameters"
+    save_loss_plot(list(range(1, len(history) + 1)), history, out_dir / "loss.png", title)
     tail = history[-50:]
     summary = dict(
         stage=cfg.stage,
