@@ -1,0 +1,53 @@
+"""Check a dataset folder against its manifest.
+
+    python -m data.validate DIR [--no-checksum]
+
+Exits 0 when every shard is present, readable, has every key with the right dtype and shape, finite
+latents, token ids inside the tokenizer's vocabulary and the checksum the manifest records; otherwise
+prints one line per problem (file, field, what is wrong) and exits 1.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data.shards import ShardError, load_shard, read_manifest
+
+
+def validate(data_dir: Path, verify_checksum: bool = True) -> list[ShardError]:
+    try:
+        manifest, spec = read_manifest(data_dir)
+    except ShardError as err:
+        return [err]
+    errors = []
+    for entry in tqdm(manifest["shards"], desc=f"validating {data_dir}", unit="shard", leave=False):
+        try:
+            load_shard(data_dir, entry, spec, verify_checksum)
+        except ShardError as err:
+            errors.append(err)
+    total = sum(e["records"] for e in manifest["shards"])
+    if total != manifest.get("num_records", total):
+        errors.append(
+            ShardError(Path(data_dir) / "manifest.json", "num_records", f"{manifest['num_records']} != {total}")
+        )
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--no-checksum", action="store_true", help="skip the sha256 comparison (faster)")
+    args = parser.parse_args(argv)
+    errors = validate(args.data_dir, verify_checksum=not args.no_checksum)
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if not errors:
+        manifest, _ = read_manifest(args.data_dir)
+        print(f"ok: {args.data_dir}: {len(manifest['shards'])} shards, {manifest['num_records']} records")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
