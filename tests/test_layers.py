@@ -96,3 +96,24 @@ def test_cross_attention_mask_matches_naive_float64():
     logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
     expected = attn.proj(torch.softmax(logits, dim=-1) @ v)
     torch.testing.assert_close(attn(x, ctx, mask), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_joint_attention_is_one_softmax_over_both_streams():
+    """JointAttention equals single-head attention over [context; image] with per-stream projections."""
+    from models.attention import JointAttention
+
+    attn = JointAttention(dim=8, heads=1).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    ctx = torch.randn(1, 4, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True]])
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    cq, ck, cv = attn.context_qkv(ctx).chunk(3, dim=-1)
+    nq, nk = rms(q) * attn.norm.q.weight, rms(k) * attn.norm.k.weight
+    ncq, nck = rms(cq) * attn.context_norm.q.weight, rms(ck) * attn.context_norm.k.weight
+    queries, keys, values = torch.cat([ncq, nq], 1), torch.cat([nck, nk], 1), torch.cat([cv, v], 1)
+    logits = queries @ keys.transpose(-1, -2) / math.sqrt(8)
+    key_mask = torch.cat([mask, torch.ones(1, 3, dtype=torch.bool)], dim=1)
+    out = torch.softmax(logits.masked_fill(~key_mask[:, None, :], float("-inf")), dim=-1) @ values
+    img, txt = attn(x, ctx, mask)
+    torch.testing.assert_close(img, attn.proj(out[:, 4:]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(txt, attn.context_proj(out[:, :4]), rtol=1e-10, atol=1e-10)
