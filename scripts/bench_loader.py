@@ -1,0 +1,167 @@
+"""Throughput of the shard loader against a raw read of the same shards.
+
+    python scripts/bench_loader.py [--data-dir DIR] [--records 4096] [--shards 8] [--batch-size 64]
+
+Without --data-dir it writes a synthetic text dataset of realistic record size (16x32x32 bf16 latents,
+120-token long and short captions) to a temp dir. The raw read is the floor any loader pays: torch.load
+of each shard and batch-sized slices copied out, in file order, with no checks. The loader rows run
+ShardDataset through a DataLoader (shuffled, split, validated on open) for the same number of epochs.
+Both read from the page cache after the first pass, so this measures CPU cost, not disk.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+
+from data.loader import build_loader  # noqa: E402
+from data.shards import DatasetSpec, ShardWriter, read_manifest, write_manifest  # noqa: E402
+
+
+def make_dataset(root: Path, records: int, shards: int, text_len: int = 120) -> None:
+    spec = DatasetSpec(
+        kind="text",
+        latent_shape=(16, 32, 32),
+        image_size=256,
+        vae={"id": "identity", "scale": 1.0, "shift": 0.0, "pixel_range": [-1, 1]},
+        tokenizer={"id": "synthetic", "max_length": text_len, "vocab_size": 32_000},
+        short_captions=True,
+    )
+    per_shard = -(-records // shards)
+    writer = ShardWriter(root, spec, records_per_shard=per_shard)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, text_len, (records, 2), generator=gen)
+    positions = torch.arange(text_len)
+    for i in range(records):
+        mask, short_mask = positions < lengths[i, 0], positions < lengths[i, 1] // 4 + 1
+        writer.add(
+            latents=torch.randn(16, 32, 32, generator=gen),
+            text_tokens=torch.randint(0, 32_000, (text_len,), generator=gen) * mask,
+            attn_mask=mask,
+            short_text_tokens=torch.randint(0, 32_000, (text_len,), generator=gen) * short_mask,
+            short_attn_mask=short_mask,
+        )
+    writer.close()
+    write_manifest(root, spec, per_shard)
+
+
+def bench_raw(data_dir: Path, batch_size: int, epochs: int) -> list[tuple[int, float]]:
+    """(samples, seconds) per epoch of the raw read."""
+    manifest, _ = read_manifest(data_dir)
+    keys = ("latents", "text_tokens", "attn_mask")
+    out = []
+    for _ in range(epochs):
+        samples, start = 0, time.perf_counter()
+        for entry in manifest["shards"]:
+            shard = torch.load(data_dir / entry["file"], map_location="cpu", weights_only=True)
+            for i in range(0, entry["records"] - batch_size + 1, batch_size):
+                batch = {k: shard[k][i : i + batch_size].clone() for k in keys}
+                samples += batch["latents"].shape[0]
+        out.append((samples, time.perf_counter() - start))
+    return out
+
+
+def bench_loader(data_dir: Path, batch_size: int, epochs: int, workers: int, verify: bool) -> list[tuple[int, float]]:
+    """(samples, seconds) per epoch of ShardDataset through a DataLoader; the first includes worker
+    start-up and each process's first-open checks (a trainer pays both too)."""
+    loader = build_loader(
+        data_dir, batch_size, num_workers=workers, verify_checksum=verify, short_caption_prob=0.1, pin_memory=False
+    )
+    steps = loader.dataset.samples_per_epoch // batch_size
+    it = iter(loader)
+    out = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        samples = sum(b["latents"].shape[0] for b in islice(it, steps))
+        out.append((samples, time.perf_counter() - start))
+    return out
+
+
+class InMemoryRecords(IterableDataset):
+    """Per-record views of tensors already in memory: what the DataLoader machinery alone costs
+    (collate, and with workers the shared-memory hand-over of every batch)."""
+
+    def __init__(self, records: int, text_len: int = 120):
+        self.latents = torch.randn(records, 16, 32, 32).bfloat16()
+        self.tokens = torch.zeros(records, text_len, dtype=torch.int32)
+        self.mask = torch.ones(records, text_len, dtype=torch.bool)
+        self.kind = torch.zeros(records, dtype=torch.long)
+
+    def __iter__(self):
+        while True:
+            for i in range(len(self.kind)):
+                yield dict(
+                    latents=self.latents[i],
+                    text_tokens=self.tokens[i],
+                    attn_mask=self.mask[i],
+                    caption_kind=self.kind[i],
+                )
+
+
+def bench_floor(records: int, batch_size: int, epochs: int, workers: int) -> list[tuple[int, float]]:
+    loader = DataLoader(
+        InMemoryRecords(min(records, 1024)), batch_size, num_workers=workers, prefetch_factor=4 if workers else None
+    )
+    steps = records // batch_size
+    it = iter(loader)
+    out = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        samples = sum(b["latents"].shape[0] for b in islice(it, steps))
+        out.append((samples, time.perf_counter() - start))
+    return out
+
+
+def rates(epochs: list[tuple[int, float]]) -> tuple[float, float]:
+    """Samples/s of the first epoch and of the later ones together."""
+    later = epochs[1:] or epochs
+    return epochs[0][0] / epochs[0][1], sum(n for n, _ in later) / sum(t for _, t in later)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, help="an existing shard folder (default: synthetic, in a temp dir)")
+    parser.add_argument("--records", type=int, default=4096)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir
+        if data_dir is None:
+            data_dir = Path(tmp)
+            t = time.perf_counter()
+            make_dataset(data_dir, args.records, args.shards)
+            print(f"wrote {args.records} records, {args.shards} shards to {data_dir} ({time.perf_counter() - t:.1f}s)")
+        manifest, spec = read_manifest(data_dir)
+        size = sum((data_dir / e["file"]).stat().st_size for e in manifest["shards"])
+        print(
+            f"{manifest['num_records']} records, {len(manifest['shards'])} shards, {size / 2**20:.0f} MiB, "
+            f"latents {list(spec.latent_shape)}, batch {args.batch_size}, {args.epochs} epochs, "
+            f"{torch.get_num_threads()} torch threads"
+        )
+        bench_raw(data_dir, args.batch_size, 1)  # warm the page cache: every row reads from memory
+        raw_first, raw = rates(bench_raw(data_dir, args.batch_size, args.epochs))
+        rows = [("raw torch.load + slice", raw_first, raw)]
+        for workers in args.workers:
+            for verify in (True, False):
+                name = f"loader workers={workers} checksum={'on' if verify else 'off'}"
+                rows.append((name, *rates(bench_loader(data_dir, args.batch_size, args.epochs, workers, verify))))
+            name = f"DataLoader floor workers={workers}"
+            rows.append((name, *rates(bench_floor(manifest["num_records"], args.batch_size, args.epochs, workers))))
+        print(f"{'samples/s':<36}{'epoch 1':>10}{'later':>10}{'later/raw':>11}")
+        for name, first, later in rows:
+            print(f"{name:<36}{first:>10,.0f}{later:>10,.0f}{later / raw:>10.0%}")
+
+
+if __name__ == "__main__":
+    main()
