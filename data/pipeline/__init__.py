@@ -1,0 +1,10 @@
+"""Shard a WebDataset of images into latent shards: caption, tokenize, VAE-encode (CLI: data/shard_caption_example.py).
+
+    sources     input tars (URL template or glob), rank split, decoding, size and flat-image filters, crops
+    captioners  VLLMCaptioner, OpenAICompatibleCaptioner, TarCaptioner: caption(images, metas) -> [(long, short)]
+    encoders    TextTokenizer, SD3VAE, IdentityVAE
+    run         PipelineConfig, run_rank (resumable, one unit of work per input tar), finalize (manifest.json)
+
+Import the submodules directly; this file imports nothing so that `import data.pipeline` stays cheap
+(diffusers and transformers load only when an encoder is built).
+"""

@@ -1,0 +1,316 @@
+"""The sharding pipeline: this rank's input tars -> filtered crops -> captions -> tokens + latents -> shards.
+
+Resume design: one input tar is the unit of work, done or not done.
+  - Tar `train_0003.tar` writes `shard-train_0003-00000.pt, -00001.pt, ...` (records_per_shard each, the
+    last partial) and then, atomically, `progress/train_0003.done.json`: its shard files, drop counts and
+    the dataset spec it was written with. Output names depend on the tar alone, never on the rank or world
+    size, so a rerun may use another --world-size.
+  - On start a rank skips every tar whose marker exists and whose listed shards are all finished (`.pt` and
+    sidecar `.json`, see data/shards.py). Any other tar is redone from scratch: its leftovers (finished or
+    temp shards of an interrupted run, a stale marker) are deleted first. Redone output equals a clean run's
+    (VAE means, tokenizer and tar captions are deterministic; VLM captions are sampled, so they differ).
+  - A shard is never visible half-written: ShardWriter writes through temp names and renames.
+  - A marker written with a different spec (other VAE, tokenizer, sizes, inputs ...) is an error, so one
+    folder never mixes two configurations.
+Finalize: when every input tar has its marker, `finalize` checks that the markers agree and that the folder
+holds exactly their shards, adds the summed drop counts to spec.extra and writes manifest.json. Every rank
+tries this after its own tars, so the last rank to finish writes it; `--finalize` does it explicitly.
+
+Shard order inside a tar follows the tar: the training loader wants shuffled sources, which webdataset
+tars written by img2dataset-style tools are.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data.pipeline.captioners import Captioner, derive_short
+from data.pipeline.encoders import ImageAutoencoder, TextTokenizer, images_to_tensor
+from data.pipeline.sources import (
+    DropCounts,
+    Prepared,
+    input_stem,
+    iter_tar_samples,
+    ordered_map,
+    prepare_sample,
+    split_for_rank,
+)
+from data.shards import DatasetSpec, ShardWriter, shard_finished, write_json_atomic, write_manifest
+
+log = logging.getLogger(__name__)
+PROGRESS_DIR = "progress"
+
+
+class PipelineError(RuntimeError):
+    """Inconsistent inputs or outputs (bad label, mixed specs, unfinished dataset); says what to do."""
+
+
+@dataclass
+class PipelineConfig:
+    inputs: list[str]
+    """Every input tar of the dataset, in the order all ranks agree on (sources.list_inputs)."""
+    out_dir: Path
+    kind: str = "text"
+    image_size: int = 256
+    caption_size: int | None = 512
+    """Side of the captioner's crop (VLM backends); the VAE's is image_size."""
+    rank: int = 0
+    world_size: int = 1
+    records_per_shard: int = 50_000
+    batch_size: int = 64
+    min_std: float = 0.02
+    """Drop images whose every channel has a standard deviation below this (pixels in [0, 1])."""
+    short_captions: bool = True
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    source: str = ""
+    licence: str = ""
+    inputs_description: dict[str, Any] = field(default_factory=dict)
+    """How the inputs were named (base_url + num_shards, or input_glob): recorded in spec.extra."""
+    decode_workers: int = 4
+    timeout: float = 60.0
+    progress: bool = True
+
+
+@dataclass
+class RankResult:
+    processed: list[str]
+    skipped: list[str]
+    counts: DropCounts
+    manifest: dict[str, Any] | None
+    """The manifest when this rank found every tar done and finalized the folder."""
+
+
+def build_spec(
+    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder
+) -> DatasetSpec:
+    text = cfg.kind == "text"
+    caption_size = cfg.caption_size if captioner.needs_images else None
+    if text and tokenizer is None:
+        raise PipelineError("kind='text' needs a tokenizer")
+    extra = dict(
+        inputs=cfg.inputs_description or dict(num_inputs=len(cfg.inputs)),
+        captioner=captioner.describe(),
+        filters=dict(min_side=cfg.image_size, min_std=cfg.min_std, caption_size=caption_size),
+    )
+    return DatasetSpec(
+        kind=cfg.kind,
+        latent_shape=vae.latent_shape(cfg.image_size),
+        image_size=cfg.image_size,
+        vae=dict(vae.info),
+        tokenizer=tokenizer.info if text else None,
+        short_captions=text and cfg.short_captions,
+        num_classes=cfg.num_classes or (len(cfg.class_names) if cfg.class_names else None),
+        class_names=cfg.class_names,
+        source=cfg.source,
+        licence=cfg.licence,
+        extra=extra,
+    )
+
+
+def _as_json(spec: DatasetSpec) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples -> lists, as read back from a marker
+
+
+def marker_path(out_dir: Path, stem: str) -> Path:
+    return Path(out_dir) / PROGRESS_DIR / f"{stem}.done.json"
+
+
+def read_marker(out_dir: Path, stem: str) -> dict[str, Any] | None:
+    path = marker_path(out_dir, stem)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_done(out_dir: Path, stem: str) -> bool:
+    marker = read_marker(out_dir, stem)
+    return marker is not None and all(shard_finished(Path(out_dir) / f) for f in marker["shards"])
+
+
+def clean_partial(out_dir: Path, stem: str) -> list[Path]:
+    """Delete every output of one tar (shards, sidecars, captions, temp files, marker) before redoing it."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(rf"\.?shard-{re.escape(stem)}-\d{{5}}\.(pt|json|captions\.jsonl)(\.tmp-\d+)?")
+    removed = [p for p in out_dir.glob(f"*shard-{stem}-*") if pattern.fullmatch(p.name)]
+    marker = marker_path(out_dir, stem)
+    removed += [marker] if marker.exists() else []
+    removed += list(marker.parent.glob(f".{marker.name}.tmp-*"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def _label(meta: dict[str, Any], num_classes: int, where: str) -> int:
+    label = (meta.get("json") or {}).get("label")
+    if not isinstance(label, int) or not 0 <= label < num_classes:
+        raise PipelineError(f"{where}: json 'label' is {label!r}; kind='labels' needs an int in [0, {num_classes})")
+    return label
+
+
+def _write_batch(
+    batch: list[Prepared],
+    stem: str,
+    url: str,
+    writer: ShardWriter,
+    counts: DropCounts,
+    captioner: Captioner,
+    tokenizer: TextTokenizer | None,
+    vae: ImageAutoencoder,
+) -> None:
+    spec = writer.spec
+    pairs = captioner.caption([p.caption_image for p in batch], [p.meta for p in batch])
+    keep = []
+    for sample, (long, short) in zip(batch, pairs, strict=True):
+        if spec.kind == "text" and not long:
+            counts.no_caption += 1  # an empty caption would teach the unconditional branch a random image
+            continue
+        keep.append((sample, long, short or (derive_short(long) if spec.short_captions else "")))
+    if not keep:
+        return
+    latents = vae.encode(images_to_tensor([s.image for s, _, _ in keep]))
+    record_keys = {}
+    if spec.kind == "text":
+        record_keys["text_tokens"], record_keys["attn_mask"] = tokenizer([long for _, long, _ in keep])
+        if spec.short_captions:
+            record_keys["short_text_tokens"], record_keys["short_attn_mask"] = tokenizer([s for _, _, s in keep])
+    for j, (sample, long, short) in enumerate(keep):
+        caption: dict[str, Any] = dict(key=sample.key, input=stem)
+        caption |= {k: v for k, v in (("caption", long), ("short_caption", short)) if v}
+        record = {k: v[j] for k, v in record_keys.items()} | {"latents": latents[j]}
+        if spec.kind == "labels":
+            caption["label"] = _label(sample.meta, spec.num_classes, f"{url} sample {sample.key}")
+            record["labels"] = torch.tensor(caption["label"], dtype=torch.int64)
+        writer.add(caption=caption, **record)
+        counts.written += 1
+
+
+def process_tar(
+    url: str,
+    cfg: PipelineConfig,
+    spec: DatasetSpec,
+    captioner: Captioner,
+    tokenizer: TextTokenizer | None,
+    vae: ImageAutoencoder,
+    bar: tqdm | None = None,
+) -> DropCounts:
+    """Turn one input tar into its shards and marker (from scratch: leftovers are deleted first)."""
+    stem = input_stem(url)
+    if removed := clean_partial(cfg.out_dir, stem):
+        log.info("%s: removed %d leftover files of an interrupted run", stem, len(removed))
+    writer = ShardWriter(cfg.out_dir, spec, cfg.records_per_shard, prefix=f"shard-{stem}")
+    counts = DropCounts()
+    caption_size = cfg.caption_size if captioner.needs_images else None
+    prepare = functools.partial(
+        prepare_sample, image_size=cfg.image_size, caption_size=caption_size, min_std=cfg.min_std
+    )
+    batch: list[Prepared] = []
+    for result in ordered_map(prepare, iter_tar_samples(url, cfg.timeout), cfg.decode_workers):
+        counts.seen += 1
+        if bar is not None:
+            bar.update(1)
+        if isinstance(result, str):
+            setattr(counts, result, getattr(counts, result) + 1)
+            continue
+        batch.append(result)
+        if len(batch) == cfg.batch_size:
+            _write_batch(batch, stem, url, writer, counts, captioner, tokenizer, vae)
+            batch = []
+    if batch:
+        _write_batch(batch, stem, url, writer, counts, captioner, tokenizer, vae)
+    shards = [p.name for p in writer.close()]
+    marker = dict(input=url, stem=stem, shards=shards, records=counts.written, counts=dataclasses.asdict(counts))
+    marker |= dict(records_per_shard=cfg.records_per_shard, spec=_as_json(spec))
+    # Written last and atomically: its presence means every shard above is finished.
+    marker_path(cfg.out_dir, stem).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker_path(cfg.out_dir, stem), marker)
+    return counts
+
+
+def run_rank(
+    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder
+) -> RankResult:
+    """Process this rank's tars (skipping done ones); finalize the folder if every tar is now done."""
+    spec = build_spec(cfg, captioner, tokenizer, vae)
+    mine = split_for_rank(cfg.inputs, cfg.rank, cfg.world_size)
+    done = {url for url in mine if is_done(cfg.out_dir, input_stem(url))}
+    for url in done:  # before any work: a folder must never mix two configurations
+        _check_same_spec(read_marker(cfg.out_dir, input_stem(url)), spec, cfg.records_per_shard, input_stem(url))
+    result = RankResult([], [u for u in mine if u in done], DropCounts(), None)
+    if done:
+        log.info("rank %d: skipping %d of %d input tars already done", cfg.rank, len(done), len(mine))
+    todo = [u for u in mine if u not in done]
+    # In a batch job's log file a bar redrawn ten times a second is noise: one line a minute there.
+    interval = 0.5 if sys.stderr.isatty() else 60.0
+    bar = tqdm(desc=f"rank {cfg.rank}/{cfg.world_size}", unit="img", disable=not cfg.progress, mininterval=interval)
+    for i, url in enumerate(todo):
+        result.counts.add(process_tar(url, cfg, spec, captioner, tokenizer, vae, bar))
+        result.processed.append(url)
+        c = result.counts
+        bar.set_postfix(tars=f"{i + 1}/{len(todo)}", small=c.too_small, flat=c.degenerate, bad=c.undecodable)
+    bar.close()
+    if all(is_done(cfg.out_dir, input_stem(u)) for u in cfg.inputs):
+        result.manifest = finalize(cfg.out_dir, cfg.inputs)
+    return result
+
+
+def _check_same_spec(marker: dict[str, Any], spec: DatasetSpec, records_per_shard: int, stem: str) -> None:
+    current = _as_json(spec) | dict(records_per_shard=records_per_shard)
+    written = marker["spec"] | dict(records_per_shard=marker["records_per_shard"])
+    if written != current:
+        fields = _differences(written, current)
+        raise PipelineError(
+            f"{PROGRESS_DIR}/{stem}.done.json was written with different settings ({', '.join(fields)} differ); "
+            "rerun with the original flags, or use a fresh --out-dir"
+        )
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the leaves where two nested dicts differ, e.g. ['extra.filters.min_std']."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
+
+
+def finalize(out_dir: Path | str, inputs: list[str]) -> dict[str, Any]:
+    """Check that every input tar is done and the markers agree, then write manifest.json; returns it."""
+    out_dir = Path(out_dir)
+    stems = [input_stem(u) for u in inputs]
+    missing = [s for s in stems if not is_done(out_dir, s)]
+    if missing:
+        raise PipelineError(
+            f"{len(missing)} of {len(stems)} input tars are not done (e.g. {missing[:3]}); run the ranks that "
+            "own them (rerunning the same command resumes), then finalize"
+        )
+    markers = [read_marker(out_dir, s) for s in stems]
+    first = markers[0]
+    for stem, marker in zip(stems, markers, strict=True):
+        _check_same_spec(marker, DatasetSpec(**first["spec"]), first["records_per_shard"], stem)
+    expected = {f for m in markers for f in m["shards"]}
+    strays = sorted({p.name for p in out_dir.glob("*.pt")} - expected)
+    if strays:
+        raise PipelineError(
+            f"{out_dir} holds shards no done input tar lists (e.g. {strays[:3]}): left from another run? "
+            "Delete them or use a fresh --out-dir"
+        )
+    total = DropCounts()
+    for marker in markers:
+        total.add(DropCounts(**marker["counts"]))
+    spec = DatasetSpec(**first["spec"])
+    spec.extra["counts"] = dataclasses.asdict(total)
+    manifest = write_manifest(out_dir, spec, first["records_per_shard"])
+    if manifest["num_records"] != total.written:
+        raise PipelineError(f"manifest has {manifest['num_records']} records, the markers {total.written}")
+    return manifest
