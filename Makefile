@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint models clean
+.PHONY: demo test lint models data clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The embedded datasets (synthetic scenes, OpenMoji) as latent shards under outputs/data (~3 min).
+data: $(STAMP)
+	scripts/build_embedded_data.sh outputs/data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
