@@ -1,39 +1,66 @@
-"""Stream records from a shard folder (data/shards.py) into training: deterministic, split across
-ranks and dataloader workers, and resumable to the exact sample.
+"""Stream batches from a shard folder (data/shards.py) into training: deterministic, split across ranks
+and dataloader workers, mixed across shards, and resumable to the exact batch.
 
 Epoch order. Epoch e permutes the shards with a generator seeded from (seed, e), the same on every rank,
-and shuffles each shard's records with one seeded from (seed, e, shard index). Concatenated, they give
-the epoch's global record order of N records.
+and shuffles each shard's records with one seeded from (seed, e, shard index). The shard order is cut
+into windows of `mix_shards` consecutive shards (M; the last window may hold fewer). A window's records,
+its shards concatenated in that order, are visited in a permutation seeded from (seed, e, window index)
+(the identity for a window of one shard, or without shuffle). Windows concatenated give the epoch's
+global record order of N records: a function of (seed, epoch, M, shard sizes) only. M = 1 is shard by
+shard (each batch holds records of one or two shards, so a shard of one class or one source makes whole
+batches of it); M > 1 spreads every stretch of the order over M shards.
 
 Split. Each rank runs W dataloader workers (W = 1 for num_workers=0): S = world_size * W slots, slot
 s = rank * W + w. Slot s takes the contiguous range [s * L, (s + 1) * L) of the global order, with
 L = N // S: every record is seen at most once per epoch, exactly once when S divides N, and the last
-N - S * L records of the (shuffled) order are dropped, so every rank and worker yields the same
-number of samples per epoch. Contiguous ranges keep each slot on about N / S records' worth of shards,
-opened one at a time. Iteration is infinite: a slot runs through its range of epoch 0, then of epoch 1...
-The price of contiguous ranges: a rank's batch holds records of one or two shards, so shards must be
-written from a shuffled source (a shard of one class or one source would make whole batches of it).
+N - S * L records of the (shuffled) order are dropped, so every rank and worker yields the same number
+of samples per epoch. A slot opens only the shards of the windows its range crosses (memory-mapped), at
+most M at once: it releases a window's shards before opening the next window's. Iteration is infinite:
+a slot runs through its range of epoch 0, then of epoch 1...
 
-Resume. A DataLoader with W workers takes batch j from worker j % W, and each worker fills a batch with
-B consecutive samples of its stream. So after k batches (c = k * B samples consumed by this rank),
-worker w has produced the batches j < k with j % W == w and can start from there without running
-anything. A resumed DataLoader starts over at worker 0, so its worker w plays the role (slot) of the
-original worker (k + w) % W. The trainer saves `dataset.state_at(step * batch_size)` and restores with
-`dataset.load_state_dict(state)` before the DataLoader creates its iterator. Everything random (orders,
-short-caption draws) is a function of (seed, epoch, shard index), never of a running generator.
+Batches. A slot's stream is cut into batches of B = batch_size consecutive records, built where the
+stream runs (in the worker): per shard, caption kind and key one index_select from the memory-mapped
+shard, joined by one torch.cat per key when a batch spans several such groups, so a batch costs a
+handful of copies, not B records' worth of Python. Inside a batch the records are grouped by shard (in
+window order), then by caption kind (long before short), in stream order within a group: with M = 1 and
+no short captions that is the stream order itself. The dataset yields plain dicts of freshly allocated
+batched tensors (also with num_workers=0); `build_loader` hands them through `DataLoader(batch_size=None)`
+untouched, from workers by the DataLoader's standard transport. On a machine with few cores that
+transport, not the loader, limits throughput with workers (data/README.md has the measured figures).
+
+Resume. A DataLoader with W workers takes batch j from worker j % W. So after k batches (c = k * B
+samples consumed by this rank), worker w has produced the batches j < k with j % W == w and can start
+from there without running anything. A resumed DataLoader starts over at worker 0, so its worker w plays
+the role (slot) of the original worker (k + w) % W. What the trainer calls:
+
+    save:     state = loader.dataset.state_at(batches_taken * batch_size)   # dict of plain ints
+    restore:  loader = build_loader(..., state=state)    # or, before the first iter(loader),
+              loader.dataset.load_state_dict(state)
+
+batches_taken counts every batch taken from the loader (optimizer steps x micro-batches per step); with
+num_workers=0, `loader.dataset.state_dict()` returns the same from the batches yielded so far. With
+workers, resume is exact at batch boundaries only (c a multiple of B). The state records the setup the
+order depends on (seed, world_size, num_workers, batch_size, mix_shards, num_records): restored under
+another setup, the run continues from the same sample count, with a warning, but not in the order the
+original run would have seen. Everything random (orders, short-caption draws) is a function of (seed,
+epoch, shard or window index), never of a running generator.
 
 Validation. A shard is checked by `load_shard` when a process first opens it (the checks of
 `python -m data.validate`); reopened unchanged (same size and mtime) in a later epoch, it is trusted.
 Without skip_bad_shards the ShardError propagates. With it, a bad shard is warned about once, counted
 in `bad_shards` (in the process that iterates: a worker's count stays in the worker) and its records
-are skipped. The stream is infinite, so a rank that yields fewer samples that epoch never runs dry and
-DDP step counts stay equal; but the skipped records still hold their positions in the stream, so a run
-resumed after a skip replays as many records as were skipped before the save point (exact otherwise).
+are skipped: the batch is filled from the records after them, so batches stay full and a rank that
+yields fewer records that epoch never runs dry (DDP step counts stay equal). The skipped records still
+hold their positions in the stream, so a run resumed after a skip replays as many records as were
+skipped before the save point (exact otherwise).
 """
 
+import bisect
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.shards import ShardError, load_shard, read_manifest
 
-SETUP_KEYS = ("seed", "world_size", "num_workers", "batch_size", "num_records")
+SETUP_KEYS = ("seed", "world_size", "num_workers", "batch_size", "mix_shards", "num_records")
 """What a saved state's order depends on besides the position: resuming with other values is not exact."""
 
 
@@ -72,9 +99,18 @@ def record_order(seed: int, epoch: int, shard: int, records: int, shuffle: bool 
     return torch.randperm(records, generator=_generator(seed, epoch, shard, "records"))
 
 
+def window_order(seed: int, epoch: int, window: int, sizes: Sequence[int], shuffle: bool = True) -> Int[Tensor, "n"]:
+    """Window position -> position in the concatenation of the window's shards (each in record_order).
+    The identity for one shard, so mix_shards=1 reproduces the shard-by-shard order exactly."""
+    records = sum(sizes)
+    if not shuffle or len(sizes) <= 1:
+        return torch.arange(records)
+    return torch.randperm(records, generator=_generator(seed, epoch, window, "window"))
+
+
 def short_caption_draws(seed: int, epoch: int, shard: int, records: int, prob: float) -> Bool[Tensor, "n"]:
     """Row i of the shard uses its short caption in this epoch. Indexed by row, not by visiting order, so
-    the draw of a record does not depend on how the epoch is split or where a run resumed."""
+    the draw of a record does not depend on how the epoch is split or mixed, or where a run resumed."""
     if prob <= 0.0:
         return torch.zeros(records, dtype=torch.bool)
     if prob >= 1.0:
@@ -88,13 +124,35 @@ def samples_per_epoch(num_records: int, world_size: int, num_workers: int) -> in
     return num_records // (world_size * workers) * workers
 
 
-class ShardDataset(IterableDataset):
-    """Infinite stream of per-record dicts from a shard folder, for one rank of `world_size`.
+@dataclass
+class _Window:
+    """One window of an epoch's global order: global positions [start, stop)."""
 
-    Yields `latents` (bf16 [C, H, W], as stored) and `labels` (int64 []) for a labels dataset, or
-    `text_tokens` (int32 [L]), `attn_mask` (bool [L]) and `caption_kind` (int64 [], 0 long / 1 short)
-    for a text dataset. `num_workers` and `batch_size` must match the DataLoader's (they define the
-    split and the resume positions); `build_loader` keeps them in step.
+    epoch: int
+    index: int
+    shards: list[int]
+    """Shard indices, in the epoch's shard order."""
+    start: int
+    stop: int
+    firsts: Tensor
+    """Concatenated position of each shard's first record."""
+    perm: Tensor
+    """window_order: window position -> concatenated position."""
+    rows: Tensor
+    """Concatenated position -> row in its shard (each shard's record_order)."""
+    short: Tensor | None
+    """Concatenated position -> uses its short caption (short_caption_draws of its row); None: none do."""
+
+
+class ShardDataset(IterableDataset):
+    """Infinite stream of batches (dicts of tensors with a leading batch dim B) from a shard folder, for
+    one rank of `world_size`.
+
+    Yields `latents` (bf16 [B, C, H, W], as stored) and `labels` (int64 [B]) for a labels dataset, or
+    `text_tokens` (int32 [B, L]), `attn_mask` (bool [B, L]) and `caption_kind` (int64 [B], 0 long /
+    1 short) for a text dataset. `num_workers` must match the DataLoader's, which must not batch again
+    (batch_size=None): `build_loader` sets both. `mix_shards` is the window size M of the module docstring:
+    more mixing costs M open shard mappings and 16 bytes a window record (its order) per slot.
     """
 
     def __init__(
@@ -109,14 +167,18 @@ class ShardDataset(IterableDataset):
         skip_bad_shards: bool = False,
         num_workers: int = 0,
         batch_size: int = 1,
+        mix_shards: int = 4,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if not 0.0 <= short_caption_prob <= 1.0:
             raise ValueError(f"short_caption_prob must be in [0, 1], got {short_caption_prob}")
-        if num_workers < 0 or batch_size < 1:
-            raise ValueError(f"num_workers must be >= 0 and batch_size >= 1, got {num_workers}, {batch_size}")
+        if num_workers < 0 or batch_size < 1 or mix_shards < 1:
+            raise ValueError(
+                f"num_workers must be >= 0, batch_size and mix_shards >= 1, got {num_workers}, {batch_size}, "
+                f"{mix_shards}"
+            )
         self.data_dir = Path(data_dir)
         self.manifest, self.spec = read_manifest(self.data_dir)
         if short_caption_prob > 0 and not (self.spec.kind == "text" and self.spec.short_captions):
@@ -130,7 +192,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.short_caption_prob = short_caption_prob
         self.verify_checksum, self.skip_bad_shards = verify_checksum, skip_bad_shards
-        self.num_workers, self.batch_size = num_workers, batch_size
+        self.num_workers, self.batch_size, self.mix_shards = num_workers, batch_size, mix_shards
         if self.per_slot == 0:
             raise ValueError(
                 f"{self.data_dir} has {self.num_records} records, fewer than world_size * num_workers = "
@@ -143,10 +205,12 @@ class ShardDataset(IterableDataset):
         self.bad_shards = 0
         """Distinct bad shards met (with skip_bad_shards) in this process."""
         self.shards_loaded = 0
-        """Shard opens in this process: each slot opens only the shards its range crosses."""
+        """Shard opens in this process: each slot opens only the shards of the windows its range crosses."""
         self._bad: set[str] = set()
         self._checked: dict[str, tuple[int, int] | None] = {}  # file -> (size, mtime_ns) that passed load_shard
-        self._open: tuple[int, dict[str, Tensor] | None] | None = None  # (shard index, tensors or None if bad)
+        self._open: dict[int, dict[str, Tensor] | None] = {}  # shard index -> tensors, None if bad
+        self._layout: tuple[int, list[int], list[list[int]]] | None = None  # (epoch, window starts, shards)
+        self._window: _Window | None = None
 
     # ---- sizes ---------------------------------------------------------------------------------------
 
@@ -185,6 +249,7 @@ class ShardDataset(IterableDataset):
             world_size=self.world_size,
             num_workers=self.num_workers,
             batch_size=self.batch_size,
+            mix_shards=self.mix_shards,
             num_records=self.num_records,
         )
 
@@ -234,6 +299,7 @@ class ShardDataset(IterableDataset):
     # ---- iteration -----------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        """Batches as dicts of tensors."""
         info = get_worker_info()
         worker = 0
         if info is not None:
@@ -247,64 +313,124 @@ class ShardDataset(IterableDataset):
             raise RuntimeError(f"ShardDataset(num_workers={self.num_workers}) is iterated outside DataLoader workers")
         slot, taken = self._stream_start(worker)
         self.samples_yielded = self.start_sample
-        epoch, offset = divmod(taken, self.per_slot)
-        while True:
-            start = slot * self.per_slot
-            for record in self._iter_range(epoch, start + offset, start + self.per_slot):
-                self.samples_yielded += 1
-                yield record
-            epoch, offset = epoch + 1, 0
+        for batch in self._batches(slot, taken):
+            self.samples_yielded += self.batch_size
+            yield batch
 
-    def _iter_range(self, epoch: int, begin: int, end: int) -> Iterator[dict[str, Tensor]]:
-        """Records [begin, end) of the epoch's global order, opening only the shards they lie in."""
-        order = shard_order(self.seed, epoch, len(self.entries), self.shuffle).tolist()
-        first = 0  # global position of the current shard's first record
-        for shard in order:
-            if first >= end:
-                break
-            size = self.sizes[shard]
-            lo, hi = max(begin, first) - first, min(end, first + size) - first
-            first += size
-            if lo >= hi:
+    def _batches(self, slot: int, taken: int) -> Iterator[dict[str, Tensor]]:
+        """Batches of slot `slot`'s stream after its first `taken` records, each filled from the next
+        stream positions that lie in good shards (all of them, without bad shards)."""
+        per_slot, size = self.per_slot, self.batch_size
+        epoch, offset = divmod(taken, per_slot)
+        skipped = 0  # consecutive stream positions that fell in bad shards
+        while True:
+            parts: list[dict[str, Tensor]] = []
+            filled = 0
+            while filled < size:
+                if offset == per_slot:
+                    epoch, offset = epoch + 1, 0
+                begin = slot * per_slot + offset
+                window = self._window_at(epoch, begin)
+                # One window at a time: its shards are released before the next window's are opened.
+                end = min(begin + size - filled, slot * per_slot + per_slot, window.stop)
+                new = self._gather(window, begin - window.start, end - window.start)
+                parts += new
+                got = sum(len(part["latents"]) for part in new)
+                offset += end - begin
+                filled += got
+                skipped = 0 if got else skipped + end - begin
+                # Bad shards are skipped, which could loop forever once nothing good is left to reach.
+                if skipped and (len(self._bad) == len(self.entries) or (not self.shuffle and skipped >= per_slot)):
+                    raise RuntimeError(f"every shard slot {slot} can read in {self.data_dir} is bad")
+            if len(parts) == 1:  # already a fresh tensor per key: cat would only copy it again
+                yield parts[0]
+            else:
+                yield {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _window_at(self, epoch: int, position: int) -> _Window:
+        """The window of `epoch` that holds global position `position`; entering a new window releases
+        the open shards that are not in it (a slot holds at most mix_shards shards open)."""
+        window = self._window
+        if window is not None and window.epoch == epoch and window.start <= position < window.stop:
+            return window
+        if self._layout is None or self._layout[0] != epoch:
+            order = shard_order(self.seed, epoch, len(self.entries), self.shuffle).tolist()
+            groups = [order[i : i + self.mix_shards] for i in range(0, len(order), self.mix_shards)]
+            starts = [0, *accumulate(sum(self.sizes[s] for s in g) for g in groups)]
+            self._layout = (epoch, starts, groups)
+        _, starts, groups = self._layout
+        index = bisect.bisect_right(starts, position) - 1  # empty windows share a start: take the last
+        shards = groups[index]
+        sizes = [self.sizes[s] for s in shards]
+        orders = [record_order(self.seed, epoch, s, n, self.shuffle) for s, n in zip(shards, sizes, strict=True)]
+        short = None
+        if self.short_caption_prob > 0:  # draws are per row: look them up in visiting order once per window
+            short = torch.cat(
+                [
+                    short_caption_draws(self.seed, epoch, s, n, self.short_caption_prob)[order]
+                    for s, n, order in zip(shards, sizes, orders, strict=True)
+                ]
+            )
+        window = _Window(
+            epoch=epoch,
+            index=index,
+            shards=shards,
+            start=starts[index],
+            stop=starts[index + 1],
+            firsts=torch.tensor([0, *accumulate(sizes)][:-1]),
+            perm=window_order(self.seed, epoch, index, sizes, self.shuffle),
+            rows=torch.cat(orders),
+            short=short,
+        )
+        self._open = {s: t for s, t in self._open.items() if s in shards}  # drops the others' mappings
+        self._window = window
+        return window
+
+    def _gather(self, window: _Window, lo: int, hi: int) -> list[dict[str, Tensor]]:
+        """The records at window positions [lo, hi) that lie in good shards, as batch parts (dicts of
+        fresh tensors) in batch order. Records are grouped by (shard, caption kind), in stream order
+        within a group, so each group is one index_select per key from the mapped shard: the per-record
+        work is all in those copies."""
+        concat = window.perm[lo:hi]
+        rows = window.rows[concat]
+        group = torch.searchsorted(window.firsts, concat, right=True) - 1  # index into window.shards
+        kinds = 1 if window.short is None else 2
+        if kinds == 2:
+            group = group * 2 + window.short[concat]
+        if len(window.shards) > 1 or kinds == 2:
+            grouped = torch.argsort(group, stable=True)
+            group, rows = group[grouped], rows[grouped]
+        counts = torch.bincount(group, minlength=len(window.shards) * kinds).view(-1, kinds).tolist()
+        parts, first = [], 0
+        for shard, per_kind in zip(window.shards, counts, strict=True):
+            if sum(per_kind) == 0:
                 continue
             tensors = self._load(shard)
-            if tensors is None:  # bad shard, skipped
-                continue
-            rows = record_order(self.seed, epoch, shard, size, self.shuffle)[lo:hi].tolist()
-            yield from self._records(
-                tensors, rows, short_caption_draws(self.seed, epoch, shard, size, self.short_caption_prob)
-            )
+            for kind, count in enumerate(per_kind):
+                group_rows = rows[first : first + count]
+                first += count
+                if count and tensors is not None:  # None: a bad shard, skipped
+                    parts.append(self._select(tensors, group_rows, kind))
+        return parts
 
-    def _records(self, tensors: dict[str, Tensor], rows: list[int], short: Tensor) -> Iterator[dict[str, Tensor]]:
-        latents = tensors["latents"]
+    def _select(self, tensors: dict[str, Tensor], rows: Tensor, kind: int) -> dict[str, Tensor]:
+        """Shard rows `rows`, with their long (kind 0) or short (kind 1) caption, as a batch part."""
+        part = {"latents": tensors["latents"].index_select(0, rows)}
         if self.spec.kind == "labels":
-            labels = tensors["labels"]
-            for i in rows:
-                yield {"latents": latents[i], "labels": labels[i]}
-            return
-        # Index 0 is the long caption, 1 the short one (absent, and never drawn, without short captions).
-        tokens = (tensors["text_tokens"], tensors.get("short_text_tokens"))
-        masks = (tensors["attn_mask"], tensors.get("short_attn_mask"))
-        kinds = short.long()
-        use_short = short.tolist()
-        for i in rows:
-            k = use_short[i]
-            yield {
-                "latents": latents[i],
-                "text_tokens": tokens[k][i],
-                "attn_mask": masks[k][i],
-                "caption_kind": kinds[i],
-            }
+            part["labels"] = tensors["labels"].index_select(0, rows)
+            return part
+        prefix = "short_" if kind else ""
+        for key in ("text_tokens", "attn_mask"):
+            part[key] = tensors[prefix + key].index_select(0, rows)
+        part["caption_kind"] = torch.full((len(rows),), kind, dtype=torch.int64)
+        return part
 
     def _load(self, shard: int) -> dict[str, Tensor] | None:
-        """The shard's tensors (memory-mapped), validated; cached while the stream stays in it."""
-        if self._open is not None and self._open[0] == shard:
-            return self._open[1]
-        self._open = None  # release the previous shard's mapping before opening the next
-        entry = self.entries[shard]
-        tensors = None if entry["file"] in self._bad else self._load_checked(entry)
-        self._open = (shard, tensors)
-        return tensors
+        """The shard's tensors (memory-mapped), validated; kept open while the stream stays in its window."""
+        if shard not in self._open:
+            entry = self.entries[shard]
+            self._open[shard] = None if entry["file"] in self._bad else self._load_checked(entry)
+        return self._open[shard]
 
     def _load_checked(self, entry: dict[str, Any]) -> dict[str, Tensor] | None:
         """load_shard's checks (and checksum) on the first open in this process; an unchanged file
@@ -348,8 +474,9 @@ def build_loader(
     **dataset_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader over a ShardDataset: `batch_size` per rank, infinite. Restore with `state` (from
-    `loader.dataset.state_at(step * batch_size)`), or call `loader.dataset.load_state_dict` before
-    the first `iter(loader)`. Make one iterator and keep it: a new one restarts at the loaded state."""
+    `loader.dataset.state_at(batches_taken * batch_size)`), or call `loader.dataset.load_state_dict`
+    before the first `iter(loader)`. Make one iterator and keep it: a new one restarts at the loaded
+    state. `dataset_kwargs` go to ShardDataset (shuffle, mix_shards, short_caption_prob, ...)."""
     dataset = ShardDataset(
         data_dir, rank, world_size, seed, num_workers=num_workers, batch_size=batch_size, **dataset_kwargs
     )
@@ -358,11 +485,10 @@ def build_loader(
     workers = num_workers > 0
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=None,  # the dataset yields whole batches: nothing to collate, passed through as they come
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=True,  # the stream is infinite; no partial batch ever forms, this only documents it
         persistent_workers=workers,
-        prefetch_factor=prefetch_factor if workers else None,
+        prefetch_factor=prefetch_factor if workers else None,  # in batches, per worker
         in_order=True,  # batch j from worker j % W: the order resume relies on
     )
