@@ -10,17 +10,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-BACKGROUND = (128, 128, 128)
+from data.embedded.synthetic import BACKGROUNDS, COLOURS  # one palette for every dataset
+
+BACKGROUND = BACKGROUNDS["gray"]
 
 
 @dataclass
