@@ -1,4 +1,19 @@
-"""Carry weights between curriculum stages.
+r"""Carry weights between curriculum stages and between layouts. Subcommands:
+
+  stage1-to-stage2    class-conditional ccDiT -> text-conditional mmDiT (Stage 1 -> Stage 2)
+  change-resolution   the same network at another input size, positions interpolated (e.g. Stage 3 -> Stage 4)
+  to-torch            Transformer Engine (te.Linear) checkpoint -> plain nn.Linear layout
+  to-te               nn.Linear checkpoint -> te.Linear layout
+
+Each has an importable pure function (`ccdit_to_mmdit`, `change_resolution`, `te_to_torch_state`,
+`torch_to_te_state`); the CLI only loads (trainer.checkpoint.load), converts the `model` and `ema` state
+dicts, updates the metadata and saves atomically (trainer.checkpoint.save_atomic).
+
+What the last three carry: `model` and `ema`, converted, whichever are present; every other entry
+(optimizer, scheduler, step, RNG, history, config) as it is. The optimizer state stays valid because none
+of them renames, reshapes or reorders a parameter: a resolution change touches no parameter, and te.Linear
+registers `weight` and `bias` under nn.Linear's names, shapes and order. (stage1-to-stage2 writes weights
+only: its parameters differ.) A new stage that restarts its schedule reads only `model`/`ema`.
 
 Stage 1 -> Stage 2 (class-conditional ccDiT -> text-conditional mmDiT), the re-parameterization of
 PixArt-alpha [chen2023pixartalpha] done completely:
@@ -13,18 +28,35 @@ PixArt-alpha [chen2023pixartalpha] done completely:
 
     python reparameterize.py stage1-to-stage2 --src outputs/stage1/checkpoints/step_00300000.pt \
         --dst outputs/stage2/init.pt --text-dim 2048 --text-len 120 [--t-star 0.5] [--weights ema]
+
+Resolution change (PixArt-alpha's 256 -> 512 px step): no parameter depends on the input size, so every
+tensor is carried unchanged; only `input_size` changes while `base_grid` is kept, so a 64x64 latent grid
+steps positions by 1/2 and spans the range the model learned at 32x32 (interpolation, not extrapolation).
+
+    python reparameterize.py change-resolution --src outputs/stage3/checkpoints/step_00100000.pt \
+        --dst outputs/stage4/init.pt --input-size 64 [--stage 4]
+
+Linear layouts: te.Linear and nn.Linear name and shape `weight` and `bias` alike; te.Linear adds an
+`<layer>._extra_state` entry (FP8 scaling metadata) that a plain model rejects.
+
+    python reparameterize.py to-torch --src fp8_run/step_00001000.pt --dst plain/step_00001000.pt
+    python reparameterize.py to-te --src plain/step_00001000.pt --dst fp8_run/step_00001000.pt
 """
 
 import argparse
 import dataclasses
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from models import ModelConfig, build_model
 from models.embeddings import timestep_embedding
+
+log = logging.getLogger(__name__)
 
 # Shapes that must agree for the trunk to carry over.
 _SHARED_FIELDS = ("dim", "depth", "heads", "patch", "in_channels", "mlp_ratio", "cond_dim", "time_scale", "qk_norm")
@@ -99,18 +131,148 @@ def parity(cc_model, mm_model, ts: list[float], seed: int = 0) -> dict[float, fl
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s12 = sub.add_parser("stage1-to-stage2", help="ccDiT checkpoint -> mmDiT initialisation")
-    s12.add_argument("--src", type=Path, required=True, help="Stage-1 checkpoint (.pt)")
-    s12.add_argument("--dst", type=Path, required=True, help="where to write the Stage-2 initialisation")
-    s12.add_argument("--text-dim", type=int, required=True, help="hidden width of the Stage-2 text encoder")
-    s12.add_argument("--text-len", type=int, default=120, help="tokens per caption")
-    s12.add_argument("--t-star", type=float, default=0.5, help="time at which block embeddings are exact")
-    s12.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which Stage-1 weights to carry")
-    args = parser.parse_args()
+# ---------------------------------------------------------------------------------------------------------
+# Resolution change
 
+
+def resolution_config(cfg: ModelConfig, input_size: int) -> ModelConfig:
+    """The same network at another input size. `base_grid` is kept: the position embedding measures
+    positions in base-grid units (index * base_grid / sqrt(grid_h * grid_w)), so a finer grid interpolates
+    the positions learned at the old one instead of extrapolating to ones never seen [chen2023pixartalpha]."""
+    if input_size <= 0 or input_size % cfg.patch:
+        raise ValueError(
+            f"input_size={input_size} must be a positive multiple of the patch size {cfg.patch} "
+            f"(a {cfg.patch}x{cfg.patch} patch cannot tile a {input_size}x{input_size} input)"
+        )
+    return dataclasses.replace(cfg, input_size=input_size, base_grid=cfg.base_grid, extra=dict(cfg.extra))
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor in the state dict of the model `cfg` describes. Built on the meta
+    device, so an XL model costs no memory and no initialisation time."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_same_parameter_shapes(old: ModelConfig, new: ModelConfig) -> None:
+    """Raise unless the two configs build state dicts with the same names and shapes."""
+    a, b = state_shapes(old), state_shapes(new)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        detail = ", ".join(
+            f"{k}: {tuple(a[k]) if k in a else None} -> {tuple(b[k]) if k in b else None}" for k in differ[:5]
+        )
+        raise ValueError(
+            f"{len(differ)} tensors depend on the resolution ({detail}); a checkpoint cannot simply be carried "
+            "to the new input size and those tensors would need resampling"
+        )
+
+
+def _check_state_matches(state: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """Raise unless `state` holds exactly the tensors of the model `cfg` describes (TE's `_extra_state`
+    entries aside: they belong to the linear layout, not the architecture)."""
+    expected = state_shapes(cfg)
+    weights = {k: v for k, v in state.items() if not is_extra_state_key(k)}
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"state dict does not match {cfg.name} (input_size {cfg.input_size}): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+
+
+def change_resolution(
+    state: dict[str, Tensor], cfg: ModelConfig, input_size: int
+) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Pure function: (state dict, config) at one input size -> (config, state dict) at `input_size`.
+
+    Every tensor is carried unchanged (the same tensor objects in a new dict: nothing about them changes).
+    Raises ValueError when `input_size` does not tile into patches, when `state` does not match `cfg`, or
+    when any tensor's shape would differ between the two models.
+    """
+    new = resolution_config(cfg, input_size)
+    _check_state_matches(state, cfg)
+    check_same_parameter_shapes(cfg, new)
+    return new, dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.Linear <-> te.Linear layouts
+
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state_key(key: str) -> bool:
+    """True for the `_extra_state` entry that a module with get_extra_state (te.Linear) adds to a state dict."""
+    return key == EXTRA_STATE or key.endswith("." + EXTRA_STATE)
+
+
+def te_to_torch_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Pure function: te.Linear layout -> nn.Linear layout. Drops every `._extra_state` entry (FP8 scaling
+    factors and amax history, meaningless without TE) and keeps every weight as it is; logs how many went."""
+    out = {k: v for k, v in state.items() if not is_extra_state_key(k)}
+    log.info("dropped %d _extra_state entries, kept %d tensors", len(state) - len(out), len(out))
+    return out
+
+
+def torch_to_te_state(state: dict[str, Tensor], model_with_te: nn.Module | None = None) -> dict[str, Tensor]:
+    """Pure function: nn.Linear layout -> te.Linear layout.
+
+    Without `model_with_te` the weights come back unchanged: the layouts differ only by `_extra_state`,
+    which no one can make without TE. TE fills it itself: load the result into the converted model with
+    `load_state_allowing_missing_extra_state`, which tolerates exactly those missing entries; te.Linear
+    then keeps its freshly initialised FP8 scaling state and recalibrates it over the first FP8 steps.
+
+    With `model_with_te` (a model after `models.convert_linears`), its `_extra_state` entries fill the ones
+    `state` lacks (entries already in `state` win), so the result loads with `strict=True`. Raises
+    ValueError if the weights' names or shapes differ from the model's.
+    """
+    if model_with_te is None:
+        return dict(state)
+    target = model_with_te.state_dict()
+    target_w = {k: v.shape for k, v in target.items() if not is_extra_state_key(k)}
+    state_w = {k: v.shape for k, v in state.items() if not is_extra_state_key(k)}
+    differ = sorted(k for k in target_w.keys() | state_w.keys() if target_w.get(k) != state_w.get(k))
+    if differ:
+        raise ValueError(f"state dict and TE model differ in {len(differ)} tensors (names or shapes): {differ[:5]}")
+    dropped = [k for k in state if is_extra_state_key(k) and k not in target]
+    if dropped:  # a layer the source ran in TE and this model keeps as nn.Linear
+        log.info("dropped %d _extra_state entries for layers that are not te.Linear here", len(dropped))
+    out = {}
+    for k, v in target.items():  # the model's order: each layer's weights, then its _extra_state
+        if k in state:
+            out[k] = state[k]
+        else:  # a fresh _extra_state (weights are all in `state`, checked above)
+            out[k] = v.detach().cpu() if isinstance(v, Tensor) else v
+    return out
+
+
+def load_state_allowing_missing_extra_state(module: nn.Module, state: dict[str, Tensor]):
+    """`module.load_state_dict(state, strict=False)` that tolerates only `_extra_state` mismatches.
+
+    Missing `_extra_state` (a plain checkpoint into a te.Linear model: TE keeps its fresh FP8 state) and
+    unexpected `_extra_state` (a TE checkpoint into a plain model) are fine; any other missing or unexpected
+    key raises RuntimeError before anything is loaded, so a half-loaded model never escapes.
+    Returns load_state_dict's result (missing_keys, unexpected_keys).
+    """
+    expected = module.state_dict().keys()
+    missing = [k for k in expected if k not in state and not is_extra_state_key(k)]
+    unexpected = [k for k in state if k not in expected and not is_extra_state_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"state dict does not fit {type(module).__name__} beyond _extra_state entries: "
+            f"missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
+        )
+    return module.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _stage1_to_stage2(args: argparse.Namespace) -> None:
     from trainer import checkpoint
 
     state = checkpoint.load(args.src)
@@ -132,6 +294,130 @@ def main() -> None:
     metadata = dict(state["metadata"], model=mm_cfg.to_dict(), stage=2, reparameterized_from=str(args.src))
     checkpoint.save_atomic(dict(model=mm_state, ema=mm_state, step=0, metadata=metadata), args.dst)
     print(f"wrote {args.dst}")
+
+
+def _convert_weights(ckpt: dict, fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], src: Path) -> dict:
+    """A copy of the checkpoint with `fn` applied to its `model` and `ema` state dicts, whichever exist.
+    Every other entry (optimizer, scheduler, step, RNG, history, config) is carried as it is."""
+    present = [k for k in ("model", "ema") if isinstance(ckpt.get(k), dict)]
+    if not present:
+        raise SystemExit(f"{src}: no 'model' or 'ema' state dict; not a checkpoint written by this repository")
+    return dict(ckpt, **{k: fn(ckpt[k]) for k in present})
+
+
+def _change_resolution(args: argparse.Namespace) -> None:
+    """Optimizer and scheduler state are kept: Adam's moments are per parameter and no parameter changes,
+    so the resolution step may continue the same run (pass train.resume=<this file>). A new stage that
+    restarts its schedule loads only `model`/`ema` and ignores them."""
+    from trainer import checkpoint
+
+    ckpt = checkpoint.load(args.src)
+    meta = ckpt.get("metadata")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise SystemExit(f"{args.src}: no metadata.model; not a checkpoint written by this repository's trainer")
+    old = ModelConfig(**meta["model"])
+    try:
+        new = resolution_config(old, args.input_size)
+        out = _convert_weights(ckpt, lambda s: change_resolution(s, old, args.input_size)[1], args.src)
+    except ValueError as err:
+        raise SystemExit(f"{args.src}: {err}") from err
+    metadata = dict(
+        meta, model=new.to_dict(), resolution_changed_from=dict(input_size=old.input_size, checkpoint=str(args.src))
+    )
+    if args.stage is not None:
+        metadata["stage"] = args.stage
+    out["metadata"] = metadata
+    g_old, g_new = old.input_size // old.patch, new.input_size // new.patch
+    print(
+        f"{old.name}: input {old.input_size} -> {new.input_size} ({g_old}x{g_old} -> {g_new}x{g_new} tokens), "
+        f"base_grid {new.base_grid} kept: position step {new.base_grid / g_old:g} -> {new.base_grid / g_new:g}"
+    )
+    checkpoint.save_atomic(out, args.dst)
+    print(f"wrote {args.dst}")
+
+
+def _to_torch(args: argparse.Namespace) -> None:
+    """Optimizer state is kept: te.Linear registers `weight` and `bias` in nn.Linear's order, so the
+    optimizer's per-parameter entries (indexed by position) still line up."""
+    from trainer import checkpoint
+
+    ckpt = checkpoint.load(args.src)
+    dropped = []
+
+    def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = te_to_torch_state(state)
+        dropped.append(len(state) - len(out))
+        return out
+
+    out = _convert_weights(ckpt, convert, args.src)
+    if isinstance(out.get("metadata"), dict):
+        out["metadata"] = dict(out["metadata"], linear_layout="torch")
+    print(f"dropped {sum(dropped)} _extra_state entries (model and ema together)")
+    checkpoint.save_atomic(out, args.dst)
+    print(f"wrote {args.dst}")
+
+
+def _to_te(args: argparse.Namespace) -> None:
+    """Optimizer state is kept, as for to-torch. Where TE and a GPU are present the `_extra_state` entries
+    come from a converted model and the result loads strictly; elsewhere the weights are written unchanged
+    and TE fills `_extra_state` when the trainer loads them with load_state_allowing_missing_extra_state."""
+    from models.linear import convert_linears, te_unavailable_reason
+    from trainer import checkpoint
+
+    ckpt = checkpoint.load(args.src)
+    meta = ckpt.get("metadata")
+    reason = te_unavailable_reason("cuda")
+    te_model = None
+    if reason is None and isinstance(meta, dict) and "model" in meta:
+        te_model = build_model(ModelConfig(**meta["model"])).cuda()
+        convert_linears(te_model, "fp8", "cuda")
+    elif reason is None:
+        reason = "the checkpoint has no metadata.model to build the TE model from"
+    out = _convert_weights(ckpt, lambda s: torch_to_te_state(s, te_model), args.src)
+    if isinstance(meta, dict):
+        out["metadata"] = dict(meta, linear_layout="te")
+    if te_model is None:
+        print(
+            f"weights written unchanged ({reason}); TE fills _extra_state on load "
+            "(reparameterize.load_state_allowing_missing_extra_state)"
+        )
+    else:
+        n = sum(is_extra_state_key(k) for k in out.get("model", out.get("ema", {})))
+        print(f"added _extra_state entries from a converted model: {n} per state dict")
+    checkpoint.save_atomic(out, args.dst)
+    print(f"wrote {args.dst}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s12 = sub.add_parser("stage1-to-stage2", help="ccDiT checkpoint -> mmDiT initialisation")
+    s12.add_argument("--src", type=Path, required=True, help="Stage-1 checkpoint (.pt)")
+    s12.add_argument("--dst", type=Path, required=True, help="where to write the Stage-2 initialisation")
+    s12.add_argument("--text-dim", type=int, required=True, help="hidden width of the Stage-2 text encoder")
+    s12.add_argument("--text-len", type=int, default=120, help="tokens per caption")
+    s12.add_argument("--t-star", type=float, default=0.5, help="time at which block embeddings are exact")
+    s12.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which Stage-1 weights to carry")
+    s12.set_defaults(run=_stage1_to_stage2)
+
+    res = sub.add_parser("change-resolution", help="carry a checkpoint to another input size (base_grid kept)")
+    res.add_argument("--src", type=Path, required=True, help="checkpoint (.pt) with metadata.model")
+    res.add_argument("--dst", type=Path, required=True, help="where to write the checkpoint at the new size")
+    res.add_argument("--input-size", type=int, required=True, help="new input side (latent pixels), e.g. 64")
+    res.add_argument("--stage", type=int, default=None, help="curriculum stage to record in the metadata")
+    res.set_defaults(run=_change_resolution)
+
+    for name, run, text in (
+        ("to-torch", _to_torch, "te.Linear layout -> nn.Linear layout"),
+        ("to-te", _to_te, "nn.Linear layout -> te.Linear layout"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--src", type=Path, required=True, help="checkpoint (.pt)")
+        p.add_argument("--dst", type=Path, required=True, help="where to write the converted checkpoint")
+        p.set_defaults(run=run)
+
+    args = parser.parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

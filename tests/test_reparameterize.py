@@ -1,11 +1,28 @@
-"""Stage 1 -> Stage 2 re-parameterization: the mmDiT reproduces the ccDiT's null-class output."""
+"""reparameterize.py: Stage 1 -> Stage 2 parity, resolution change, and nn.Linear <-> te.Linear layouts."""
+
+import copy
+import io
+import logging
 
 import pytest
 import torch
+from torch import nn
 
-from models import build_model, model_config
-from reparameterize import ccdit_to_mmdit, parity, stage2_config
-from tests.helpers import randomize_zero_inits
+import reparameterize
+from models import build_model, convert_linears, model_config
+from models.embeddings import sincos_pos_embed_2d
+from models.linear import default_fp8_filter
+from reparameterize import (
+    ccdit_to_mmdit,
+    change_resolution,
+    load_state_allowing_missing_extra_state,
+    parity,
+    stage2_config,
+    te_to_torch_state,
+    torch_to_te_state,
+)
+from tests.helpers import randomize_zero_inits, text_inputs
+from trainer import checkpoint
 
 
 def trained_like_pair(t_star: float = 0.5):
@@ -48,3 +65,308 @@ def test_mismatched_trunk_is_a_clear_error():
     mm = build_model("mmDiT-debug/4", dim=128)
     with pytest.raises(ValueError, match="dim"):
         ccdit_to_mmdit(cc.state_dict(), cc.config, mm.config, mm.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# change-resolution
+
+
+def _forward(model, x, t):
+    """One forward of any family with fixed conditioning (labels for ccDiT, a masked caption otherwise)."""
+    cfg = model.config
+    if cfg.family == "ccdit":
+        return model(x, t, labels=torch.arange(x.shape[0]) % cfg.num_classes)
+    text, mask = text_inputs(cfg, x.shape[0], valid=[3, 1][: x.shape[0]])
+    return model(x, t, text, mask)
+
+
+@pytest.mark.parametrize("name", ["ccDiT-debug/4", "mmDiT-debug/4", "JointDiT-debug/4"])
+def test_change_resolution_is_exact_at_the_old_size_and_runs_at_the_new(name):
+    old = build_model(name).eval()  # 32 px, patch 4: an 8x8 grid
+    randomize_zero_inits(old, std=0.2)
+    old_state = old.state_dict()
+    new_cfg, new_state = change_resolution(old_state, old.config, 64)
+    assert (new_cfg.input_size, new_cfg.base_grid) == (64, old.config.base_grid) == (64, 8)
+    new = build_model(new_cfg).eval()
+    new.load_state_dict(new_state)  # strict: same names and shapes
+    assert all(new_state[k] is v for k, v in old_state.items())  # carried, not recomputed
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.equal(_forward(new, x, t), _forward(old, x, t))  # same positions at the old grid
+        y = _forward(new, torch.randn(2, 3, 64, 64), t)
+    assert y.shape == (2, 3, 64, 64) and torch.isfinite(y).all()
+
+
+def test_even_tokens_of_the_doubled_grid_have_the_old_positions():
+    old = build_model("mmDiT-debug/4").eval()
+    new = build_model(change_resolution(old.state_dict(), old.config, 64)[0]).eval()
+    new.load_state_dict(old.state_dict())
+    dim, g = old.config.dim, old.config.input_size // old.config.patch
+    with torch.no_grad():  # a zero image: each token is the conv bias plus its position
+        tok_old = old.patch_embed(torch.zeros(1, 3, 32, 32))[0].reshape(g, g, dim)
+        tok_new = new.patch_embed(torch.zeros(1, 3, 64, 64))[0].reshape(2 * g, 2 * g, dim)
+    assert torch.equal(tok_new[::2, ::2], tok_old)
+    # Closed form: token (r, c) of the 16x16 grid sits at (r/2, c/2) base-grid units; [sin|cos](y) | [sin|cos](x).
+    pos = sincos_pos_embed_2d(dim, 2 * g, 2 * g, base_grid=g).reshape(2 * g, 2 * g, dim).double()
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    for r, c in [(0, 0), (2, 6), (5, 3), (15, 15)]:
+        y, x = r / 2 * omega, c / 2 * omega
+        expected = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()])
+        torch.testing.assert_close(pos[r, c], expected, rtol=0, atol=1e-6)
+
+
+def test_input_size_not_divisible_by_the_patch_is_a_clear_error():
+    model = build_model("mmDiT-debug/4")
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        change_resolution(model.state_dict(), model.config, 62)
+
+
+def test_a_resolution_dependent_parameter_is_refused(monkeypatch):
+    model = build_model("mmDiT-debug/4")
+    real = reparameterize.state_shapes
+
+    def with_learned_positions(cfg):  # as if the model had a learned [tokens, dim] position table
+        shapes = real(cfg)
+        shapes["pos_embed"] = torch.Size([(cfg.input_size // cfg.patch) ** 2, cfg.dim])
+        return shapes
+
+    monkeypatch.setattr(reparameterize, "state_shapes", with_learned_positions)
+    state = dict(model.state_dict(), pos_embed=torch.zeros(64, model.config.dim))
+    with pytest.raises(ValueError, match=r"depend on the resolution \(pos_embed: \(64, 64\) -> \(256, 64\)\)"):
+        change_resolution(state, model.config, 64)
+
+
+def test_a_state_dict_of_another_model_is_refused():
+    model = build_model("mmDiT-debug/4", depth=3)
+    with pytest.raises(ValueError, match="unexpected.*blocks.2"):
+        change_resolution(model.state_dict(), build_model("mmDiT-debug/4").config, 64)
+
+
+def _checkpoint(model, **extra) -> dict:
+    """A checkpoint shaped like the trainer's: weights, EMA, an optimizer that has stepped, metadata."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 32, 32), torch.rand(1), *text_inputs(model.config, 1, [2])).square().mean().backward()
+    opt.step()
+    return dict(
+        model=model.state_dict(),
+        ema={k: v + 1 for k, v in model.state_dict().items()},
+        optimizer=opt.state_dict(),
+        step=7,
+        metadata=dict(model=model.config.to_dict(), stage=3, space="pixel"),
+        **extra,
+    )
+
+
+def test_change_resolution_cli_updates_metadata_and_keeps_the_rest(tmp_path, capsys):
+    model = build_model("mmDiT-debug/4")
+    randomize_zero_inits(model)
+    src, dst = tmp_path / "stage3.pt", tmp_path / "stage4" / "init.pt"
+    checkpoint.save_atomic(_checkpoint(model), src)
+    reparameterize.main(
+        ["change-resolution", "--src", str(src), "--dst", str(dst), "--input-size", "64", "--stage", "4"]
+    )
+    assert "8x8 -> 16x16 tokens" in capsys.readouterr().out
+    before, after = checkpoint.load(src), checkpoint.load(dst)
+    meta = after["metadata"]
+    assert meta["stage"] == 4 and meta["space"] == "pixel"
+    assert meta["model"] == dict(before["metadata"]["model"], input_size=64)  # base_grid 8 kept
+    assert meta["resolution_changed_from"] == dict(input_size=32, checkpoint=str(src))
+    for key in ("model", "ema"):
+        assert (
+            all(torch.equal(before[key][k], v) for k, v in after[key].items())
+            and before[key].keys() == after[key].keys()
+        )
+    torch.testing.assert_close(after["optimizer"], before["optimizer"], rtol=0, atol=0)
+    assert after["step"] == 7
+    loaded, _ = checkpoint.load_model(dst)  # rebuilds the 64 px model from the metadata alone
+    assert loaded.config.input_size == 64
+
+
+def test_change_resolution_cli_error_is_one_line(tmp_path):
+    src = tmp_path / "a.pt"
+    checkpoint.save_atomic(_checkpoint(build_model("mmDiT-debug/4")), src)
+    with pytest.raises(SystemExit, match="multiple of the patch size"):
+        reparameterize.main(
+            ["change-resolution", "--src", str(src), "--dst", str(tmp_path / "b.pt"), "--input-size", "30"]
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nn.Linear <-> te.Linear layouts, on CPU with a stand-in for te.Linear
+
+
+def _fp8_meta_tensor(layer: nn.Linear) -> torch.Tensor:
+    """What te.Linear's get_extra_state returns once FP8 ran: its scaling state pickled into a uint8 tensor."""
+    buf = io.BytesIO()
+    torch.save(dict(scale_fwd=torch.ones(3), amax_history=torch.rand(4, 3), tag=layer.out_features), buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+class FakeTELinear(nn.Linear):
+    """nn.Linear with te.Linear's state-dict layout: `weight`, `bias`, then `_extra_state`. Half the layers
+    hold an empty tensor (TE before any FP8 step), half a serialised scaling state."""
+
+    def __init__(self, layer: nn.Linear, with_meta: bool):
+        super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        self.extra = _fp8_meta_tensor(layer) if with_meta else torch.tensor([])
+        self.loaded_extra = None
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, state):
+        self.loaded_extra = state
+
+
+def te_like(model: nn.Module) -> nn.Module:
+    """A copy of `model` with the layers `convert_linears` would pick swapped for FakeTELinear."""
+    model = copy.deepcopy(model)
+    chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and default_fp8_filter(n, m)]
+    for i, (name, layer) in enumerate(chosen):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FakeTELinear(layer, with_meta=i % 2 == 0))
+    return model
+
+
+@pytest.fixture
+def plain_and_te():
+    plain = build_model("mmDiT-debug/4").eval()
+    randomize_zero_inits(plain)
+    return plain, te_like(plain)
+
+
+def test_te_to_torch_drops_only_extra_state(plain_and_te, caplog):
+    plain, te_model = plain_and_te
+    te_state = te_model.state_dict()
+    extra = [k for k in te_state if k.endswith("._extra_state")]
+    # Per block: attn.qkv, attn.proj, cross_attn.q, .kv, .proj, mlp.fc1, .fc2 (adaLN and final stay nn.Linear).
+    assert len(extra) == 7 * plain.config.depth
+    with caplog.at_level(logging.INFO, logger="reparameterize"):
+        out = te_to_torch_state(te_state)
+    assert f"dropped {len(extra)} _extra_state entries" in caplog.text
+    assert list(out) == list(plain.state_dict())  # same names, same order
+    assert all(out[k] is te_state[k] for k in out)  # weights untouched
+    fresh = build_model("mmDiT-debug/4")
+    fresh.load_state_dict(out)  # strict
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), plain.state_dict().values(), strict=True))
+
+
+def test_torch_to_te_without_te_returns_the_weights_and_the_loader_fills_the_rest(plain_and_te):
+    plain, te_model = plain_and_te
+    plain_state = plain.state_dict()
+    state = torch_to_te_state(plain_state)
+    assert list(state) == list(plain_state) and all(state[k] is v for k, v in plain_state.items())
+    target = te_like(build_model("mmDiT-debug/4"))
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        target.load_state_dict(state)  # strict loading wants TE's entries
+    result = load_state_allowing_missing_extra_state(target, state)
+    assert result.missing_keys and all(k.endswith("._extra_state") for k in result.missing_keys)
+    assert not result.unexpected_keys
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+
+
+def test_torch_to_te_with_a_te_model_loads_strictly_and_round_trips(plain_and_te):
+    plain, te_model = plain_and_te
+    te_state = te_model.state_dict()
+    target = te_like(build_model("mmDiT-debug/4"))
+    state = torch_to_te_state(te_to_torch_state(te_state), model_with_te=target)
+    assert list(state) == list(target.state_dict())
+    target.load_state_dict(state)  # strict
+    assert all(torch.equal(state[k], te_state[k]) for k in state if not k.endswith("_extra_state"))
+    layer = target.blocks[0].attn.qkv
+    assert isinstance(layer, FakeTELinear) and torch.equal(layer.loaded_extra, layer.extra)  # the model's own
+    assert not torch.equal(layer.loaded_extra, te_state["blocks.0.attn.qkv._extra_state"])
+    # Entries already present win over the model's: a TE checkpoint passes through unchanged.
+    again = torch_to_te_state(te_state, model_with_te=target)
+    assert all(again[k] is te_state[k] for k in te_state)
+
+
+def test_change_resolution_carries_te_extra_state(plain_and_te):
+    plain, te_model = plain_and_te
+    te_state = te_model.state_dict()
+    _, state = change_resolution(te_state, plain.config, 64)
+    assert state.keys() == te_state.keys() and all(state[k] is v for k, v in te_state.items())
+
+
+def test_torch_to_te_refuses_a_model_of_another_shape(plain_and_te):
+    plain, _ = plain_and_te
+    wider = te_like(build_model("mmDiT-debug/4", dim=128))
+    with pytest.raises(ValueError, match="differ in .* tensors"):
+        torch_to_te_state(plain.state_dict(), model_with_te=wider)
+
+
+def test_loader_rejects_any_other_missing_or_unexpected_key(plain_and_te):
+    plain, te_model = plain_and_te
+    state = plain.state_dict()
+    target = te_like(build_model("mmDiT-debug/4"))
+    before = {k: v.clone() for k, v in target.state_dict().items() if not k.endswith("_extra_state")}
+    missing = {k: v for k, v in state.items() if k != "blocks.1.mlp.fc2.weight"}
+    with pytest.raises(RuntimeError, match=r"missing 1 \['blocks.1.mlp.fc2.weight'\]"):
+        load_state_allowing_missing_extra_state(target, missing)
+    with pytest.raises(RuntimeError, match=r"unexpected 1 \['blocks.9.attn.qkv.weight'\]"):
+        load_state_allowing_missing_extra_state(target, dict(state, **{"blocks.9.attn.qkv.weight": torch.zeros(1)}))
+    # Nothing was loaded by the refused calls.
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+    # A TE checkpoint into a plain model: its unexpected _extra_state entries are fine.
+    result = load_state_allowing_missing_extra_state(build_model("mmDiT-debug/4"), te_model.state_dict())
+    assert result.unexpected_keys and all(k.endswith("._extra_state") for k in result.unexpected_keys)
+
+
+def test_layout_cli_round_trip_keeps_weights_and_optimizer(plain_and_te, tmp_path, capsys):
+    plain, te_model = plain_and_te
+    ckpt = _checkpoint(te_model)
+    n_extra = sum(k.endswith("._extra_state") for k in ckpt["model"])
+    src, mid, back = tmp_path / "te.pt", tmp_path / "torch.pt", tmp_path / "te_again.pt"
+    checkpoint.save_atomic(ckpt, src)
+    reparameterize.main(["to-torch", "--src", str(src), "--dst", str(mid)])
+    assert f"dropped {2 * n_extra} _extra_state entries" in capsys.readouterr().out
+    converted = checkpoint.load(mid)
+    assert converted["metadata"]["linear_layout"] == "torch"
+    for key in ("model", "ema"):
+        assert not any(k.endswith("_extra_state") for k in converted[key])
+        assert all(torch.equal(v, ckpt[key][k]) for k, v in converted[key].items())
+    torch.testing.assert_close(converted["optimizer"], ckpt["optimizer"], rtol=0, atol=0)
+    model, _ = checkpoint.load_model(mid, weights="raw")  # strict load into a plain model
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+
+    reparameterize.main(["to-te", "--src", str(mid), "--dst", str(back)])
+    assert "weights written unchanged (no CUDA device)" in capsys.readouterr().out
+    te_again = checkpoint.load(back)
+    assert te_again["metadata"]["linear_layout"] == "te"
+    assert all(torch.equal(v, converted["model"][k]) for k, v in te_again["model"].items())
+    target = te_like(build_model("mmDiT-debug/4"))
+    load_state_allowing_missing_extra_state(target, te_again["ema"])
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in te_again["ema"].items())
+
+
+@pytest.mark.gpu
+def test_real_te_checkpoint_converts_to_a_plain_model(tmp_path):
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+    ref = build_model("mmDiT-S/2").cuda()
+    randomize_zero_inits(ref, std=0.02)
+    te_model = build_model("mmDiT-S/2").cuda()
+    te_model.load_state_dict(ref.state_dict())
+    assert convert_linears(te_model, precision="fp8", device="cuda") > 0
+    assert any(k.endswith("._extra_state") for k in te_model.state_dict())
+    path = tmp_path / "te.pt"
+    checkpoint.save_atomic(dict(model=te_model.state_dict()), path)
+    state = te_to_torch_state(checkpoint.load(path)["model"])  # weights_only load of TE's extra state, too
+    plain = build_model("mmDiT-S/2")
+    plain.load_state_dict(state)  # strict
+    assert all(
+        torch.equal(a, b.cpu()) for a, b in zip(plain.state_dict().values(), ref.state_dict().values(), strict=True)
+    )
+    # And back: into a freshly converted model, strictly with the model's entries, or filled by TE on load.
+    for use_model in (True, False):
+        target = build_model("mmDiT-S/2").cuda()
+        convert_linears(target, precision="fp8", device="cuda")
+        if use_model:
+            target.load_state_dict(torch_to_te_state(state, model_with_te=target))
+        else:
+            load_state_allowing_missing_extra_state(target, torch_to_te_state(state))
+        weights = {k: v for k, v in target.state_dict().items() if not k.endswith("_extra_state")}
+        assert all(torch.equal(weights[k].cpu(), v) for k, v in state.items())
