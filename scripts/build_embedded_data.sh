@@ -4,11 +4,16 @@
 #   scripts/build_embedded_data.sh [OUT_DIR]   (default outputs/data; about 2.5 minutes on 2 cores)
 # Writes OUT/<dataset>-<size>/tars and, per kind, OUT/<dataset>-<size>/shards-text (captions) and
 # shards-labels (class labels). Reruns skip what is done (both steps resume).
+# Environment: DATASETS (default "synthetic openmoji"), SIZES (default "32 64"), KINDS (default
+# "text labels"), SYNTHETIC_SAMPLES (default 20000). `make demo` builds only what the five stages read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/data}
 PY=${PYTHON:-.venv/bin/python}
 SYNTHETIC_SAMPLES=${SYNTHETIC_SAMPLES:-20000}
+DATASETS=${DATASETS:-synthetic openmoji}
+SIZES=${SIZES:-32 64}
+KINDS=${KINDS:-text labels}
 
 tars() {  # dataset size extra-build-args...
   local dir="$OUT/$1-$2/tars"
@@ -22,11 +27,9 @@ shards() {  # dataset size kind
   "$PY" -m data.validate --no-checksum "$dir/shards-$3"
 }
 
-for size in 32 64; do
-  tars synthetic "$size" --num-samples "$SYNTHETIC_SAMPLES"
-  shards synthetic "$size" text
-  shards synthetic "$size" labels
-  tars openmoji "$size"
-  shards openmoji "$size" text
-  shards openmoji "$size" labels
+for size in $SIZES; do
+  for dataset in $DATASETS; do
+    if [ "$dataset" = synthetic ]; then tars synthetic "$size" --num-samples "$SYNTHETIC_SAMPLES"; else tars "$dataset" "$size"; fi
+    for kind in $KINDS; do shards "$dataset" "$size" "$kind"; done
+  done
 done

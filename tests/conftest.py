@@ -15,3 +15,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def embedded_data(tmp_path_factory):
+    """Small synthetic datasets in the layout the embedded stage configs read (tests/stages.py)."""
+    from tests.stages import build_embedded_data
+
+    return build_embedded_data(tmp_path_factory.mktemp("embedded-data"))

@@ -7,13 +7,14 @@ import pytest
 from PIL import Image
 
 from app.sample import main as sample_main
-from tests.test_trainer import embedded_cfg
+from tests.stages import stage_config
 from trainer.loop import train
 
 
 @pytest.fixture(scope="module")
-def stage1_checkpoint(tmp_path_factory) -> Path:
-    return Path(train(embedded_cfg(tmp_path_factory.mktemp("run"), 2))["checkpoint"])
+def stage1_checkpoint(embedded_data, tmp_path_factory) -> Path:
+    cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("run"), "train.max_steps=2")
+    return Path(train(cfg)["checkpoint"])
 
 
 def test_cli_writes_pngs_and_grid_deterministically(stage1_checkpoint, tmp_path):
@@ -30,7 +31,7 @@ def test_cli_writes_pngs_and_grid_deterministically(stage1_checkpoint, tmp_path)
 
 def test_cli_rejects_out_of_range_class(stage1_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="out of range"):
-        sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "99", "--out-dir", str(tmp_path)])
+        sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "9", "--out-dir", str(tmp_path)])
 
 
 def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

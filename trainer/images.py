@@ -1,5 +1,6 @@
 """Turning model outputs into images people look at: grids as PNG, loss curves as plots."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ def save_loss_plot(steps: list[int], losses: list[float], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kept = [(s, v) for s, v in zip(steps, losses, strict=True) if math.isfinite(v)]  # skipped NaN steps
+    steps, losses = [s for s, _ in kept], [v for _, v in kept]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
     window = max(1, len(losses) // 30)

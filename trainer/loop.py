@@ -1,62 +1,54 @@
-"""The training loop shared by every stage: fetch -> loss -> backward -> clip -> step -> EMA -> log,
-preview and checkpoint on cadence.
+"""The one training loop behind every train_stageN.py.
 
-This is the single-process form; DDP, text conditioning, the shard loader and wandb join it as the
-training work lands (see the issues), without a second copy of the loop.
+    fetch -> forward and loss under autocast -> backward (no DDP sync while accumulating) -> clip -> step
+    -> EMA -> log, preview and checkpoint on cadence
+
+It runs as one plain process or under torchrun (trainer/distributed.py). What differs between stages is
+config: the data (labels or captions), the model family, the weights a stage starts from (train.init_from).
+
+Determinism. Every random draw of a step (label or caption dropout, noise x0, time t) comes from a generator
+seeded by (seed, step, virtual rank), virtual rank = rank * grad_accum + micro-batch. So the draws do not
+depend on anything a run carries in memory: a run resumed from a checkpoint replays exactly the draws the
+uninterrupted run made, and 2 ranks x 1 micro-batch see the same draws as 1 rank x 2 micro-batches (with
+the loader's matching split: data/loader.py gives slot s = rank * workers + worker).
 """
 
 import json
 import logging
+import math
+import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.synthetic import ColouredDiscs
-from flow import build_timestep_sampler, flow_matching_loss, interpolate, sample
-from models import build_model, model_config
-from trainer import checkpoint
+from data.loader import ShardDataset, build_loader, mix_seed
+from data.pipeline.encoders import autoencoder_for
+from flow import build_timestep_sampler, flow_matching_loss, interpolate, resolution_shift
+from models import build_model
+from trainer import builders, checkpoint, distributed
 from trainer.ema import EMA
-from trainer.images import save_grid, save_loss_plot
+from trainer.images import save_loss_plot
+from trainer.logger import RunLogger
 from trainer.optim import build_optimizer, lr_factor
+from trainer.precision import Precision
+from trainer.preemption import PreemptionFlag
+from trainer.preview import Previewer
 
 log = logging.getLogger(__name__)
 
 
-def build_data(cfg: DictConfig) -> ColouredDiscs:
-    if cfg.data.kind != "discs":
-        raise ValueError(f"data.kind={cfg.data.kind!r} is not available yet; known: 'discs'")
-    return ColouredDiscs(image_size=cfg.data.image_size, batch_size=cfg.train.batch_size, seed=cfg.seed)
-
-
-def drop_labels(labels: torch.Tensor, p: float, null_label: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample Bernoulli(p) replacement by the null class, so the model also learns p(x) for guidance."""
-    drop = torch.rand(labels.shape, generator=gen) < p
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
-
-
-@torch.no_grad()
-def preview(model: torch.nn.Module, cfg: DictConfig, path: Path) -> None:
-    """A grid of samples from fixed noise: one column per preview label, rows are seeds."""
-    p = cfg.train.preview
-    labels = torch.tensor(list(p.labels)).repeat(p.rows)
-    gen = torch.Generator().manual_seed(p.seed)
-    size = cfg.data.image_size
-    x0 = torch.randn(len(labels), model.config.in_channels, size, size, generator=gen)
-    uncond = dict(labels=torch.full_like(labels, model.null_label))
-    x1 = sample(
-        model,
-        x0,
-        dict(labels=labels),
-        uncond,
-        steps=p.steps,
-        alpha=p.alpha,
-        cfg_scale=p.cfg_scale,
-        prediction=cfg.train.prediction,
-    )
-    save_grid(x1, path, cols=len(p.labels), scale=p.scale)
+def step_generator(seed: int, step: int | str, virtual_rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch's draws; see the module docstring."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mix_seed(seed, "step", step, virtual_rank))
+    return gen
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
@@ -72,115 +64,278 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run a stage; returns a summary (final loss, checkpoint path, figures)."""
-    if cfg.stage != 1:
-        raise NotImplementedError(
-            f"stage {cfg.stage} trains on captions; text conditioning in the loop arrives with the data and "
-            "training issues. Stage 1 (class-conditional) runs today: python train_stage1.py experiment=embedded"
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    if grad_accum < 1 or batch_size % (world_size * grad_accum):
+        raise ValueError(
+            f"train.batch_size={batch_size} must split evenly over {world_size} ranks x train.grad_accum="
+            f"{grad_accum} micro-batches"
         )
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.train.out_dir)
+    return batch_size // (world_size * grad_accum)
+
+
+def build_timesteps(cfg: DictConfig, model_config):
+    """train.timesteps, with shift=auto meaning SD3's sqrt(tokens / base tokens) against the base grid."""
+    ts = OmegaConf.to_container(cfg.train.timesteps, resolve=True)
+    if ts.get("shift") == "auto":
+        grid = model_config.input_size // model_config.patch
+        ts["shift"] = resolution_shift(grid * grid, model_config.base_grid**2)
+        log.info("timestep shift %.3f (%dx%d tokens against a %dx%d base grid)", ts["shift"], grid, grid,
+                 model_config.base_grid, model_config.base_grid)
+    return build_timestep_sampler(**ts)
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states: the loop draws from its own generators, but code it calls may use these."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: checkpoints load with weights_only=True, which refuses numpy objects.
+    numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
+                       gauss=gauss)
+    states = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_state)
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def flow_loss(model, x1: torch.Tensor, cond: dict, timesteps, gen: torch.Generator, prediction: str) -> torch.Tensor:
+    """One micro-batch's rectified-flow loss; noise and times from `gen` (after any dropout draws)."""
+    x0 = torch.randn(x1.shape, generator=gen, device=x1.device)
+    t = timesteps(x1.shape[0], generator=gen, device=x1.device)
+    x_t = interpolate(x0, x1, t)
+    return flow_matching_loss(model(x_t, t, **cond), x0, x1, x_t, t, prediction=prediction)
+
+
+class HeldLoss:
+    """The loss on fixed batches with fixed noise and times and no dropout: comparable within a stage and
+    across a stage boundary (summary.json: held_loss_start / held_loss_end_*)."""
+
+    def __init__(self, cfg: DictConfig, micro: int, conditioning, timesteps, device, precision):
+        self.batches: list[dict[str, torch.Tensor]] = []
+        if cfg.train.eval_batches > 0:
+            data = ShardDataset(cfg.data.path, seed=mix_seed(cfg.seed, "held"), batch_size=micro,
+                                verify_checksum=False)
+            stream = iter(data)
+            self.batches = [next(stream) for _ in range(cfg.train.eval_batches)]
+        self.seed, self.conditioning, self.timesteps = cfg.seed, conditioning, timesteps
+        self.device, self.precision, self.prediction = device, precision, cfg.train.prediction
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> float | None:
+        if not self.batches:
+            return None
+        losses = []
+        for i, batch in enumerate(self.batches):
+            gen = step_generator(self.seed, "held", i, self.device)
+            x1 = batch["latents"].to(self.device, torch.float32)
+            cond = self.conditioning.from_batch(batch, None, self.device)
+            with self.precision.forward():
+                losses.append(flow_loss(model, x1, cond, self.timesteps, gen, self.prediction).item())
+        return sum(losses) / len(losses)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one stage; returns its summary (also written to out_dir/summary.json)."""
+    env = distributed.setup(cfg.get("device"))
+    try:
+        return _train(cfg, env)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device, out_dir = env.device, Path(t.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    data = build_data(cfg)
+    micro = micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
+    precision = Precision(cfg.precision, device)
 
-    mcfg = model_config(cfg.model.name, **OmegaConf.to_container(cfg.model.overrides, resolve=True))
-    if mcfg.family == "ccdit" and mcfg.num_classes != data.num_classes:
-        raise ValueError(f"model.overrides.num_classes={mcfg.num_classes} but the data has {data.num_classes}")
+    # ---- data, conditioning, model -----------------------------------------------------------------------
+    spec = builders.read_data_spec(cfg)
+    builders.check_vae(cfg, spec, cfg.data.path)
+    conditioning = builders.build_conditioning(cfg, spec, cfg.model.family, device, precision.model_dtype)
+    resume_from = resolve_resume(t.resume, ckpt_dir)
+    resumed = checkpoint.load(resume_from) if resume_from is not None else None
+    init = None if resumed is not None else builders.read_init_checkpoint(cfg)
+    base = (resumed or (init[1] if init else {})).get("metadata", {}).get("model")
+    mcfg = builders.build_model_config(cfg, spec, conditioning, base)
+    torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
+    if init is not None:
+        builders.apply_initial_weights(model, init[0], init[1], t.init_weights)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    e = cfg.train.ema
-    ema = EMA(model, decay=e.decay, every=e.every, warmup_steps=e.warmup_steps, start_decay=e.start_decay)
+    converted = precision.convert(model)
+    ema = EMA(model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
+              start_decay=t.ema.start_decay)
     o = cfg.optim
-    opt = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-    max_steps = cfg.train.max_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.warmup_steps, max_steps, o.decay_fraction))
-    timesteps = build_timestep_sampler(**OmegaConf.to_container(cfg.train.timesteps, resolve=True))
-    step, history = 0, []
-    drop_gen = torch.Generator().manual_seed(cfg.seed + 1)  # label dropout draws, checkpointed with the rest
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    opt = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.decay_fraction)
+    )
+    timesteps = build_timesteps(cfg, mcfg)
+    held = HeldLoss(cfg, micro, conditioning, timesteps, device, precision) if env.is_main else None
 
-    resume_from = resolve_resume(cfg.train.resume, ckpt_dir)
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        drop_gen.set_state(state["rng"]["label_dropout"])
-        step, history = state["step"], state["history"]
+    step, history, bad_in_row, extra = 0, [], 0, {}
+    loader_state = None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        restore_rng_states(resumed["rng"])
+        step, history, loader_state = resumed["step"], resumed["history"], resumed["loader"]
+        bad_in_row, extra = resumed.get("bad_in_row", 0), resumed.get("extra", {})
         log.info("resumed from %s at step %d", resume_from, step)
+    elif held is not None:
+        extra["held_loss_start"] = held(model)
+    del resumed, init  # a several-GB checkpoint need not stay in memory
+
+    loader = build_loader(
+        cfg.data.path, micro, env.rank, env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        state=loader_state, short_caption_prob=cfg.data.short_caption_prob, mix_shards=cfg.data.mix_shards,
+        verify_checksum=cfg.data.verify_checksum, skip_bad_shards=cfg.data.skip_bad_shards,
+    )
+    batches = iter(loader)
+    forward_model = torch.compile(model) if t.compile else model
+    if env.enabled:
+        forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda"
+                                                else None)
+
+    vae = autoencoder_for(spec.vae, cfg.vae.name_or_path, cfg.vae.subfolder, device) if env.is_main else None
+    previewer = Previewer(cfg, conditioning, vae, mcfg, precision, device) if env.is_main else None
+    logger = RunLogger(cfg, env.is_main, out_dir)
+    metadata = dict(
+        model=mcfg.to_dict(), family=mcfg.family, size=mcfg.size, name=mcfg.name, stage=cfg.stage,
+        parameters=n_params, prediction=t.prediction, space="pixel" if spec.vae.get("id") == "identity" else "latent",
+        vae=dict(spec.vae, kind=cfg.vae.kind, name_or_path=cfg.vae.name_or_path, subfolder=cfg.vae.subfolder),
+        latent_shape=list(spec.latent_shape), image_size=spec.image_size,
+        text_encoder=OmegaConf.to_container(cfg.text_encoder, resolve=True) if spec.kind == "text" else None,
+        sampling=dict(steps=t.preview.steps, cfg_scale=t.preview.cfg_scale, alpha=t.preview.alpha),
+        data=str(cfg.data.path), linear_layout="te" if converted else "torch",
+        **conditioning.metadata(),
+    )
 
     def save(at: int) -> Path:
         path = checkpoint.checkpoint_path(ckpt_dir, at)
-        checkpoint.save_atomic(
-            dict(
-                model=model.state_dict(),
-                ema=ema.state_dict(),
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                step=at,
-                history=history,
-                rng=dict(torch=torch.get_rng_state(), label_dropout=drop_gen.get_state()),
-                config=OmegaConf.to_container(cfg, resolve=True),
-                metadata=dict(
-                    model=mcfg.to_dict(),
-                    stage=cfg.stage,
-                    space="pixel",
-                    pixel_range=[-1, 1],
-                    prediction=cfg.train.prediction,
-                    class_names=data.class_names,
+        if env.is_main:
+            samples = (at * t.grad_accum) * micro
+            checkpoint.save_atomic(
+                dict(
+                    model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(), step=at, history=history, bad_in_row=bad_in_row, extra=extra,
+                    loader=loader.dataset.state_at(samples), rng=rng_states(),
+                    config=OmegaConf.to_container(cfg, resolve=True), metadata=metadata,
                 ),
-            ),
-            path,
-        )
-        checkpoint.prune(ckpt_dir, cfg.train.keep_checkpoints)
+                path,
+            )
+            checkpoint.prune(ckpt_dir, t.keep_checkpoints)
+        env.barrier()
         return path
 
+    def preview(at: int) -> None:
+        if previewer is None:
+            return
+        model.eval()
+        for name, weights in (("ema", ema.model), ("raw", model)):
+            path = previewer(weights, out_dir / "samples" / f"step_{at:08d}_{name}.png")
+            logger.log_image(f"samples/{name}", path, at, caption=" | ".join(previewer.captions))
+        model.train()
+
     model.train()
-    bar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc=f"stage {cfg.stage}", unit="step")
-    tic = time.perf_counter()
-    for step in bar:
-        batch = data.batch(step)
-        x1 = batch["image"]
-        labels = drop_labels(batch["label"], cfg.train.label_dropout, model.null_label, drop_gen)
-        x0 = torch.randn_like(x1)
-        t = timesteps(x1.shape[0])
-        x_t = interpolate(x0, x1, t)
-        loss = flow_matching_loss(model(x_t, t, labels=labels), x0, x1, x_t, t, prediction=cfg.train.prediction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(model, step + 1)
-        history.append(loss.item())
+    bar = tqdm(range(step, t.max_steps), initial=step, total=t.max_steps, desc=f"stage {cfg.stage}", unit="step",
+               disable=not env.is_main)
+    tic, seen, stop = time.perf_counter(), 0, False
+    with PreemptionFlag() as preempted:
+        for step in bar:
+            loss_sum = torch.zeros((), device=device)
+            for m in range(t.grad_accum):
+                batch = next(batches)
+                gen = step_generator(cfg.seed, step, env.rank * t.grad_accum + m, device)
+                sync = m == t.grad_accum - 1 or not env.enabled
+                with nullcontext() if sync else forward_model.no_sync():
+                    x1 = batch["latents"].to(device=device, dtype=torch.float32)
+                    cond = conditioning.from_batch(batch, gen, device)  # dropout draws come first from gen
+                    with precision.forward():
+                        loss = flow_loss(forward_model, x1, cond, timesteps, gen, t.prediction)
+                    (loss / t.grad_accum).backward()
+                loss_sum += loss.detach() / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            # One all-reduce per step carries the loss (for logging) and the preemption flag, so every rank
+            # decides to skip a bad step or to stop after this one identically.
+            stats = env.all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(preempted.set),
+                                                    dtype=torch.float64, device=device)]))
+            mean_loss, stop = stats[0].item() / env.world_size, stats[1].item() > 0
+            good = math.isfinite(mean_loss) and math.isfinite(grad_norm.item())
+            if good:
+                opt.step()
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; step skipped (%d in a row)",
+                            step + 1, mean_loss, grad_norm.item(), bad_in_row)
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            done = step + 1
+            if good:
+                ema.update(model, done)
+            history.append(mean_loss)
+            seen += t.batch_size
+            if bad_in_row >= t.max_bad_steps:
+                last = checkpoint.list_checkpoints(ckpt_dir)
+                raise RuntimeError(
+                    f"{bad_in_row} consecutive steps (to step {done}) had a non-finite loss or gradient; stopping "
+                    f"(train.max_bad_steps={t.max_bad_steps}). Last good checkpoint: "
+                    f"{last[-1] if last else 'none yet'}. Lower optim.lr or check the data (python -m data.validate)"
+                )
 
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == max_steps:
-            recent = history[-cfg.train.log_every :]
-            rate = len(recent) * x1.shape[0] / (time.perf_counter() - tic)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", gnorm=f"{grad_norm:.2f}", img_s=f"{rate:.0f}")
-            tic = time.perf_counter()
-        if done % cfg.train.sample_every == 0 or done == max_steps:
-            preview(ema.model, cfg, out_dir / "samples" / f"step_{done:08d}_ema.png")
-        if done % cfg.train.ckpt_every == 0 or done == max_steps:
-            save(done)
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.perf_counter() - tic
+                recent = [x for x in history[-t.log_every:] if math.isfinite(x)]
+                values = {
+                    "train/loss": sum(recent) / max(1, len(recent)), "train/grad_norm": grad_norm.item(),
+                    "train/lr": sched.get_last_lr()[0], "train/img_per_s": seen / elapsed,
+                }
+                if device.type == "cuda":
+                    values["train/mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", gnorm=f"{values['train/grad_norm']:.2f}",
+                                img_s=f"{values['train/img_per_s']:.0f}")
+                logger.log(values, done)
+                tic, seen = time.perf_counter(), 0
+            if done % t.sample_every == 0 or done == t.max_steps:
+                preview(done)
+            if done % t.ckpt_every == 0 or done == t.max_steps or stop:
+                save(done)
+            if stop:
+                log.warning("stopped by signal %s after step %d; checkpoint saved", preempted.received, done)
+                break
+    bar.close()
 
-    final = checkpoint.list_checkpoints(ckpt_dir)[-1]
-    title = f"stage {cfg.stage}: {mcfg.name}, {n_params / 1e6:.1f}M parameters"
-    save_loss_plot(list(range(1, len(history) + 1)), history, out_dir / "loss.png", title)
-    tail = history[-50:]
-    summary = dict(
-        stage=cfg.stage,
-        steps=len(history),
-        final_loss=sum(tail) / len(tail),
-        first_loss=history[0],
-        checkpoint=str(final),
-        samples=str(out_dir / "samples"),
-        loss_plot=str(out_dir / "loss.png"),
-    )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = dict(stage=cfg.stage, steps=len(history), max_steps=t.max_steps, preempted=stop)
+    if env.is_main:
+        final = checkpoint.list_checkpoints(ckpt_dir)
+        finite = [x for x in history if math.isfinite(x)]
+        title = f"stage {cfg.stage}: {mcfg.name}, {n_params / 1e6:.1f}M parameters"
+        save_loss_plot(list(range(1, len(history) + 1)), history, out_dir / "loss.png", title)
+        tail = finite[-50:]
+        summary |= dict(
+            model=mcfg.name, parameters=n_params, checkpoint=str(final[-1]) if final else None,
+            first_loss=finite[0] if finite else None, final_loss=sum(tail) / len(tail) if tail else None,
+            held_loss_start=extra.get("held_loss_start"),
+            held_loss_end_ema=held(ema.model) if held is not None and not summary["preempted"] else None,
+            held_loss_end_raw=held(model) if held is not None and not summary["preempted"] else None,
+            samples=str(out_dir / "samples"), loss_plot=str(out_dir / "loss.png"),
+        )
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.finish()
     return summary

@@ -21,8 +21,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas, eps: float, fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; `fused` uses the single-kernel CUDA implementation."""
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused or None
+    )
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, decay_fraction: float) -> float:

@@ -181,3 +181,25 @@ class SD3VAE:
         z = latents.to(self.device, torch.float32) / self.scale + self.shift
         x = self.vae.decode(z.to(self.dtype)).sample.float()
         return ((x - lo) / (hi - lo)).clamp(0, 1).cpu()
+
+
+def autoencoder_for(info: dict[str, Any], name_or_path: str | None = None, subfolder: str | None = "vae", device=None):
+    """The autoencoder that decodes latents recorded with `info` (a dataset spec's or checkpoint's `vae`).
+
+    Identity data decodes with IdentityVAE. Otherwise the SD3 VAE loads from `name_or_path` (default: the
+    recorded id) with the recorded scale, shift and pixel range, so samples decode exactly as encoded.
+    """
+    if info.get("id") == "identity":
+        return IdentityVAE()
+    source = name_or_path or info.get("id")
+    if not source:
+        raise ValueError("no VAE to decode with: the recorded vae has no id and no vae.name_or_path is set")
+    return SD3VAE(
+        source,
+        subfolder=subfolder,
+        scale=info.get("scale"),
+        shift=info.get("shift"),
+        pixel_range=tuple(info.get("pixel_range", (0.0, 1.0))),
+        device=device,
+        vae_id=str(info.get("id") or source),
+    )

@@ -1,0 +1,1 @@
+"""Scoring generated images: the synthetic-scene analyser (analyse.py) and the held-out evaluation (evaluate.py)."""

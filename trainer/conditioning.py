@@ -1,0 +1,149 @@
+"""What turns a data batch into the model's conditioning: class labels (Stage 1) or captions (Stages 2-5).
+
+Both drop a per-sample Bernoulli(p) fraction to the null condition, so one model learns p(x | c) and p(x)
+and classifier-free guidance works at sampling time [ho2021cfg]. (The reference drew a fixed count with
+replacement for labels and did not drop captions at all, so its Stage 2 could not be guided.)
+
+The model is called as `model(x, t, **cond)`: `cond` is `{labels}` or `{text, text_mask}`.
+"""
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from models.text_encoder import FrozenTextEncoder
+
+
+def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, "n"]:
+    """Which samples lose their condition: independent Bernoulli(p) draws from the step's generator."""
+    if p <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.rand(n, generator=generator, device=generator.device).cpu() < p
+
+
+class ClassConditioning:
+    """Labels -> `{labels}`; the null class is index num_classes (models/embeddings.py:LabelEmbedder)."""
+
+    kind = "class"
+
+    def __init__(self, num_classes: int, class_names: list[str] | None, dropout: float):
+        self.num_classes, self.dropout = num_classes, dropout
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
+        """The batch's labels, with dropout when `generator` is given (training) and none otherwise."""
+        labels = batch["labels"].long()
+        if generator is not None:
+            labels = torch.where(drop_mask(len(labels), self.dropout, generator), self.null_label, labels)
+        return dict(labels=labels.to(device))
+
+    def from_labels(self, labels: list[int], device) -> dict[str, Tensor]:
+        return dict(labels=torch.tensor(labels, dtype=torch.long, device=device))
+
+    def null(self, n: int, device) -> dict[str, Tensor]:
+        return dict(labels=torch.full((n,), self.null_label, dtype=torch.long, device=device))
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(conditioning="class", num_classes=self.num_classes, class_names=self.class_names)
+
+
+class TextConditioning:
+    """Token ids -> `{text, text_mask}` through the frozen encoder; dropped captions are an all-False mask.
+
+    `cache_size` > 0 keeps the encoder's output per distinct token row (an LRU of that many captions); a
+    batch's misses are encoded in one call. Worth it when captions repeat (the embedded data: the loop is
+    ~40% faster); real caption sets rarely repeat, so it is off by default. A resumed run starts with an empty
+    cache, so its embeddings equal the uninterrupted run's only if the encoder's output for a row does not
+    depend on the other rows of its batch. That holds for MiniLM on the CPU (tests/test_loop.py checks it,
+    and the exact-resume test rests on it); with text_cache=0 every batch is encoded whole and a resumed run
+    recomputes exactly what it saw in any case.
+    """
+
+    kind = "text"
+
+    def __init__(
+        self,
+        encoder: FrozenTextEncoder,
+        tokenizer_info: dict[str, Any],
+        dropout: float,
+        cache_size: int = 0,
+        model_dtype: torch.dtype = torch.float32,
+    ):
+        self.encoder, self.tokenizer_info, self.dropout = encoder, dict(tokenizer_info), dropout
+        self.cache_size, self.model_dtype = cache_size, model_dtype
+        self._cache: OrderedDict[bytes, Tensor] = OrderedDict()
+        self._tokenizer = None
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer_info["max_length"])
+
+    def _encode_cached(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"]) -> Float[Tensor, "b l d"]:
+        keys = [tok.numpy().tobytes() + m.numpy().tobytes() for tok, m in zip(tokens, mask, strict=True)]
+        first: dict[bytes, int] = {}  # one encoder row per distinct missing caption, all in one batched call
+        for i, key in enumerate(keys):
+            if key not in self._cache:
+                first.setdefault(key, i)
+        if first:
+            rows = list(first.values())
+            encoded = self.encoder(tokens[rows], mask[rows]).cpu()
+            for key, row in zip(first, encoded, strict=True):
+                self._cache[key] = row
+        out = torch.stack([self._cache[k] for k in keys])
+        for k in keys:
+            self._cache.move_to_end(k)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def encode(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"], device) -> dict[str, Tensor]:
+        tokens, mask = tokens.cpu(), mask.bool().cpu()
+        if self.cache_size > 0:
+            text = self._encode_cached(tokens, mask)
+        else:
+            text = self.encoder(tokens, mask)
+        return dict(text=text.to(device=device, dtype=self.model_dtype), text_mask=mask.to(device))
+
+    def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
+        tokens, mask = batch["text_tokens"], batch["attn_mask"].bool()
+        if generator is None:
+            return self.encode(tokens, mask, device)
+        drop = drop_mask(len(tokens), self.dropout, generator)
+        cond = self.null(len(tokens), device)
+        keep = (~drop).nonzero().flatten()
+        if len(keep):  # only the kept captions are encoded; the dropped ones stay zeros with an all-False mask
+            kept = self.encode(tokens[keep], mask[keep], device)
+            index = keep.to(device)
+            cond["text"][index] = kept["text"]
+            cond["text_mask"][index] = kept["text_mask"]
+        return cond
+
+    def tokenize(self, prompts: list[str]) -> tuple[Int[Tensor, "b l"], Bool[Tensor, "b l"]]:
+        """Prompts -> ids and mask with the tokenizer the shards were made with (data/pipeline/encoders.py)."""
+        if self._tokenizer is None:
+            from data.pipeline.encoders import TextTokenizer
+
+            self._tokenizer = TextTokenizer(self.tokenizer_info["id"], self.max_length)
+        return self._tokenizer(prompts)
+
+    def from_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
+        tokens, mask = self.tokenize(prompts)
+        return self.encode(tokens, mask, device)
+
+    def null(self, n: int, device) -> dict[str, Tensor]:
+        width = self.encoder.hidden_size
+        return dict(
+            text=torch.zeros(n, self.max_length, width, device=device, dtype=self.model_dtype),
+            text_mask=torch.zeros(n, self.max_length, dtype=torch.bool, device=device),
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(conditioning="text", tokenizer=self.tokenizer_info, text_encoder_info=self.encoder.info)
