@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The five-stage curriculum on the embedded data, evaluation and grids: outputs/demo/summary.json (~20 min).
 demo: $(STAMP)
-	$(BIN)/python train_stage1.py experiment=embedded
+	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@
 #   scripts/build_embedded_data.sh [OUT_DIR]   (default outputs/data; about 2.5 minutes on 2 cores)
 # Writes OUT/<dataset>-<size>/tars and, per kind, OUT/<dataset>-<size>/shards-text (captions) and
 # shards-labels (class labels). Reruns skip what is done (both steps resume).
-# Environment: DATASETS (default "synthetic openmoji"), SIZES (default "32 64"), KINDS (default
+# Environment: DATASETS (default "synthetic openmoji"), SIZES (default "32 48 64"), KINDS (default
 # "text labels"), SYNTHETIC_SAMPLES (default 20000). `make demo` builds only what the five stages read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ OUT=${1:-outputs/data}
 PY=${PYTHON:-.venv/bin/python}
 SYNTHETIC_SAMPLES=${SYNTHETIC_SAMPLES:-20000}
 DATASETS=${DATASETS:-synthetic openmoji}
-SIZES=${SIZES:-32 64}
+SIZES=${SIZES:-32 48 64}
 KINDS=${KINDS:-text labels}
 
 tars() {  # dataset size extra-build-args...

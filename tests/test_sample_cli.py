@@ -17,25 +17,49 @@ def stage1_checkpoint(embedded_data, tmp_path_factory) -> Path:
     return Path(train(cfg)["checkpoint"])
 
 
+@pytest.fixture(scope="module")
+def stage2_checkpoint(embedded_data, tmp_path_factory) -> Path:
+    cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("run2"), "train.max_steps=2", "train.init_from=null")
+    return Path(train(cfg)["checkpoint"])
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
 def test_cli_writes_pngs_and_grid_deterministically(stage1_checkpoint, tmp_path):
     args = ["--model-path", str(stage1_checkpoint), "--class-label", "1", "--num-samples", "2", "--steps", "3"]
     sample_main(args + ["--seed", "5", "--out-dir", str(tmp_path / "a")])
     sample_main(args + ["--seed", "5", "--out-dir", str(tmp_path / "b")])
     sample_main(args + ["--seed", "6", "--out-dir", str(tmp_path / "c")])
-    a = np.asarray(Image.open(tmp_path / "a" / "class_1_seed_5_0.png"))
-    b = np.asarray(Image.open(tmp_path / "b" / "class_1_seed_5_0.png"))
-    c = np.asarray(Image.open(tmp_path / "c" / "class_1_seed_6_0.png"))
-    assert a.shape == (32, 32, 3) and (tmp_path / "a" / "grid.png").exists()
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    a5, a6 = read(tmp_path / "a" / "class_1_seed_5.png"), read(tmp_path / "a" / "class_1_seed_6.png")
+    assert a5.shape == (32, 32, 3) and (tmp_path / "a" / "grid.png").exists()
+    assert np.array_equal(a5, read(tmp_path / "b" / "class_1_seed_5.png")) and not np.array_equal(a5, a6)
+    # A sample's pixels depend on its seed alone, not on its place in the batch.
+    assert np.array_equal(a6, read(tmp_path / "c" / "class_1_seed_6.png"))
 
 
-def test_cli_rejects_out_of_range_class(stage1_checkpoint, tmp_path):
+def test_cli_samples_text_checkpoints_from_metadata_with_a_gif(stage2_checkpoint, tmp_path):
+    prompt = "a large red circle in the top left on a gray background"
+    sample_main(["--model-path", str(stage2_checkpoint), "--prompt", prompt, "--steps", "2", "--gif",
+                 "--out-dir", str(tmp_path)])
+    image = read(tmp_path / "prompt_00_seed_0.png")
+    assert image.shape == (32, 32, 3)
+    gif = Image.open(tmp_path / "prompt_00_seed_0.gif")
+    assert gif.n_frames == 3  # the noise, then one frame per step
+
+
+def test_cli_rejects_the_wrong_kind_of_input(stage1_checkpoint, stage2_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="out of range"):
         sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "9", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="class-conditional: use --class-label"):
+        sample_main(["--model-path", str(stage1_checkpoint), "--prompt", "a cat", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="text-conditional"):
+        sample_main(["--model-path", str(stage2_checkpoint), "--class-label", "1", "--out-dir", str(tmp_path)])
 
 
 def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="x.pt"):
+    with pytest.raises(SystemExit, match="x.pt"):
         sample_main(["--model-path", str(bad), "--out-dir", str(tmp_path)])

@@ -27,7 +27,8 @@ def read_data_spec(cfg: DictConfig) -> DatasetSpec:
     try:
         return read_manifest(path)[1]
     except ShardError as err:
-        hint = " (the embedded data: make data-demo)" if "embedded" in str(path) or "outputs/data" in str(path) else ""
+        embedded = "embedded" in str(path) or "outputs/data" in str(path)
+        hint = " (build the embedded data with `make demo` or `make data`)" if embedded else ""
         raise FileNotFoundError(f"data.path={str(path)!r}: {err}{hint}") from err
 
 

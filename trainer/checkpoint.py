@@ -32,8 +32,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints, and delete half-written temporary files that a killed writer left
+    (this process's own are renamed before prune runs, so every temporary file here is stale)."""
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    for stale in ckpt_dir.glob(".step_*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def load(path: Path) -> dict:

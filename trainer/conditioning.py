@@ -61,7 +61,7 @@ class TextConditioning:
     batch's misses are encoded in one call. Worth it when captions repeat (the embedded data: the loop is
     ~40% faster); real caption sets rarely repeat, so it is off by default. A resumed run starts with an empty
     cache, so its embeddings equal the uninterrupted run's only if the encoder's output for a row does not
-    depend on the other rows of its batch. That holds for MiniLM on the CPU (tests/test_loop.py checks it,
+    depend on the other rows of its batch. That holds for MiniLM on the CPU (tests/test_resume.py checks it,
     and the exact-resume test rests on it); with text_cache=0 every batch is encoded whole and a resumed run
     recomputes exactly what it saw in any case.
     """

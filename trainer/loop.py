@@ -168,6 +168,9 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
     init = None if resumed is not None else builders.read_init_checkpoint(cfg)
     base = (resumed or (init[1] if init else {})).get("metadata", {}).get("model")
     mcfg = builders.build_model_config(cfg, spec, conditioning, base)
+    # All three global RNGs from the seed (checkpoints carry them): two runs of one config start alike.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     if init is not None:
@@ -187,13 +190,13 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
     held = HeldLoss(cfg, micro, conditioning, timesteps, device, precision) if env.is_main else None
 
     step, history, bad_in_row, extra = 0, [], 0, {}
-    loader_state = None
+    loader_state = saved_rng = None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
-        restore_rng_states(resumed["rng"])
+        saved_rng = resumed["rng"]  # restored just before the loop: set-up below draws from the global RNGs
         step, history, loader_state = resumed["step"], resumed["history"], resumed["loader"]
         bad_in_row, extra = resumed.get("bad_in_row", 0), resumed.get("extra", {})
         log.info("resumed from %s at step %d", resume_from, step)
@@ -252,6 +255,10 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
             logger.log_image(f"samples/{name}", path, at, caption=" | ".join(previewer.captions))
         model.train()
 
+    if saved_rng is not None:
+        # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
+        # torch's), so the loop continues with the states the uninterrupted run had at that step.
+        restore_rng_states(saved_rng)
     model.train()
     bar = tqdm(range(step, t.max_steps), initial=step, total=t.max_steps, desc=f"stage {cfg.stage}", unit="step",
                disable=not env.is_main)

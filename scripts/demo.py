@@ -1,0 +1,188 @@
+"""The embedded five-stage demo (`make demo`): the whole curriculum on a CPU in about 20 minutes.
+
+    python scripts/demo.py [--out-dir outputs/demo] [--fresh]
+
+1. builds the embedded synthetic scenes as shards (scripts/build_embedded_data.sh): 32 px with labels and
+   captions, 48 and 64 px with captions;
+2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded);
+3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
+4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 48 -> 64 px, each from the previous stage's EMA;
+5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (64 px) on the 40
+   held-out colour-shape-position combinations, and a prompt grid from the final model;
+6. writes OUT/summary.json: each stage's final checkpoint and wall time, the held-batch losses at every stage
+   boundary (the previous stage's EMA at its end, the next stage's weights at its start), the
+   reparameterization's parity figures and the evaluation.
+
+Every stage runs with train.resume=auto, so a rerun after an interruption continues where it stopped and a
+rerun of a finished demo only redoes the evaluation; --fresh deletes the previous outputs first. Extra
+arguments after `--` go to every stage (e.g. `-- train.log_every=50`).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = (1, 2, 3, 4, 5)
+PROMPTS = (  # the README grid: four held-out compositions, then four seen in training
+    "a large red circle in the top left on a gray background",
+    "a large green star in the bottom right on a gray background",
+    "a large blue square in the top left on a gray background",
+    "a large yellow triangle in the bottom left on a gray background",
+    "a large blue triangle in the center on a gray background",
+    "a large yellow square in the top right on a gray background",
+    "a large purple star in the center on a gray background",
+    "a large orange circle in the bottom right on a gray background",
+)
+
+
+def run(cmd: list[str], log: Path | None = None, echo: bool = True) -> str:
+    """Run a step with its progress bars (stderr) on the terminal; return its stdout (also saved to `log`)."""
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ | {"HYDRA_FULL_ERROR": "1"})
+    if echo:
+        sys.stdout.write(proc.stdout)
+    if log is not None:
+        log.write_text(proc.stdout)
+    if proc.returncode:
+        raise SystemExit(f"demo: step failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return proc.stdout
+
+
+def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
+    script = str(ROOT / "scripts" / "build_embedded_data.sh")
+    for sizes, kinds, samples in (("32", "labels text", samples_32), ("48 64", "text", samples_hi)):
+        env = os.environ | dict(DATASETS="synthetic", SIZES=sizes, KINDS=kinds, SYNTHETIC_SAMPLES=str(samples),
+                                PYTHON=sys.executable)
+        print(f"\n$ DATASETS=synthetic SIZES='{sizes}' KINDS='{kinds}' {script} {data_dir}", flush=True)
+        subprocess.run([script, str(data_dir)], cwd=ROOT, env=env, check=True)
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    from trainer import checkpoint
+
+    found = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise SystemExit(f"demo: no checkpoint in {run_dir / 'checkpoints'}")
+    return found[-1]
+
+
+def parse_parity(text: str) -> dict[str, float]:
+    """reparameterize.py's printed `max |...| at t=0.50: 1.2e-06` lines as {t: difference}."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"at t=([0-9.]+): ([0-9.e+-]+)", text)}
+
+
+def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 4) -> None:
+    """The final model's samples for PROMPTS: a row per prompt, `seeds` columns."""
+    from app.pipeline import load_pipeline
+    from trainer.images import save_grid
+
+    pipe = load_pipeline(checkpoint_path, device="cpu")
+    prompts = [p for p in PROMPTS for _ in range(seeds)]
+    images = pipe.generate(prompts=prompts, seeds=list(range(len(prompts))))
+    save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, path, cols=seeds, scale=2)
+    (path.with_suffix(".txt")).write_text("\n".join(PROMPTS) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Paths are relative to the repository root, as `make data` and the embedded configs name them (the
+    # sharding pipeline records its input paths and refuses to resume under different ones).
+    parser.add_argument("--out-dir", type=Path, default=Path("outputs/demo"), help="summary, grids, evaluation")
+    parser.add_argument("--data-dir", type=Path, default=Path("outputs/data"), help="embedded shards")
+    parser.add_argument("--runs-dir", type=Path, default=Path("outputs/embedded"), help="stage<N>/ run folders")
+    parser.add_argument("--samples-32", type=int, default=12000, help="synthetic scenes at 32 px")
+    parser.add_argument("--samples-hi", type=int, default=4000, help="synthetic scenes at 48 and 64 px each")
+    parser.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt")
+    parser.add_argument("--fresh", action="store_true", help="delete previous stage outputs and start over")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every stage (after --)")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    runs = args.runs_dir
+    if args.fresh:
+        shutil.rmtree(runs, ignore_errors=True)
+        shutil.rmtree(args.out_dir, ignore_errors=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    tic = time.perf_counter()
+    build_data(args.data_dir, args.samples_32, args.samples_hi)
+    timings["data"] = time.perf_counter() - tic
+
+    common = ["experiment=embedded", f"embedded_data={args.data_dir}", *args.overrides]
+    parity: dict[str, float] = {}
+    for stage in STAGES:
+        init = []
+        if stage == 2:
+            tic = time.perf_counter()
+            text = run([py, "reparameterize.py", "stage1-to-stage2", "--src", str(newest_checkpoint(runs / "stage1")),
+                        "--dst", str(runs / "stage2" / "init.pt"), "--text-dim", "384", "--text-len", "32"],
+                       args.out_dir / "reparameterize.log")
+            parity = parse_parity(text)
+            timings["reparameterize"] = time.perf_counter() - tic
+            init = [f"train.init_from={runs / 'stage2' / 'init.pt'}"]
+        elif stage > 2:
+            init = [f"train.init_from={runs / f'stage{stage - 1}'}"]
+        tic = time.perf_counter()
+        run([py, f"train_stage{stage}.py", *common, f"train.out_dir={runs / f'stage{stage}'}", *init])
+        timings[f"stage{stage}"] = time.perf_counter() - tic
+
+    evaluation = {}
+    for stage in (3, 5):
+        tic = time.perf_counter()
+        out = args.out_dir / f"eval_stage{stage}"
+        run([py, "-m", "evaluation.evaluate", "--model-path", str(newest_checkpoint(runs / f"stage{stage}")),
+             "--samples-per-prompt", str(args.eval_samples), "--out-dir", str(out), "--json", str(out / "eval.json"),
+             "--device", "cpu"], echo=False)
+        report = json.loads((out / "eval.json").read_text())
+        evaluation[f"stage{stage}"] = {k: report[k] for k in ("accuracy", "settings") if k in report}
+        evaluation[f"stage{stage}"]["grid"] = str(out / "grid.png")
+        timings[f"eval_stage{stage}"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    grid = args.out_dir / "prompts_grid.png"
+    prompt_grid(newest_checkpoint(runs / "stage5"), grid)
+    timings["prompt_grid"] = time.perf_counter() - tic
+
+    stages = {}
+    for stage in STAGES:
+        s = json.loads((runs / f"stage{stage}" / "summary.json").read_text())
+        stages[f"stage{stage}"] = dict(
+            checkpoint=str(newest_checkpoint(runs / f"stage{stage}")), model=s.get("model"),
+            parameters=s.get("parameters"),
+            steps=s.get("steps"), held_loss_start=s.get("held_loss_start"),
+            held_loss_end_ema=s.get("held_loss_end_ema"), held_loss_end_raw=s.get("held_loss_end_raw"),
+            samples=s.get("samples"), loss_plot=s.get("loss_plot"),
+        )
+    boundaries = {
+        f"stage{a}->stage{b}": dict(
+            before=stages[f"stage{a}"]["held_loss_end_ema"], after=stages[f"stage{b}"]["held_loss_start"],
+            note="ccDiT (labels data) -> reparameterized mmDiT (caption data)" if a == 1 else
+            ("resolution change" if b in (4, 5) else "same data and resolution"),
+        )
+        for a, b in zip(STAGES, STAGES[1:], strict=False)
+    }
+    summary = dict(
+        stages=stages, boundaries=boundaries, reparameterization_parity=parity, evaluation=evaluation,
+        prompt_grid=str(grid), timings_s={k: round(v, 1) for k, v in timings.items()},
+        total_s=round(time.perf_counter() - started, 1),
+    )
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {args.out_dir / 'summary.json'} ({summary['total_s'] / 60:.1f} min)")
+    for name, e in evaluation.items():
+        print(f"{name} held-out compositions: " + ", ".join(f"{k} {v:.2f}" for k, v in e["accuracy"].items()
+                                                             if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    main()
