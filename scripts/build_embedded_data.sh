@@ -15,9 +15,14 @@ DATASETS=${DATASETS:-synthetic openmoji}
 SIZES=${SIZES:-32 48 64}
 KINDS=${KINDS:-text labels}
 
-tars() {  # dataset size extra-build-args...
+tars() {  # dataset size [num-samples]
   local dir="$OUT/$1-$2/tars"
-  [ -f "$dir/dataset.json" ] || "$PY" -m data.embedded.build --dataset "$1" --out "$dir" --image-size "$2" "${@:3}"
+  if [ -n "${3:-}" ] && [ -f "$dir/dataset.json" ] && ! grep -q "\"num_samples\": $3[,}]" "$dir/dataset.json"; then
+    echo "$dir holds another number of samples than $3: rebuilding $OUT/$1-$2"
+    rm -rf "${OUT:?}/$1-$2"
+  fi
+  [ -f "$dir/dataset.json" ] || "$PY" -m data.embedded.build --dataset "$1" --out "$dir" --image-size "$2" \
+    ${3:+--num-samples "$3"}
 }
 
 shards() {  # dataset size kind
@@ -29,7 +34,7 @@ shards() {  # dataset size kind
 
 for size in $SIZES; do
   for dataset in $DATASETS; do
-    if [ "$dataset" = synthetic ]; then tars synthetic "$size" --num-samples "$SYNTHETIC_SAMPLES"; else tars "$dataset" "$size"; fi
+    if [ "$dataset" = synthetic ]; then tars synthetic "$size" "$SYNTHETIC_SAMPLES"; else tars "$dataset" "$size"; fi
     for kind in $KINDS; do shards "$dataset" "$size" "$kind"; done
   done
 done

@@ -3,11 +3,11 @@
     python scripts/demo.py [--out-dir outputs/demo] [--fresh]
 
 1. builds the embedded synthetic scenes as shards (scripts/build_embedded_data.sh): 32 px with labels and
-   captions, 48 and 64 px with captions;
+   captions, 40 and 48 px with captions;
 2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded);
 3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
-4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 48 -> 64 px, each from the previous stage's EMA;
-5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (64 px) on the 40
+4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px, each from the previous stage's EMA;
+5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48 px) on the 40
    held-out colour-shape-position combinations, and a prompt grid from the final model;
 6. writes OUT/summary.json: each stage's final checkpoint and wall time, the held-batch losses at every stage
    boundary (the previous stage's EMA at its end, the next stage's weights at its start), the
@@ -59,7 +59,7 @@ def run(cmd: list[str], log: Path | None = None, echo: bool = True) -> str:
 
 def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
     script = str(ROOT / "scripts" / "build_embedded_data.sh")
-    for sizes, kinds, samples in (("32", "labels text", samples_32), ("48 64", "text", samples_hi)):
+    for sizes, kinds, samples in (("32", "labels text", samples_32), ("40 48", "text", samples_hi)):
         env = os.environ | dict(DATASETS="synthetic", SIZES=sizes, KINDS=kinds, SYNTHETIC_SAMPLES=str(samples),
                                 PYTHON=sys.executable)
         print(f"\n$ DATASETS=synthetic SIZES='{sizes}' KINDS='{kinds}' {script} {data_dir}", flush=True)
@@ -80,7 +80,7 @@ def parse_parity(text: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"at t=([0-9.]+): ([0-9.e+-]+)", text)}
 
 
-def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 4) -> None:
+def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 3) -> None:
     """The final model's samples for PROMPTS: a row per prompt, `seeds` columns."""
     from app.pipeline import load_pipeline
     from trainer.images import save_grid
@@ -92,6 +92,38 @@ def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 4) -> None:
     (path.with_suffix(".txt")).write_text("\n".join(PROMPTS) + "\n")
 
 
+def curriculum_plot(runs: Path, path: Path) -> None:
+    """Every stage's per-step loss on one axis, stage after stage, with the boundaries marked."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from trainer import checkpoint
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    offset = 0
+    for stage in STAGES:
+        history = checkpoint.load(newest_checkpoint(runs / f"stage{stage}"))["history"]
+        steps = [offset + i + 1 for i, v in enumerate(history) if math.isfinite(v)]
+        values = [v for v in history if math.isfinite(v)]
+        window = max(1, len(values) // 20)
+        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist() if len(values) > window else values
+        line = ax.plot(steps, values, lw=0.5, alpha=0.3)[0]
+        ax.plot(steps[len(steps) - len(smooth):], smooth, lw=1.5, color=line.get_color(), label=f"stage {stage}")
+        offset += len(history)
+        ax.axvline(offset, color="gray", lw=0.5, ls="--")
+    ax.set(xlabel="optimiser step (stages in order)", ylabel="flow-matching loss (x-prediction)", yscale="log",
+           title="the embedded curriculum: 32 px labels, 32 px captions, fine-tune, 40 px, 48 px")
+    ax.legend(ncol=5, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Paths are relative to the repository root, as `make data` and the embedded configs name them (the
@@ -99,9 +131,10 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/demo"), help="summary, grids, evaluation")
     parser.add_argument("--data-dir", type=Path, default=Path("outputs/data"), help="embedded shards")
     parser.add_argument("--runs-dir", type=Path, default=Path("outputs/embedded"), help="stage<N>/ run folders")
-    parser.add_argument("--samples-32", type=int, default=12000, help="synthetic scenes at 32 px")
-    parser.add_argument("--samples-hi", type=int, default=4000, help="synthetic scenes at 48 and 64 px each")
-    parser.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt")
+    parser.add_argument("--samples-32", type=int, default=8000, help="synthetic scenes at 32 px")
+    parser.add_argument("--samples-hi", type=int, default=2000, help="synthetic scenes at 40 and 48 px each")
+    parser.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt at 32 px (Stage 3)")
+    parser.add_argument("--eval-samples-final", type=int, default=1, help="images per held-out prompt, Stage 5")
     parser.add_argument("--fresh", action="store_true", help="delete previous stage outputs and start over")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every stage (after --)")
     args = parser.parse_args()
@@ -142,7 +175,8 @@ def main() -> None:
         tic = time.perf_counter()
         out = args.out_dir / f"eval_stage{stage}"
         run([py, "-m", "evaluation.evaluate", "--model-path", str(newest_checkpoint(runs / f"stage{stage}")),
-             "--samples-per-prompt", str(args.eval_samples), "--out-dir", str(out), "--json", str(out / "eval.json"),
+             "--samples-per-prompt", str(args.eval_samples if stage == 3 else args.eval_samples_final),
+             "--out-dir", str(out), "--json", str(out / "eval.json"),
              "--device", "cpu"], echo=False)
         report = json.loads((out / "eval.json").read_text())
         evaluation[f"stage{stage}"] = {k: report[k] for k in ("accuracy", "settings") if k in report}
@@ -154,6 +188,7 @@ def main() -> None:
     prompt_grid(newest_checkpoint(runs / "stage5"), grid)
     timings["prompt_grid"] = time.perf_counter() - tic
 
+    curriculum_plot(runs, args.out_dir / "losses.png")
     stages = {}
     for stage in STAGES:
         s = json.loads((runs / f"stage{stage}" / "summary.json").read_text())
@@ -162,19 +197,24 @@ def main() -> None:
             parameters=s.get("parameters"),
             steps=s.get("steps"), held_loss_start=s.get("held_loss_start"),
             held_loss_end_ema=s.get("held_loss_end_ema"), held_loss_end_raw=s.get("held_loss_end_raw"),
+            held_loss_end_ema_unconditional=s.get("held_loss_end_ema_unconditional"),
             samples=s.get("samples"), loss_plot=s.get("loss_plot"),
         )
     boundaries = {
+        # Stage 1 -> 2 compares like with like: the ccDiT with the null class (what reparameterization carries
+        # over) and the new mmDiT with the captions, on the same held images, noise and times.
         f"stage{a}->stage{b}": dict(
-            before=stages[f"stage{a}"]["held_loss_end_ema"], after=stages[f"stage{b}"]["held_loss_start"],
-            note="ccDiT (labels data) -> reparameterized mmDiT (caption data)" if a == 1 else
-            ("resolution change" if b in (4, 5) else "same data and resolution"),
+            before=stages[f"stage{a}"]["held_loss_end_ema_unconditional" if a == 1 else "held_loss_end_ema"],
+            after=stages[f"stage{b}"]["held_loss_start"],
+            note="ccDiT with the null class -> reparameterized mmDiT with captions, same held images" if a == 1
+            else ("resolution change: other images, same compositions" if b in (4, 5) else "same held batches"),
         )
         for a, b in zip(STAGES, STAGES[1:], strict=False)
     }
     summary = dict(
         stages=stages, boundaries=boundaries, reparameterization_parity=parity, evaluation=evaluation,
-        prompt_grid=str(grid), timings_s={k: round(v, 1) for k, v in timings.items()},
+        prompt_grid=str(grid), loss_plot=str(args.out_dir / "losses.png"),
+        timings_s={k: round(v, 1) for k, v in timings.items()},
         total_s=round(time.perf_counter() - started, 1),
     )
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

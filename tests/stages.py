@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
 
 # (size, kinds, samples) of the synthetic datasets the five embedded stages read (configs/embedded/).
-DATASETS = ((32, ("labels", "text"), 160), (48, ("text",), 64), (64, ("text",), 64))
+DATASETS = ((32, ("labels", "text"), 160), (40, ("text",), 64), (48, ("text",), 64))
 
 TINY = [
     "model.overrides.dim=32", "model.overrides.depth=2", "model.overrides.heads=2", "model.overrides.cond_dim=32",

@@ -22,7 +22,7 @@ from data.embedded.synthetic import (
 )
 from evaluation.analyse import analyse_scene
 
-IMAGE_SIZES = (32, 64)
+IMAGE_SIZES = (32, 40, 48, 64)
 NOISE_SIGMA = 10.0
 BLUR_RADIUS = 0.6
 NUM_TRAINING_SPECS = 32

@@ -49,8 +49,8 @@ def _run(cmd: list[str], out: Path) -> None:
 
 
 def _overrides(data: Path, *extra: str) -> list[str]:
-    # +device=cpu: gloo on the CPU even where CUDA is present (two ranks need not find two GPUs).
-    return ["experiment=embedded", f"embedded_data={data}", *TINY, "+device=cpu", f"train.max_steps={STEPS}",
+    # device=cpu: gloo on the CPU even where CUDA is present (two ranks need not find two GPUs).
+    return ["experiment=embedded", f"embedded_data={data}", *TINY, "device=cpu", f"train.max_steps={STEPS}",
             "train.ckpt_every=1",
             f"train.keep_checkpoints={STEPS}", *extra]
 

@@ -23,7 +23,7 @@ from trainer import checkpoint
 from trainer.loop import train
 
 ENV = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-CPU = "+device=cpu"  # bit for bit is a CPU promise: these runs stay on the CPU where CUDA is present too
+CPU = "device=cpu"  # bit for bit is a CPU promise: these runs stay on the CPU where CUDA is present too
 
 
 def stage1_cmd(data: Path, out: Path, *overrides: str, script: str = "train_stage1.py") -> list[str]:

@@ -155,3 +155,31 @@ def test_resume_setting_is_validated(tmp_path):
     assert resolve_resume("auto", tmp_path) is None and resolve_resume("never", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="train.resume='nope.pt'"):
         resolve_resume("nope.pt", tmp_path)
+
+
+def test_wandb_mode_follows_the_api_key(monkeypatch, tmp_path):
+    from trainer.logger import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline" and wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online" and wandb_mode("offline") == "offline"
+    with pytest.raises(ValueError, match="wandb.mode='of'"):
+        wandb_mode("of")
+
+
+def test_precision_falls_back_to_fp32_off_cuda(caplog):
+    from omegaconf import OmegaConf
+
+    from trainer.precision import Precision
+
+    with caplog.at_level("INFO"):
+        p = Precision(OmegaConf.create(dict(compute="bf16", fp8=True, fp8_recipe="auto")), torch.device("cpu"))
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+        assert p.convert(model) == 0 and type(model[0]) is torch.nn.Linear
+    assert p.model_dtype == torch.float32 and "fp32" in caplog.text and "nn.Linear" in caplog.text
+    with p.forward():
+        assert not torch.is_autocast_enabled()
+    with pytest.raises(ValueError, match="precision.compute='fp16'"):
+        Precision(OmegaConf.create(dict(compute="fp16", fp8=False, fp8_recipe="auto")), torch.device("cpu"))

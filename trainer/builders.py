@@ -81,7 +81,10 @@ def resolve_checkpoint(path: str | Path, what: str) -> Path:
         found = checkpoint.list_checkpoints(folder)
         if found:
             return found[-1]
-    raise FileNotFoundError(f"{what}={str(path)!r}: not a checkpoint file nor a folder holding step_*.pt checkpoints")
+    raise FileNotFoundError(
+        f"{what}={str(path)!r}: not a checkpoint file nor a folder holding step_*.pt checkpoints (train the previous "
+        f"stage first; `make demo` runs the embedded chain; {what}=null starts from a fresh initialisation)"
+    )
 
 
 def build_model_config(

@@ -128,14 +128,18 @@ class HeldLoss:
         self.device, self.precision, self.prediction = device, precision, cfg.train.prediction
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> float | None:
+    def __call__(self, model: torch.nn.Module, unconditional: bool = False) -> float | None:
+        """Mean loss over the held batches; `unconditional` replaces every condition by the null one."""
         if not self.batches:
             return None
         losses = []
         for i, batch in enumerate(self.batches):
             gen = step_generator(self.seed, "held", i, self.device)
             x1 = batch["latents"].to(self.device, torch.float32)
-            cond = self.conditioning.from_batch(batch, None, self.device)
+            if unconditional:
+                cond = self.conditioning.null(len(x1), self.device)
+            else:
+                cond = self.conditioning.from_batch(batch, None, self.device)
             with self.precision.forward():
                 losses.append(flow_loss(model, x1, cond, self.timesteps, gen, self.prediction).item())
         return sum(losses) / len(losses)
@@ -341,6 +345,9 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
             held_loss_start=extra.get("held_loss_start"),
             held_loss_end_ema=held(ema.model) if held is not None and not summary["preempted"] else None,
             held_loss_end_raw=held(model) if held is not None and not summary["preempted"] else None,
+            # The null condition: what reparameterize.py carries into the next stage exactly (at t*).
+            held_loss_end_ema_unconditional=held(ema.model, unconditional=True)
+            if held is not None and not summary["preempted"] else None,
             samples=str(out_dir / "samples"), loss_plot=str(out_dir / "loss.png"),
         )
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
