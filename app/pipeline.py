@@ -18,7 +18,7 @@ from jaxtyping import UInt8
 from torch import Tensor
 
 from flow import sample
-from models import ModelConfig, build_model
+from models import ModelConfig
 from trainer import checkpoint
 from trainer.conditioning import ClassConditioning, TextConditioning
 
@@ -139,9 +139,7 @@ def load_pipeline(path: Path | str, weights: str = "ema", device: str | torch.de
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state, meta = read_metadata(path)
-    model = build_model(ModelConfig(**meta["model"]))
-    model.load_state_dict(state["ema" if weights == "ema" else "model"])
-    model = model.to(device).eval().requires_grad_(False)
+    model = checkpoint.model_from_state(state, weights).to(device)
     del state
     if meta["conditioning"] == "text":
         encoder = FrozenTextEncoder.from_config(meta["text_encoder"], device=device)

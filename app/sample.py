@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     from PIL import Image
 
     from app.pipeline import CheckpointError, load_pipeline
-    from trainer.images import save_grid
+    from trainer.images import save_uint8_grid
 
     try:
         pipe = load_pipeline(args.model_path, args.weights, args.device)
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
                       for f in trajectory[:, j]]
             frames[0].save(args.out_dir / f"{stem}.gif", save_all=True, append_images=frames[1:], duration=100,
                            loop=0)
-    save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, args.out_dir / "grid.png", cols=n, scale=4)
+    save_uint8_grid(images, args.out_dir / "grid.png", cols=n, scale=4)
     print(f"wrote {len(images)} samples and grid.png to {args.out_dir}")
 
 

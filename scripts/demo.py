@@ -83,12 +83,12 @@ def parse_parity(text: str) -> dict[str, float]:
 def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 3) -> None:
     """The final model's samples for PROMPTS: a row per prompt, `seeds` columns."""
     from app.pipeline import load_pipeline
-    from trainer.images import save_grid
+    from trainer.images import save_uint8_grid
 
     pipe = load_pipeline(checkpoint_path, device="cpu")
     prompts = [p for p in PROMPTS for _ in range(seeds)]
     images = pipe.generate(prompts=prompts, seeds=list(range(len(prompts))))
-    save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, path, cols=seeds, scale=2)
+    save_uint8_grid(images, path, cols=seeds, scale=2)
     (path.with_suffix(".txt")).write_text("\n".join(PROMPTS) + "\n")
 
 

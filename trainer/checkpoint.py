@@ -53,14 +53,19 @@ def load_model(path: Path, weights: str = "ema"):
 
     Returns (model in eval mode, metadata). Everything needed comes from the checkpoint itself.
     """
-    from models import ModelConfig, build_model
-
     state = load(path)
     meta = state.get("metadata")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
+    return model_from_state(state, weights), meta
+
+
+def model_from_state(state: dict, weights: str = "ema"):
+    """The model a loaded checkpoint's metadata describes, with its `ema` or `raw` weights, in eval mode."""
+    from models import ModelConfig, build_model
+
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    model = build_model(ModelConfig(**meta["model"]))
+    model = build_model(ModelConfig(**state["metadata"]["model"]))
     model.load_state_dict(state["ema" if weights == "ema" else "model"])
-    return model.eval().requires_grad_(False), meta
+    return model.eval().requires_grad_(False)

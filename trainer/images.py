@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from jaxtyping import Float
+from jaxtyping import Float, UInt8
 from PIL import Image
 from torch import Tensor
 
@@ -28,6 +28,11 @@ def save_grid(images: Float[Tensor, "b c h w"], path: Path, cols: int, scale: in
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def save_uint8_grid(images: UInt8[Tensor, "b h w 3"], path: Path, cols: int, scale: int = 1) -> None:
+    """save_grid for uint8 [b, h, w, 3] images (what app/pipeline.py returns)."""
+    save_grid(images.permute(0, 3, 1, 2).float() / 127.5 - 1, path, cols=cols, scale=scale)
 
 
 def save_loss_plot(steps: list[int], losses: list[float], path: Path, title: str) -> None:
