@@ -42,7 +42,25 @@ def read_metadata(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
             f"--model-path {path}: no metadata.model / metadata.conditioning; not a checkpoint written by this "
             "repository's trainer (reparameterize.py outputs are initialisations: train them first)"
         )
+    check_conditioning(path, meta)
     return state, meta
+
+
+def check_conditioning(path: Path, meta: dict[str, Any]) -> None:
+    """The conditioning the metadata records must be the one its model family takes (ccDiT: class labels,
+    mmDiT / JointDiT: text) and come with what it needs. `reparameterize.py stage1-to-stage2` writes an mmDiT
+    that still carries Stage 1's class metadata: without this check it would load and fail at the first
+    forward, far from the cause."""
+    family = meta["model"].get("family") if isinstance(meta["model"], dict) else None
+    expected = "class" if family == "ccdit" else "text"
+    needs = ("num_classes",) if expected == "class" else ("text_encoder", "tokenizer")
+    problems = [f"metadata.conditioning is {meta['conditioning']!r}"] if meta["conditioning"] != expected else []
+    problems += [f"no metadata.{key}" for key in needs if not meta.get(key)]
+    if problems:
+        raise CheckpointError(
+            f"--model-path {path}: a {family} model takes {expected} conditioning, but {', '.join(problems)}; "
+            "an initialisation from reparameterize.py? Train it first (train.init_from=<that file>)"
+        )
 
 
 @dataclass
@@ -64,6 +82,15 @@ class Pipeline:
     def defaults(self) -> dict[str, Any]:
         """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha)."""
         return dict(steps=24, cfg_scale=4.0, alpha=1.0) | dict(self.metadata.get("sampling") or {})
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens `prompt` takes with the checkpoint's tokenizer, special tokens included and not truncated.
+        The text encoder reads only the first `conditioning.max_length`; front ends use this to refuse a longer
+        prompt instead of dropping its end silently."""
+        if not self.is_text:
+            raise ValueError("prompt_length needs a text-conditional checkpoint")
+        self.conditioning.tokenize([prompt])  # loads the checkpoint's tokenizer on first use
+        return len(self.conditioning._tokenizer.tokenizer(prompt)["input_ids"])
 
     def noise(self, seeds: list[int], size: int | None = None) -> Tensor:
         """One noise image per seed from its own generator: a sample depends on its seed only, not on the

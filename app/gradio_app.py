@@ -1,0 +1,443 @@
+"""A browser front end for a trained checkpoint (Gradio): a prompt or a class in, images out.
+
+    python app/gradio_app.py --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt
+    python app/gradio_app.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt --port 7861
+    python app/gradio_app.py --model-path ckpt.pt --rewrite-endpoint http://localhost:8000/v1 \\
+        --rewrite-model Qwen/Qwen3-VL-2B-Instruct
+
+The checkpoint decides the mode: a class picker for a class-conditional (Stage 1) checkpoint, a prompt box
+for the text stages, with steps, guidance and alpha defaulting to what the stage previewed with. It is loaded
+once, at start-up, and one image is drawn there, so a file that is not a usable checkpoint stops the app with
+a one-line message instead of failing in the browser. The app listens on 127.0.0.1 unless --host says
+otherwise, and makes a public gradio.live link only with --share. Image i of a request has seed `seed + i`,
+as in app/sample.py, so the CLI line the app prints under the images reproduces them. One generation runs
+at a time; a bounded queue holds the others.
+
+Optional prompt rewriting (--rewrite-endpoint, app/rewrite.py) retells the prompt in the style of the
+training captions through an OpenAI-compatible VLM server; the prompt actually used is shown.
+
+The `generate` endpoint is callable from Python:
+
+    from gradio_client import Client
+    Client("http://127.0.0.1:7860/").predict(prompt="a red circle", seed=3, api_name="/generate")
+"""
+
+import argparse
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from app.pipeline import CheckpointError, Pipeline, load_pipeline  # noqa: E402
+from app.rewrite import PromptRewriter, RewriteError  # noqa: E402
+from flow.sampler import ADAPTIVE_METHODS, FIXED_METHODS  # noqa: E402
+
+# System fonts only: the default theme loads Google Fonts, which a cluster node without internet cannot reach.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "Helvetica", "Arial", "sans-serif"],
+    font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"],
+)
+# The images are small (32-64 px); scaled up by the browser they should stay crisp pixels, not blur.
+CSS = "#gallery img, #trajectory img { image-rendering: pixelated; }"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ranges the controls offer and the handler enforces: API clients do not go through the sliders."""
+
+    steps: tuple[int, int] = (1, 200)
+    cfg_scale: tuple[float, float] = (0.0, 20.0)
+    alpha: tuple[float, float] = (0.1, 10.0)
+    num_images: tuple[int, int] = (1, 8)
+    seed: tuple[int, int] = (0, 2**31 - 1)
+    prompt_chars: int = 1000
+
+    def covering(self, defaults: dict[str, Any]) -> "Limits":
+        """These limits widened to include the checkpoint's defaults, so a stage that previewed with, say,
+        250 steps still opens with its own settings."""
+        steps, cfg, alpha = int(defaults["steps"]), float(defaults["cfg_scale"]), float(defaults["alpha"])
+        return replace(
+            self,
+            steps=(self.steps[0], max(self.steps[1], steps)),
+            cfg_scale=(self.cfg_scale[0], max(self.cfg_scale[1], cfg)),
+            alpha=(min(self.alpha[0], alpha), max(self.alpha[1], alpha)),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One request's sampling settings, checked."""
+
+    steps: int
+    cfg_scale: float
+    cfg_interval: tuple[float, float]
+    alpha: float
+    method: str
+    seed: int
+    num_images: int
+    trajectory: bool
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+
+def check_number(label: str, value: Any, bounds: tuple[float, float], integer: bool = False) -> float | int:
+    """`value` as a number within `bounds`; gr.Error names the control and the range."""
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise gr.Error(f"{label} must be a number, got {value!r}")
+    if integer and value != int(value):
+        raise gr.Error(f"{label} must be a whole number, got {value}")
+    if not lo <= value <= hi:  # also refuses NaN
+        raise gr.Error(f"{label} must be between {lo} and {hi}, got {value}")
+    return int(value) if integer else float(value)
+
+
+class TrajectoryWriter:
+    """Denoising trajectories as animated GIFs in a temporary folder the app owns. Gradio copies each file into
+    its cache when it sends it, so only the newest `keep` are kept here."""
+
+    def __init__(self, keep: int = 32, display: int = 256):
+        self._dir = tempfile.TemporaryDirectory(prefix="rfdit-gradio-")
+        self.root, self.keep, self.display = Path(self._dir.name), keep, display
+
+    def write(self, frames: np.ndarray) -> str:
+        """[n, h, w, 3] uint8 frames -> the path of a looping GIF, scaled up to about `display` pixels with
+        nearest-neighbour (a 32 px frame would be a speck), the final image held for a second."""
+        n, h, w, _ = frames.shape
+        scale = max(1, self.display // max(h, w))
+        frames = np.ascontiguousarray(frames)
+        images = [Image.fromarray(f).resize((w * scale, h * scale), Image.NEAREST) for f in frames]
+        path = self.root / f"trajectory_{uuid.uuid4().hex}.gif"
+        images[0].save(path, save_all=True, append_images=images[1:], duration=[80] * (n - 1) + [1000], loop=0)
+        for old in sorted(self.root.glob("*.gif"), key=lambda p: p.stat().st_mtime)[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return str(path)
+
+
+class Generator:
+    """The handlers behind the UI and the `generate` endpoint. Their parameter names are the endpoint's."""
+
+    def __init__(self, pipe: Pipeline, rewriter: PromptRewriter | None, limits: Limits, source: str | None):
+        self.pipe, self.rewriter, self.limits, self.source = pipe, rewriter, limits, source
+        self.trajectories = TrajectoryWriter()
+        names = [] if pipe.is_text else pipe.conditioning.class_names
+        self.class_choices = [(f"{i}: {name}", i) for i, name in enumerate(names)]
+
+    def settings(self, steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed, randomize_seed,
+                 num_images, show_trajectory) -> Settings:
+        """The controls' values checked against the limits (gr.Error otherwise), the seed drawn if asked."""
+        lim = self.limits
+        lo = check_number("Guidance from t", guidance_start, (0.0, 1.0))
+        hi = check_number("Guidance until t", guidance_end, (0.0, 1.0))
+        if lo > hi:
+            raise gr.Error(f"Guidance from t ({lo}) must not be after Guidance until t ({hi})")
+        if solver not in FIXED_METHODS + ADAPTIVE_METHODS:
+            raise gr.Error(f"Solver must be one of {', '.join(FIXED_METHODS + ADAPTIVE_METHODS)}, got {solver!r}")
+        n = check_number("Number of images", num_images, lim.num_images, integer=True)
+        if randomize_seed:
+            seed = random.randint(lim.seed[0], lim.seed[1] - n + 1)
+        seed = check_number("Seed", seed, lim.seed, integer=True)
+        if seed + n - 1 > lim.seed[1]:
+            raise gr.Error(f"Seed + Number of images - 1 must be at most {lim.seed[1]}, got {seed + n - 1}")
+        return Settings(
+            steps=check_number("Steps", steps, lim.steps, integer=True),
+            cfg_scale=check_number("Guidance scale", guidance_scale, lim.cfg_scale),
+            cfg_interval=(lo, hi),
+            alpha=check_number("Alpha", alpha, lim.alpha),
+            method=solver, seed=seed, num_images=n, trajectory=bool(show_trajectory),
+        )
+
+    def check_text(self, prompt: Any, which: str = "prompt") -> str:
+        """A non-empty prompt within the character limit, stripped; gr.Error otherwise."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise gr.Error(f"The {which} is empty: describe the image to generate")
+        prompt = prompt.strip()
+        if len(prompt) > self.limits.prompt_chars:
+            raise gr.Error(f"The {which} is {len(prompt)} characters long; at most {self.limits.prompt_chars}")
+        return prompt
+
+    def check_prompt(self, prompt: Any, which: str = "prompt") -> str:
+        """`check_text`, and no longer than the checkpoint's tokenizer reads; gr.Error otherwise."""
+        prompt = self.check_text(prompt, which)
+        tokens, most = self.pipe.prompt_length(prompt), self.pipe.conditioning.max_length
+        if tokens > most:
+            raise gr.Error(f"The {which} is {tokens} tokens long, but this checkpoint's text encoder reads only "
+                           f"the first {most}: shorten it")
+        return prompt
+
+    def final_prompt(self, prompt: Any, rewrite: bool) -> str:
+        """The prompt to draw from: the user's, or (when asked) its rewrite in the training-caption style."""
+        if not rewrite:
+            return self.check_prompt(prompt)
+        if self.rewriter is None:
+            raise gr.Error("Prompt rewriting is off: the app was started without --rewrite-endpoint")
+        prompt = self.check_text(prompt)
+        try:
+            rewritten = self.rewriter.rewrite(prompt)
+        except RewriteError as err:
+            raise gr.Error(str(err)) from err
+        return self.check_prompt(rewritten, "rewritten prompt")
+
+    def class_index(self, class_label: Any) -> int:
+        """The class as an index: a value of the picker, its label ("0: circle") or the class name."""
+        for label, index in self.class_choices:
+            if class_label in (index, label, label.split(": ", 1)[1]) and not isinstance(class_label, bool):
+                return index
+        raise gr.Error(f"Class must be one of 0..{len(self.class_choices) - 1} "
+                       f"({', '.join(label for label, _ in self.class_choices)}), got {class_label!r}")
+
+    def generate_text(self, prompt, rewrite, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
+                      seed, randomize_seed, num_images, show_trajectory):
+        """Text checkpoints: (gallery, trajectory GIF, prompt used, seed, status)."""
+        settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
+                                 randomize_seed, num_images, show_trajectory)
+        used = self.final_prompt(prompt, bool(rewrite))
+        gallery, gif, status = self.draw("prompts", used, settings)
+        return gallery, gif, used, settings.seed, status
+
+    def generate_class(self, class_label, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
+                       seed, randomize_seed, num_images, show_trajectory):
+        """Class checkpoints: (gallery, trajectory GIF, seed, status)."""
+        settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
+                                 randomize_seed, num_images, show_trajectory)
+        gallery, gif, status = self.draw("labels", self.class_index(class_label), settings)
+        return gallery, gif, settings.seed, status
+
+    def draw(self, key: str, item: str | int, s: Settings) -> tuple[list, str | None, str]:
+        """Sample the images. With a trajectory, the first image is drawn on its own with it and the rest
+        without: a sample depends on its seed only, so the pixels are the same, and only one image's
+        intermediate states are decoded."""
+        common = dict(steps=s.steps, cfg_scale=s.cfg_scale, alpha=s.alpha, cfg_interval=s.cfg_interval,
+                      method=s.method)
+        seeds, start, gif = s.seeds, time.perf_counter(), None
+        try:
+            if s.trajectory:
+                first, frames = self.pipe.generate(**{key: [item]}, seeds=seeds[:1], return_trajectory=True,
+                                                   **common)
+                gif = self.trajectories.write(frames[:, 0].numpy())
+                parts = [first]
+                if len(seeds) > 1:
+                    parts.append(self.pipe.generate(**{key: [item] * (len(seeds) - 1)}, seeds=seeds[1:], **common))
+                images = torch.cat(parts)
+            else:
+                images = self.pipe.generate(**{key: [item] * len(seeds)}, seeds=seeds, **common)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        gallery = [(image.numpy(), f"seed {seed}") for image, seed in zip(images, seeds, strict=True)]
+        return gallery, gif, self.status(key, item, s, time.perf_counter() - start)
+
+    def status(self, key: str, item: str | int, s: Settings, seconds: float) -> str:
+        """What was drawn, how long it took, and the app/sample.py line that draws the same pixels."""
+        n = s.num_images
+        what = ["--prompt", item] if key == "prompts" else ["--class-label", str(item)]
+        cli = ["python", "app/sample.py", "--model-path", self.source or "CKPT", *what, "--num-samples", str(n),
+               "--seed", str(s.seed), "--steps", str(s.steps), "--cfg-scale", f"{s.cfg_scale:g}", "--cfg-interval",
+               f"{s.cfg_interval[0]:g}", f"{s.cfg_interval[1]:g}", "--alpha", f"{s.alpha:g}", "--method", s.method,
+               "--out-dir", "outputs/samples"]
+        seeds = f"seed {s.seed}" if n == 1 else f"seeds {s.seed}-{s.seed + n - 1}"
+        return f"{n} image{'s' * (n > 1)}, {seeds}, in {seconds:.1f} s. Same pixels from the CLI:\n\n" \
+               f"```\n{shlex.join(cli)}\n```"
+
+
+def header(pipe: Pipeline, source: str | None) -> str:
+    """The checkpoint's model, stage, resolution and conditioning, and the file it came from."""
+    meta = pipe.metadata
+    kind = "text-conditional" if pipe.is_text else f"class-conditional, {len(pipe.conditioning.class_names)} classes"
+    name = meta.get("name") or meta["model"].get("family", "model")
+    line = f"## {name} · Stage {meta.get('stage', '?')} · {pipe.image_size}×{pipe.image_size} px\n{kind}"
+    return line + (f" · `{source}`" if source else "")
+
+
+def rewrite_note(rewriter: PromptRewriter | None) -> str:
+    """The rewrite switch's explanation: where rewrites come from, or why the switch is disabled."""
+    if rewriter is None:
+        return ("Disabled: no --rewrite-endpoint given. Start the app with --rewrite-endpoint URL --rewrite-model "
+                "NAME (an OpenAI-compatible server such as vllm serve Qwen/Qwen3-VL-2B-Instruct) to retell "
+                "prompts in the style of the training captions.")
+    return (f"Retells the prompt through {rewriter.model} at {rewriter.url} with the captioner's {rewriter.style} "
+            "caption instructions; the result is shown under 'Prompt used'.")
+
+
+def sampling_controls(lim: Limits, d: dict[str, Any]) -> list[gr.components.Component]:
+    """Steps, guidance, alpha, solver, seed, number of images and the trajectory switch, in the order the
+    handlers take them, created in the current Blocks layout."""
+    methods = list(FIXED_METHODS + ADAPTIVE_METHODS)
+    with gr.Row():
+        steps = gr.Slider(*lim.steps, value=int(d["steps"]), step=1, label="Steps")
+        cfg = gr.Slider(*lim.cfg_scale, value=float(d["cfg_scale"]), step=0.1, label="Guidance scale",
+                              info="1 turns guidance off")
+    with gr.Row():
+        lo = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Guidance from t", info="0 is noise")
+        hi = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Guidance until t", info="1 is the image")
+    with gr.Row():
+        alpha = gr.Slider(*lim.alpha, value=float(d["alpha"]), step=0.05, label="Alpha",
+                                info="time-grid warp; > 1 spends more steps near noise")
+        solver = gr.Dropdown(choices=methods, value="euler", label="Solver")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, minimum=lim.seed[0], maximum=lim.seed[1], label="Seed")
+        randomize = gr.Checkbox(label="Randomise seed", value=False, info="draw a new seed for every request")
+    with gr.Row():
+        num_images = gr.Slider(*lim.num_images, value=1, step=1, label="Number of images")
+        trajectory = gr.Checkbox(label="Show trajectory", value=False,
+                                 info="an animated GIF of the first image's denoising")
+    return [steps, cfg, lo, hi, alpha, solver, seed, randomize, num_images, trajectory]
+
+
+def build_app(
+    pipe: Pipeline,
+    rewriter: PromptRewriter | None = None,
+    max_prompt_chars: int = 1000,
+    queue_size: int = 16,
+    source: str | Path | None = None,
+    limits: Limits | None = None,
+) -> gr.Blocks:
+    """The app around a loaded pipeline, queued (one generation at a time, at most `queue_size` waiting).
+    Importable, so tests and notebooks can build it around any Pipeline; `launch_kwargs` says how to serve it."""
+    d = pipe.defaults()
+    lim = replace(limits or Limits(), prompt_chars=max_prompt_chars).covering(d)
+    handlers = Generator(pipe, rewriter, lim, None if source is None else str(source))
+    with gr.Blocks(title=f"rfdit · {pipe.metadata.get('name', 'checkpoint')}", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(header(pipe, handlers.source))
+        with gr.Row():
+            with gr.Column(scale=1):
+                if pipe.is_text:
+                    subject = gr.Textbox(label="Prompt", lines=2, max_length=max_prompt_chars,
+                                         placeholder="a large red circle in the top left on a gray background")
+                    rewrite = gr.Checkbox(label="Rewrite the prompt like a training caption", value=False,
+                                          interactive=rewriter is not None, info=rewrite_note(rewriter))
+                    inputs = [subject, rewrite]
+                else:
+                    subject = gr.Dropdown(choices=handlers.class_choices, value=0, label="Class")
+                    inputs = [subject]
+                controls = sampling_controls(lim, d)
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column(scale=1):
+                outputs = [
+                    gr.Gallery(label="Images", columns=4, format="png", object_fit="contain", height=360,
+                               elem_id="gallery"),
+                    gr.Image(label="Trajectory", type="filepath", interactive=False, elem_id="trajectory",
+                             height=280),
+                ]
+                if pipe.is_text:
+                    outputs.append(gr.Textbox(label="Prompt used", interactive=False))
+                status = gr.Markdown()
+        seed = controls[6]  # also an output: it shows the seed drawn when "Randomise seed" is on
+        triggers = [button.click] + ([subject.submit] if pipe.is_text else [])
+        # preprocess=False: the handlers get the values as sent and check them all themselves. Gradio's own
+        # range check would say only "Value 0 is less than minimum value 1", not which control or range.
+        gr.on(triggers, handlers.generate_text if pipe.is_text else handlers.generate_class,
+              inputs=inputs + controls, outputs=outputs + [seed, status], api_name="generate", preprocess=False)
+    return demo.queue(default_concurrency_limit=1, max_size=queue_size)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", type=Path, required=True, help="checkpoint written by the trainer")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt accepted, in characters")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the one running")
+    g = p.add_argument_group("prompt rewriting (optional)")
+    g.add_argument("--rewrite-endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    g.add_argument("--rewrite-model", help="model name the server serves, e.g. Qwen/Qwen3-VL-2B-Instruct")
+    g.add_argument("--rewrite-style", choices=("long", "short"), default="long",
+                   help="which caption instruction to follow (data/pipeline/prompts/)")
+    g.add_argument("--rewrite-api-key-env", default="OPENAI_API_KEY", help="env var holding the API key, if any")
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_prompt_chars < 1:
+        p.error(f"--max-prompt-chars must be >= 1, got {args.max_prompt_chars}")
+    if args.queue_size < 1:
+        p.error(f"--queue-size must be >= 1, got {args.queue_size}")
+    if bool(args.rewrite_endpoint) != bool(args.rewrite_model):
+        p.error("--rewrite-endpoint and --rewrite-model go together: give both or neither")
+    return args
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What `Blocks.launch` gets: loopback unless --host, and share set explicitly, so that neither a
+    GRADIO_SHARE nor a GRADIO_SERVER_NAME in the environment opens the app to the internet unasked."""
+    return dict(server_name=args.host, server_port=args.port, share=bool(args.share), show_error=True,
+                ssr_mode=False, theme=THEME, css=CSS)
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error as one line of at most `limit` characters (torch's load errors run over several paragraphs)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def checkpoint_message(err: CheckpointError) -> str:
+    """A CheckpointError as one line. For a file torch.load cannot read, its own explanation runs over
+    paragraphs and, for a file that is no pickle at all, suggests weights_only=False, which would run code from
+    the file: only the exception's type is kept."""
+    cause = err.__cause__
+    if isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+        reason = type(cause.__cause__).__name__
+        return one_line(str(err).split(" (", 1)[0] + f" (torch.load failed with {reason}: not a PyTorch "
+                        "checkpoint, or a damaged one)")
+    return one_line(err)
+
+
+def load_or_exit(args: argparse.Namespace) -> Pipeline:
+    """The pipeline, tried on one image (tokenizer, model and VAE all exercised); SystemExit with one line
+    naming the file if anything about it is wrong, so the problem shows at start-up and not in the browser."""
+    try:
+        pipe = load_pipeline(args.model_path, args.weights, args.device)
+        item = dict(prompts=["a test"]) if pipe.is_text else dict(labels=[0])
+        pipe.generate(**item, seeds=[0], steps=1, cfg_scale=1.0)
+    except CheckpointError as err:
+        raise SystemExit(checkpoint_message(err)) from err
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(one_line(f"--model-path {args.model_path}: cannot generate from it "
+                                  f"({type(err).__name__}: {err})")) from err
+    return pipe
+
+
+def make_rewriter(args: argparse.Namespace, pipe: Pipeline) -> PromptRewriter | None:
+    """The rewriter if --rewrite-endpoint is given, told a word budget that fits the checkpoint's tokenizer."""
+    if not args.rewrite_endpoint:
+        return None
+    if not pipe.is_text:
+        print("note: --rewrite-endpoint ignored: a class-conditional checkpoint takes no prompt", file=sys.stderr)
+        return None
+    max_words = max(8, (pipe.conditioning.max_length - 2) * 3 // 4)  # about 4 tokens per 3 words
+    return PromptRewriter(args.rewrite_endpoint, args.rewrite_model, args.rewrite_style,
+                          os.environ.get(args.rewrite_api_key_env), max_words=max_words)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    pipe = load_or_exit(args)
+    demo = build_app(pipe, make_rewriter(args, pipe), args.max_prompt_chars, args.queue_size, args.model_path)
+    # quiet, with our own lines: Gradio's would tell a CLI user to "set share=True in launch()".
+    _, local_url, share_url = demo.launch(**launch_kwargs(args), quiet=True, prevent_thread_lock=True)
+    public = f" and {share_url}" if share_url else " (add --share for a public link)"
+    print(f"serving {args.model_path} on {local_url}{public}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}: anyone who can reach this machine can use the app", file=sys.stderr)
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The Gradio app (app/gradio_app.py), served on loopback around tiny checkpoints and driven the way users
+drive it: gradio_client for the `generate` endpoint, a headless Chromium for the page, a subprocess for the
+start-up errors, and a loopback OpenAI-compatible server for prompt rewriting."""
+
+import inspect
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from app.gradio_app import build_app, launch_kwargs, main, parse_args
+from app.pipeline import load_pipeline
+from app.rewrite import PromptRewriter
+from app.sample import main as sample_main
+from data.pipeline.captioners import Prompts
+from reparameterize import main as reparameterize_main
+from tests.stages import stage_config
+from trainer.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+PROMPT = "a large red circle in the top left on a gray background"
+REWRITTEN = "A large blue square sits in the bottom right of the frame on a plain gray background"
+CONTROL_LABELS = ("Prompt", "Rewrite the prompt like a training caption", "Steps", "Guidance scale",
+                  "Guidance from t", "Guidance until t", "Alpha", "Solver", "Seed", "Randomise seed",
+                  "Number of images", "Show trajectory", "Generate", "Images", "Trajectory", "Prompt used")
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(embedded_data, tmp_path_factory) -> Path:
+    cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("run1"), "train.max_steps=2")
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def stage2_checkpoint(embedded_data, tmp_path_factory) -> Path:
+    cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("run2"), "train.max_steps=2", "train.init_from=null")
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def text_pipe(stage2_checkpoint):
+    return load_pipeline(stage2_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def class_pipe(stage1_checkpoint):
+    return load_pipeline(stage1_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    """A loopback /v1/chat/completions server, as tests/test_pipeline.py's: it records each request and
+    answers with `state['reply']` wrapped the way VLMs wrap it, or fails with `state['status']`."""
+    state = dict(requests=[], status=200, reply=REWRITTEN)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["requests"].append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
+            if state["status"] != 200:
+                self.send_response(state["status"])
+                self.end_headers()
+                self.wfile.write(b"server exploded")
+                return
+            reply = {"choices": [{"message": {"role": "assistant", "content": f' "{state["reply"]}"\n'}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(demo: gr.Blocks, checkpoint: Path):
+    """Launch `demo` with the CLI's own launch arguments on a free loopback port; (url, demo) to close."""
+    port = free_port()
+    kwargs = launch_kwargs(parse_args(["--model-path", str(checkpoint), "--port", str(port)]))
+    demo.launch(**kwargs, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def text_app(text_pipe, stage2_checkpoint, chat_server):
+    """A text app with prompt rewriting through the loopback chat server."""
+    rewriter = PromptRewriter(chat_server["url"], "test-vlm", api_key="sk-test", max_words=20)
+    demo = build_app(text_pipe, rewriter, source=stage2_checkpoint)
+    yield serve(demo, stage2_checkpoint)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def plain_text_app(text_pipe, stage2_checkpoint):
+    """A text app started without --rewrite-endpoint."""
+    demo = build_app(text_pipe, source=stage2_checkpoint)
+    yield serve(demo, stage2_checkpoint)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def class_app(class_pipe, stage1_checkpoint):
+    demo = build_app(class_pipe, source=stage1_checkpoint)
+    yield serve(demo, stage1_checkpoint)
+    demo.close()
+
+
+def client(url: str, tmp_path: Path) -> Client:
+    return Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+
+
+def images(gallery) -> list[np.ndarray]:
+    """The gallery output as gradio_client hands it back (downloaded files) -> arrays."""
+    return [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
+
+
+def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_path):
+    c = client(text_app, tmp_path)
+    args = dict(prompt=PROMPT, steps=2, randomize_seed=False, api_name="/generate")
+    gallery, gif, used, seed, status = c.predict(**args, seed=5, num_images=2)
+    a5, a6 = images(gallery)
+    assert a5.shape == (32, 32, 3) and gif is None and used == PROMPT and seed == 5
+    assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"] and "app/sample.py" in status
+    again = images(c.predict(**args, seed=5, num_images=1)[0])[0]
+    other = images(c.predict(**args, seed=6, num_images=1)[0])[0]
+    assert np.array_equal(a5, again) and not np.array_equal(a5, other)
+    assert np.array_equal(a6, other)  # image i has seed `seed + i`, as in app/sample.py
+    direct = text_pipe.generate(prompts=[PROMPT], seeds=[5], steps=2).numpy()[0]
+    assert np.array_equal(a5, direct)  # PNG all the way: the browser sees the pipeline's pixels
+
+
+def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, tmp_path):
+    gallery, *_, status = client(text_app, tmp_path).predict(
+        prompt=PROMPT, steps=2, guidance_scale=2.5, alpha=1.5, guidance_start=0.1, seed=11, num_images=2,
+        api_name="/generate")
+    argv = shlex.split(status.split("```")[1])[2:]  # after "python app/sample.py"
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "cli")
+    sample_main(argv)
+    for item, image in zip(gallery, images(gallery), strict=True):
+        seed = item["caption"].removeprefix("seed ")
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / "cli" / f"prompt_00_seed_{seed}.png")))
+
+
+def test_text_endpoint_shows_the_trajectory_of_the_first_image(text_app, tmp_path):
+    gallery, gif, *_ = client(text_app, tmp_path).predict(
+        prompt=PROMPT, steps=2, seed=0, num_images=2, show_trajectory=True, api_name="/generate")
+    assert len(images(gallery)) == 2
+    animation = Image.open(gif)
+    assert animation.format == "GIF" and animation.n_frames == 3  # the noise, then one frame per step
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(prompt="   "), "The prompt is empty"),
+        (dict(prompt="a" * 1001), "The prompt is 1001 characters long; at most 1000"),
+        (dict(prompt="red circle " * 40), "tokens long, but this checkpoint's text encoder reads only the first"),
+        (dict(steps=0), "Steps must be between 1 and 200, got 0"),
+        (dict(steps=2.5), "Steps must be a whole number"),
+        (dict(guidance_scale=-1), "Guidance scale must be between 0.0 and 20.0"),
+        (dict(alpha=0), "Alpha must be between 0.1 and 10.0"),
+        (dict(guidance_start=0.8, guidance_end=0.2), "Guidance from t (0.8) must not be after Guidance until t"),
+        (dict(num_images=9), "Number of images must be between 1 and 8, got 9"),
+        (dict(seed=-1), "Seed must be between 0 and"),
+        (dict(solver="leapfrog"), "Solver must be one of euler"),
+    ],
+)
+def test_invalid_inputs_come_back_as_messages(text_app, tmp_path, override, message):
+    args = dict(prompt=PROMPT, steps=2, seed=0, randomize_seed=False) | override
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        client(text_app, tmp_path).predict(**args, api_name="/generate")
+
+
+def test_randomised_seed_is_reported(text_app, tmp_path):
+    gallery, _, _, seed, status = client(text_app, tmp_path).predict(
+        prompt=PROMPT, steps=1, seed=0, randomize_seed=True, api_name="/generate")
+    assert gallery[0]["caption"] == f"seed {seed}" and f"--seed {seed}" in status
+
+
+def test_prompt_rewriting_is_shown_and_used(text_app, text_pipe, chat_server, tmp_path):
+    chat_server["requests"].clear()
+    user = "blue square, bottom right"
+    gallery, _, used, _, _ = client(text_app, tmp_path).predict(
+        prompt=user, rewrite=True, steps=2, seed=3, api_name="/generate")
+    assert used == REWRITTEN  # quotes and the newline the server added are cleaned off
+    direct = text_pipe.generate(prompts=[REWRITTEN], seeds=[3], steps=2).numpy()[0]
+    assert np.array_equal(images(gallery)[0], direct)
+    (request,) = chat_server["requests"]
+    body = request["body"]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    assert body["model"] == "test-vlm" and body["messages"][-1] == {"role": "user", "content": user}
+    system = body["messages"][0]["content"]
+    assert Prompts.load().long in system and "at most 20 words" in system  # the captioner's instructions
+
+
+def test_prompt_rewriting_failures_name_the_flags(text_app, chat_server, tmp_path):
+    c = client(text_app, tmp_path)
+    chat_server["status"] = 500
+    try:
+        with pytest.raises(AppError, match=r"prompt rewriting failed: .*failed after 2 attempts.*--rewrite-endpoint"):
+            c.predict(prompt=PROMPT, rewrite=True, steps=1, api_name="/generate")
+    finally:
+        chat_server["status"] = 200
+    chat_server["reply"] = "red circle " * 40
+    try:
+        with pytest.raises(AppError, match="The rewritten prompt is .* tokens long"):
+            c.predict(prompt=PROMPT, rewrite=True, steps=1, api_name="/generate")
+    finally:
+        chat_server["reply"] = REWRITTEN
+
+
+def test_rewrite_switch_is_disabled_without_an_endpoint(text_pipe, plain_text_app, tmp_path):
+    demo = build_app(text_pipe)
+    (switch,) = [b for b in demo.blocks.values() if isinstance(b, gr.Checkbox) and b.label.startswith("Rewrite")]
+    assert switch.interactive is False and "no --rewrite-endpoint given" in switch.info
+    with pytest.raises(AppError, match="Prompt rewriting is off: the app was started without --rewrite-endpoint"):
+        client(plain_text_app, tmp_path).predict(prompt=PROMPT, rewrite=True, steps=1, api_name="/generate")
+
+
+def test_class_app_draws_the_chosen_class(class_app, class_pipe, tmp_path):
+    c = client(class_app, tmp_path)
+    gallery, gif, seed, status = c.predict(class_label=1, steps=2, seed=4, api_name="/generate")
+    (image,) = images(gallery)
+    assert image.shape == (32, 32, 3) and seed == 4 and "--class-label 1" in status
+    assert np.array_equal(image, class_pipe.generate(labels=[1], seeds=[4], steps=2).numpy()[0])
+    names = class_pipe.conditioning.class_names
+    with pytest.raises(AppError, match=rf"Class must be one of 0..{len(names) - 1} \(0: {names[0]}"):
+        c.predict(class_label=len(names), steps=2, api_name="/generate")
+
+
+def test_building_the_app_writes_no_stub_files(class_pipe):
+    """Subclassing a Gradio component makes Gradio write a .pyi next to the module; the app must not."""
+    build_app(class_pipe)
+    assert not (ROOT / "app" / "gradio_app.pyi").exists()
+
+
+def test_class_picker_shows_the_class_names(class_pipe):
+    demo = build_app(class_pipe)
+    (picker,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Class"]
+    names = class_pipe.conditioning.class_names
+    assert [label for label, _ in picker.choices] == [f"{i}: {name}" for i, name in enumerate(names)]
+    assert not any(isinstance(b, gr.Textbox) and b.label == "Prompt" for b in demo.blocks.values())
+
+
+def test_corrupt_checkpoint_fails_at_start_up_in_one_line(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"garbage, not a checkpoint")
+    run = subprocess.run([sys.executable, "app/gradio_app.py", "--model-path", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "garbage.pt" in lines[0] and "not a readable checkpoint" in lines[0], run.stderr
+    assert "weights_only" not in lines[0]  # torch's advice to load it unsafely is not passed on
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_missing_file_and_reparameterized_init_fail_at_start_up(stage1_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="missing.pt: no such file"):
+        main(["--model-path", str(tmp_path / "missing.pt")])
+    init = tmp_path / "init.pt"
+    reparameterize_main(["stage1-to-stage2", "--src", str(stage1_checkpoint), "--dst", str(init),
+                         "--text-dim", "384", "--text-len", "32"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model-path", str(init)])
+    message = str(exit_info.value.code)
+    assert "init.pt" in message and "reparameterize.py" in message and "\n" not in message
+
+
+def test_default_bind_is_loopback_and_share_is_off():
+    kwargs = launch_kwargs(parse_args(["--model-path", "ckpt.pt"]))
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False and kwargs["server_port"] == 7860
+    inspect.signature(gr.Blocks.launch).bind(None, **kwargs)  # every key is a launch() parameter
+    shared = launch_kwargs(parse_args(["--model-path", "ckpt.pt", "--share", "--host", "0.0.0.0", "--port", "9000"]))
+    assert (shared["server_name"], shared["share"], shared["server_port"]) == ("0.0.0.0", True, 9000)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["--rewrite-endpoint", "http://x/v1"], "--rewrite-model"), (["--port", "0"], "--port"),
+     (["--max-prompt-chars", "0"], "--max-prompt-chars")],
+)
+def test_bad_flags_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "ckpt.pt", *argv])
+    assert flag in capsys.readouterr().err
+
+
+def chromium(url: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url` with the given output flags; a missing browser fails with how to get it."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install it with `apt-get install -y chromium` (.ci/run does)")
+    argv = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000",
+            "--virtual-time-budget=15000", *flags, url]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_page_renders_the_controls_in_a_browser(plain_text_app, text_pipe, tmp_path):
+    dom = chromium(plain_text_app, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    missing = [label for label in CONTROL_LABELS if label not in dom.stdout]
+    assert not missing, f"labels not in the rendered page: {missing}"
+    assert text_pipe.metadata["name"] in dom.stdout and "no --rewrite-endpoint given" in dom.stdout
+    png = tmp_path / "app.png"
+    shot = chromium(plain_text_app, tmp_path, f"--screenshot={png}")
+    assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1000, 1280) and pixels.std() > 10, f"blank screenshot (std {pixels.std():.1f})"
