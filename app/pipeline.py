@@ -92,14 +92,28 @@ class Pipeline:
         self.conditioning.tokenize([prompt])  # loads the checkpoint's tokenizer on first use
         return len(self.conditioning._tokenizer.tokenizer(prompt)["input_ids"])
 
-    def noise(self, seeds: list[int], size: int | None = None) -> Tensor:
+    def noise(self, seeds: list[int], size: int | tuple[int, int] | None = None) -> Tensor:
         """One noise image per seed from its own generator: a sample depends on its seed only, not on the
-        batch it is drawn in."""
+        batch it is drawn in. `size`: the model's input side, or (height, width), in latent pixels."""
         cfg: ModelConfig = self.model.config
-        side = size or cfg.input_size
+        h, w = (size, size) if isinstance(size, int) else size or (cfg.input_size, cfg.input_size)
         return torch.stack(
-            [torch.randn(cfg.in_channels, side, side, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+            [torch.randn(cfg.in_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         ).to(self.device)
+
+    def input_size_for(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        """Image height and width in pixels -> the model's input size (latent pixels); None keeps the trained
+        size. ValueError naming --height / --width when the model cannot take that size."""
+        if height is None and width is None:
+            return None
+        factor = self.image_size // self.model.config.input_size  # 8 for SD3 latents, 1 in pixel space
+        unit = factor * self.model.config.patch
+        sizes = dict(height=height or self.image_size, width=width or self.image_size)
+        for flag, value in sizes.items():
+            if value <= 0 or value % unit:
+                raise ValueError(f"--{flag} {value}: this model takes multiples of {unit} pixels "
+                                 f"(patch {self.model.config.patch} x VAE factor {factor})")
+        return sizes["height"] // factor, sizes["width"] // factor
 
     @torch.no_grad()
     def generate(
@@ -112,7 +126,7 @@ class Pipeline:
         alpha: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         method: str = "euler",
-        size: int | None = None,
+        size: int | tuple[int, int] | None = None,
         return_trajectory: bool = False,
     ) -> UInt8[Tensor, "b h w 3"] | tuple[UInt8[Tensor, "b h w 3"], UInt8[Tensor, "n b h w 3"]]:
         """Images as uint8 [b, h, w, 3], one per prompt (text) or label (class) with its seed; with

@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="euler", choices=FIXED_METHODS + ADAPTIVE_METHODS, help="torchdiffeq solver")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    p.add_argument("--size", type=int, default=None, help="latent side (default: the checkpoint's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the checkpoint's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the checkpoint's)")
     p.add_argument("--gif", action="store_true", help="also write each sample's denoising trajectory as a GIF")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out-dir", type=Path, required=True)
@@ -83,13 +84,17 @@ def main(argv=None) -> None:
         if bad:
             raise SystemExit(f"--class-label {bad} out of range 0..{null} ({null} = null class)")
         names = [f"class_{c}" for c in items]
+    try:
+        size = pipe.input_size_for(args.height, args.width)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     n = args.num_samples
     expanded = [item for item in items for _ in range(n)]
     seeds = [args.seed + k * n + i for k in range(len(items)) for i in range(n)]
     key = "prompts" if pipe.is_text else "labels"
     out = pipe.generate(
         **{key: expanded}, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
-        cfg_interval=tuple(args.cfg_interval), method=args.method, size=args.size, return_trajectory=args.gif,
+        cfg_interval=tuple(args.cfg_interval), method=args.method, size=size, return_trajectory=args.gif,
     )
     images, trajectory = out if args.gif else (out, None)
     args.out_dir.mkdir(parents=True, exist_ok=True)

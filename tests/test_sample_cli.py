@@ -63,3 +63,13 @@ def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="x.pt"):
         sample_main(["--model-path", str(bad), "--out-dir", str(tmp_path)])
+
+
+def test_cli_height_and_width(stage1_checkpoint, tmp_path):
+    """Pixel-space models take any multiple of the patch (4 px here): a 32 x 48 sample, and a clear refusal."""
+    sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "0", "--steps", "2", "--height", "32",
+                 "--width", "48", "--out-dir", str(tmp_path)])
+    assert read(tmp_path / "class_0_seed_0.png").shape == (32, 48, 3)
+    with pytest.raises(SystemExit, match="--width 30: this model takes multiples of 4 pixels"):
+        sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "0", "--width", "30",
+                     "--out-dir", str(tmp_path)])
