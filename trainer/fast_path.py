@@ -6,8 +6,8 @@ optimizer's weight-decay groups, EMA, DDP's ignore list and checkpoints see the 
 - checkpointing replaces each block's `forward` by a bound method that runs the class's forward under
   torch.utils.checkpoint (a bound method deep-copies onto the copy, so an EMA copy made later stays right);
 - `compile: block` calls nn.Module.compile() on each block, which compiles the module's call in place.
-  One compiled block serves every block of the same shapes (dynamo caches per code object, recompiles
-  only on a new guard), so compile time is one block's, not the whole depth's.
+  With torch's default of treating module parameters as graph inputs (2.5+), blocks of the same shapes
+  can share one compiled graph, so compile time tends towards one block's rather than the whole depth's.
 
 Attention runs through F.scaled_dot_product_attention (models/attention.py). On CUDA in bf16 it takes
 FlashAttention-2 for unmasked self-attention and cuDNN / memory-efficient attention for the masked
