@@ -128,9 +128,11 @@ class Pipeline:
         method: str = "euler",
         size: int | tuple[int, int] | None = None,
         return_trajectory: bool = False,
+        cuda_graphs: bool = False,
     ) -> UInt8[Tensor, "b h w 3"] | tuple[UInt8[Tensor, "b h w 3"], UInt8[Tensor, "n b h w 3"]]:
         """Images as uint8 [b, h, w, 3], one per prompt (text) or label (class) with its seed; with
-        `return_trajectory` also the decoded states on the time grid [steps + 1, b, h, w, 3]."""
+        `return_trajectory` also the decoded states on the time grid [steps + 1, b, h, w, 3]. `cuda_graphs`
+        (CUDA only) replays the transformer from CUDA graphs (flow/sampler.py); worth it for repeated calls."""
         if self.is_text:
             if prompts is None or labels is not None:
                 raise ValueError("this is a text-conditional checkpoint: pass prompts=, not labels=")
@@ -160,6 +162,7 @@ class Pipeline:
             method=method,
             prediction=self.metadata.get("prediction", "velocity"),
             return_trajectory=return_trajectory,
+            cuda_graphs=cuda_graphs,
         )
         if return_trajectory:
             final, traj = out

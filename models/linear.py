@@ -6,7 +6,9 @@ Both layers name their parameters `weight` [out, in] and `bias` [out], so state 
 """
 
 import logging
-from collections.abc import Callable
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -17,8 +19,8 @@ log = logging.getLogger(__name__)
 Backend = Literal["torch", "te"]
 
 # Small or precision-sensitive layers stay in bf16 by default: adaLN (modulation), embeddings, the final
-# projection. FP8 pays off on the large per-token matmuls.
-_KEEP_HIGH_PRECISION = ("adaLN", "t_block", "final", "embed")
+# projection. FP8 pays off on the large per-token matmuls. precision.keep_high_precision overrides it.
+KEEP_HIGH_PRECISION = ("adaLN", "t_block", "final", "embed")
 
 
 def te_unavailable_reason(device: torch.device | str | None = None) -> str | None:
@@ -26,6 +28,9 @@ def te_unavailable_reason(device: torch.device | str | None = None) -> str | Non
     device = torch.device(device) if device is not None else None
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"FP8 needs compute capability 8.9+ (Ada, Hopper, Blackwell); this GPU is sm_{major}{minor}"
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as err:
@@ -44,20 +49,53 @@ def linear_backend(precision: str, device: torch.device | str | None = None) -> 
     return "te"
 
 
-def make_linear(in_features: int, out_features: int, bias: bool = True, backend: Backend = "torch") -> nn.Module:
-    """A linear layer of the chosen backend with fp32 master parameters."""
+def make_linear(
+    in_features: int, out_features: int, bias: bool = True, backend: Backend = "torch",
+    fuse_wgrad_accumulation: bool = False,
+) -> nn.Module:
+    """A linear layer of the chosen backend with fp32 master parameters. `fuse_wgrad_accumulation` (te only):
+    the weight gradient is accumulated into `weight.main_grad` inside the wgrad GEMM (trainer/main_grad.py
+    allocates the buffers and reduces them under DDP)."""
     if backend == "torch":
+        if fuse_wgrad_accumulation:
+            raise ValueError("fuse_wgrad_accumulation needs backend='te' (nn.Linear always writes .grad)")
         return nn.Linear(in_features, out_features, bias=bias)
     import transformer_engine.pytorch as te
 
-    return te.Linear(in_features, out_features, bias=bias, params_dtype=torch.float32)
+    return te.Linear(in_features, out_features, bias=bias, params_dtype=torch.float32,
+                     fuse_wgrad_accumulation=fuse_wgrad_accumulation)
 
 
-def default_fp8_filter(name: str, layer: nn.Linear) -> bool:
-    """Convert the large projections; FP8 GEMMs need both dimensions divisible by 16."""
-    if any(part in name for part in _KEEP_HIGH_PRECISION):
-        return False
-    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+def fp8_filter(keep_high_precision: Sequence[str] = KEEP_HIGH_PRECISION) -> Callable[[str, nn.Linear], bool]:
+    """Convert every linear whose name contains none of `keep_high_precision`; FP8 GEMMs need both dimensions
+    divisible by 16."""
+    keep = tuple(keep_high_precision)
+
+    def include(name: str, layer: nn.Linear) -> bool:
+        if any(part in name for part in keep):
+            return False
+        return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+    return include
+
+
+default_fp8_filter = fp8_filter()
+
+
+def layer_kinds(names: Sequence[str]) -> str:
+    """'blocks.*.attn.qkv x28, final.linear x1': layer names with block indices folded, counted."""
+    counts = Counter(re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", n) for n in names)
+    return ", ".join(f"{kind} x{count}" for kind, count in counts.items()) or "none"
+
+
+def plan_conversion(
+    model: nn.Module, include: Callable[[str, nn.Linear], bool] = default_fp8_filter
+) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """(the nn.Linear layers `include` selects, the names of those it keeps)."""
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    chosen = [(n, m) for n, m in linears if include(n, m)]
+    picked = {n for n, _ in chosen}
+    return chosen, [n for n, _ in linears if n not in picked]
 
 
 def convert_linears(
@@ -65,26 +103,28 @@ def convert_linears(
     precision: str,
     device: torch.device | str | None = None,
     include: Callable[[str, nn.Linear], bool] = default_fp8_filter,
+    fuse_wgrad_accumulation: bool = False,
 ) -> int:
     """Swap the nn.Linear layers selected by `include` for te.Linear in place, copying weights.
 
-    Returns the number converted; logs one line either way.
+    Returns the number converted; logs one line either way, naming the kinds converted and kept.
     """
     backend = linear_backend(precision, device)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     if backend == "torch":
         return 0  # linear_backend has logged why, when fp8 was asked for
-    chosen = [(n, m) for n, m in linears if include(n, m)]
+    chosen, kept = plan_conversion(model, include)
     for name, layer in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = make_linear(layer.in_features, layer.out_features, layer.bias is not None, backend)
+        new = make_linear(layer.in_features, layer.out_features, layer.bias is not None, backend,
+                          fuse_wgrad_accumulation)
         new = new.to(layer.weight.device)
         with torch.no_grad():
             new.weight.copy_(layer.weight)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
         setattr(parent, child, new)
-    log.info("converted %d/%d linear layers to te.Linear (fp8); kept in bf16: adaLN, embeddings, final",
-             len(chosen), len(linears))
+    log.info("converted %d/%d linear layers to te.Linear (fp8%s): %s; kept in bf16: %s", len(chosen),
+             len(chosen) + len(kept), ", fused wgrad into main_grad" if fuse_wgrad_accumulation else "",
+             layer_kinds([n for n, _ in chosen]), layer_kinds(kept))
     return len(chosen)

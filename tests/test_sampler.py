@@ -198,3 +198,8 @@ def test_sample_with_guidance_counts_and_dtype():
     low = sample(net, x0, cond, uncond, steps=6, cfg_scale=3.0, model_dtype=torch.bfloat16)
     assert low.dtype == torch.float32 and net.dtypes[-1] == torch.bfloat16
     torch.testing.assert_close(low, sample(net, x0, cond, uncond, steps=6, cfg_scale=3.0), rtol=0, atol=0.1)
+
+
+def test_cuda_graphs_refuse_a_cpu_sample():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs"):
+        sample(lambda x, t: torch.zeros_like(x), torch.zeros(1, 2), {}, steps=2, cuda_graphs=True)

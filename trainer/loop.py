@@ -34,8 +34,10 @@ from flow import build_timestep_sampler, flow_matching_loss, interpolate, resolu
 from models import build_model
 from trainer import builders, checkpoint, distributed
 from trainer.ema import EMA
+from trainer.fast_path import apply_compile, checkpoint_blocks
 from trainer.images import save_loss_plot
 from trainer.logger import RunLogger
+from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
 from trainer.precision import Precision
 from trainer.preemption import PreemptionFlag
@@ -214,8 +216,16 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
         verify_checksum=cfg.data.verify_checksum, skip_bad_shards=cfg.data.skip_bad_shards,
     )
     batches = iter(loader)
-    forward_model = torch.compile(model) if t.compile else model
+    # After the EMA copy: the fast path changes how the trained model runs, never its parameters or names.
+    if t.get("activation_checkpointing"):
+        checkpoint_blocks(model)
+    forward_model = apply_compile(model, t.compile)
+    # te.Linear(fuse_wgrad_accumulation) leaves .grad empty: its weights are reduced through main_grad instead.
+    main_grads = MainGrads(model, env.world_size) if converted and precision.fuse_wgrad_accumulation else None
     if env.enabled:
+        if main_grads:
+            main_grads.exclude_from_ddp(forward_model)
+            main_grads.broadcast()
         forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda"
                                                 else None)
 
@@ -281,6 +291,9 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
                         loss = flow_loss(forward_model, x1, cond, timesteps, gen, t.prediction)
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach() / t.grad_accum
+            if main_grads:
+                main_grads.reduce()  # the all-reduce DDP does not do for them, once per step
+                main_grads.to_grad()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             # One all-reduce per step carries the loss (for logging) and the preemption flag, so every rank
             # decides to skip a bad step or to stop after this one identically.
@@ -296,6 +309,8 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
                 log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; step skipped (%d in a row)",
                             step + 1, mean_loss, grad_norm.item(), bad_in_row)
             opt.zero_grad(set_to_none=True)
+            if main_grads:
+                main_grads.zero()
             sched.step()
             done = step + 1
             if good:

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from models.linear import convert_linears
+from models.linear import KEEP_HIGH_PRECISION, convert_linears, fp8_filter
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,17 @@ class Precision:
         if cfg.compute == "bf16" and not self.bf16:
             log.info("precision.compute=bf16: autocast runs on CUDA only; this %s run computes in fp32", device.type)
         self.fp8, self.recipe_name, self.recipe = bool(cfg.fp8), cfg.fp8_recipe, None
+        keep = cfg.get("keep_high_precision")
+        self.keep_high_precision = tuple(KEEP_HIGH_PRECISION if keep is None else keep)
+        # Only te.Linear accumulates into main_grad; with no TE layers converted this changes nothing.
+        self.fuse_wgrad_accumulation = bool(cfg.get("fuse_wgrad_accumulation", False))
 
     def convert(self, model: nn.Module) -> int:
         """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many."""
         if not self.fp8:
             return 0
-        converted = convert_linears(model, "fp8", self.device)
+        converted = convert_linears(model, "fp8", self.device, include=fp8_filter(self.keep_high_precision),
+                                    fuse_wgrad_accumulation=self.fuse_wgrad_accumulation)
         if converted:
             self.recipe = fp8_recipe(self.recipe_name, self.device)
         return converted

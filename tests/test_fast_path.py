@@ -1,0 +1,114 @@
+"""The fast path applied from outside the model (trainer/fast_path.py) and the FP8 conversion plan
+(models/linear.py) on CPU: activation checkpointing changes no loss or gradient, names stay plain, the
+converted-layer log line names kinds. Compile equality is a slow test here (~50 s to compile on 2 cores)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from models import build_model
+from models.linear import fp8_filter, layer_kinds, make_linear, plan_conversion
+from tests.helpers import randomize_zero_inits, text_inputs
+from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice
+from trainer.precision import Precision
+
+
+def _model_and_inputs(dtype=torch.float64):
+    model = build_model("mmDiT-debug/4").to(dtype)
+    randomize_zero_inits(model, std=0.1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=dtype)
+    t = torch.rand(2, generator=gen, dtype=dtype)
+    text, mask = text_inputs(model.config, 2, [5, 16])
+    return model, (x, t, text.to(dtype), mask)
+
+
+def _loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = model(*inputs).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model, inputs = _model_and_inputs()
+    ref_loss, ref_grads = _loss_and_grads(model, inputs)
+    names = [n for n, _ in model.named_parameters()]
+    assert checkpoint_blocks(model) == model.config.depth
+    assert [n for n, _ in model.named_parameters()] == names  # no wrapper prefix
+    loss, grads = _loss_and_grads(model, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for n in names:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12)
+
+
+def test_a_deep_copy_of_a_checkpointed_model_runs_its_own_weights():
+    """EMA deep-copies the model; the copy's blocks must not call back into the original's."""
+    model, inputs = _model_and_inputs()
+    checkpoint_blocks(model)
+    twin = copy.deepcopy(model)
+    assert twin.blocks[0].forward.__self__ is twin.blocks[0]
+    with torch.no_grad():
+        for p in twin.blocks[0].parameters():
+            p.add_(0.5)
+        assert not torch.allclose(twin(*inputs), model(*inputs))
+
+
+def test_compile_choices():
+    assert [compile_choice(v) for v in (False, None, True, "block", "model", "none")] == [
+        "none", "none", "model", "block", "model", "none"]
+    with pytest.raises(ValueError, match="train.compile="):
+        compile_choice("blocks")
+    model, _ = _model_and_inputs()
+    assert apply_compile(model, False) is model
+
+
+@pytest.mark.slow
+def test_per_block_compile_matches_eager_and_keeps_names():
+    model, inputs = _model_and_inputs(torch.float32)
+    ref_loss, ref_grads = _loss_and_grads(model, inputs)
+    names = [n for n, _ in model.named_parameters()]
+    assert apply_compile(model, "block") is model
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == list(
+        build_model("mmDiT-debug/4").state_dict())
+    loss, grads = _loss_and_grads(model, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in names:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_conversion_plan_names_kinds_and_follows_the_keep_list():
+    model = build_model("mmDiT-S/2")
+    chosen, kept = plan_conversion(model)
+    summary = layer_kinds([n for n, _ in chosen])
+    for kind in ("blocks.*.attn.qkv x12", "blocks.*.attn.proj x12", "blocks.*.cross_attn.q x12",
+                 "blocks.*.cross_attn.kv x12", "blocks.*.mlp.fc1 x12", "blocks.*.mlp.fc2 x12"):
+        assert kind in summary
+    assert "final.linear x1" in layer_kinds(kept) and "t_block.fc1 x1" in layer_kinds(kept)
+    # An empty keep list converts the small layers too (where their dims allow FP8 GEMMs).
+    all_chosen, _ = plan_conversion(model, fp8_filter([]))
+    assert {"t_block.fc2", "final.adaLN.fc2"} <= {n for n, _ in all_chosen}
+    # Keeping MLPs in bf16 by name.
+    no_mlp, _ = plan_conversion(model, fp8_filter(["mlp", "adaLN", "t_block", "final", "embed"]))
+    assert not any(".mlp." in n for n, _ in no_mlp) and any(".attn.qkv" in n for n, _ in no_mlp)
+
+
+def test_precision_reads_the_keep_list_and_fuse_flag(caplog):
+    cfg = OmegaConf.load("configs/precision/fp8.yaml")
+    p = Precision(cfg, torch.device("cpu"))
+    assert p.keep_high_precision == ("adaLN", "t_block", "final", "embed") and p.fuse_wgrad_accumulation
+    with caplog.at_level(logging.INFO, logger="models.linear"):
+        assert p.convert(build_model("mmDiT-debug/4")) == 0  # no CUDA: nothing converted, one warning
+    assert "no CUDA device" in caplog.text
+    for name in ("bf16", "fp32"):
+        assert not Precision(OmegaConf.load(f"configs/precision/{name}.yaml"), torch.device("cpu")).fp8
+
+
+def test_fused_wgrad_needs_te():
+    assert type(make_linear(4, 8)) is nn.Linear
+    with pytest.raises(ValueError, match="backend='te'"):
+        make_linear(4, 8, fuse_wgrad_accumulation=True)
