@@ -1,5 +1,5 @@
 """PixelDiT and MM-PixelDiT: pixel-space DiTs with a patch-level semantic stream and a pixel-level stream
-[yu2025pixeldit].
+[pixeldit2025].
 
     image [b, C, H, W] --patch P--> semantic blocks (ccDiT / mmDiT / JointDiT, unchanged) --> s [b, n, D]
     image --per pixel--> pixel tokens [b, n, P*P, d]  (n = (H/P) (W/P) patches, d = model.pixel_dim)

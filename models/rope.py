@@ -1,4 +1,4 @@
-"""2-D rotary position embedding (RoPE) for image tokens [su2021roformer], axial form as in FLUX / SD3.5.
+"""2-D rotary position embedding (RoPE) for image tokens [su2021rope], axial form as in FLUX / SD3.5.
 
 A query or key at grid position (y, x) has its head channels split in two halves: the first half is rotated
 by angles y * omega, the second by x * omega, pairing channels (2i, 2i+1). A rotation R(p) satisfies
