@@ -64,7 +64,7 @@ _SHARED_FIELDS = ("dim", "depth", "heads", "patch", "in_channels", "mlp_ratio", 
 
 def stage2_config(cc: ModelConfig, text_dim: int, text_len: int) -> ModelConfig:
     """The mmDiT that a ccDiT becomes: same trunk, a text encoder instead of class labels."""
-    return dataclasses.replace(cc, family="mmdit", text_dim=text_dim, text_len=text_len)
+    return dataclasses.replace(cc, family="mmdit", conditioning="text", text_dim=text_dim, text_len=text_len)
 
 
 def _modulation(state: dict[str, Tensor], prefix: str, cond: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from models.rope import apply_rope
+
 
 class QKNorm(nn.Module):
     """Per-head RMSNorm for queries and keys (a learnable gain of size head_dim each)."""
@@ -45,9 +47,12 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b n d"]:
+    def forward(self, x: Float[Tensor, "b n d"], rope: Float[Tensor, "n half"] | None = None) -> Float[Tensor, "b n d"]:
+        """`rope`: 2-D RoPE angles for the tokens (models/rope.py), applied after the QK-norm."""
         q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.heads)
         q, k = self.norm(q, k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.proj(attend(q, k, v))
 
 
@@ -94,12 +99,19 @@ class JointAttention(nn.Module):
         self.context_proj = nn.Linear(dim, dim) if context_out else None
 
     def forward(
-        self, x: Float[Tensor, "b n d"], context: Float[Tensor, "b m d"], context_mask: Bool[Tensor, "b m"]
+        self,
+        x: Float[Tensor, "b n d"],
+        context: Float[Tensor, "b m d"],
+        context_mask: Bool[Tensor, "b m"],
+        rope: Float[Tensor, "n half"] | None = None,
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b m d"] | None]:
+        """`rope` rotates the image tokens only: text and registers have no place on the grid."""
         split = "b n (three h e) -> three b h n e"
         q, k, v = rearrange(self.qkv(x), split, three=3, h=self.heads)
         cq, ck, cv = rearrange(self.context_qkv(context), split, three=3, h=self.heads)
         q, k = self.norm(q, k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         cq, ck = self.context_norm(cq, ck)
         m = context.shape[1]
         image_mask = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)

@@ -19,6 +19,7 @@ from models.layers import (
     init_patch_embed,
     layer_norm,
 )
+from models.rope import grid_rope
 
 
 class CCDiTBlock(nn.Module):
@@ -32,21 +33,25 @@ class CCDiTBlock(nn.Module):
         self.norm2 = layer_norm(cfg.dim)
         self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
 
-    def forward(self, x: Float[Tensor, "b n d"], c: Float[Tensor, "b c"]) -> Float[Tensor, "b n d"]:
-        return gated_block_forward(self, x, self.adaLN(c))
+    def forward(
+        self, x: Float[Tensor, "b n d"], c: Float[Tensor, "b c"], rope: Tensor | None = None
+    ) -> Float[Tensor, "b n d"]:
+        return gated_block_forward(self, x, self.adaLN(c), rope=rope)
 
 
 class CCDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`with_head=False` leaves out the final layer: PixelDiT uses the blocks' tokens as its semantic stream."""
+
+    def __init__(self, cfg: ModelConfig, with_head: bool = True):
         super().__init__()
         if cfg.family != "ccdit":
             raise ValueError(f"CCDiT needs family='ccdit', got {cfg.family!r}")
         self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
         self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
         self.y_embed = LabelEmbedder(cfg.num_classes, cfg.cond_dim)
         self.blocks = nn.ModuleList(CCDiTBlock(cfg) for _ in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels)
+        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -56,19 +61,29 @@ class CCDiT(nn.Module):
         # adaLN-Zero [peebles2023]: every block starts as the identity and the output as exactly zero.
         for block in self.blocks:
             block.adaLN.zero_init()
-        self.final.zero_init()
+        if self.final is not None:
+            self.final.zero_init()
 
     @property
     def null_label(self) -> int:
         return self.y_embed.null_label
 
+    def features(
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], labels: Int[Tensor, "b"]
+    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b c"]]:
+        """The last block's tokens and the conditioning vector c = sinusoid(t) + class embedding."""
+        H, W = x.shape[-2:]
+        h = self.patch_embed(x)
+        c = self.t_embed(t).to(h.dtype) + self.y_embed(labels)
+        rope = grid_rope(self.config, H // self.config.patch, W // self.config.patch, x.device)
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return h, c
+
     def forward(
         self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], labels: Int[Tensor, "b"]
     ) -> Float[Tensor, "b c H W"]:
         H, W = x.shape[-2:]
-        h = self.patch_embed(x)
-        c = self.t_embed(t).to(h.dtype) + self.y_embed(labels)
-        for block in self.blocks:
-            h = block(h, c)
+        h, c = self.features(x, t, labels)
         p = self.config.patch
         return unpatchify(self.final(h, c), p, self.config.out_channels, H // p, W // p)

@@ -3,14 +3,35 @@
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Family = Literal["ccdit", "mmdit", "jointdit"]
+Family = Literal["ccdit", "mmdit", "jointdit", "pixeldit", "mmpixeldit"]
+Conditioning = Literal["class", "text"]
+
+# What each family can be conditioned on; the first is its default.
+CONDITIONINGS: dict[str, tuple[str, ...]] = {
+    "ccdit": ("class",),
+    "mmdit": ("text",),
+    "jointdit": ("text", "class"),
+    "pixeldit": ("text", "class"),
+    "mmpixeldit": ("text", "class"),
+}
+
+
+def default_conditioning(family: str) -> str:
+    """The conditioning a family takes when none is configured."""
+    if family not in CONDITIONINGS:
+        raise ValueError(f"model.family must be one of {', '.join(CONDITIONINGS)}, got {family!r}")
+    return CONDITIONINGS[family][0]
 
 
 @dataclass
 class ModelConfig:
     family: Family
     """ccdit: class-conditional DiT (Stage 1); mmdit: PixArt-style cross-attention (Stages 2-5);
-    jointdit: SD3-style joint attention over text and image tokens."""
+    jointdit: SD3-style joint attention over text and image tokens; pixeldit / mmpixeldit: a ccDiT-or-mmDiT /
+    a JointDiT as the patch-level semantic stream plus PixelDiT's pixel-level stream (models/pixeldit.py)."""
+    conditioning: Conditioning | None = None
+    """class or text (None: the family's default, CONDITIONINGS). ccdit takes class labels only, mmdit text
+    only; for pixeldit, class picks a ccDiT semantic stream and text an mmDiT one."""
     size: str = "debug"
     """Named size (S, B, L, XL, debug): a label for logs and checkpoints; the numbers below rule."""
     dim: int = 64
@@ -45,13 +66,36 @@ class ModelConfig:
     text_len: int = 120
     """mmdit / jointdit: tokens per caption (tokenizer max length)."""
     num_registers: int = 0
-    """jointdit: learnable register tokens in the joint sequence."""
+    """jointdit / mmpixeldit: learnable register tokens in the joint sequence."""
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    """Absolute positions added to the patch tokens: the fixed 2-D sin-cos table, or a learnable table that
+    starts from it and is resized (bicubic) for grids other than base_grid."""
+    rope: bool = False
+    """2-D RoPE on the image tokens' queries and keys in every self- and joint attention (models/rope.py)."""
+    rope_theta: float = 10_000.0
+    """RoPE base: the slowest rotation turns once every ~2 pi theta^(..) positions; larger = longer range."""
+    pixel_dim: int = 16
+    """pixeldit / mmpixeldit: width of each pixel token in the pixel-level stream."""
+    pixel_depth: int = 2
+    """pixeldit / mmpixeldit: pixel-level (PiT) blocks after the semantic blocks."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into checkpoints (never read by the model)."""
 
     def __post_init__(self) -> None:
-        if self.family not in ("ccdit", "mmdit", "jointdit"):
-            raise ValueError(f"model.family must be ccdit, mmdit or jointdit, got {self.family!r}")
+        if self.conditioning is None:
+            self.conditioning = default_conditioning(self.family)
+        if self.conditioning not in CONDITIONINGS[self.family]:
+            raise ValueError(
+                f"model.conditioning={self.conditioning!r}: a {self.family} model takes "
+                f"{' or '.join(CONDITIONINGS[self.family])}"
+            )
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"model.pos_embed must be sincos or learned, got {self.pos_embed!r}")
+        if self.rope and (self.dim // self.heads) % 4:
+            raise ValueError(f"model.rope needs dim / heads divisible by 4, got {self.dim} / {self.heads}")
+        if self.family in ("jointdit", "mmpixeldit") and self.num_registers < 1 and self.conditioning == "text":
+            raise ValueError("model.num_registers must be >= 1 for joint attention over captions (a dropped "
+                             "caption leaves no other key)")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if self.input_size % self.patch:
@@ -71,4 +115,10 @@ class ModelConfig:
         return asdict(self)
 
 
-_DISPLAY = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT"}
+    @property
+    def is_pixel_family(self) -> bool:
+        return self.family in ("pixeldit", "mmpixeldit")
+
+
+_DISPLAY = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT", "pixeldit": "PixelDiT",
+            "mmpixeldit": "MMPixelDiT"}

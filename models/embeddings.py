@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -80,21 +81,41 @@ def sincos_pos_embed_2d(
     return rearrange(emb, "h w d -> (h w) d").float()
 
 
-class PatchEmbed(nn.Module):
-    """Image [b, c, H, W] -> tokens [b, n, dim] by a conv with kernel = stride = patch, plus positions."""
+def resize_positions(table: Float[Tensor, "n d"], base_grid: int, grid_h: int, grid_w: int) -> Float[Tensor, "m d"]:
+    """A learned base_grid x base_grid position table resized to grid_h x grid_w by bicubic interpolation
+    (as ViTs do when fine-tuned at another resolution [dosovitskiy2021vit]); the table itself as it is at its
+    own grid."""
+    if (grid_h, grid_w) == (base_grid, base_grid):
+        return table
+    grid = rearrange(table, "(h w) d -> 1 d h w", h=base_grid)
+    resized = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return rearrange(resized, "1 d h w -> (h w) d").to(table.dtype)
 
-    def __init__(self, in_channels: int, dim: int, patch: int, base_grid: int):
+
+class PatchEmbed(nn.Module):
+    """Image [b, c, H, W] -> tokens [b, n, dim] by a conv with kernel = stride = patch, plus positions:
+    the fixed sin-cos table, or (`learned_positions`) a learnable table that starts from it and is resized
+    for grids other than the base grid."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, base_grid: int, learned_positions: bool = False):
         super().__init__()
         self.patch = patch
         self.base_grid = base_grid
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        table = sincos_pos_embed_2d(dim, base_grid, base_grid, base_grid)
+        self.positions = nn.Parameter(table) if learned_positions else None
+
+    def position_table(self, grid_h: int, grid_w: int, device) -> Float[Tensor, "n dim"]:
+        if self.positions is None:
+            return sincos_pos_embed_2d(self.proj.out_channels, grid_h, grid_w, self.base_grid, device)
+        return resize_positions(self.positions, self.base_grid, grid_h, grid_w)
 
     def forward(self, x: Float[Tensor, "b c H W"]) -> Float[Tensor, "b n dim"]:
         H, W = x.shape[-2:]
         if H % self.patch or W % self.patch:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
         tokens = rearrange(self.proj(x), "b d h w -> b (h w) d")
-        pos = sincos_pos_embed_2d(tokens.shape[-1], H // self.patch, W // self.patch, self.base_grid, x.device)
+        pos = self.position_table(H // self.patch, W // self.patch, x.device)
         return tokens + pos.to(tokens.dtype)
 
 

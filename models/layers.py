@@ -30,19 +30,27 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def modulate_per_token(x: Float[Tensor, "*n d"], shift: Float[Tensor, "*n d"], scale: Float[Tensor, "*n d"]) -> Tensor:
+    """adaLN modulation with a shift and scale of its own for every token (PixelDiT's pixel-wise adaLN).
+    Scale around 1, as `modulate`: a zero modulation is the identity."""
+    return x * (1 + scale) + shift
+
+
 def gated_block_forward(
     block: nn.Module,
     x: Float[Tensor, "b n d"],
     mod: Float[Tensor, "b m"],
     cross: Callable[[Tensor], Tensor] | None = None,
+    rope: Float[Tensor, "n half"] | None = None,
 ) -> Float[Tensor, "b n d"]:
     """The gated residual pair of a DiT block: x += g1 * Attn(modulate(LN x)); x += g2 * MLP(modulate(LN x)).
 
     `mod` holds (shift1, scale1, gate1, shift2, scale2, gate2). An mmDiT block passes `cross`, an
-    un-gated residual (cross-attention) run between the two, as in PixArt-alpha.
+    un-gated residual (cross-attention) run between the two, as in PixArt-alpha. `rope`: 2-D RoPE angles
+    for the self-attention (models/rope.py), or None.
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-    x = x + gate1[:, None] * block.attn(modulate(block.norm1(x), shift1, scale1))
+    x = x + gate1[:, None] * block.attn(modulate(block.norm1(x), shift1, scale1), rope)
     if cross is not None:
         x = x + cross(x)
     return x + gate2[:, None] * block.mlp(modulate(block.norm2(x), shift2, scale2))

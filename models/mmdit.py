@@ -25,6 +25,7 @@ from models.layers import (
     init_patch_embed,
     layer_norm,
 )
+from models.rope import grid_rope
 
 
 class MMDiTBlock(nn.Module):
@@ -43,22 +44,26 @@ class MMDiTBlock(nn.Module):
         s: Float[Tensor, "b m"],
         text: Float[Tensor, "b l c"],
         text_mask: Bool[Tensor, "b l"],
+        rope: Tensor | None = None,
     ) -> Float[Tensor, "b n d"]:
-        return gated_block_forward(self, x, s + self.embedding, cross=lambda h: self.cross_attn(h, text, text_mask))
+        cross = lambda h: self.cross_attn(h, text, text_mask)  # noqa: E731 (run between the gated pair)
+        return gated_block_forward(self, x, s + self.embedding, cross=cross, rope=rope)
 
 
 class MMDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`with_head=False` leaves out the final layer: PixelDiT uses the blocks' tokens as its semantic stream."""
+
+    def __init__(self, cfg: ModelConfig, with_head: bool = True):
         super().__init__()
         if cfg.family != "mmdit":
             raise ValueError(f"MMDiT needs family='mmdit', got {cfg.family!r}")
         self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
         self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
         self.t_block = AdaLNModulation(cfg.cond_dim, cfg.dim, chunks=6)  # adaLN-single, shared
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
         self.blocks = nn.ModuleList(MMDiTBlock(cfg) for _ in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels)
+        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -71,7 +76,28 @@ class MMDiT(nn.Module):
             nn.init.zeros_(block.embedding)
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        self.final.zero_init()
+        if self.final is not None:
+            self.final.zero_init()
+
+    def features(
+        self,
+        x: Float[Tensor, "b c H W"],
+        t: Float[Tensor, "b"],
+        text: Float[Tensor, "b l e"],
+        text_mask: Bool[Tensor, "b l"],
+    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b c"]]:
+        """The last block's tokens and the vector the output layer is modulated with, sinusoid(t)."""
+        H, W = x.shape[-2:]
+        h = self.patch_embed(x)
+        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
+        s = self.t_block(t_emb)
+        b = x.shape[0]
+        text = torch.cat([self.null_text.expand(b, 1, -1).to(text.dtype), text], dim=1)  # b (1+l) e
+        text_mask = torch.cat([text_mask.new_ones(b, 1), text_mask.bool()], dim=1)
+        rope = grid_rope(self.config, H // self.config.patch, W // self.config.patch, x.device)
+        for block in self.blocks:
+            h = block(h, s, text, text_mask, rope)
+        return h, t_emb
 
     def forward(
         self,
@@ -81,13 +107,6 @@ class MMDiT(nn.Module):
         text_mask: Bool[Tensor, "b l"],
     ) -> Float[Tensor, "b c H W"]:
         H, W = x.shape[-2:]
-        h = self.patch_embed(x)
-        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
-        s = self.t_block(t_emb)
-        b = x.shape[0]
-        text = torch.cat([self.null_text.expand(b, 1, -1).to(text.dtype), text], dim=1)  # b (1+l) e
-        text_mask = torch.cat([text_mask.new_ones(b, 1), text_mask.bool()], dim=1)
-        for block in self.blocks:
-            h = block(h, s, text, text_mask)
+        h, t_emb = self.features(x, t, text, text_mask)
         p = self.config.patch
         return unpatchify(self.final(h, t_emb), p, self.config.out_channels, H // p, W // p)

@@ -9,8 +9,11 @@ from models.ccdit import CCDiT
 from models.config import ModelConfig
 from models.joint_dit import JointDiT
 from models.mmdit import MMDiT
+from models.pixeldit import PixelDiT
 
-FAMILIES: dict[str, type[nn.Module]] = {"ccdit": CCDiT, "mmdit": MMDiT, "jointdit": JointDiT}
+FAMILIES: dict[str, type[nn.Module]] = {
+    "ccdit": CCDiT, "mmdit": MMDiT, "jointdit": JointDiT, "pixeldit": PixelDiT, "mmpixeldit": PixelDiT,
+}
 
 # Widths, depths and heads of DiT's S/B/L/XL [peebles2023]. Defaults describe 256 px SD3-VAE latents
 # (16 x 32 x 32), ImageNet-1k labels and a 2048-wide encoder (T5Gemma-XL in the reference system).
@@ -24,8 +27,15 @@ SIZES: dict[str, dict[str, Any]] = {
         dim=64, depth=2, heads=4, cond_dim=64, in_channels=3, num_classes=8, text_dim=384, text_len=16
     ),
 }
-PATCHES = (2, 4)
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"jointdit": dict(num_registers=4)}
+# Latent models patch a 32x32 latent by 2 or 4; pixel models a 256x256 image by 8 or 16 (PixelDiT's 16).
+PATCHES = {"ccdit": (2, 4), "mmdit": (2, 4), "jointdit": (2, 4), "pixeldit": (8, 16), "mmpixeldit": (8, 16)}
+# Pixel models: learnable absolute positions plus 2-D RoPE, as the PixelDiT / JiT line of work uses.
+_PIXEL = dict(pos_embed="learned", rope=True, in_channels=3, input_size=256)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "jointdit": dict(num_registers=4),
+    "pixeldit": _PIXEL,
+    "mmpixeldit": _PIXEL | dict(num_registers=4),
+}
 
 _NAME = re.compile(r"^(?P<family>[a-z]+)-(?P<size>[a-z]+)/(?P<patch>\d+)$", re.IGNORECASE)
 
@@ -57,10 +67,9 @@ def build_model(config: ModelConfig | str, **overrides: Any) -> nn.Module:
 
 def named_models() -> list[str]:
     """Every named model: each family at every size and patch (debug at patch 4 only)."""
-    display = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT"}
     names = []
     for family in FAMILIES:
         for size in SIZES:
-            for patch in (4,) if size == "debug" else PATCHES:
-                names.append(f"{display[family]}-{size}/{patch}")
+            for patch in (4,) if size == "debug" else PATCHES[family]:
+                names.append(model_config(f"{family}-{size}/{patch}").name)
     return names

@@ -14,12 +14,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models import ModelConfig, model_config
+from models.config import default_conditioning
 from trainer import checkpoint
 from trainer.conditioning import ClassConditioning, TextConditioning
 
 log = logging.getLogger(__name__)
 
-TEXT_FAMILIES = ("mmdit", "jointdit")
+
+
+def model_conditioning(cfg: DictConfig) -> str:
+    """class or text: model.conditioning, or the family's default (models/config.py)."""
+    return cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
 
 
 def read_data_spec(cfg: DictConfig) -> DatasetSpec:
@@ -42,13 +47,14 @@ def check_vae(cfg: DictConfig, spec: DatasetSpec, data_path: str) -> None:
         )
 
 
-def build_conditioning(cfg: DictConfig, spec: DatasetSpec, family: str, device: torch.device, model_dtype):
+def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device, model_dtype):
     """ClassConditioning for labels data, TextConditioning (with the frozen encoder) for captions."""
-    wants_text = family in TEXT_FAMILIES
+    wants_text = model_conditioning(cfg) == "text"
     if wants_text != (spec.kind == "text"):
         raise ValueError(
-            f"model.family={family} needs {'captions' if wants_text else 'class labels'} but data.path="
-            f"{cfg.data.path!r} holds kind={spec.kind!r} records"
+            f"model.family={cfg.model.family} (conditioning={model_conditioning(cfg)}) needs "
+            f"{'captions' if wants_text else 'class labels'} but data.path={cfg.data.path!r} holds "
+            f"kind={spec.kind!r} records"
         )
     t = cfg.train
     if spec.kind == "labels":
@@ -100,7 +106,7 @@ def build_model_config(
     c, h, w = spec.latent_shape
     if h != w:
         raise ValueError(f"{cfg.data.path}: latents are {h}x{w}; the models take square inputs")
-    derived: dict[str, Any] = dict(in_channels=c, input_size=h)
+    derived: dict[str, Any] = dict(in_channels=c, input_size=h, conditioning=model_conditioning(cfg))
     if isinstance(conditioning, ClassConditioning):
         derived["num_classes"] = conditioning.num_classes
     else:

@@ -168,7 +168,7 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
     # ---- data, conditioning, model -----------------------------------------------------------------------
     spec = builders.read_data_spec(cfg)
     builders.check_vae(cfg, spec, cfg.data.path)
-    conditioning = builders.build_conditioning(cfg, spec, cfg.model.family, device, precision.model_dtype)
+    conditioning = builders.build_conditioning(cfg, spec, device, precision.model_dtype)
     resume_from = resolve_resume(t.resume, ckpt_dir)
     resumed = checkpoint.load(resume_from) if resume_from is not None else None
     init = None if resumed is not None else builders.read_init_checkpoint(cfg)
@@ -276,7 +276,8 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
     model.train()
     bar = tqdm(range(step, t.max_steps), initial=step, total=t.max_steps, desc=f"stage {cfg.stage}", unit="step",
                disable=not env.is_main)
-    tic, seen, stop = time.perf_counter(), 0, False
+    tic, seen, stop, out_of_time = time.perf_counter(), 0, False, False
+    deadline = None if t.get("max_minutes") is None else time.perf_counter() + 60 * float(t.max_minutes)
     with PreemptionFlag() as preempted:
         for step in bar:
             loss_sum = torch.zeros((), device=device)
@@ -295,11 +296,12 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
                 main_grads.reduce()  # the all-reduce DDP does not do for them, once per step
                 main_grads.to_grad()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            # One all-reduce per step carries the loss (for logging) and the preemption flag, so every rank
-            # decides to skip a bad step or to stop after this one identically.
-            stats = env.all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(preempted.set),
-                                                    dtype=torch.float64, device=device)]))
-            mean_loss, stop = stats[0].item() / env.world_size, stats[1].item() > 0
+            # One all-reduce per step carries the loss (for logging), the preemption flag and the time limit, so
+            # every rank decides to skip a bad step or to stop after this one identically.
+            flags = [float(preempted.set), float(deadline is not None and time.perf_counter() >= deadline)]
+            stats = env.all_reduce_sum(torch.cat([loss_sum.double()[None],
+                                                  torch.tensor(flags, dtype=torch.float64, device=device)]))
+            mean_loss, stop, out_of_time = stats[0].item() / env.world_size, stats[1].item() > 0, stats[2].item() > 0
             good = math.isfinite(mean_loss) and math.isfinite(grad_norm.item())
             if good:
                 opt.step()
@@ -338,16 +340,21 @@ def _train(cfg: DictConfig, env: distributed.Distributed) -> dict:
                                 img_s=f"{values['train/img_per_s']:.0f}")
                 logger.log(values, done)
                 tic, seen = time.perf_counter(), 0
-            if done % t.sample_every == 0 or done == t.max_steps:
+            final_step = done == t.max_steps or out_of_time
+            if done % t.sample_every == 0 or final_step:
                 preview(done)
-            if done % t.ckpt_every == 0 or done == t.max_steps or stop:
+            if done % t.ckpt_every == 0 or final_step or stop:
                 save(done)
             if stop:
                 log.warning("stopped by signal %s after step %d; checkpoint saved", preempted.received, done)
                 break
+            if out_of_time:
+                log.info("train.max_minutes=%s reached after step %d; checkpoint saved", t.max_minutes, done)
+                break
     bar.close()
 
-    summary = dict(stage=cfg.stage, steps=len(history), max_steps=t.max_steps, preempted=stop)
+    summary = dict(stage=cfg.stage, steps=len(history), max_steps=t.max_steps, preempted=stop,
+                   time_limit_reached=out_of_time)
     if env.is_main:
         final = checkpoint.list_checkpoints(ckpt_dir)
         finite = [x for x in history if math.isfinite(x)]
