@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flow import sample
 from models import ModelConfig
+from models.config import CONDITIONINGS, default_conditioning
 from trainer import checkpoint
 from trainer.conditioning import ClassConditioning, TextConditioning
 
@@ -47,12 +48,16 @@ def read_metadata(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def check_conditioning(path: Path, meta: dict[str, Any]) -> None:
-    """The conditioning the metadata records must be the one its model family takes (ccDiT: class labels,
-    mmDiT / JointDiT: text) and come with what it needs. `reparameterize.py stage1-to-stage2` writes an mmDiT
-    that still carries Stage 1's class metadata: without this check it would load and fail at the first
-    forward, far from the cause."""
-    family = meta["model"].get("family") if isinstance(meta["model"], dict) else None
-    expected = "class" if family == "ccdit" else "text"
+    """The conditioning the metadata records must be the one its model was built for (metadata.model.conditioning;
+    for checkpoints older than that field, the family's default) and come with what it needs.
+    `reparameterize.py stage1-to-stage2` writes an mmDiT that still carries Stage 1's class metadata: without
+    this check it would load and fail at the first forward, far from the cause."""
+    model = meta["model"] if isinstance(meta["model"], dict) else {}
+    family = model.get("family")
+    if family not in CONDITIONINGS:
+        raise CheckpointError(f"--model-path {path}: metadata.model.family is {family!r}, not one of "
+                              f"{', '.join(CONDITIONINGS)}")
+    expected = model.get("conditioning") or default_conditioning(family)  # older checkpoints: the family's
     needs = ("num_classes",) if expected == "class" else ("text_encoder", "tokenizer")
     problems = [f"metadata.conditioning is {meta['conditioning']!r}"] if meta["conditioning"] != expected else []
     problems += [f"no metadata.{key}" for key in needs if not meta.get(key)]

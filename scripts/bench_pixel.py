@@ -73,8 +73,8 @@ def train_and_evaluate(key: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], minutes: float) -> str:
-    head = (f"| model | parameters | steps in {minutes:g} min | held loss (EMA) | colour | shape | position | overall |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (f"| model | parameters | steps in {minutes:g} min | held loss (EMA) | colour | shape | position "
+            "| overall |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
     return head + "".join(
         f"| {r['label']} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {r['held_loss']:.4f} | "
         f"{r['accuracy']['colour']:.2f} | {r['accuracy']['shape']:.2f} | {r['accuracy']['position']:.2f} | "
@@ -117,8 +117,8 @@ def samples(rows: list[dict], path: Path, seeds: int = 2) -> None:
     images = [load_pipeline(r["checkpoint"], device="cpu").generate(prompts=prompts, seeds=list(range(len(prompts))))
               for r in rows]
     save_uint8_grid(torch.cat(images), path, cols=len(prompts), scale=2)
-    path.with_suffix(".txt").write_text("rows: " + ", ".join(r["label"] for r in rows) + "\ncolumns: " +
-                                        " | ".join(f"{p} (seeds {2 * i}, {2 * i + 1})" for i, p in enumerate(PROMPTS)) + "\n")
+    columns = " | ".join(f"{p} (seeds {seeds * i}..{seeds * i + seeds - 1})" for i, p in enumerate(PROMPTS))
+    path.with_suffix(".txt").write_text("rows: " + ", ".join(r["label"] for r in rows) + f"\ncolumns: {columns}\n")
     print(f"wrote {path}")
 
 
