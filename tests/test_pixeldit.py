@@ -3,9 +3,12 @@ models/embeddings.py), and class conditioning of the joint-attention models."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from app.sample import main as sample_main
 from models import build_model, model_config
 from models.embeddings import PatchEmbed, resize_positions
 from models.layers import modulate_per_token
@@ -168,3 +171,8 @@ def test_short_x_prediction_run_on_embedded_data_lowers_the_loss(family, embedde
     assert summary["model"] == f"{'PixelDiT' if family == 'pixeldit' else 'MMPixelDiT'}-debug/4"
     assert summary["held_loss_end_raw"] < 0.8 * summary["held_loss_start"], summary
     assert math.isfinite(summary["held_loss_end_ema"])
+    # The same sampler and CLI: everything comes from the checkpoint's metadata, guidance interval included.
+    out = tmp_path / "samples"
+    sample_main(["--model-path", summary["checkpoint"], "--prompt", "a large red circle in the top left on a gray "
+                 "background", "--steps", "3", "--cfg-interval", "0.1", "0.9", "--width", "48", "--out-dir", str(out)])
+    assert np.asarray(Image.open(out / "prompt_00_seed_0.png")).shape == (32, 48, 3)
