@@ -137,8 +137,11 @@ def test_stage1_embedded_run_writes_outputs_and_resumes(embedded_data, tmp_path)
 
 def test_data_that_does_not_fit_the_stage_is_a_clear_error(embedded_data, tmp_path):
     labels = str(embedded_data / "synthetic-32" / "shards-labels")
-    with pytest.raises(ValueError, match="model.family=mmdit needs captions"):
+    with pytest.raises(ValueError, match=r"model.family=mmdit \(conditioning=text\) needs captions"):
         train(stage_config(2, embedded_data, tmp_path, f"data.path={labels}", "train.init_from=null"))
+    with pytest.raises(ValueError, match=r"model.family=pixeldit \(conditioning=class\) needs class labels"):
+        train(stage_config(2, embedded_data, tmp_path, "model=pixeldit", "model.conditioning=class",
+                           "train.init_from=null"))
     with pytest.raises(ValueError, match="vae=sd3"):
         train(stage_config(1, embedded_data, tmp_path, "vae=sd3"))
     with pytest.raises(FileNotFoundError, match="data.path="):
