@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,3 +25,24 @@ def embedded_data(tmp_path_factory):
     from tests.stages import build_embedded_data
 
     return build_embedded_data(tmp_path_factory.mktemp("embedded-data"))
+
+
+@pytest.fixture(scope="session")
+def stage1_checkpoint(embedded_data, tmp_path_factory):
+    """A two-step Stage 1 (class-conditional ccDiT) checkpoint on the embedded data, for the front ends."""
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("stage1-run"), "train.max_steps=2")
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def stage2_checkpoint(embedded_data, tmp_path_factory):
+    """A two-step Stage 2 (text-conditional mmDiT, from scratch) checkpoint on the embedded data."""
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("stage2-run"), "train.max_steps=2",
+                       "train.init_from=null")
+    return Path(train(cfg)["checkpoint"])

@@ -1,5 +1,12 @@
 """Small utilities shared by the tests."""
 
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,3 +25,43 @@ def text_inputs(cfg, batch: int, valid: list[int], seed: int = 0):
     text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen)
     mask = torch.arange(cfg.text_len)[None, :] < torch.tensor(valid)[:, None]
     return text, mask
+
+
+@contextlib.contextmanager
+def loopback_chat_server(answer: Callable[[dict, dict], str]):
+    """A loopback OpenAI-compatible /v1/chat/completions server for the captioner and prompt-rewriting tests.
+
+    Yields its `state`: `url` (the base URL), `requests` (each request's path, Authorization header and JSON
+    body) and `status` (set it to, say, 500 to make the server fail). A 200 reply's message content is
+    `answer(body, state)`."""
+    state: dict[str, Any] = dict(requests=[], status=200)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["requests"].append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
+            if state["status"] != 200:
+                self.send_response(state["status"])
+                self.end_headers()
+                self.wfile.write(b"server exploded")
+                return
+            reply = {"choices": [{"message": {"role": "assistant", "content": answer(body, state)}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,13 +3,10 @@ drive it: gradio_client for the `generate` endpoint, a headless Chromium for the
 start-up errors, and a loopback OpenAI-compatible server for prompt rewriting."""
 
 import inspect
-import json
 import shlex
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import gradio as gr
@@ -25,8 +22,7 @@ from app.rewrite import PromptRewriter
 from app.sample import main as sample_main
 from data.pipeline.captioners import Prompts
 from reparameterize import main as reparameterize_main
-from tests.stages import stage_config
-from trainer.loop import train
+from tests.helpers import loopback_chat_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,18 +31,6 @@ REWRITTEN = "A large blue square sits in the bottom right of the frame on a plai
 CONTROL_LABELS = ("Prompt", "Rewrite the prompt like a training caption", "Steps", "Guidance scale",
                   "Guidance from t", "Guidance until t", "Alpha", "Solver", "Seed", "Randomise seed",
                   "Number of images", "Show trajectory", "Generate", "Images", "Trajectory", "Prompt used")
-
-
-@pytest.fixture(scope="module")
-def stage1_checkpoint(embedded_data, tmp_path_factory) -> Path:
-    cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("run1"), "train.max_steps=2")
-    return Path(train(cfg)["checkpoint"])
-
-
-@pytest.fixture(scope="module")
-def stage2_checkpoint(embedded_data, tmp_path_factory) -> Path:
-    cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("run2"), "train.max_steps=2", "train.init_from=null")
-    return Path(train(cfg)["checkpoint"])
 
 
 @pytest.fixture(scope="module")
@@ -61,37 +45,11 @@ def class_pipe(stage1_checkpoint):
 
 @pytest.fixture(scope="module")
 def chat_server():
-    """A loopback /v1/chat/completions server, as tests/test_pipeline.py's: it records each request and
-    answers with `state['reply']` wrapped the way VLMs wrap it, or fails with `state['status']`."""
-    state = dict(requests=[], status=200, reply=REWRITTEN)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
-            if state["status"] != 200:
-                self.send_response(state["status"])
-                self.end_headers()
-                self.wfile.write(b"server exploded")
-                return
-            reply = {"choices": [{"message": {"role": "assistant", "content": f' "{state["reply"]}"\n'}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
+    """A loopback chat server (tests/helpers.py) that answers with `state['reply']`, wrapped the way VLMs wrap
+    it, or fails with `state['status']`."""
+    with loopback_chat_server(lambda body, state: f' "{state["reply"]}"\n') as state:
+        state["reply"] = REWRITTEN
+        yield state
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import json
 import sys
 import threading
 import types
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from data.pipeline.run import PipelineConfig, PipelineError, finalize, marker_pa
 from data.shard_caption_example import main as cli_main
 from data.shards import read_manifest
 from data.validate import validate
+from tests.helpers import loopback_chat_server
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (245, 215, 30)}
 NAMES = list(COLOURS)
@@ -231,42 +232,19 @@ def test_rank_split_and_resume(tars, tmp_path):
 
 @pytest.fixture
 def chat_server():
-    """A loopback /v1/chat/completions server; `state['status']` sets the reply status."""
-    state = dict(requests=[], status=200)
+    """A loopback chat server that captions an image as '<long|short> caption rgb(<mean colour>)'."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append(dict(path=self.path, auth=self.headers.get("Authorization"), body=body))
-            if state["status"] != 200:
-                self.send_response(state["status"])
-                self.end_headers()
-                self.wfile.write(b"server exploded")
-                return
-            content = body["messages"][0]["content"]
-            url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
-            image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-            mean = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0).round())
-            text = next(c["text"] for c in content if c["type"] == "text")
-            which = "long" if text == cap.Prompts.load().long else "short"
-            reply = {"choices": [{"message": {"role": "assistant", "content": f' "{which} caption rgb{mean}"\n'}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(body: dict, state: dict) -> str:
+        content = body["messages"][0]["content"]
+        url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        mean = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0).round())
+        text = next(c["text"] for c in content if c["type"] == "text")
+        which = "long" if text == cap.Prompts.load().long else "short"
+        return f' "{which} caption rgb{mean}"\n'  # quoted and with a newline, as VLMs answer
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
+    with loopback_chat_server(answer) as state:
+        yield state
 
 
 def test_openai_backend_captions_reach_the_shards(tars, tmp_path, chat_server):

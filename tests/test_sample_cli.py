@@ -7,20 +7,6 @@ import pytest
 from PIL import Image
 
 from app.sample import main as sample_main
-from tests.stages import stage_config
-from trainer.loop import train
-
-
-@pytest.fixture(scope="module")
-def stage1_checkpoint(embedded_data, tmp_path_factory) -> Path:
-    cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("run"), "train.max_steps=2")
-    return Path(train(cfg)["checkpoint"])
-
-
-@pytest.fixture(scope="module")
-def stage2_checkpoint(embedded_data, tmp_path_factory) -> Path:
-    cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("run2"), "train.max_steps=2", "train.init_from=null")
-    return Path(train(cfg)["checkpoint"])
 
 
 def read(path: Path) -> np.ndarray:
