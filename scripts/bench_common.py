@@ -3,6 +3,9 @@ of an mmDiT step, diffusers' PixArt transformer at our width, depth and heads, a
 
 import datetime
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -109,3 +112,18 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
+
+
+def median_seconds(run: Callable[[], torch.Tensor], warmup: int, repeats: int, device: torch.device) -> float:
+    """Median wall time of `run()` over `repeats` calls after `warmup` untimed ones (compilation, autotuning).
+    Each call is timed from a synchronised device to the host reading one value of its result, so queued
+    kernels are inside the interval."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        run().sum().item()
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)

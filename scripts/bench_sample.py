@@ -12,16 +12,20 @@ Random weights and encoder states: throughput does not depend on what the model 
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench_common import environment, pixart_forward, pixart_transformer, print_table  # noqa: E402
+from bench_common import (  # noqa: E402
+    environment,
+    median_seconds,
+    pixart_forward,
+    pixart_transformer,
+    print_table,
+)
 
 from flow import sample, time_grid  # noqa: E402
 from models import build_model, model_config  # noqa: E402
@@ -69,16 +73,7 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
         uncond = dict(text=torch.zeros_like(text[:1]), text_mask=torch.zeros_like(mask[:1]))
         run = lambda: sample(model, x0, cond, uncond, steps=args.steps, cfg_scale=args.cfg_scale,
                              model_dtype=dtype, cuda_graphs=mode == "ours-graphs")
-    times = []
-    for i in range(args.warmup + args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        out = run()
-        out.sum().item()  # waits for the batch
-        if i >= args.warmup:
-            times.append(time.perf_counter() - tic)
-    sec = statistics.median(times)
+    sec = median_seconds(run, args.warmup, args.repeats, device)
     return row | dict(batch_s=sec, img_s=b / sec)
 
 

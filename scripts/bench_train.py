@@ -20,9 +20,7 @@ Synthetic inputs (random latents and encoder states, full masks): the data loade
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench_common import (  # noqa: E402
     environment,
+    median_seconds,
     mmdit_forward_flops,
     peak_tflops,
     pixart_forward,
@@ -126,16 +125,7 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
             grads.zero()
         return loss
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        loss = step()
-        loss.item()  # waits for the step
-        if i >= args.warmup:
-            times.append(time.perf_counter() - tic)
-    sec = statistics.median(times)
+    sec = median_seconds(step, args.warmup, args.steps, device)
     tokens = (latent // cfg.patch) ** 2
     flops = mmdit_forward_flops(cfg.dim, cfg.depth, tokens, cfg.text_len + 1, cfg.text_dim, c, cfg.patch,
                                 cfg.mlp_ratio, cfg.cond_dim)
