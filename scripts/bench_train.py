@@ -109,6 +109,8 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
+    losses = []
+
     def step():
         x0 = torch.randn_like(x1)
         t = torch.rand(b, device=device)
@@ -123,9 +125,11 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         if grads:
             grads.zero()
+        losses.append(loss.detach())
         return loss
 
     sec = median_seconds(step, args.warmup, args.steps, device)
+    loss = losses[-1]
     tokens = (latent // cfg.patch) ** 2
     flops = mmdit_forward_flops(cfg.dim, cfg.depth, tokens, cfg.text_len + 1, cfg.text_dim, c, cfg.patch,
                                 cfg.mlp_ratio, cfg.cond_dim)
