@@ -94,8 +94,7 @@ class Pipeline:
         prompt instead of dropping its end silently."""
         if not self.is_text:
             raise ValueError("prompt_length needs a text-conditional checkpoint")
-        self.conditioning.tokenize([prompt])  # loads the checkpoint's tokenizer on first use
-        return len(self.conditioning._tokenizer.tokenizer(prompt)["input_ids"])
+        return self.conditioning.token_count(prompt)
 
     def noise(self, seeds: list[int], size: int | tuple[int, int] | None = None) -> Tensor:
         """One noise image per seed from its own generator: a sample depends on its seed only, not on the

@@ -38,6 +38,7 @@ from bench_common import (  # noqa: E402
     train_step_flops,
 )
 
+from flow import flow_matching_loss, interpolate  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 from trainer.fast_path import apply_compile  # noqa: E402
 from trainer.main_grad import MainGrads  # noqa: E402
@@ -114,10 +115,10 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
     def step():
         x0 = torch.randn_like(x1)
         t = torch.rand(b, device=device)
-        tt = t[:, None, None, None]
+        x_t = interpolate(x0, x1, t)
         with autocast, fp8_context(mode, device):
-            v = forward(tt * x1 + (1 - tt) * x0, t, text, mask)
-        loss = (v.float() - (x1 - x0)).square().mean()
+            v = forward(x_t, t, text, mask)
+        loss = flow_matching_loss(v, x0, x1, x_t, t)
         loss.backward()
         if grads:
             grads.to_grad()

@@ -1,94 +1,61 @@
-"""FP8 against bf16 loss parity: the same model, data and seed trained twice; the FP8 run's final loss (mean of
-the last 50 steps) must be within 1% of the bf16 run's. Needs a CUDA GPU with FP8 (sm_89+) and Transformer
-Engine; exits 1 when parity fails, 2 when it cannot run.
+"""FP8 against bf16 loss parity through the real training loop: the same stage, data and seed trained twice,
+`precision=bf16` and `precision=fp8` (te.Linear with fused wgrad into main_grad, trainer/main_grad.py). The FP8
+run's final loss (trainer summary: mean of the last 50 steps) must be within 1% of the bf16 run's. Needs a CUDA
+GPU with FP8 (sm_89+) and Transformer Engine; exits 1 when parity fails, 2 when it cannot run.
 
-    python scripts/fp8_parity.py [--model mmDiT-B/2] [--steps 500] [--batch 32] [--px 256]
+    python scripts/fp8_parity.py                                  # Stage 2 embedded config, 500 steps
+    python scripts/fp8_parity.py --steps 500 model.overrides.dim=768 model.overrides.depth=12   # a wider model
+    python scripts/fp8_parity.py --smoke                          # CPU, 3 steps: both runs fall back to nn.Linear
 
-The data is a fixed pool of synthetic latents (smooth random fields, so there is structure to fit) with
-random encoder states, drawn from one seed; noise and times come from a generator seeded per step, so both
-runs see identical batches. FP8 runs te.Linear with fused wgrad into main_grad (trainer/main_grad.py).
+Both runs rest on the trainer's determinism (trainer/loop.py: every draw seeded by seed, step and rank), so they
+see identical batches, noise and times; positional arguments go to both runs as Hydra overrides. The data is
+the embedded 32 px synthetic captions (built under --data-dir if missing).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from models import build_model, model_config  # noqa: E402
-from models.linear import convert_linears, te_unavailable_reason  # noqa: E402
-from trainer.main_grad import MainGrads  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
-from trainer.precision import fp8_recipe  # noqa: E402
+from bench_pixel import ensure_data, run  # noqa: E402  (scripts/ is on the path when run as a script)
 
 
-def run(fp8: bool, args) -> list[float]:
-    import contextlib
-
-    device = torch.device("cuda")
-    cfg = model_config(args.model, input_size=args.px // 8)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    grads = None
-    fp8_ctx = contextlib.nullcontext
-    if fp8:
-        import transformer_engine.pytorch as te
-
-        convert_linears(model, "fp8", device, fuse_wgrad_accumulation=True)
-        grads = MainGrads(model)
-        recipe = fp8_recipe("auto", device)
-        fp8_ctx = lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe)
-    opt = build_optimizer(model, lr=1e-4, weight_decay=0.03, betas=(0.9, 0.999), eps=1e-15, fused=True)
-    data_gen = torch.Generator(device=device).manual_seed(1)
-    pool = 256
-    side = cfg.input_size
-    coarse = torch.randn(pool, cfg.in_channels, side // 4, side // 4, device=device, generator=data_gen)
-    x1_pool = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-    text_pool = torch.randn(pool, cfg.text_len, cfg.text_dim, device=device, generator=data_gen)
-    mask = torch.ones(args.batch, cfg.text_len, dtype=torch.bool, device=device)
-    losses = []
-    for step in range(args.steps):
-        gen = torch.Generator(device=device).manual_seed(1000 + step)
-        idx = torch.randint(0, pool, (args.batch,), device=device, generator=gen)
-        x1, text = x1_pool[idx], text_pool[idx]
-        x0 = torch.randn(x1.shape, device=device, generator=gen)
-        t = torch.sigmoid(torch.randn(args.batch, device=device, generator=gen))
-        tt = t[:, None, None, None]
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_ctx():
-            v = model(tt * x1 + (1 - tt) * x0, t, text, mask)
-        loss = (v.float() - (x1 - x0)).square().mean()
-        loss.backward()
-        if grads:
-            grads.to_grad()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if grads:
-            grads.zero()
-        losses.append(loss.item())
-    return losses
+def train(precision: str, args: argparse.Namespace) -> float:
+    out = args.out_dir / precision
+    run([sys.executable, "train_stage2.py", "experiment=embedded", f"embedded_data={args.data_dir}",
+         f"precision={precision}", f"device={'cpu' if args.smoke else 'cuda'}", "train.init_from=null",
+         "train.resume=never", f"train.out_dir={out}", f"train.max_steps={args.steps}", "train.eval_batches=0",
+         f"train.sample_every={args.steps}", f"train.ckpt_every={args.steps}", *args.overrides])
+    return float(json.loads((out / "summary.json").read_text())["final_loss"])
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mmDiT-B/2")
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--px", type=int, default=256)
     ap.add_argument("--tolerance", type=float, default=0.01)
-    args = ap.parse_args()
-    reason = te_unavailable_reason("cuda")
-    if reason is not None:
-        print(f"cannot run: {reason}")
-        return 2
-    bf16, fp8 = run(False, args), run(True, args)
-    tail = min(50, args.steps)
-    a, b = sum(bf16[-tail:]) / tail, sum(fp8[-tail:]) / tail
-    rel = abs(b - a) / a
-    print(f"{torch.cuda.get_device_name()}: bf16 {a:.5f}, fp8 {b:.5f} (mean of the last {tail} of {args.steps} "
-          f"steps), relative difference {rel:.2%} (tolerance {args.tolerance:.0%})")
+    ap.add_argument("--smoke", action="store_true", help="CPU, 3 steps, no TE needed: checks the script runs")
+    ap.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
+    ap.add_argument("--out-dir", type=Path, default=Path("outputs/fp8_parity"))
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both runs, e.g. model.overrides.dim=768")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps = 3
+    else:
+        from models.linear import te_unavailable_reason
+
+        reason = te_unavailable_reason("cuda")
+        if reason is not None:
+            print(f"cannot run: {reason}")
+            return 2
+    args.data_dir, args.out_dir = (ROOT / args.data_dir).resolve(), (ROOT / args.out_dir).resolve()
+    ensure_data(args.data_dir)
+    bf16, fp8 = train("bf16", args), train("fp8", args)
+    rel = abs(fp8 - bf16) / bf16
+    print(f"bf16 {bf16:.5f}, fp8 {fp8:.5f} (final loss after {args.steps} steps, mean of the last "
+          f"{min(50, args.steps)}), relative difference {rel:.2%} (tolerance {args.tolerance:.0%})")
     return 0 if rel <= args.tolerance else 1
 
 

@@ -24,6 +24,16 @@ def test_bench_script_smoke(script):
             assert "n/a | n/a | n/a" not in line, line  # a measured row has its figures
 
 
+def test_fp8_parity_smoke_runs_the_trainer_twice(embedded_data, tmp_path):
+    """On a CPU both runs fall back to nn.Linear (fp8 logs why), so the same seed gives the same loss."""
+    proc = subprocess.run([sys.executable, "scripts/fp8_parity.py", "--smoke", "--data-dir", str(embedded_data),
+                           "--out-dir", str(tmp_path), "train.num_threads=1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "relative difference 0.00%" in proc.stdout, proc.stdout
+    assert (tmp_path / "bf16" / "summary.json").exists() and (tmp_path / "fp8" / "summary.json").exists()
+
+
 def test_analytic_flops_match_torch_flop_counter():
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_common import mmdit_forward_flops

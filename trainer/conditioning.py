@@ -126,13 +126,22 @@ class TextConditioning:
             cond["text_mask"][index] = kept["text_mask"]
         return cond
 
-    def tokenize(self, prompts: list[str]) -> tuple[Int[Tensor, "b l"], Bool[Tensor, "b l"]]:
-        """Prompts -> ids and mask with the tokenizer the shards were made with (data/pipeline/encoders.py)."""
+    @property
+    def tokenizer(self):
+        """The tokenizer the shards were made with (data/pipeline/encoders.py), loaded on first use."""
         if self._tokenizer is None:
             from data.pipeline.encoders import TextTokenizer
 
             self._tokenizer = TextTokenizer(self.tokenizer_info["id"], self.max_length)
-        return self._tokenizer(prompts)
+        return self._tokenizer
+
+    def tokenize(self, prompts: list[str]) -> tuple[Int[Tensor, "b l"], Bool[Tensor, "b l"]]:
+        """Prompts -> ids and mask, padded and truncated to max_length."""
+        return self.tokenizer(prompts)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens `prompt` takes, special tokens included and not truncated (the encoder reads max_length)."""
+        return len(self.tokenizer.tokenizer(prompt)["input_ids"])
 
     def from_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
         tokens, mask = self.tokenize(prompts)
