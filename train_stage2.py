@@ -6,12 +6,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from trainer.loop import train
+from trainer.cli import run_stage
 
 
 @hydra.main(config_path="configs", config_name="stage2", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_stage(cfg)
 
 
 if __name__ == "__main__":

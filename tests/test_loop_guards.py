@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import trainer.loop as loop
+import flow.rectified_flow as objective
 from tests.stages import stage_config
 from trainer import checkpoint
 from trainer.loop import micro_batch_size, resolve_resume, train
@@ -32,7 +32,7 @@ class _InfGrad(torch.autograd.Function):
 def poison(monkeypatch):
     """poison({step: "nan" | "inf_grad"}): the training loss of those (1-based) steps goes bad. Training calls
     run with grad enabled; the held-out loss (no_grad) is left alone."""
-    real = loop.flow_matching_loss
+    real = objective.flow_matching_loss
     plan, calls = {}, []
 
     def loss(*args, **kwargs):
@@ -47,7 +47,7 @@ def poison(monkeypatch):
             return _InfGrad.apply(value)
         return value
 
-    monkeypatch.setattr(loop, "flow_matching_loss", loss)
+    monkeypatch.setattr(objective, "flow_matching_loss", loss)
     return plan.update
 
 

@@ -17,10 +17,14 @@ from models import ModelConfig, model_config
 from models.config import default_conditioning
 from trainer import checkpoint
 from trainer.conditioning import ClassConditioning, TextConditioning
+from trainer.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
 
-
+# What makes two checkpoints the same network: a resume across any of these would load the wrong weights.
+ARCHITECTURE_FIELDS = ("family", "conditioning", "dim", "depth", "heads", "patch", "in_channels", "mlp_ratio",
+                       "cond_dim", "num_classes", "text_dim", "text_len", "num_registers", "pos_embed", "rope",
+                       "pixel_dim", "pixel_depth", "qk_norm")
 
 def model_conditioning(cfg: DictConfig) -> str:
     """class or text: model.conditioning, or the family's default (models/config.py)."""
@@ -34,14 +38,14 @@ def read_data_spec(cfg: DictConfig) -> DatasetSpec:
     except ShardError as err:
         embedded = "embedded" in str(path) or "outputs/data" in str(path)
         hint = " (build the embedded data with `make demo` or `make data`)" if embedded else ""
-        raise FileNotFoundError(f"data.path={str(path)!r}: {err}{hint}") from err
+        raise MissingInputError(f"data.path={str(path)!r}: {err}{hint}") from err
 
 
 def check_vae(cfg: DictConfig, spec: DatasetSpec, data_path: str) -> None:
     """The configured VAE must be the kind the shards were encoded with."""
     data_identity = spec.vae.get("id") == "identity"
     if data_identity != (cfg.vae.kind == "identity"):
-        raise ValueError(
+        raise ConfigError(
             f"vae={cfg.vae.kind} but {data_path}/manifest.json records vae id {spec.vae.get('id')!r}: "
             f"pick vae={'identity' if data_identity else 'sd3'} (or the data that matches)"
         )
@@ -51,7 +55,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
     """ClassConditioning for labels data, TextConditioning (with the frozen encoder) for captions."""
     wants_text = model_conditioning(cfg) == "text"
     if wants_text != (spec.kind == "text"):
-        raise ValueError(
+        raise ConfigError(
             f"model.family={cfg.model.family} (conditioning={model_conditioning(cfg)}) needs "
             f"{'captions' if wants_text else 'class labels'} but data.path={cfg.data.path!r} holds "
             f"kind={spec.kind!r} records"
@@ -64,14 +68,14 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 
     enc_cfg = OmegaConf.to_container(cfg.text_encoder, resolve=True)
     if int(enc_cfg["max_length"]) != int(spec.tokenizer["max_length"]):
-        raise ValueError(
+        raise ConfigError(
             f"text_encoder.max_length={enc_cfg['max_length']} but the shards in {cfg.data.path} were tokenized to "
             f"{spec.tokenizer['max_length']} tokens; set text_encoder.max_length={spec.tokenizer['max_length']}"
         )
     encoder = FrozenTextEncoder.from_config(enc_cfg, device=device)
     vocab = encoder.encoder.get_input_embeddings().num_embeddings
     if int(spec.tokenizer["vocab_size"]) > vocab:
-        raise ValueError(
+        raise ConfigError(
             f"the shards' tokenizer {spec.tokenizer['id']!r} has {spec.tokenizer['vocab_size']} ids but text encoder "
             f"{encoder.name!r} embeds {vocab}: the tokens were made for another encoder"
         )
@@ -80,17 +84,87 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
     """A checkpoint file, or a run's out_dir / checkpoints dir (then its newest checkpoint)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for folder in (p / "checkpoints", p):
-        found = checkpoint.list_checkpoints(folder)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(
-        f"{what}={str(path)!r}: not a checkpoint file nor a folder holding step_*.pt checkpoints (train the previous "
-        f"stage first; `make demo` runs the embedded chain; {what}=null starts from a fresh initialisation)"
-    )
+    try:
+        return checkpoint.resolve(path, what)
+    except FileNotFoundError as err:
+        raise MissingInputError(
+            f"{err} (train the previous stage first; `make demo` runs the embedded chain; {what}=null starts from a "
+            "fresh initialisation)"
+        ) from None
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    """train.resume: 'auto' (newest checkpoint in out_dir, if any), 'never', or a checkpoint path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = checkpoint.list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise MissingInputError(f"train.resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    return path
+
+
+def read_resume_checkpoint(path: Path | None, cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint a run resumes from, loaded; an unreadable one is an error that offers the newest readable
+    checkpoint beside it (a damaged newest file must not silently send a run back to an older state)."""
+    if path is None:
+        return None
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as err:
+        older = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
+        good = next((p for p in reversed(older) if _loads(p)), None)
+        offer = (f"; the newest readable one is {good}: resume from it with train.resume={good}, or move {path} "
+                 "away" if good else "; no other checkpoint there loads: train.resume=never starts over")
+        raise checkpoint.CheckpointError(f"train.resume={cfg.train.resume}: {err}{offer}") from None
+    for key in ("model", "ema", "optimizer", "scheduler", "step", "history", "loader", "rng", "metadata"):
+        if key not in state:
+            raise checkpoint.CheckpointError(
+                f"train.resume: {path} has no '{key}': not a training checkpoint of this repository (an initialisation "
+                "from reparameterize.py? start from it with train.init_from)"
+            )
+    return state
+
+
+def _loads(path: Path) -> bool:
+    try:
+        checkpoint.load(path)
+        return True
+    except checkpoint.CheckpointError:
+        return False
+
+
+def check_resumable(path: Path, state: dict[str, Any], cfg: DictConfig, model_config: ModelConfig) -> None:
+    """Refuse to resume a checkpoint of another stage or another network, or past this run's max_steps."""
+    meta = state["metadata"]
+    if meta.get("stage") is not None and int(meta["stage"]) != int(cfg.stage):
+        raise ConfigError(
+            f"train.resume: {path} is a Stage {meta['stage']} checkpoint, but this is Stage {cfg.stage}; to start "
+            f"Stage {cfg.stage} from its weights use train.init_from={path} (and a new train.out_dir)"
+        )
+    saved, ours = meta.get("model") or {}, model_config.to_dict()
+    differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {ours.get(k)!r} here" for k in ARCHITECTURE_FIELDS
+              if k in saved and saved.get(k) != ours.get(k)]
+    if differ:
+        raise ConfigError(
+            f"train.resume: {path} holds a {meta.get('name', saved.get('family'))} that differs from this run's "
+            f"{model_config.name}: " + "; ".join(differ) + ". Resume with the checkpoint's model settings, or "
+            "start a new run (train.out_dir=..., or train.resume=never)"
+        )
+    if int(state["step"]) > int(cfg.train.max_steps):
+        raise ConfigError(
+            f"train.resume: {path} is at step {state['step']}, past train.max_steps={cfg.train.max_steps}: nothing to "
+            f"train. Raise train.max_steps, or train.resume=never to start over"
+        )
+
+
+def warn_if_batch_exceeds_data(cfg: DictConfig, dataset, world_size: int) -> None:
+    """A global batch larger than an epoch repeats records within a step; say so once."""
+    if cfg.train.batch_size > dataset.num_records:
+        log.warning("train.batch_size=%d is larger than %s's %d records: every step repeats records",
+                    cfg.train.batch_size, cfg.data.path, dataset.num_records)
 
 
 def build_model_config(
@@ -105,7 +179,7 @@ def build_model_config(
     overrides = OmegaConf.to_container(m.overrides, resolve=True) or {}
     c, h, w = spec.latent_shape
     if h != w:
-        raise ValueError(f"{cfg.data.path}: latents are {h}x{w}; the models take square inputs")
+        raise ConfigError(f"{cfg.data.path}: latents are {h}x{w}; the models take square inputs")
     derived: dict[str, Any] = dict(in_channels=c, input_size=h, conditioning=model_conditioning(cfg))
     if isinstance(conditioning, ClassConditioning):
         derived["num_classes"] = conditioning.num_classes
@@ -113,7 +187,7 @@ def build_model_config(
         derived |= dict(text_dim=conditioning.encoder.hidden_size, text_len=conditioning.max_length)
     for key, value in derived.items():
         if key in overrides and overrides[key] != value:
-            raise ValueError(f"model.overrides.{key}={overrides[key]} but the data/text encoder give {value}")
+            raise ConfigError(f"model.overrides.{key}={overrides[key]} but the data/text encoder give {value}")
     fields = derived | overrides
     if init_model is not None and "base_grid" not in overrides:
         fields["base_grid"] = init_model.get("base_grid")
@@ -132,14 +206,19 @@ def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, An
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
     key = {"ema": "ema", "raw": "model"}.get(which)
     if key is None:
-        raise ValueError(f"train.init_weights={which!r}: expected ema or raw")
+        raise ConfigError(f"train.init_weights={which!r}: expected ema or raw")
     weights = state.get(key)
     if weights is None:
-        raise ValueError(f"train.init_from={str(src)!r} holds no '{key}' weights")
+        raise ConfigError(f"train.init_from={str(src)!r} holds no '{key}' weights")
+    # Plain nn.Linear layout: an FP8-trained checkpoint's TE scaling state (older ones kept it inline) is dropped.
+    weights = checkpoint.split_extra_state(weights)[0]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(
-            f"train.init_from={str(src)!r} does not fit {model.config.name}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (Stage 1 -> 2 needs `reparameterize.py stage1-to-stage2` first)"
+        family = (state.get("metadata") or {}).get("family")
+        hint = (" (Stage 1 -> 2 needs `reparameterize.py stage1-to-stage2` first)"
+                if family != model.config.family and model.config.family == "mmdit" else "")
+        raise ConfigError(
+            f"train.init_from={str(src)!r} ({family or 'unknown model'}) does not fit {model.config.name}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}{hint}"
         )
     log.info("initialised from %s (%s weights)", src, which)

@@ -5,6 +5,7 @@ no process group is created. The backend follows the device: NCCL on CUDA, gloo 
 """
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,17 @@ def setup(device: str | None = None, timeout_minutes: int = 30) -> Distributed:
             device_id=dev if use_cuda else None,
         )
     return Distributed(rank, local_rank, world_size, dev)
+
+
+def quiet_other_ranks(env: Distributed, log_all_ranks: bool = False) -> None:
+    """Under torchrun every rank runs the same code: INFO lines (progress, set-up) come from rank 0 only, unless
+    train.log_all_ranks; warnings and errors still come from every rank, prefixed with it."""
+    if env.is_main or log_all_ranks:
+        return
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s"))
 
 
 def teardown() -> None:

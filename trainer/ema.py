@@ -25,14 +25,17 @@ class EMA:
         return self.start_decay + (self.decay - self.start_decay) * ramp
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Call after optimiser step `step` (1-based); only every `every`-th step blends."""
+    def update(self, model: nn.Module, step: int, applied: torch.Tensor | None = None) -> None:
+        """Call after optimiser step `step` (1-based); only every `every`-th step blends. `applied`: a 0-d device
+        tensor, 1 when the optimiser step was taken and 0 when it was skipped, for a loop that decides on the
+        device (trainer/loop.py); the blend weight is multiplied by it, so a skipped step leaves the EMA as it was."""
         if step % self.every:
             return
         d = self.decay_at(step)
         ema_params = list(self.model.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
-        torch._foreach_lerp_(ema_params, params, 1 - d)  # e <- d e + (1 - d) p
+        weight = 1 - d if applied is None else applied.to(ema_params[0].dtype) * (1 - d)
+        torch._foreach_lerp_(ema_params, params, weight)  # e <- d e + (1 - d) p
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 

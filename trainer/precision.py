@@ -1,16 +1,29 @@
 """Precision from outside the model: bf16 autocast on CUDA (fp32 master weights), and Transformer Engine FP8
-for the large projections when asked for and possible (models/linear.py converts the layers)."""
+for the large projections when asked for and possible (models/linear.py converts the layers).
+
+TE's shape rule. An FP8 GEMM needs the product of its input's leading dimensions (the rows: batch x tokens) to be
+divisible by 16 (8 for some recipes; 16 covers all). A layer's rows are batch x (rows per sample), and the batch
+is whatever the micro-batch, the guidance pair or a preview makes it, so a layer is safe at every batch size only
+if its rows per sample are a multiple of 16. `convert` measures each linear's rows per sample with one forward of
+the model on the meta device (no memory, no compute) at every latent size the data holds, converts only the
+layers that pass and logs the ones it keeps in bf16 for that reason. Caption keys pass because FP8 runs pad the
+caption sequence to a multiple of 16 (model.text_pad_multiple, masked; trainer/builders.py sets it).
+"""
 
 import contextlib
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from models.linear import KEEP_HIGH_PRECISION, convert_linears, fp8_filter
+from models.linear import KEEP_HIGH_PRECISION, convert_linears, fp8_filter, layer_kinds
 
 log = logging.getLogger(__name__)
+
+TE_ROW_MULTIPLE = 16
 
 
 def fp8_recipe(name: str, device: torch.device):
@@ -29,6 +42,46 @@ def fp8_recipe(name: str, device: torch.device):
     raise ValueError(f"precision.fp8_recipe={name!r}: expected auto, mxfp8, current or delayed")
 
 
+def fp8_context(recipe) -> contextlib.AbstractContextManager:
+    import transformer_engine.pytorch as te
+
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
+def example_inputs(model_config, height: int, width: int, device="meta") -> dict[str, torch.Tensor]:
+    """One sample's inputs of a model at a height x width input (latent pixels)."""
+    c = model_config
+    inputs = dict(x=torch.zeros(1, c.in_channels, height, width, device=device), t=torch.full((1,), 0.5, device=device))
+    if c.conditioning == "class":
+        inputs["labels"] = torch.zeros(1, dtype=torch.long, device=device)
+    else:
+        inputs["text"] = torch.zeros(1, c.text_len, c.text_dim, device=device)
+        inputs["text_mask"] = torch.ones(1, c.text_len, dtype=torch.bool, device=device)
+    return inputs
+
+
+def rows_per_sample(model_config, sizes: Sequence[tuple[int, int]]) -> dict[str, set[int]]:
+    """For every nn.Linear of the model `model_config` describes: the rows (leading dimensions' product) it sees
+    for one sample, at each (height, width) of `sizes`. Measured on the meta device."""
+    from models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    rows: dict[str, set[int]] = defaultdict(set)
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, name=name: rows[name].add(args[0].shape[:-1].numel()))
+        for name, module in model.named_modules() if type(module) is nn.Linear
+    ]
+    try:
+        with torch.no_grad():
+            for height, width in sizes:
+                model(**example_inputs(model_config, height, width))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dict(rows)
+
+
 class Precision:
     """`forward()` is the context the model's forward (and loss) runs under."""
 
@@ -45,11 +98,21 @@ class Precision:
         # Only te.Linear accumulates into main_grad; with no TE layers converted this changes nothing.
         self.fuse_wgrad_accumulation = bool(cfg.get("fuse_wgrad_accumulation", False))
 
-    def convert(self, model: nn.Module) -> int:
-        """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many."""
+    def convert(self, model: nn.Module, model_config=None, sizes: Sequence[tuple[int, int]] = ()) -> int:
+        """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many. With a model
+        config and the data's input sizes, only layers that meet TE's shape rule at every batch size convert."""
         if not self.fp8:
             return 0
-        converted = convert_linears(model, "fp8", self.device, include=fp8_filter(self.keep_high_precision),
+        include = fp8_filter(self.keep_high_precision)
+        if model_config is not None and sizes:
+            rows = rows_per_sample(model_config, sizes)
+            unsafe = sorted(n for n, r in rows.items() if any(v % TE_ROW_MULTIPLE for v in r) and include(
+                n, model.get_submodule(n)))
+            if unsafe:
+                log.info("kept in bf16 for TE's shape rule (rows per sample not a multiple of %d at %s): %s",
+                         TE_ROW_MULTIPLE, list(sizes), layer_kinds(unsafe))
+            include = _excluding(include, set(unsafe))
+        converted = convert_linears(model, "fp8", self.device, include=include,
                                     fuse_wgrad_accumulation=self.fuse_wgrad_accumulation)
         if converted:
             self.recipe = fp8_recipe(self.recipe_name, self.device)
@@ -64,7 +127,9 @@ class Precision:
         if self.bf16:
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
         if self.recipe is not None:
-            import transformer_engine.pytorch as te
-
-            stack.enter_context(te.fp8_autocast(enabled=True, fp8_recipe=self.recipe))
+            stack.enter_context(fp8_context(self.recipe))
         return stack
+
+
+def _excluding(include, names: set[str]):
+    return lambda name, layer: name not in names and include(name, layer)

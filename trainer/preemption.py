@@ -1,8 +1,9 @@
-"""SIGTERM / SIGUSR1 (SLURM preemption or time limit) ask the run to checkpoint and exit cleanly.
+"""SIGTERM / SIGUSR1 (SLURM preemption or time limit) and Ctrl-C ask the run to checkpoint and exit cleanly.
 
-The handler only sets a flag: a signal may arrive twice and at any point in a step. The loop reads the flag
-once per step through an all-reduce (trainer/loop.py), so every rank stops after the same step and none is
-left waiting in a collective; rank 0 then saves. scripts/slurm/README.md describes the signal's route.
+The handler only sets a flag: a signal may arrive twice and at any point in a step. The loop reads the flag at its
+sync points (trainer/loop.py) through an all-reduce, so every rank stops after the same step and none is left
+waiting in a collective; rank 0 then saves. A second Ctrl-C does not wait for the checkpoint: it interrupts at
+once (KeyboardInterrupt), as a user pressing it twice expects. scripts/slurm/README.md describes the signals' route.
 """
 
 import logging
@@ -11,7 +12,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -22,8 +23,11 @@ class PreemptionFlag:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
         if self.received is None:
-            log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+            how = "press Ctrl-C again to stop without it" if signum == signal.SIGINT else "then exiting"
+            log.warning("received %s: checkpointing after this step; %s", signal.Signals(signum).name, how)
         self.received = signum
 
     @property
