@@ -85,6 +85,9 @@ def test_two_ranks_equal_one_process_with_two_micro_batches(embedded_data, tmp_p
     assert max((first[k] - last[k]).abs().max().item() for k in first) > 1e-3
     assert len(set(checkpoint.load(a_ckpts[-1])["history"])) == STEPS
 
+    # INFO lines come from rank 0 only (both ranks append to the same Hydra log file).
+    assert (ddp / "train_stage1.log").read_text().count("stage 1: ccDiT-debug/4") == 1
+
     # Both ranks ended with identical weights, and they are the ones rank 0 saved.
     rank0, rank1 = (torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:

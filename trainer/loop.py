@@ -109,6 +109,9 @@ class Trainer:
         self._build_data()
         self._wrap_for_training()
         self._build_outputs()
+        log.info("stage %s: %s (%.2fM parameters), batch %d = %d ranks x %d micro-batches x %d samples, data %s "
+                 "(%d records), %s", cfg.stage, self.model_config.name, self.n_params / 1e6, t.batch_size,
+                 env.world_size, t.grad_accum, self.micro, cfg.data.path, self.loader.dataset.num_records, self.device)
         if saved_rng is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
@@ -399,7 +402,8 @@ class Trainer:
             held_loss_end_ema_unconditional=self.held(self.ema.model, unconditional=True) if measure else None,
         )
         if measure:
-            self.logger.log({f"held/{k.removeprefix('held_')}": v for k, v in held.items() if v is not None}, self.step)
+            ends = {f"held/{k.removeprefix('held_')}": v for k, v in held.items() if v is not None and "end" in k}
+            self.logger.log(ends, self.step)
         return dict(
             model=self.model_config.name, parameters=self.n_params, checkpoint=str(final[-1]) if final else None,
             first_loss=finite[0] if finite else None, final_loss=sum(tail) / len(tail) if tail else None, **held,
