@@ -233,7 +233,8 @@ class _Tail:
         data = self.stream.read(size)
         self.pos += len(data)
         self.tail += data
-        del self.tail[: -self.KEEP]
+        if len(self.tail) > 2 * self.KEEP:  # trimmed now and then, not on every read: a member is many reads
+            del self.tail[: -self.KEEP]
         return data
 
     def at(self, offset: int, size: int) -> bytes:
