@@ -44,8 +44,9 @@ Linear layouts: te.Linear and nn.Linear name and shape `weight` and `bias` alike
 
 Every subcommand refuses, before it loads anything: a --dst that is the --src file (by resolved path, through
 symbolic and hard links), even with --force, since that would destroy a training checkpoint; an existing
---dst unless --force; an argument out of range. It writes nothing when a tensor of the result holds NaN or
-Inf (naming it), and leaves no temporary file behind when the write fails.
+--dst unless --force; an argument out of range (an --input-size the patch does not tile once the checkpoint
+is read). It writes nothing when a tensor of the result holds NaN or Inf (naming it), and leaves no temporary
+file behind when the write fails.
 """
 
 import argparse
@@ -391,7 +392,8 @@ def _save(ckpt: dict, dst: Path) -> None:
 
 def _stage1_to_stage2(args: argparse.Namespace) -> None:
     state = _load(args.src)
-    if not isinstance(state.get("metadata"), dict) or state["metadata"].get("model", {}).get("family") != "ccdit":
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or meta["model"].get("family") != "ccdit":
         raise SystemExit(f"{args.src}: not a Stage-1 ccDiT checkpoint (metadata.model.family != 'ccdit')")
     cc_cfg = _model_config(state["metadata"], args.src)
     mm_cfg = stage2_config(cc_cfg, args.text_dim, args.text_len)
