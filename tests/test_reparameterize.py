@@ -442,10 +442,12 @@ def test_an_existing_dst_is_kept_unless_force(command, tmp_path, capsys):
     assert isinstance(checkpoint.load(dst)["model"], dict)
 
 
+@pytest.mark.parametrize("existing", [False, True])
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_failed_write_leaves_no_temporary_file(command, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_no_temporary_file(command, existing, tmp_path, monkeypatch):
     src, dst = _stage1_file(tmp_path / "a.pt"), tmp_path / "b.pt"
-    dst.write_bytes(b"the old file")
+    if existing:
+        dst.write_bytes(b"the old file")
 
     def disk_full(obj, f):
         f.write(b"half a checkpoint")
@@ -453,9 +455,10 @@ def test_a_failed_write_leaves_no_temporary_file(command, tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=f"cannot write --dst {dst}: .*No space left on device") as info:
-        reparameterize.main(_argv(command, src, dst, "--force"))
+        reparameterize.main(_argv(command, src, dst, *(["--force"] if existing else [])))
     assert "\n" not in str(info.value.code)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"] and dst.read_bytes() == b"the old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"] if existing else ["a.pt"]
+    assert not existing or dst.read_bytes() == b"the old file"
 
 
 @pytest.mark.parametrize(
