@@ -324,16 +324,13 @@ def destination_problem(src: Path, dst: Path, force: bool) -> str | None:
 
 
 def _load(src: Path) -> dict:
-    """The checkpoint at --src, or a one-line error (torch's own messages run over many lines)."""
+    """The checkpoint at --src, or a one-line error naming the flag."""
     from trainer import checkpoint
 
     try:
-        ckpt = checkpoint.load(src)
-    except RuntimeError as err:
-        raise SystemExit(f"--src {src}: {str(err).splitlines()[0]}") from err
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"--src {src}: holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
+        return checkpoint.load(src)
+    except RuntimeError as err:  # checkpoint.CheckpointError: one line naming the file
+        raise SystemExit(f"argument --src: {str(err).splitlines()[0]}") from err
 
 
 def _model_config(meta: dict, src: Path) -> ModelConfig:
@@ -374,19 +371,15 @@ def _refuse_non_finite(ckpt: dict, dst: Path) -> None:
 
 
 def _save(ckpt: dict, dst: Path) -> None:
-    """trainer.checkpoint.save_atomic, after checking every tensor is finite, without leaving its temporary
-    file behind when the write fails (save_atomic itself leaves it: a disk that fills up kept the half file)."""
+    """trainer.checkpoint.save_atomic (which removes its temporary file when the write fails), after checking
+    that every tensor is finite; a failed write is one line."""
     from trainer import checkpoint
 
     _refuse_non_finite(ckpt, dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")  # save_atomic's temporary name
     try:
         checkpoint.save_atomic(ckpt, dst)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, Exception):
-            raise SystemExit(f"cannot write --dst {dst}: {err}") from err
-        raise
+    except OSError as err:
+        raise SystemExit(f"argument --dst: {err.strerror or err}") from err
     print(f"wrote {dst}")
 
 

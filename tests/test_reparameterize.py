@@ -454,7 +454,7 @@ def test_a_failed_write_leaves_no_temporary_file(command, existing, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=f"cannot write --dst {dst}: .*No space left on device") as info:
+    with pytest.raises(SystemExit, match=f"argument --dst: cannot write {dst}: No space left on device") as info:
         reparameterize.main(_argv(command, src, dst, *(["--force"] if existing else [])))
     assert "\n" not in str(info.value.code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"] if existing else ["a.pt"]
