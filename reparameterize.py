@@ -41,13 +41,22 @@ Linear layouts: te.Linear and nn.Linear name and shape `weight` and `bias` alike
 
     python reparameterize.py to-torch --src fp8_run/step_00001000.pt --dst plain/step_00001000.pt
     python reparameterize.py to-te --src plain/step_00001000.pt --dst fp8_run/step_00001000.pt
+
+Every subcommand refuses, before it loads anything: a --dst that is the --src file (by resolved path, through
+symbolic and hard links), even with --force, since that would destroy a training checkpoint; an existing
+--dst unless --force; an argument out of range (an --input-size the patch does not tile once the checkpoint
+is read). It writes nothing when a tensor of the result holds NaN or Inf (naming it), and leaves no temporary
+file behind when the write fails.
 """
 
 import argparse
 import dataclasses
 import logging
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +91,8 @@ def ccdit_to_mmdit(
     are new in Stage 2 (cross-attention, the null text token) from a freshly initialised mmDiT."""
     if cc.family != "ccdit" or mm.family != "mmdit":
         raise ValueError(f"expected ccdit -> mmdit, got {cc.family} -> {mm.family}")
+    if not 0.0 <= t_star <= 1.0:  # also False for NaN
+        raise ValueError(f"t_star must be a finite number in [0, 1] (the time of the exact match), got {t_star}")
     mismatched = [f for f in _SHARED_FIELDS if getattr(cc, f) != getattr(mm, f)]
     if mismatched:
         raise ValueError(f"ccDiT and mmDiT configs differ in {mismatched}; the trunk cannot carry over")
@@ -272,15 +283,118 @@ def load_state_allowing_missing_extra_state(module: nn.Module, state: dict[str, 
 # CLI
 
 
-def _stage1_to_stage2(args: argparse.Namespace) -> None:
+def _unit_interval(text: str) -> float:
+    """argparse type: a finite float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also False for NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def destination_problem(src: Path, dst: Path, force: bool) -> str | None:
+    """Why converting `src` into `dst` is refused (an argparse-style message naming the flag), or None."""
+    if not src.exists():
+        return f"argument --src: {src}: no such file"
+    if not src.is_file():
+        return f"argument --src: {src}: not a file"
+    if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        return (
+            f"argument --dst: {dst} is the same file as --src {src}: writing it would destroy the source "
+            "checkpoint (weights, optimizer, RNG and loader state); choose another --dst"
+        )
+    if dst.is_dir():
+        return f"argument --dst: {dst} is a directory; give a file name, e.g. {dst / 'init.pt'}"
+    if dst.exists() and not force:
+        return f"argument --dst: {dst} exists; pass --force to overwrite it"
+    return None
+
+
+def _load(src: Path) -> dict:
+    """The checkpoint at --src, or a one-line error naming the flag."""
     from trainer import checkpoint
 
-    state = checkpoint.load(args.src)
-    if "metadata" not in state or state["metadata"].get("model", {}).get("family") != "ccdit":
+    try:
+        return checkpoint.load(src)
+    except RuntimeError as err:  # checkpoint.CheckpointError: one line naming the file
+        raise SystemExit(f"argument --src: {str(err).splitlines()[0]}") from err
+
+
+def _model_config(meta: dict, src: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**meta["model"])
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--src {src}: metadata.model does not describe a model: {err}") from err
+
+
+def _tensors(obj: Any, name: str) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with a name like `optimizer['state'][0]['exp_avg']`."""
+    if isinstance(obj, Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{name}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{name}[{i}]")
+
+
+def non_finite_tensors(ckpt: dict) -> list[str]:
+    """Names of the floating-point tensors of a checkpoint that hold NaN or Inf."""
+    bad = []
+    for key, value in ckpt.items():
+        for name, tensor in _tensors(value, key):
+            if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
+                bad.append(name)
+    return bad
+
+
+def _refuse_non_finite(ckpt: dict, dst: Path) -> None:
+    if bad := non_finite_tensors(ckpt):
+        raise SystemExit(
+            f"refusing to write {dst}: {len(bad)} tensors hold NaN or Inf ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); check the source checkpoint"
+        )
+
+
+def _save(ckpt: dict, dst: Path) -> None:
+    """trainer.checkpoint.save_atomic (which removes its temporary file when the write fails), after checking
+    that every tensor is finite; a failed write is one line."""
+    from trainer import checkpoint
+
+    _refuse_non_finite(ckpt, dst)
+    try:
+        checkpoint.save_atomic(ckpt, dst)
+    except OSError as err:
+        raise SystemExit(f"argument --dst: {err.strerror or err}") from err
+    print(f"wrote {dst}")
+
+
+def _stage1_to_stage2(args: argparse.Namespace) -> None:
+    state = _load(args.src)
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or meta["model"].get("family") != "ccdit":
         raise SystemExit(f"{args.src}: not a Stage-1 ccDiT checkpoint (metadata.model.family != 'ccdit')")
-    cc_cfg = ModelConfig(**state["metadata"]["model"])
+    cc_cfg = _model_config(state["metadata"], args.src)
     mm_cfg = stage2_config(cc_cfg, args.text_dim, args.text_len)
-    cc_state = state["ema" if args.weights == "ema" else "model"]
+    weights = "ema" if args.weights == "ema" else "model"
+    if not isinstance(state.get(weights), dict):
+        raise SystemExit(f"--weights {args.weights}: {args.src} has no '{weights}' state dict")
+    cc_state = state[weights]
+    _refuse_non_finite({weights: cc_state}, args.dst)  # before the parity check prints NaN for every t
     mm_state = ccdit_to_mmdit(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
 
     cc_model, mm_model = build_model(cc_cfg).eval(), build_model(mm_cfg).eval()
@@ -292,8 +406,7 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
         print(f"max |mmDiT(any caption) - ccDiT(null class)| at t={t:.2f}: {diff:.3e}{mark}")
 
     metadata = dict(state["metadata"], model=mm_cfg.to_dict(), stage=2, reparameterized_from=str(args.src))
-    checkpoint.save_atomic(dict(model=mm_state, ema=mm_state, step=0, metadata=metadata), args.dst)
-    print(f"wrote {args.dst}")
+    _save(dict(model=mm_state, ema=mm_state, step=0, metadata=metadata), args.dst)
 
 
 def _convert_weights(ckpt: dict, fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], src: Path) -> dict:
@@ -309,15 +422,16 @@ def _change_resolution(args: argparse.Namespace) -> None:
     """Optimizer and scheduler state are kept: Adam's moments are per parameter and no parameter changes,
     so the resolution step may continue the same run (pass train.resume=<this file>). A new stage that
     restarts its schedule loads only `model`/`ema` and ignores them."""
-    from trainer import checkpoint
-
-    ckpt = checkpoint.load(args.src)
+    ckpt = _load(args.src)
     meta = ckpt.get("metadata")
     if not isinstance(meta, dict) or "model" not in meta:
         raise SystemExit(f"{args.src}: no metadata.model; not a checkpoint written by this repository's trainer")
-    old = ModelConfig(**meta["model"])
+    old = _model_config(meta, args.src)
     try:
         new = resolution_config(old, args.input_size)
+    except ValueError as err:
+        raise SystemExit(f"--input-size {args.input_size}: {err}") from err
+    try:
         out = _convert_weights(ckpt, lambda s: change_resolution(s, old, args.input_size)[1], args.src)
     except ValueError as err:
         raise SystemExit(f"{args.src}: {err}") from err
@@ -332,16 +446,13 @@ def _change_resolution(args: argparse.Namespace) -> None:
         f"{old.name}: input {old.input_size} -> {new.input_size} ({g_old}x{g_old} -> {g_new}x{g_new} tokens), "
         f"base_grid {new.base_grid} kept: position step {new.base_grid / g_old:g} -> {new.base_grid / g_new:g}"
     )
-    checkpoint.save_atomic(out, args.dst)
-    print(f"wrote {args.dst}")
+    _save(out, args.dst)
 
 
 def _to_torch(args: argparse.Namespace) -> None:
     """Optimizer state is kept: te.Linear registers `weight` and `bias` in nn.Linear's order, so the
     optimizer's per-parameter entries (indexed by position) still line up."""
-    from trainer import checkpoint
-
-    ckpt = checkpoint.load(args.src)
+    ckpt = _load(args.src)
     dropped = []
 
     def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -353,8 +464,7 @@ def _to_torch(args: argparse.Namespace) -> None:
     if isinstance(out.get("metadata"), dict):
         out["metadata"] = dict(out["metadata"], linear_layout="torch")
     print(f"dropped {sum(dropped)} _extra_state entries (model and ema together)")
-    checkpoint.save_atomic(out, args.dst)
-    print(f"wrote {args.dst}")
+    _save(out, args.dst)
 
 
 def _to_te(args: argparse.Namespace) -> None:
@@ -362,14 +472,13 @@ def _to_te(args: argparse.Namespace) -> None:
     come from a converted model and the result loads strictly; elsewhere the weights are written unchanged
     and TE fills `_extra_state` when the trainer loads them with load_state_allowing_missing_extra_state."""
     from models.linear import convert_linears, te_unavailable_reason
-    from trainer import checkpoint
 
-    ckpt = checkpoint.load(args.src)
+    ckpt = _load(args.src)
     meta = ckpt.get("metadata")
     reason = te_unavailable_reason("cuda")
     te_model = None
     if reason is None and isinstance(meta, dict) and "model" in meta:
-        te_model = build_model(ModelConfig(**meta["model"])).cuda()
+        te_model = build_model(_model_config(meta, args.src)).cuda()
         convert_linears(te_model, "fp8", "cuda")
     elif reason is None:
         reason = "the checkpoint has no metadata.model to build the TE model from"
@@ -384,8 +493,7 @@ def _to_te(args: argparse.Namespace) -> None:
     else:
         n = sum(is_extra_state_key(k) for k in out.get("model", out.get("ema", {})))
         print(f"added _extra_state entries from a converted model: {n} per state dict")
-    checkpoint.save_atomic(out, args.dst)
-    print(f"wrote {args.dst}")
+    _save(out, args.dst)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -394,19 +502,25 @@ def main(argv: list[str] | None = None) -> None:
     s12 = sub.add_parser("stage1-to-stage2", help="ccDiT checkpoint -> mmDiT initialisation")
     s12.add_argument("--src", type=Path, required=True, help="Stage-1 checkpoint (.pt)")
     s12.add_argument("--dst", type=Path, required=True, help="where to write the Stage-2 initialisation")
-    s12.add_argument("--text-dim", type=int, required=True, help="hidden width of the Stage-2 text encoder")
-    s12.add_argument("--text-len", type=int, default=120, help="tokens per caption")
-    s12.add_argument("--t-star", type=float, default=0.5, help="time at which block embeddings are exact")
+    s12.add_argument("--text-dim", type=_positive_int, required=True, help="hidden width of the Stage-2 text encoder")
+    s12.add_argument("--text-len", type=_positive_int, default=120, help="tokens per caption")
+    s12.add_argument(
+        "--t-star", type=_unit_interval, default=0.5, help="time in [0, 1] at which block embeddings are exact"
+    )
     s12.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which Stage-1 weights to carry")
     s12.set_defaults(run=_stage1_to_stage2)
 
     res = sub.add_parser("change-resolution", help="carry a checkpoint to another input size (base_grid kept)")
     res.add_argument("--src", type=Path, required=True, help="checkpoint (.pt) with metadata.model")
     res.add_argument("--dst", type=Path, required=True, help="where to write the checkpoint at the new size")
-    res.add_argument("--input-size", type=int, required=True, help="new input side (latent pixels), e.g. 64")
-    res.add_argument("--stage", type=int, default=None, help="curriculum stage to record in the metadata")
+    res.add_argument(
+        "--input-size", type=_positive_int, required=True,
+        help="new input side (latent pixels), a multiple of the patch size, e.g. 64",
+    )
+    res.add_argument("--stage", type=_positive_int, default=None, help="curriculum stage to record in the metadata")
     res.set_defaults(run=_change_resolution)
 
+    layouts = []
     for name, run, text in (
         ("to-torch", _to_torch, "te.Linear layout -> nn.Linear layout"),
         ("to-te", _to_te, "nn.Linear layout -> te.Linear layout"),
@@ -415,8 +529,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--src", type=Path, required=True, help="checkpoint (.pt)")
         p.add_argument("--dst", type=Path, required=True, help="where to write the converted checkpoint")
         p.set_defaults(run=run)
+        layouts.append(p)
 
+    for p in (s12, res, *layouts):
+        p.add_argument("--force", action="store_true", help="overwrite --dst if it exists (never the --src file)")
+        p.set_defaults(parser=p)
     args = parser.parse_args(argv)
+    if problem := destination_problem(args.src, args.dst, args.force):
+        args.parser.error(problem)
     args.run(args)
 
 

@@ -13,7 +13,9 @@
     python data/shard_caption_example.py --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ --finalize
 
 Rerunning the same command resumes: input tars already done are skipped, interrupted ones are redone
-(data/pipeline/run.py explains the design). --rank / --world-size default to SLURM_ARRAY_TASK_ID minus
+(data/pipeline/run.py explains the design). An input tar that cannot be read whole (cut short on disk or in
+transfer, damaged) is reported by name and redone by the next run; the others go on, and the exit status is
+1 while any failed. --rank / --world-size default to SLURM_ARRAY_TASK_ID minus
 SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT when those are set, else 0 and 1. For --kind labels the
 class names (and source, licence) come from --dataset-json, or from a dataset.json beside local input tars.
 """
@@ -217,10 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     c = result.counts
     print(
-        f"rank {args.rank}/{args.world_size}: {len(result.processed)} tars processed, {len(result.skipped)} skipped; "
-        f"{c.written} records written of {c.seen} samples (dropped: {c.too_small} too small, {c.degenerate} flat, "
-        f"{c.undecodable} undecodable, {c.no_caption} without caption)"
+        f"rank {args.rank}/{args.world_size}: {len(result.processed)} tars processed, {len(result.skipped)} skipped, "
+        f"{len(result.failed)} failed; {c.written} records written of {c.seen} samples (dropped: {c.too_small} too "
+        f"small, {c.degenerate} flat, {c.undecodable} undecodable, {c.no_caption} without caption)"
     )
+    if result.failed:
+        for message in result.failed.values():
+            print(f"error: {message}", file=sys.stderr)
+        print(
+            f"error: {len(result.failed)} input tars failed ({', '.join(result.failed)}): their shards were removed "
+            "and manifest.json is not written; rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
     if result.manifest is not None:
         print(f"every input tar is done: wrote {args.out_dir / 'manifest.json'} ({result.manifest['num_records']})")
     else:

@@ -185,13 +185,17 @@ def write_manifest(out_dir: Path | str, spec: DatasetSpec, records_per_shard: in
 
 
 def read_manifest(data_dir: Path | str) -> tuple[dict[str, Any], DatasetSpec]:
+    """The manifest and its spec, with every shard entry checked (check_entry): what it returns is safe to
+    open. Raises ShardError naming the manifest and the field (`shards[3].records`)."""
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise ShardError(path, "manifest", "missing; build the folder with the sharding pipeline")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(path, "manifest", f"not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ShardError(path, "manifest", f"is a JSON {type(manifest).__name__}, not a JSON object")
     for key in ("format", "spec", "shards"):
         if key not in manifest:
             raise ShardError(path, key, "missing key")
@@ -201,14 +205,54 @@ def read_manifest(data_dir: Path | str) -> tuple[dict[str, Any], DatasetSpec]:
         spec = DatasetSpec(**manifest["spec"])
     except (TypeError, ValueError) as err:
         raise ShardError(path, "spec", str(err)) from err
+    if not isinstance(manifest["shards"], list):
+        raise ShardError(path, "shards", f"is a JSON {type(manifest['shards']).__name__}, not a list")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(manifest["shards"]):
+        check_entry(data_dir, entry, path, f"shards[{i}]")
+        file = entry["file"]
+        if file in seen:
+            raise ShardError(path, f"shards[{i}].file", f"{file!r} is listed twice (also as shards[{seen[file]}])")
+        seen[file] = i
+    if "num_records" in manifest and not _is_count(manifest["num_records"]):
+        raise ShardError(path, "num_records", f"{manifest['num_records']!r} is not a non-negative integer")
     return manifest, spec
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_entry(data_dir: Path | str, entry: Any, where: Path | str, name: str = "entry") -> Path:
+    """The path of the shard a manifest entry names, inside `data_dir`; raises ShardError(where, name.field).
+
+    `file` must be a relative path without `..`: a manifest can only name files in its own folder (the
+    check is on the name, so a symbolic link placed in the folder on purpose is still followed). `records`
+    must be a non-negative integer, `sha256` a string where present."""
+    if not isinstance(entry, dict):
+        raise ShardError(where, name, f"is a JSON {type(entry).__name__}, not an object with file, records, sha256")
+    for key in ("file", "records"):
+        if key not in entry:
+            raise ShardError(where, f"{name}.{key}", "missing")
+    file = entry["file"]
+    if not isinstance(file, str):
+        raise ShardError(where, f"{name}.file", f"{file!r} is not a string")
+    parts = Path(file).parts
+    if not parts or Path(file).is_absolute() or ".." in parts:
+        problem = f"{file!r} is not a file name inside the data folder {data_dir} (e.g. shard-00000.pt)"
+        raise ShardError(where, f"{name}.file", problem)
+    if not _is_count(entry["records"]):
+        raise ShardError(where, f"{name}.records", f"{entry['records']!r} is not a non-negative integer")
+    if "sha256" in entry and not isinstance(entry["sha256"], str):
+        raise ShardError(where, f"{name}.sha256", f"{entry['sha256']!r} is not a string")
+    return Path(data_dir) / file
 
 
 def load_shard(
     data_dir: Path | str, entry: dict[str, Any], spec: DatasetSpec, verify_checksum: bool = True
 ) -> dict[str, Tensor]:
     """Load one shard listed in the manifest and check it field by field; raises ShardError."""
-    path = Path(data_dir) / entry["file"]
+    path = check_entry(data_dir, entry, Path(data_dir) / MANIFEST)
     if not path.exists():
         raise ShardError(path, "file", "missing")
     if verify_checksum and sha256(path) != entry.get("sha256"):

@@ -2,9 +2,10 @@
 
     python -m data.validate DIR [--no-checksum]
 
-Exits 0 when every shard is present, readable, has every key with the right dtype and shape, finite
-latents, token ids inside the tokenizer's vocabulary and the checksum the manifest records; otherwise
-prints one line per problem (file, field, what is wrong) and exits 1.
+Exits 0 when the manifest lists at least one record, every entry names a file inside DIR, and every shard
+is present, readable, has every key with the right dtype and shape, finite latents, token ids inside the
+tokenizer's vocabulary and the checksum the manifest records; otherwise prints one line per problem (file,
+field, what is wrong) and exits 1.
 """
 
 import argparse
@@ -28,6 +29,9 @@ def validate(data_dir: Path, verify_checksum: bool = True) -> list[ShardError]:
         except ShardError as err:
             errors.append(err)
     total = sum(e["records"] for e in manifest["shards"])
+    if total == 0:  # a training stage would have nothing to read
+        problem = "no shards" if not manifest["shards"] else f"{len(manifest['shards'])} shards, all with 0 records"
+        errors.append(ShardError(Path(data_dir) / "manifest.json", "shards", f"{problem}: the dataset is empty"))
     if total != manifest.get("num_records", total):
         errors.append(
             ShardError(Path(data_dir) / "manifest.json", "num_records", f"{manifest['num_records']} != {total}")

@@ -65,3 +65,41 @@ def loopback_chat_server(answer: Callable[[dict, dict], str]):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def loopback_file_server(files: dict[str, bytes]):
+    """A loopback HTTP server for download tests: GET /NAME answers `files[NAME]` with its full Content-Length.
+
+    Yields its `state`: `url` (the base URL, no trailing slash), `files` (change it while serving), `cut`
+    (NAME -> bytes actually sent before the connection closes, to play a transfer that dies half way) and
+    `requests` (the paths asked for)."""
+    state: dict[str, Any] = dict(files=files, cut={}, requests=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            name = self.path.lstrip("/")
+            state["requests"].append(name)
+            if name not in state["files"]:
+                self.send_error(404)
+                return
+            body = state["files"][name]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: state["cut"].get(name, len(body))])
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()

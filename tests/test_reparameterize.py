@@ -3,6 +3,7 @@
 import copy
 import io
 import logging
+import os
 
 import pytest
 import torch
@@ -370,3 +371,170 @@ def test_real_te_checkpoint_converts_to_a_plain_model(tmp_path):
             load_state_allowing_missing_extra_state(target, torch_to_te_state(state))
         weights = {k: v for k, v in target.state_dict().items() if not k.endswith("_extra_state")}
         assert all(torch.equal(weights[k].cpu(), v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI against careless input: its source is never overwritten, arguments and weights are checked
+
+
+def _stage1_file(path, mutate=None):
+    """A Stage-1 ccDiT checkpoint shaped like the trainer's (weights, EMA, a stepped optimizer, RNG, loader
+    state); `mutate(ckpt)` spoils it before it is written. Every subcommand accepts it."""
+    model = build_model("ccDiT-debug/4")
+    randomize_zero_inits(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 32, 32), torch.rand(1), labels=torch.tensor([1])).square().mean().backward()
+    opt.step()
+    ckpt = dict(
+        model=model.state_dict(), ema={k: v.clone() for k, v in model.state_dict().items()},
+        optimizer=opt.state_dict(), step=300, rng=torch.get_rng_state(), loader=dict(samples=2400),
+        metadata=dict(model=model.config.to_dict(), stage=1),
+    )
+    if mutate is not None:
+        mutate(ckpt)
+    checkpoint.save_atomic(ckpt, path)
+    return path
+
+
+COMMANDS = {
+    "stage1-to-stage2": ["--text-dim", "24", "--text-len", "5"],
+    "change-resolution": ["--input-size", "64"],
+    "to-torch": [],
+    "to-te": [],
+}
+
+
+def _argv(command, src, dst, *extra):
+    return [command, "--src", str(src), "--dst", str(dst), *COMMANDS[command], *extra]
+
+
+def _same_path_spellings(tmp_path, src):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.pt").symlink_to(src)
+    os.link(src, tmp_path / "hard.pt")
+    return [src, tmp_path / "sub" / ".." / src.name, tmp_path / "link.pt", tmp_path / "hard.pt"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_dst_that_is_src_is_refused_even_with_force(command, tmp_path, capsys):
+    src = _stage1_file(tmp_path / "step_00000300.pt")
+    before = src.read_bytes()
+    for dst in _same_path_spellings(tmp_path, src):
+        for force in ([], ["--force"]):
+            with pytest.raises(SystemExit) as info:
+                reparameterize.main(_argv(command, src, dst, *force))
+            assert info.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument --dst: {dst} is the same file as --src {src}" in err and "Traceback" not in err
+    assert src.read_bytes() == before  # the training checkpoint, optimizer and RNG state included
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.pt", "link.pt", "step_00000300.pt", "sub"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_existing_dst_is_kept_unless_force(command, tmp_path, capsys):
+    src, dst = _stage1_file(tmp_path / "a.pt"), tmp_path / "b.pt"
+    dst.write_bytes(b"someone's file")
+    with pytest.raises(SystemExit) as info:
+        reparameterize.main(_argv(command, src, dst))
+    assert info.value.code == 2 and f"argument --dst: {dst} exists; pass --force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"someone's file"
+    reparameterize.main(_argv(command, src, dst, "--force"))
+    assert isinstance(checkpoint.load(dst)["model"], dict)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_failed_write_leaves_no_temporary_file(command, existing, tmp_path, monkeypatch):
+    src, dst = _stage1_file(tmp_path / "a.pt"), tmp_path / "b.pt"
+    if existing:
+        dst.write_bytes(b"the old file")
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=f"argument --dst: cannot write {dst}: No space left on device") as info:
+        reparameterize.main(_argv(command, src, dst, *(["--force"] if existing else [])))
+    assert "\n" not in str(info.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"] if existing else ["a.pt"]
+    assert not existing or dst.read_bytes() == b"the old file"
+
+
+@pytest.mark.parametrize(
+    "command, extra, flag",
+    [
+        ("stage1-to-stage2", ["--t-star", "nan"], "--t-star"),
+        ("stage1-to-stage2", ["--t-star", "inf"], "--t-star"),
+        ("stage1-to-stage2", ["--t-star", "-0.1"], "--t-star"),
+        ("stage1-to-stage2", ["--t-star", "1.5"], "--t-star"),
+        ("stage1-to-stage2", ["--t-star", "half"], "--t-star"),
+        ("stage1-to-stage2", ["--text-dim", "0"], "--text-dim"),
+        ("stage1-to-stage2", ["--text-dim", "-24"], "--text-dim"),
+        ("stage1-to-stage2", ["--text-len", "0"], "--text-len"),
+        ("change-resolution", ["--input-size", "0"], "--input-size"),
+        ("change-resolution", ["--input-size", "-64"], "--input-size"),
+        ("change-resolution", ["--stage", "0"], "--stage"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_naming_the_flag(command, extra, flag, tmp_path, capsys):
+    src, dst = _stage1_file(tmp_path / "a.pt"), tmp_path / "b.pt"
+    with pytest.raises(SystemExit) as info:
+        reparameterize.main(_argv(command, src, dst, *extra))  # the later flag wins in argparse
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: " in err and "Traceback" not in err
+    assert not dst.exists()
+
+
+def test_an_input_size_that_does_not_tile_names_the_flag(tmp_path):
+    src, dst = _stage1_file(tmp_path / "a.pt"), tmp_path / "b.pt"
+    with pytest.raises(SystemExit, match="--input-size 30: .*multiple of the patch size 4"):
+        reparameterize.main(["change-resolution", "--src", str(src), "--dst", str(dst), "--input-size", "30"])
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_missing_or_unreadable_src_is_one_line(command, tmp_path, capsys):
+    for src, words in ((tmp_path / "missing.pt", "no such file"), (tmp_path, "not a file")):
+        with pytest.raises(SystemExit) as info:
+            reparameterize.main(_argv(command, src, tmp_path / "b.pt"))
+        assert info.value.code == 2 and f"argument --src: {src}: {words}" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="junk.pt") as info:
+        reparameterize.main(_argv(command, tmp_path / "junk.pt", tmp_path / "b.pt"))
+    assert "\n" not in str(info.value.code) and not (tmp_path / "b.pt").exists()
+
+
+def _poison(entry, key, value):
+    def mutate(ckpt):
+        ckpt[entry][key] = ckpt[entry][key].clone()
+        ckpt[entry][key].view(-1)[3] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "command, mutate, named",
+    [
+        ("stage1-to-stage2", _poison("ema", "blocks.1.mlp.fc2.weight", float("nan")), "['blocks.1.mlp.fc2.weight']"),
+        ("change-resolution", _poison("model", "final.linear.weight", float("inf")), "model['final.linear.weight']"),
+        ("to-torch", lambda c: c["optimizer"]["state"][0]["exp_avg"].view(-1).__setitem__(0, float("nan")),
+         "optimizer['state'][0]['exp_avg']"),
+        ("to-te", _poison("ema", "blocks.0.attn.qkv.weight", float("-inf")), "ema['blocks.0.attn.qkv.weight']"),
+    ],
+)
+def test_non_finite_tensors_are_refused_naming_the_tensor(command, mutate, named, tmp_path, capsys):
+    src, dst = _stage1_file(tmp_path / "a.pt", mutate), tmp_path / "b.pt"
+    with pytest.raises(SystemExit) as info:
+        reparameterize.main(_argv(command, src, dst))
+    message = str(info.value.code)
+    assert f"refusing to write {dst}" in message and named in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_a_t_star_outside_zero_one_is_refused_by_the_function_too():
+    cc = build_model("ccDiT-debug/4")
+    mm_cfg = stage2_config(cc.config, text_dim=24, text_len=5)
+    for t_star in (float("nan"), -0.5, 2.0):
+        with pytest.raises(ValueError, match=r"t_star must be a finite number in \[0, 1\]"):
+            ccdit_to_mmdit(cc.state_dict(), cc.config, mm_cfg, build_model(mm_cfg).state_dict(), t_star)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from data.loader import build_loader
 from data.shards import DatasetSpec, ShardError, ShardWriter, load_shard, read_manifest, write_manifest
 from data.validate import main as validate_main
 from data.validate import validate
@@ -158,3 +159,86 @@ def test_writer_rejects_wrong_records(tmp_path):
             latents=torch.zeros(4, 8, 9), text_tokens=torch.zeros(6), attn_mask=torch.ones(6),
             short_text_tokens=torch.zeros(6), short_attn_mask=torch.ones(6),
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifests a person or a script got wrong
+
+
+def edit_manifest(data_dir, change) -> None:
+    path = data_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_an_empty_dataset_fails_validation(tmp_path, capsys):
+    write_manifest(tmp_path, DatasetSpec(**TEXT_SPEC), 4)  # a folder with no shards at all
+    errors = validate(tmp_path)
+    assert [(e.file, e.field) for e in errors] == [(str(tmp_path / "manifest.json"), "shards")]
+    assert "no shards" in errors[0].problem
+    assert validate_main([str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "ok" not in captured.out and "manifest.json: shards: " in captured.err
+
+
+def test_a_dataset_of_empty_shards_fails_validation(tmp_path):
+    write_text_dataset(tmp_path, n=2, per_shard=2)
+    edit_manifest(tmp_path, lambda m: m.update(num_records=0, shards=[dict(m["shards"][0], records=0)]))
+    assert any(e.field == "shards" and "0 records" in e.problem for e in validate(tmp_path))
+
+
+@pytest.mark.parametrize("file", ["/etc/passwd", "../outside/shard-00000.pt", "sub/../../outside/shard-00000.pt", ""])
+def test_a_shard_outside_the_data_folder_is_refused_before_it_is_opened(tmp_path, file):
+    data = tmp_path / "data"
+    spec, _ = write_text_dataset(data, n=4, per_shard=4)
+    # A valid shard with the right checksum, one folder up: before, validation passed and the loader read it.
+    (tmp_path / "outside").mkdir()
+    (data / "shard-00000.pt").rename(tmp_path / "outside" / "shard-00000.pt")
+    edit_manifest(data, lambda m: m["shards"][0].update(file=file))
+    for call in (lambda: read_manifest(data), lambda: build_loader(data, batch_size=2, num_workers=0)):
+        with pytest.raises(ShardError) as info:
+            call()
+        assert (info.value.file, info.value.field) == (str(data / "manifest.json"), "shards[0].file")
+        assert repr(file) in info.value.problem and "inside the data folder" in info.value.problem
+    assert [e.field for e in validate(data)] == ["shards[0].file"]
+    entry = dict(file=file, records=4, sha256="0" * 64)
+    with pytest.raises(ShardError, match="inside the data folder"):  # a caller with its own entry: same check
+        load_shard(data, entry, spec)
+
+
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        (lambda m: m["shards"][0].pop("records"), "shards[0].records", "missing"),
+        (lambda m: m["shards"][1].update(records="4"), "shards[1].records", "not a non-negative integer"),
+        (lambda m: m["shards"][0].update(records=-1), "shards[0].records", "not a non-negative integer"),
+        (lambda m: m["shards"][0].update(records=2.5), "shards[0].records", "not a non-negative integer"),
+        (lambda m: m["shards"][0].update(records=True), "shards[0].records", "not a non-negative integer"),
+        (lambda m: m["shards"][0].pop("file"), "shards[0].file", "missing"),
+        (lambda m: m["shards"][0].update(file=7), "shards[0].file", "not a string"),
+        (lambda m: m["shards"][0].update(sha256=None), "shards[0].sha256", "not a string"),
+        (lambda m: m["shards"].__setitem__(1, "shard-00001.pt"), "shards[1]", "not an object"),
+        (lambda m: m["shards"].__setitem__(1, m["shards"][0]), "shards[1].file", "listed twice"),
+        (lambda m: m.update(shards={"file": "shard-00000.pt"}), "shards", "not a list"),
+        (lambda m: m.update(num_records="8"), "num_records", "not a non-negative integer"),
+    ],
+)
+def test_each_bad_manifest_entry_gives_a_clear_error(tmp_path, change, field, words):
+    write_text_dataset(tmp_path, n=8, per_shard=4)
+    edit_manifest(tmp_path, change)
+    for call in (lambda: read_manifest(tmp_path), lambda: build_loader(tmp_path, batch_size=2, num_workers=0)):
+        with pytest.raises(ShardError) as info:
+            call()
+        assert (info.value.file, info.value.field) == (str(tmp_path / "manifest.json"), field)
+        assert words in info.value.problem
+    assert [(e.field, words in e.problem) for e in validate(tmp_path)] == [(field, True)]
+
+
+@pytest.mark.parametrize("text", ["[]", '"rfdit-latent-shards"', "null", "3"])
+def test_a_manifest_that_is_not_a_json_object_gives_a_clear_error(tmp_path, text, capsys):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ShardError, match="manifest.json: manifest: .*not a JSON object"):
+        read_manifest(tmp_path)
+    assert validate_main([str(tmp_path)]) == 1
+    assert "not a JSON object" in capsys.readouterr().err

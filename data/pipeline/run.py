@@ -10,11 +10,17 @@ Resume design: one input tar is the unit of work, done or not done.
     temp shards of an interrupted run, a stale marker) are deleted first. Redone output equals a clean run's
     (VAE means, tokenizer and tar captions are deterministic; VLM captions are sampled, so they differ).
   - A shard is never visible half-written: ShardWriter writes through temp names and renames.
+  - A tar that cannot be read to its end (cut on disk, a download short of its Content-Length, a damaged
+    header or compressed stream, a failing `pipe:` command: sources.iter_tar_samples) fails alone: its shards
+    written so far are deleted, it gets no marker, it is logged by name and listed in RankResult.failed, and
+    the rank goes on with its other tars. So the folder is never finalized without it, and a rerun redoes it.
+  - Redoing any tar deletes a manifest.json left from an earlier finalize: it lists that tar's old shards.
   - A marker written with a different spec (other VAE, tokenizer, sizes, inputs ...) is an error, so one
     folder never mixes two configurations.
-Finalize: when every input tar has its marker, `finalize` checks that the markers agree and that the folder
-holds exactly their shards, adds the summed drop counts to spec.extra and writes manifest.json. Every rank
-tries this after its own tars, so the last rank to finish writes it; `--finalize` does it explicitly.
+Finalize: when every input tar has its marker (so none failed, on any rank), `finalize` checks that the
+markers agree and that the folder holds exactly their shards, adds the summed drop counts to spec.extra and
+writes manifest.json. Every rank tries this after its own tars, so the last rank to finish writes it;
+`--finalize` does it explicitly.
 
 Shard order inside a tar follows the tar: the training loader wants shuffled sources, which webdataset
 tars written by img2dataset-style tools are.
@@ -38,13 +44,14 @@ from data.pipeline.encoders import ImageAutoencoder, TextTokenizer, images_to_te
 from data.pipeline.sources import (
     DropCounts,
     Prepared,
+    SourceError,
     input_stem,
     iter_tar_samples,
     ordered_map,
     prepare_sample,
     split_for_rank,
 )
-from data.shards import DatasetSpec, ShardWriter, shard_finished, write_json_atomic, write_manifest
+from data.shards import MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = "progress"
@@ -88,6 +95,8 @@ class RankResult:
     counts: DropCounts
     manifest: dict[str, Any] | None
     """The manifest when this rank found every tar done and finalized the folder."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Input tar -> why it could not be read whole (SourceError): no marker, no shards; a rerun redoes it."""
 
 
 def build_spec(
@@ -201,10 +210,30 @@ def process_tar(
     vae: ImageAutoencoder,
     bar: tqdm | None = None,
 ) -> DropCounts:
-    """Turn one input tar into its shards and marker (from scratch: leftovers are deleted first)."""
+    """Turn one input tar into its shards and marker (from scratch: leftovers are deleted first). Raises
+    SourceError, after deleting what it wrote, when the tar cannot be read whole."""
     stem = input_stem(url)
+    (Path(cfg.out_dir) / MANIFEST).unlink(missing_ok=True)
     if removed := clean_partial(cfg.out_dir, stem):
         log.info("%s: removed %d leftover files of an interrupted run", stem, len(removed))
+    try:
+        counts = _write_shards(url, stem, cfg, spec, captioner, tokenizer, vae, bar)
+    except SourceError:
+        clean_partial(cfg.out_dir, stem)
+        raise
+    return counts
+
+
+def _write_shards(
+    url: str,
+    stem: str,
+    cfg: PipelineConfig,
+    spec: DatasetSpec,
+    captioner: Captioner,
+    tokenizer: TextTokenizer | None,
+    vae: ImageAutoencoder,
+    bar: tqdm | None,
+) -> DropCounts:
     writer = ShardWriter(cfg.out_dir, spec, cfg.records_per_shard, prefix=f"shard-{stem}")
     counts = DropCounts()
     caption_size = cfg.caption_size if captioner.needs_images else None
@@ -251,10 +280,17 @@ def run_rank(
     interval = 0.5 if sys.stderr.isatty() else 60.0
     bar = tqdm(desc=f"rank {cfg.rank}/{cfg.world_size}", unit="img", disable=not cfg.progress, mininterval=interval)
     for i, url in enumerate(todo):
-        result.counts.add(process_tar(url, cfg, spec, captioner, tokenizer, vae, bar))
-        result.processed.append(url)
+        try:
+            result.counts.add(process_tar(url, cfg, spec, captioner, tokenizer, vae, bar))
+            result.processed.append(url)
+        except SourceError as err:
+            log.error("%s failed, its shards are removed and a rerun redoes it: %s", input_stem(url), err)
+            result.failed[url] = str(err)
         c = result.counts
-        bar.set_postfix(tars=f"{i + 1}/{len(todo)}", small=c.too_small, flat=c.degenerate, bad=c.undecodable)
+        bar.set_postfix(
+            tars=f"{i + 1}/{len(todo)}", failed=len(result.failed), small=c.too_small, flat=c.degenerate,
+            bad=c.undecodable,
+        )
     bar.close()
     if all(is_done(cfg.out_dir, input_stem(u)) for u in cfg.inputs):
         result.manifest = finalize(cfg.out_dir, cfg.inputs)

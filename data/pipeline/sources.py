@@ -5,8 +5,15 @@ glob, sorted. Rank r of W takes tars r, r + W, r + 2W, ... so a rank's share doe
 others are, and each tar has a stable stem (its file name without `.tar`) that names its output shards.
 
 A tar is read as a stream (local file, file://, http(s):// with a timeout, or `pipe:COMMAND` whose stdout is
-the tar) and grouped into samples the WebDataset way: members `dir/abc.png` and `dir/abc.json` are the
-sample with key `dir/abc`; the extension starts at the first dot of the file name.
+the tar; gzip, bzip2 or xz compressed or not) and grouped into samples the WebDataset way: members
+`dir/abc.png` and `dir/abc.json` are the sample with key `dir/abc`; the extension starts at the first dot of
+the file name.
+
+A tar counts as read only when it is whole, and anything less raises SourceError naming it: the two zero
+blocks that end every tar must follow the last member (tarfile itself stops without a word at a missing,
+short or damaged header, and would pass a cut tar for a shorter complete one), every member must hold the
+bytes its header promises, a compressed stream must reach its end marker, a download must deliver its
+Content-Length and a `pipe:` command must exit 0.
 
 Each image is decoded, dropped when its shorter side is below the target size (we never upsample what the
 VAE sees), resized with Lanczos so the shorter side is the target and centre-cropped to a square, then
@@ -14,15 +21,20 @@ dropped when it is near a single colour: blank or flat images destabilised the r
 The captioner gets a centre crop of the same square region, at `caption_size` (larger, so a VLM sees detail).
 """
 
+import bz2
 import glob
+import gzip
+import http.client
 import io
 import json
+import lzma
 import re
 import subprocess
 import tarfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -100,8 +112,9 @@ def split_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
 @contextmanager
 def open_stream(url: str, timeout: float = 60.0, retries: int = 3) -> Iterator[IO[bytes]]:
     """A readable binary stream of the tar. Opening an http(s) URL is retried (not a read that fails half
-    way: the whole tar is then redone on the next run); a `pipe:` command that exits non-zero is an error,
-    since a truncated stream can end on a member boundary and otherwise pass for a complete tar."""
+    way: the whole tar is then redone on the next run). After the caller is done, the rest of the stream is
+    read and checked: a download must have delivered its Content-Length (urllib returns a body cut short by
+    a closed connection without complaint) and a `pipe:` command must exit 0."""
     if url.startswith("pipe:"):
         proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
         try:
@@ -111,10 +124,9 @@ def open_stream(url: str, timeout: float = 60.0, retries: int = 3) -> Iterator[I
             proc.stdout.close()
             proc.wait()
             raise
-        # tarfile stops at the end-of-archive blocks; drain the record padding after them, or the command
-        # dies of SIGPIPE writing it and its exit status would say it failed.
-        while proc.stdout.read(1 << 16):
-            pass
+        # Drain what the reader left (record padding), or the command dies of SIGPIPE writing it and its exit
+        # status would say it failed.
+        _drain(proc.stdout)
         proc.stdout.close()
         if (code := proc.wait()) != 0:
             raise SourceError(f"input command {url!r} exited with status {code}")
@@ -125,10 +137,20 @@ def open_stream(url: str, timeout: float = 60.0, retries: int = 3) -> Iterator[I
             stream = open(path, "rb")
         except OSError as err:
             raise SourceError(f"cannot open input tar {url}: {err}") from err
-    else:
-        stream = _urlopen_with_retries(url, timeout, retries)
-    with stream:
-        yield stream
+        with stream:
+            yield stream
+        return
+    response = _urlopen_with_retries(url, timeout, retries)
+    with response:
+        counted = _Counted(response)
+        yield counted
+        _drain(counted)
+        length = response.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and counted.count != int(length):
+            raise SourceError(
+                f"download of {url} ended after {counted.count} of its {int(length)} bytes (Content-Length): "
+                "the connection closed early"
+            )
 
 
 def _urlopen_with_retries(url: str, timeout: float, retries: int) -> IO[bytes]:
@@ -147,11 +169,108 @@ def _urlopen_with_retries(url: str, timeout: float, retries: int) -> IO[bytes]:
     raise SourceError(f"cannot open input tar {url} (after {attempt + 1} attempts): {error}")
 
 
+def _drain(stream: IO[bytes]) -> None:
+    while stream.read(1 << 16):
+        pass
+
+
+class _Counted:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.count = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+
+class _Prefixed:
+    """`head` (already read from `stream` to sniff the compression) followed by the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            out, self.head = self.head + self.stream.read(), b""
+        else:
+            out, self.head = self.head[:size], self.head[size:]
+        return out
+
+
+_COMPRESSED: tuple[tuple[bytes, Callable[[Any], IO[bytes]]], ...] = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", lambda f: bz2.BZ2File(f, mode="rb")),
+    (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f, mode="rb")),
+)
+
+
+def _decompressed(stream: IO[bytes]) -> IO[bytes]:
+    """The tar inside a gzip, bzip2 or xz stream, or `stream` itself. Python's decompressing files raise
+    EOFError at a stream cut before its end marker; tarfile's own `r|gz` stream returns what it has."""
+    head = stream.read(6)
+    prefixed = _Prefixed(head, stream)
+    for magic, opener in _COMPRESSED:
+        if head.startswith(magic):
+            return opener(prefixed)
+    return prefixed
+
+
+class _Tail:
+    """The uncompressed tar stream, keeping its last bytes so that the blocks where tarfile stopped can be
+    looked at afterwards: tarfile reads ahead at most one record, so KEEP bytes always cover them."""
+
+    KEEP = 4 * tarfile.RECORDSIZE
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.pos, self.tail = stream, 0, bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.pos += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self.KEEP:  # trimmed now and then, not on every read: a member is many reads
+            del self.tail[: -self.KEEP]
+        return data
+
+    def at(self, offset: int, size: int) -> bytes:
+        """The `size` bytes from `offset` on (reading on as needed); fewer where the stream ends first."""
+        while self.pos < offset + size and self.read(offset + size - self.pos):
+            pass
+        start = offset - (self.pos - len(self.tail))
+        if start < 0:
+            raise RuntimeError(f"byte {offset} is no longer buffered (read on to {self.pos})")
+        return bytes(self.tail[start : start + size])
+
+
+def check_end_of_archive(stream: _Tail, offset: int, url: str) -> None:
+    """Raise unless two zero blocks, the end-of-archive marker, start at `offset`: where tarfile stopped."""
+    block = tarfile.BLOCKSIZE
+    end = stream.at(offset, 2 * block)
+    if len(end) < 2 * block:
+        raise SourceError(
+            f"input tar {url} is truncated: it ends at byte {offset + len(end)}, inside or before the header "
+            f"expected at byte {offset}, without the two zero blocks that end a tar"
+        )
+    if end != bytes(2 * block):
+        raise SourceError(f"input tar {url} has a damaged header at byte {offset}: the members after it are lost")
+
+
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, http.client.HTTPException)
+"""What reading a cut or damaged stream raises: tarfile, the decompressors, the socket and http.client."""
+
+
 def iter_tar_samples(url: str, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
-    """Samples of one tar as {'__key__': key, ext: bytes, ...}, in tar order."""
-    with open_stream(url, timeout) as stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    """Samples of one tar as {'__key__': key, ext: bytes, ...}, in tar order. Raises SourceError, before it
+    yields the last sample, unless the tar was whole (module docstring)."""
+    try:
+        with open_stream(url, timeout) as raw:
+            stream = _Tail(_decompressed(raw))
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
                 sample: dict[str, Any] = {}
                 for member in tar:
                     if not member.isfile():
@@ -165,10 +284,12 @@ def iter_tar_samples(url: str, timeout: float = 60.0) -> Iterator[dict[str, Any]
                         sample = {}
                     sample["__key__"] = key
                     sample[ext.lower()] = tar.extractfile(member).read()
-                if sample:
-                    yield sample
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise SourceError(f"input tar {url} is unreadable or truncated: {err}") from err
+                check_end_of_archive(stream, tar.offset, url)
+            _drain(stream)  # the record padding, and a compressed stream up to its end marker
+            if sample:
+                yield sample
+    except _READ_ERRORS as err:
+        raise SourceError(f"input tar {url} is unreadable or truncated: {type(err).__name__}: {err}") from err
 
 
 @dataclass
