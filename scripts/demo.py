@@ -159,7 +159,8 @@ def main() -> None:
         if stage == 2:
             tic = time.perf_counter()
             text = run([py, "reparameterize.py", "stage1-to-stage2", "--src", str(newest_checkpoint(runs / "stage1")),
-                        "--dst", str(runs / "stage2" / "init.pt"), "--text-dim", "384", "--text-len", "32"],
+                        "--dst", str(runs / "stage2" / "init.pt"), "--text-dim", "384", "--text-len", "32",
+                        "--force"],  # a rerun rewrites the init from Stage 1's (possibly longer-trained) EMA
                        args.out_dir / "reparameterize.log")
             parity = parse_parity(text)
             timings["reparameterize"] = time.perf_counter() - tic
