@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint models data clean
+.PHONY: demo test lint models data clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,9 +18,22 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The Gradio app's browser test drives a headless Chromium. Installed here where this user may (root with apt-get,
+# as in CI); elsewhere the test is skipped with the command to run (README, "Tests").
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's chromium for the browser test"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+				|| echo "note: could not install chromium: the browser test is skipped"; \
+		else \
+			echo "note: no /usr/bin/chromium: the browser test is skipped (install: sudo apt-get install -y chromium)"; \
+		fi; \
+	fi
 
 # The embedded datasets (synthetic scenes, OpenMoji) as latent shards under outputs/data (~3 min).
 data: $(STAMP)
