@@ -11,7 +11,10 @@ once, at start-up, and one image is drawn there, so a file that is not a usable 
 a one-line message instead of failing in the browser. The app listens on 127.0.0.1 unless --host says
 otherwise, and makes a public gradio.live link only with --share. Image i of a request has seed `seed + i`,
 as in app/sample.py, so the CLI line the app prints under the images reproduces them. One generation runs
-at a time; a bounded queue holds the others.
+at a time; a bounded queue holds the others. Every request is checked by app/validation.py, the CLI's own checks
+(with the controls' ranges, and at most --max-pixel-steps of pixels x steps x images). What the checkpoint names
+(text encoder, tokenizer, VAE) loads only from hub ids or the bundled MiniLM: --text-encoder, --tokenizer and
+--vae PATH load a folder instead, and only --trust-remote-code lets an encoder run its own code (app/sources.py).
 
 Optional prompt rewriting (--rewrite-endpoint, app/rewrite.py) retells the prompt in the style of the
 training captions through an OpenAI-compatible VLM server; the prompt actually used is shown.

@@ -287,6 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out-dir", type=Path, default=None, help="write grid.png here")
     p.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--max-pixel-steps", type=_positive_int, default=None,
+                   help="budget of height x width x steps x images per generate() call (default: app/validation.py's)")
     from app.sources import add_source_flags
 
     add_source_flags(p)  # --text-encoder / --tokenizer / --vae PATH, --trust-remote-code (app/sources.py)
@@ -298,13 +300,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.model_path.exists():
         raise SystemExit(f"--model-path {args.model_path} does not exist")
+    from dataclasses import replace
+
     from app.pipeline import load_pipeline
     from app.sources import sources_from_args
-    from app.validation import RequestError
+    from app.validation import BATCH, RequestError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
     try:
-        pipe = load_pipeline(args.model_path, weights=args.weights, device=device, sources=sources_from_args(args))
+        pipe = load_pipeline(args.model_path, weights=args.weights, device=device, sources=sources_from_args(args),
+                             limits=limits)
     except ValueError as err:  # app.pipeline.CheckpointError: names the file and, for a source, the flag
         raise SystemExit(str(err)) from err
     conditioning = pipe.metadata.get("conditioning")

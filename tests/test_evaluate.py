@@ -230,8 +230,11 @@ def stand_in(monkeypatch, tmp_path):
     """Installs a fake `app.pipeline` module; returns a checkpoint path and a setter for its conditioning."""
     state = dict(pipe=StandInPipeline("text"))
     module = types.ModuleType("app.pipeline")
-    module.load_pipeline = lambda path, weights="ema", device="cpu", sources=None: state.update(sources=sources) or \
-        state["pipe"]
+    def load_pipeline(path, weights="ema", device="cpu", sources=None, limits=None):
+        state.update(sources=sources, limits=limits)
+        return state["pipe"]
+
+    module.load_pipeline = load_pipeline
     monkeypatch.setitem(sys.modules, "app.pipeline", module)
     checkpoint = tmp_path / "step_00000001.pt"
     checkpoint.write_bytes(b"")
@@ -261,6 +264,9 @@ def test_cli_passes_the_users_sources_to_the_loader(stand_in, tmp_path):
     main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--text-encoder",
           str(tmp_path / "enc"), "--tokenizer", str(tmp_path / "tok"), "--vae", "acme/vae", "--trust-remote-code"])
     assert state["sources"] == Sources(str(tmp_path / "enc"), str(tmp_path / "tok"), "acme/vae", True)
+    assert state["limits"].pixel_steps is None
+    main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--max-pixel-steps", "7"])
+    assert state["limits"].pixel_steps == 7
 
 
 def test_cli_refuses_a_class_conditional_checkpoint(stand_in):
