@@ -253,6 +253,11 @@ def _plan(path: Path, meta: dict[str, Any], sources: Sources) -> _Plan:
         vae = vae_source(meta.get("vae") or {"id": "identity"}, sources)
         if meta["conditioning"] != "text":
             return _Plan(None, None, vae)
+        tok = meta["tokenizer"]
+        if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) and tok[k] > 0
+                                                for k in ("max_length", "vocab_size")):
+            raise CheckpointError(f"--model-path {path}: metadata.tokenizer must hold max_length and vocab_size "
+                                  f"(positive whole numbers), got {_one_line(repr(tok), 200)}")
         return _Plan(text_encoder_config(meta["text_encoder"], sources), tokenizer_source(meta["tokenizer"], sources),
                      vae)
     except UnsafeSourceError as err:

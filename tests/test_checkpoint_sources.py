@@ -155,3 +155,28 @@ def test_a_random_file_never_gets_the_weights_only_false_advice(tmp_path):
         load_pipeline(bad, device="cpu")
     assert "random.pt" in str(err.value) and "not a readable checkpoint" in str(err.value)
     assert "weights_only=False" not in str(err.value) and "will likely succeed" not in str(err.value)
+
+
+def test_a_tokenizer_record_without_its_lengths_is_refused(stage2_checkpoint, tmp_path):
+    path = tampered(stage2_checkpoint, tmp_path / "odd.pt", lambda meta: meta["tokenizer"].pop("max_length"))
+    with pytest.raises(CheckpointError, match="odd.pt: metadata.tokenizer must hold max_length and vocab_size"):
+        load_pipeline(path, device="cpu")
+
+
+def test_the_attack_folder_is_live_and_the_loaders_default_refuses_it(tmp_path):
+    """The loaders themselves: without trust_remote_code (their default) transformers refuses the auto_map and
+    imports nothing; with it the module is imported, which shows the folder above is a working attack."""
+    from data.pipeline.encoders import TextTokenizer
+    from models.text_encoder import FrozenTextEncoder
+
+    folder, marker = remote_code_folder(tmp_path, "direct")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        FrozenTextEncoder.from_pretrained(folder, device="cpu")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        TextTokenizer(folder, 32)
+    assert not marker.exists()
+    with pytest.raises(OSError):  # no weights in the folder, but its module has run by then
+        FrozenTextEncoder.from_pretrained(folder, device="cpu", trust_remote_code=True)
+    assert marker.exists()
+    with pytest.raises(ValueError, match="dtype 'load' is not one of float32"):
+        FrozenTextEncoder.from_pretrained(None, dtype="load", device="cpu")
