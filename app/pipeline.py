@@ -153,8 +153,8 @@ class Pipeline:
             [torch.randn(cfg.in_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         ).to(self.device)
 
-    def _conditions(self, prompts: Any, labels: Any, names: checks.Names, limits: checks.Limits):
-        """(conditions, count) for the prompts (text) or labels (class), each checked."""
+    def _items(self, prompts: Any, labels: Any, names: checks.Names, limits: checks.Limits) -> list[str] | list[int]:
+        """The prompts (text) or labels (class), each checked."""
         if self.is_text:
             if prompts is None or labels is not None:
                 raise checks.RequestError("this is a text-conditional checkpoint: pass prompts=, not labels=")
@@ -164,11 +164,15 @@ class Pipeline:
             for i, prompt in enumerate(prompts):
                 if not (isinstance(prompt, str) and prompt in checked):
                     checked[prompt] = self.check_prompt(names.prompt.format(i=i), prompt, limits, names.prompt_chars)
-            return self.conditioning.from_prompts([checked[p] for p in prompts], self.device), len(prompts)
+            return [checked[p] for p in prompts]
         if labels is None or prompts is not None:
             raise checks.RequestError("this is a class-conditional checkpoint: pass labels=, not prompts=")
-        labels = checks.check_labels(names.label, list(labels), self.conditioning.null_label)
-        return self.conditioning.from_labels(labels, self.device), len(labels)
+        return checks.check_labels(names.label, list(labels), self.conditioning.null_label)
+
+    def _condition(self, items: list[str] | list[int]) -> dict[str, Tensor]:
+        if self.is_text:
+            return self.conditioning.from_prompts(items, self.device)
+        return self.conditioning.from_labels(items, self.device)
 
     @torch.no_grad()
     def generate(
@@ -202,8 +206,8 @@ class Pipeline:
             cfg_interval, d["alpha"] if alpha is None else alpha, method,
         )
         h, w = self.check_size(names, height, width)
-        cond, n = self._conditions(prompts, labels, names, limits)
-        checks.check_count(names.num_images, n, limits)
+        items = self._items(prompts, labels, names, limits)
+        n = checks.check_count(names.num_images, len(items), limits)
         seeds = list(range(n)) if seeds is None else list(seeds)
         if len(seeds) != n:
             raise checks.RequestError(f"{len(seeds)} seeds for {n} images")
@@ -213,7 +217,7 @@ class Pipeline:
         out = sample(
             self.model,
             self.noise(seeds, size),
-            cond,
+            self._condition(items),
             self.conditioning.null(n, self.device),
             steps=settings.steps,
             alpha=settings.alpha,

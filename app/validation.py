@@ -117,7 +117,7 @@ def check_number(name: str, value: Any, bounds: tuple[float, float], integer: bo
 
 
 @dataclass(frozen=True)
-class Settings:
+class SamplingSettings:
     """A request's sampling settings, checked."""
 
     steps: int
@@ -128,7 +128,7 @@ class Settings:
 
 
 def check_settings(names: Names, limits: Limits, steps: Any, cfg_scale: Any, cfg_interval: Sequence[Any],
-                   alpha: Any, method: Any) -> Settings:
+                   alpha: Any, method: Any) -> SamplingSettings:
     """Steps, guidance scale, the guidance interval (ordered, within [0, 1]), alpha and the solver, checked."""
     if isinstance(cfg_interval, str) or not isinstance(cfg_interval, Sequence) or len(cfg_interval) != 2:
         raise RequestError(f"{names.cfg_start} and {names.cfg_end}: the guidance interval is two numbers, got "
@@ -139,7 +139,7 @@ def check_settings(names: Names, limits: Limits, steps: Any, cfg_scale: Any, cfg
         raise RequestError(f"{names.cfg_start} ({lo}) must not be after {names.cfg_end} ({hi})")
     if method not in METHODS:
         raise RequestError(f"{names.method} must be one of {', '.join(METHODS)}, got {method!r}")
-    return Settings(
+    return SamplingSettings(
         steps=check_number(names.steps, steps, limits.steps, integer=True),
         cfg_scale=check_number(names.cfg_scale, cfg_scale, limits.cfg_scale),
         cfg_interval=(lo, hi),
