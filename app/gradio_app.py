@@ -11,7 +11,10 @@ once, at start-up, and one image is drawn there, so a file that is not a usable 
 a one-line message instead of failing in the browser. The app listens on 127.0.0.1 unless --host says
 otherwise, and makes a public gradio.live link only with --share. Image i of a request has seed `seed + i`,
 as in app/sample.py, so the CLI line the app prints under the images reproduces them. One generation runs
-at a time; a bounded queue holds the others.
+at a time; a bounded queue holds the others. Every request is checked by app/validation.py, the CLI's own checks
+(with the controls' ranges, and at most --max-pixel-steps of pixels x steps x images). What the checkpoint names
+(text encoder, tokenizer, VAE) loads only from hub ids or the bundled MiniLM: --text-encoder, --tokenizer and
+--vae PATH load a folder instead, and only --trust-remote-code lets an encoder run its own code (app/sources.py).
 
 Optional prompt rewriting (--rewrite-endpoint, app/rewrite.py) retells the prompt in the style of the
 training captions through an OpenAI-compatible VLM server; the prompt actually used is shown.
@@ -41,9 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from app import validation as checks  # noqa: E402
 from app.pipeline import CheckpointError, Pipeline, load_pipeline  # noqa: E402
 from app.rewrite import PromptRewriter, RewriteError  # noqa: E402
-from flow.sampler import ADAPTIVE_METHODS, FIXED_METHODS  # noqa: E402
+from app.sources import add_source_flags, sources_from_args  # noqa: E402
+from app.validation import APP, Limits, RequestError, check_number  # noqa: E402
 
 # System fonts only: the default theme loads Google Fonts, which a cluster node without internet cannot reach.
 THEME = gr.themes.Default(
@@ -55,31 +60,8 @@ CSS = "#gallery img, #trajectory img { image-rendering: pixelated; }"
 
 
 @dataclass(frozen=True)
-class Limits:
-    """The ranges the controls offer and the handler enforces: API clients do not go through the sliders."""
-
-    steps: tuple[int, int] = (1, 200)
-    cfg_scale: tuple[float, float] = (0.0, 20.0)
-    alpha: tuple[float, float] = (0.1, 10.0)
-    num_images: tuple[int, int] = (1, 8)
-    seed: tuple[int, int] = (0, 2**31 - 1)
-    prompt_chars: int = 1000
-
-    def covering(self, defaults: dict[str, Any]) -> "Limits":
-        """These limits widened to include the checkpoint's defaults, so a stage that previewed with, say,
-        250 steps still opens with its own settings."""
-        steps, cfg, alpha = int(defaults["steps"]), float(defaults["cfg_scale"]), float(defaults["alpha"])
-        return replace(
-            self,
-            steps=(self.steps[0], max(self.steps[1], steps)),
-            cfg_scale=(self.cfg_scale[0], max(self.cfg_scale[1], cfg)),
-            alpha=(min(self.alpha[0], alpha), max(self.alpha[1], alpha)),
-        )
-
-
-@dataclass(frozen=True)
 class Settings:
-    """One request's sampling settings, checked."""
+    """One request's sampling settings, checked (app/validation.py)."""
 
     steps: int
     cfg_scale: float
@@ -93,18 +75,6 @@ class Settings:
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
-
-
-def check_number(label: str, value: Any, bounds: tuple[float, float], integer: bool = False) -> float | int:
-    """`value` as a number within `bounds`; gr.Error names the control and the range."""
-    lo, hi = bounds
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise gr.Error(f"{label} must be a number, got {value!r}")
-    if integer and value != int(value):
-        raise gr.Error(f"{label} must be a whole number, got {value}")
-    if not lo <= value <= hi:  # also refuses NaN
-        raise gr.Error(f"{label} must be between {lo} and {hi}, got {value}")
-    return int(value) if integer else float(value)
 
 
 class TrajectoryWriter:
@@ -140,45 +110,29 @@ class Generator:
 
     def settings(self, steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed, randomize_seed,
                  num_images, show_trajectory) -> Settings:
-        """The controls' values checked against the limits (gr.Error otherwise), the seed drawn if asked."""
+        """The controls' values checked against the limits (RequestError otherwise), the seed drawn if asked."""
         lim = self.limits
-        lo = check_number("Guidance from t", guidance_start, (0.0, 1.0))
-        hi = check_number("Guidance until t", guidance_end, (0.0, 1.0))
-        if lo > hi:
-            raise gr.Error(f"Guidance from t ({lo}) must not be after Guidance until t ({hi})")
-        if solver not in FIXED_METHODS + ADAPTIVE_METHODS:
-            raise gr.Error(f"Solver must be one of {', '.join(FIXED_METHODS + ADAPTIVE_METHODS)}, got {solver!r}")
-        n = check_number("Number of images", num_images, lim.num_images, integer=True)
+        sampling = checks.check_settings(APP, lim, steps, guidance_scale, (guidance_start, guidance_end), alpha,
+                                         solver)
+        n = check_number(APP.num_images, num_images, lim.num_images, integer=True)
         if randomize_seed:
             seed = random.randint(lim.seed[0], lim.seed[1] - n + 1)
-        seed = check_number("Seed", seed, lim.seed, integer=True)
+        seed = check_number(APP.seed, seed, lim.seed, integer=True)
         if seed + n - 1 > lim.seed[1]:
-            raise gr.Error(f"Seed + Number of images - 1 must be at most {lim.seed[1]}, got {seed + n - 1}")
-        return Settings(
-            steps=check_number("Steps", steps, lim.steps, integer=True),
-            cfg_scale=check_number("Guidance scale", guidance_scale, lim.cfg_scale),
-            cfg_interval=(lo, hi),
-            alpha=check_number("Alpha", alpha, lim.alpha),
-            method=solver, seed=seed, num_images=n, trajectory=bool(show_trajectory),
-        )
+            raise RequestError(f"Seed + Number of images - 1 must be at most {lim.seed[1]}, got {seed + n - 1}")
+        size = self.pipe.image_size  # the app draws at the trained size
+        checks.check_budget(APP, lim.budget(self.pipe.device), size, size, sampling.steps, n)
+        return Settings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, cfg_interval=sampling.cfg_interval,
+                        alpha=sampling.alpha, method=sampling.method, seed=seed, num_images=n,
+                        trajectory=bool(show_trajectory))
 
     def check_text(self, prompt: Any, which: str = "prompt") -> str:
-        """A non-empty prompt within the character limit, stripped; gr.Error otherwise."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise gr.Error(f"The {which} is empty: describe the image to generate")
-        prompt = prompt.strip()
-        if len(prompt) > self.limits.prompt_chars:
-            raise gr.Error(f"The {which} is {len(prompt)} characters long; at most {self.limits.prompt_chars}")
-        return prompt
+        """A non-empty string within the character limit, stripped; RequestError otherwise."""
+        return checks.check_prompt(f"The {which}", prompt, self.limits)
 
     def check_prompt(self, prompt: Any, which: str = "prompt") -> str:
-        """`check_text`, and no longer than the checkpoint's tokenizer reads; gr.Error otherwise."""
-        prompt = self.check_text(prompt, which)
-        tokens, most = self.pipe.prompt_length(prompt), self.pipe.conditioning.max_length
-        if tokens > most:
-            raise gr.Error(f"The {which} is {tokens} tokens long, but this checkpoint's text encoder reads only "
-                           f"the first {most}: shorten it")
-        return prompt
+        """`check_text`, and no longer than the checkpoint's tokenizer reads; RequestError otherwise."""
+        return self.pipe.check_prompt(f"The {which}", prompt, self.limits)
 
     def final_prompt(self, prompt: Any, rewrite: bool) -> str:
         """The prompt to draw from: the user's, or (when asked) its rewrite in the training-caption style."""
@@ -204,17 +158,23 @@ class Generator:
     def generate_text(self, prompt, rewrite, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
                       seed, randomize_seed, num_images, show_trajectory):
         """Text checkpoints: (gallery, trajectory GIF, prompt used, seed, status)."""
-        settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
-                                 randomize_seed, num_images, show_trajectory)
-        used = self.final_prompt(prompt, bool(rewrite))
+        try:
+            settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
+                                     randomize_seed, num_images, show_trajectory)
+            used = self.final_prompt(prompt, bool(rewrite))
+        except RequestError as err:
+            raise gr.Error(str(err)) from err
         gallery, gif, status = self.draw("prompts", used, settings)
         return gallery, gif, used, settings.seed, status
 
     def generate_class(self, class_label, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
                        seed, randomize_seed, num_images, show_trajectory):
         """Class checkpoints: (gallery, trajectory GIF, seed, status)."""
-        settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
-                                 randomize_seed, num_images, show_trajectory)
+        try:
+            settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
+                                     randomize_seed, num_images, show_trajectory)
+        except RequestError as err:
+            raise gr.Error(str(err)) from err
         gallery, gif, status = self.draw("labels", self.class_index(class_label), settings)
         return gallery, gif, settings.seed, status
 
@@ -223,7 +183,7 @@ class Generator:
         without: a sample depends on its seed only, so the pixels are the same, and only one image's
         intermediate states are decoded."""
         common = dict(steps=s.steps, cfg_scale=s.cfg_scale, alpha=s.alpha, cfg_interval=s.cfg_interval,
-                      method=s.method)
+                      method=s.method, names=APP, limits=self.limits)
         seeds, start, gif = s.seeds, time.perf_counter(), None
         try:
             if s.trajectory:
@@ -276,7 +236,7 @@ def rewrite_note(rewriter: PromptRewriter | None) -> str:
 def sampling_controls(lim: Limits, d: dict[str, Any]) -> list[gr.components.Component]:
     """Steps, guidance, alpha, solver, seed, number of images and the trajectory switch, in the order the
     handlers take them, created in the current Blocks layout."""
-    methods = list(FIXED_METHODS + ADAPTIVE_METHODS)
+    methods = list(checks.METHODS)
     with gr.Row():
         steps = gr.Slider(*lim.steps, value=int(d["steps"]), step=1, label="Steps")
         cfg = gr.Slider(*lim.cfg_scale, value=float(d["cfg_scale"]), step=0.1, label="Guidance scale",
@@ -348,7 +308,8 @@ def build_app(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", type=Path, required=True, help="checkpoint written by the trainer")
+    p.add_argument("--model-path", type=Path, required=True,
+                   help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -356,6 +317,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     p.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt accepted, in characters")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the one running")
+    p.add_argument("--max-pixel-steps", type=int, default=None,
+                   help="budget of height x width x steps x images per request (default: 16,000,000 on a CPU, "
+                        "2e9 on a GPU)")
+    add_source_flags(p)
     g = p.add_argument_group("prompt rewriting (optional)")
     g.add_argument("--rewrite-endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     g.add_argument("--rewrite-model", help="model name the server serves, e.g. Qwen/Qwen3-VL-2B-Instruct")
@@ -369,6 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-prompt-chars must be >= 1, got {args.max_prompt_chars}")
     if args.queue_size < 1:
         p.error(f"--queue-size must be >= 1, got {args.queue_size}")
+    if args.max_pixel_steps is not None and args.max_pixel_steps < 1:
+        p.error(f"--max-pixel-steps must be >= 1, got {args.max_pixel_steps}")
     if bool(args.rewrite_endpoint) != bool(args.rewrite_model):
         p.error("--rewrite-endpoint and --rewrite-model go together: give both or neither")
     return args
@@ -387,27 +354,17 @@ def one_line(err: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def checkpoint_message(err: CheckpointError) -> str:
-    """A CheckpointError as one line. For a file torch.load cannot read, its own explanation runs over
-    paragraphs and, for a file that is no pickle at all, suggests weights_only=False, which would run code from
-    the file: only the exception's type is kept."""
-    cause = err.__cause__
-    if isinstance(cause, RuntimeError) and cause.__cause__ is not None:
-        reason = type(cause.__cause__).__name__
-        return one_line(str(err).split(" (", 1)[0] + f" (torch.load failed with {reason}: not a PyTorch "
-                        "checkpoint, or a damaged one)")
-    return one_line(err)
-
-
 def load_or_exit(args: argparse.Namespace) -> Pipeline:
     """The pipeline, tried on one image (tokenizer, model and VAE all exercised); SystemExit with one line
-    naming the file if anything about it is wrong, so the problem shows at start-up and not in the browser."""
+    naming the file if anything about it is wrong, so the problem shows at start-up and not in the browser.
+    (A file torch cannot read comes back from app/pipeline.py without torch's own advice, which for a file that
+    is no plain checkpoint is to load it with weights_only=False: that would run code from the file.)"""
     try:
-        pipe = load_pipeline(args.model_path, args.weights, args.device)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args))
         item = dict(prompts=["a test"]) if pipe.is_text else dict(labels=[0])
         pipe.generate(**item, seeds=[0], steps=1, cfg_scale=1.0)
     except CheckpointError as err:
-        raise SystemExit(checkpoint_message(err)) from err
+        raise SystemExit(one_line(err)) from err
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(one_line(f"--model-path {args.model_path}: cannot generate from it "
                                   f"({type(err).__name__}: {err})")) from err
@@ -429,7 +386,8 @@ def make_rewriter(args: argparse.Namespace, pipe: Pipeline) -> PromptRewriter | 
 def main(argv=None) -> None:
     args = parse_args(argv)
     pipe = load_or_exit(args)
-    demo = build_app(pipe, make_rewriter(args, pipe), args.max_prompt_chars, args.queue_size, args.model_path)
+    demo = build_app(pipe, make_rewriter(args, pipe), args.max_prompt_chars, args.queue_size, args.model_path,
+                     Limits(pixel_steps=args.max_pixel_steps))
     # quiet, with our own lines: Gradio's would tell a CLI user to "set share=True in launch()".
     _, local_url, share_url = demo.launch(**launch_kwargs(args), quiet=True, prevent_thread_lock=True)
     public = f" and {share_url}" if share_url else " (add --share for a public link)"

@@ -7,6 +7,9 @@ The model family and size, the prediction type, the text encoder and tokenizer (
 class names (class checkpoints), and the VAE with the scale, shift and pixel range the training latents
 were encoded with are all recorded by the trainer, so no flag repeats them. Used by app/sample.py, the
 Gradio app and evaluation/evaluate.py; the training previews share the same sampler (flow/sampler.py).
+
+What the metadata names is loaded only as a hub id or the bundled MiniLM, never with remote code, unless the user
+says otherwise (`Sources`, app/sources.py); every request is checked by app/validation.py before it is drawn.
 """
 
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ import torch
 from jaxtyping import UInt8
 from torch import Tensor
 
+from app import validation as checks
+from app.sources import Sources, UnsafeSourceError, text_encoder_config, tokenizer_source, vae_source
 from flow import sample
 from models import ModelConfig
 from models.config import CONDITIONINGS, default_conditioning
@@ -28,15 +33,36 @@ class CheckpointError(ValueError):
     """A file that is not a checkpoint this repository's trainer wrote, or not one of the kind asked for."""
 
 
-def read_metadata(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the whole checkpoint, its metadata); CheckpointError names the file and what is missing."""
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest step_*.pt."""
     path = Path(path)
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            found = checkpoint.list_checkpoints(folder)
+            if found:
+                return found[-1]
+        raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt in it")
     if not path.is_file():
         raise CheckpointError(f"--model-path {path}: no such file")
+    return path
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch.load refused a file, without torch's text: for a file that is not a plain checkpoint, that text
+    advises loading it with weights_only=False, which would run whatever code the file holds."""
+    inner = err.__cause__ or err
+    return (f"--model-path {path}: not a readable checkpoint (torch's safe loader refused it with "
+            f"{type(inner).__name__}: not a PyTorch checkpoint, a damaged one, or one holding more than tensors "
+            "and plain values)")
+
+
+def read_metadata(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the whole checkpoint, its metadata); CheckpointError names the file and what is missing."""
+    path = resolve_checkpoint(path)
     try:
-        state = checkpoint.load(path)
+        state = checkpoint.load(path)  # weights_only=True
     except RuntimeError as err:
-        raise CheckpointError(f"--model-path {path}: not a readable checkpoint ({err})") from err
+        raise CheckpointError(_unreadable(path, err)) from err
     meta = state.get("metadata") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "model" not in meta or "conditioning" not in meta:
         raise CheckpointError(
@@ -75,6 +101,8 @@ class Pipeline:
     vae: Any
     metadata: dict[str, Any]
     device: torch.device
+    limits: checks.Limits = checks.BATCH
+    """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-pixel-steps."""
 
     @property
     def is_text(self) -> bool:
@@ -83,6 +111,16 @@ class Pipeline:
     @property
     def image_size(self) -> int:
         return int(self.metadata.get("image_size") or self.model.config.input_size)
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel: 8 for SD3 latents, 1 in pixel space."""
+        return self.image_size // self.model.config.input_size
+
+    @property
+    def size_unit(self) -> int:
+        """Heights and widths are multiples of this many pixels: one patch of latents."""
+        return self.vae_factor * self.model.config.patch
 
     def defaults(self) -> dict[str, Any]:
         """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha)."""
@@ -96,6 +134,16 @@ class Pipeline:
             raise ValueError("prompt_length needs a text-conditional checkpoint")
         return self.conditioning.token_count(prompt)
 
+    def check_prompt(self, name: str, prompt: Any, limits: checks.Limits | None = None, chars_name: str = "") -> str:
+        """app/validation.py's prompt check with this checkpoint's tokenizer and length."""
+        return checks.check_prompt(name, prompt, limits or self.limits, self.prompt_length,
+                                   self.conditioning.max_length, chars_name)
+
+    def check_size(self, names: checks.Names, height: Any, width: Any) -> tuple[int, int]:
+        """(height, width) in pixels, None meaning the trained size; RequestError unless multiples of the unit."""
+        detail = f"patch {self.model.config.patch} x VAE factor {self.vae_factor}"
+        return checks.check_size(names, height, width, self.size_unit, self.image_size, detail)
+
     def noise(self, seeds: list[int], size: int | tuple[int, int] | None = None) -> Tensor:
         """One noise image per seed from its own generator: a sample depends on its seed only, not on the
         batch it is drawn in. `size`: the model's input side, or (height, width), in latent pixels."""
@@ -105,19 +153,26 @@ class Pipeline:
             [torch.randn(cfg.in_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         ).to(self.device)
 
-    def input_size_for(self, height: int | None, width: int | None) -> tuple[int, int] | None:
-        """Image height and width in pixels -> the model's input size (latent pixels); None keeps the trained
-        size. ValueError naming --height / --width when the model cannot take that size."""
-        if height is None and width is None:
-            return None
-        factor = self.image_size // self.model.config.input_size  # 8 for SD3 latents, 1 in pixel space
-        unit = factor * self.model.config.patch
-        sizes = dict(height=height or self.image_size, width=width or self.image_size)
-        for flag, value in sizes.items():
-            if value <= 0 or value % unit:
-                raise ValueError(f"--{flag} {value}: this model takes multiples of {unit} pixels "
-                                 f"(patch {self.model.config.patch} x VAE factor {factor})")
-        return sizes["height"] // factor, sizes["width"] // factor
+    def _items(self, prompts: Any, labels: Any, names: checks.Names, limits: checks.Limits) -> list[str] | list[int]:
+        """The prompts (text) or labels (class), each checked."""
+        if self.is_text:
+            if prompts is None or labels is not None:
+                raise checks.RequestError("this is a text-conditional checkpoint: pass prompts=, not labels=")
+            if isinstance(prompts, str) or not isinstance(prompts, list | tuple):
+                raise checks.RequestError(f"prompts= must be a list of strings, got {type(prompts).__name__}")
+            checked: dict[str, str] = {}  # a prompt repeated for several seeds is tokenized once
+            for i, prompt in enumerate(prompts):
+                if not (isinstance(prompt, str) and prompt in checked):
+                    checked[prompt] = self.check_prompt(names.prompt.format(i=i), prompt, limits, names.prompt_chars)
+            return [checked[p] for p in prompts]
+        if labels is None or prompts is not None:
+            raise checks.RequestError("this is a class-conditional checkpoint: pass labels=, not prompts=")
+        return checks.check_labels(names.label, list(labels), self.conditioning.null_label)
+
+    def _condition(self, items: list[str] | list[int]) -> dict[str, Tensor]:
+        if self.is_text:
+            return self.conditioning.from_prompts(items, self.device)
+        return self.conditioning.from_labels(items, self.device)
 
     @torch.no_grad()
     def generate(
@@ -130,40 +185,45 @@ class Pipeline:
         alpha: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         method: str = "euler",
-        size: int | tuple[int, int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
         return_trajectory: bool = False,
         cuda_graphs: bool = False,
+        names: checks.Names = checks.PYTHON,
+        limits: checks.Limits | None = None,
     ) -> UInt8[Tensor, "b h w 3"] | tuple[UInt8[Tensor, "b h w 3"], UInt8[Tensor, "n b h w 3"]]:
         """Images as uint8 [b, h, w, 3], one per prompt (text) or label (class) with its seed; with
-        `return_trajectory` also the decoded states on the time grid [steps + 1, b, h, w, 3]. `cuda_graphs`
-        (CUDA only) replays the transformer from CUDA graphs (flow/sampler.py); worth it for repeated calls."""
-        if self.is_text:
-            if prompts is None or labels is not None:
-                raise ValueError("this is a text-conditional checkpoint: pass prompts=, not labels=")
-            cond = self.conditioning.from_prompts(list(prompts), self.device)
-            n = len(prompts)
-        else:
-            if labels is None or prompts is not None:
-                raise ValueError("this is a class-conditional checkpoint: pass labels=, not prompts=")
-            bad = [c for c in labels if not 0 <= int(c) <= self.conditioning.null_label]
-            if bad:
-                raise ValueError(f"labels {bad} outside 0..{self.conditioning.null_label} (the last is the null class)")
-            cond = self.conditioning.from_labels([int(c) for c in labels], self.device)
-            n = len(labels)
+        `return_trajectory` also the decoded states on the time grid [steps + 1, b, h, w, 3]. `height` / `width`
+        in pixels (None: the trained size). `cuda_graphs` (CUDA only) replays the transformer from CUDA graphs
+        (flow/sampler.py); worth it for repeated calls.
+
+        Everything is checked first (app/validation.py) against `limits` (default: the pipeline's), widened to
+        the checkpoint's own defaults; RequestError, a ValueError, names the setting as `names` spells it."""
+        d = self.defaults()
+        limits = (limits or self.limits).covering(d)
+        settings = checks.check_settings(
+            names, limits, d["steps"] if steps is None else steps, d["cfg_scale"] if cfg_scale is None else cfg_scale,
+            cfg_interval, d["alpha"] if alpha is None else alpha, method,
+        )
+        h, w = self.check_size(names, height, width)
+        items = self._items(prompts, labels, names, limits)
+        n = checks.check_count(names.num_images, len(items), limits)
         seeds = list(range(n)) if seeds is None else list(seeds)
         if len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds for {n} images")
-        d = self.defaults()
+            raise checks.RequestError(f"{len(seeds)} seeds for {n} images")
+        seeds = checks.check_seeds(names.seed, seeds, limits)
+        checks.check_budget(names, limits.budget(self.device), h, w, settings.steps, n)
+        size = (h // self.vae_factor, w // self.vae_factor)
         out = sample(
             self.model,
             self.noise(seeds, size),
-            cond,
+            self._condition(items),
             self.conditioning.null(n, self.device),
-            steps=int(steps if steps is not None else d["steps"]),
-            alpha=float(alpha if alpha is not None else d["alpha"]),
-            cfg_scale=float(cfg_scale if cfg_scale is not None else d["cfg_scale"]),
-            cfg_interval=tuple(cfg_interval),
-            method=method,
+            steps=settings.steps,
+            alpha=settings.alpha,
+            cfg_scale=settings.cfg_scale,
+            cfg_interval=settings.cfg_interval,
+            method=settings.method,
             prediction=self.metadata.get("prediction", "velocity"),
             return_trajectory=return_trajectory,
             cuda_graphs=cuda_graphs,
@@ -178,22 +238,100 @@ class Pipeline:
         return (pixels * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def load_pipeline(path: Path | str, weights: str = "ema", device: str | torch.device | None = None) -> Pipeline:
-    """Build the model a checkpoint describes, with its `ema` or `raw` weights, and what it conditions on."""
-    from data.pipeline.encoders import autoencoder_for
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each loader will read from, settled before anything loads (app/sources.py)."""
+
+    text_encoder: dict[str, Any] | None
+    tokenizer: tuple[str, str | None] | None
+    vae: tuple[str | None, str | None]
+
+
+def _plan(path: Path, meta: dict[str, Any], sources: Sources) -> _Plan:
+    try:
+        vae = vae_source(meta.get("vae") or {"id": "identity"}, sources)
+        if meta["conditioning"] != "text":
+            return _Plan(None, None, vae)
+        tok = meta["tokenizer"]
+        if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) and tok[k] > 0
+                                                for k in ("max_length", "vocab_size")):
+            raise CheckpointError(f"--model-path {path}: metadata.tokenizer must hold max_length and vocab_size "
+                                  f"(positive whole numbers), got {_one_line(repr(tok), 200)}")
+        return _Plan(text_encoder_config(meta["text_encoder"], sources), tokenizer_source(meta["tokenizer"], sources),
+                     vae)
+    except UnsafeSourceError as err:
+        raise CheckpointError(f"--model-path {path}: {err}") from err
+
+
+def _text_conditioning(path: Path, meta: dict[str, Any], plan: _Plan, sources: Sources,
+                       device: torch.device) -> TextConditioning:
+    """The tokenizer and text encoder the plan names, checked against each other and against the tokenizer the
+    checkpoint records."""
+    from data.pipeline.encoders import TextTokenizer, check_tokenizer, describe_tokenizer
     from models.text_encoder import FrozenTextEncoder
+
+    recorded = meta["tokenizer"]
+    tok_source, revision = plan.tokenizer
+    which = f"--tokenizer {tok_source}" if sources.tokenizer else f"the recorded tokenizer {tok_source!r}"
+    try:
+        tokenizer = TextTokenizer(tok_source, int(recorded["max_length"]), revision)
+        check_tokenizer(recorded, tokenizer)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--model-path {path}: {which}: {_one_line(err)}") from err
+    enc_cfg = plan.text_encoder
+    which = (f"--text-encoder {sources.text_encoder}" if sources.text_encoder
+             else f"the recorded text encoder {enc_cfg['name_or_path'] or 'bundled MiniLM'!r}")
+    try:
+        encoder = FrozenTextEncoder.from_config(enc_cfg, device=device)
+    except (OSError, ValueError) as err:
+        hint = ("; it ships its own code: pass --trust-remote-code only if you trust it"
+                if "trust_remote_code" in str(err) and not sources.trust_remote_code else "")
+        raise CheckpointError(f"--model-path {path}: {which}: cannot load it ({_one_line(err)}){hint}") from err
+    embeds = encoder.encoder.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > embeds:
+        raise CheckpointError(
+            f"--model-path {path}: tokenizer {describe_tokenizer(tokenizer.info)} has {tokenizer.vocab_size} ids but "
+            f"{which} embeds {embeds}: they do not belong together"
+        )
+    # The conditioning loads the tokenizer again by its id: give it where it was found, with its revision.
+    loadable = f"{tok_source}@{revision}" if revision else tok_source
+    return TextConditioning(encoder, dict(recorded, id=loadable), dropout=0.0)
+
+
+def load_pipeline(
+    path: Path | str,
+    weights: str = "ema",
+    device: str | torch.device | None = None,
+    sources: Sources | None = None,
+    limits: checks.Limits | None = None,
+) -> Pipeline:
+    """Build the model a checkpoint describes (a file, a run folder or its checkpoints/ folder: the newest), with
+    its `ema` or `raw` weights, and what it conditions on. `sources`: the user's own text encoder, tokenizer or VAE
+    and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH)."""
+    from data.pipeline.encoders import autoencoder_for
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    sources = sources or Sources()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
+    plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
     model = checkpoint.model_from_state(state, weights).to(device)
     del state
     if meta["conditioning"] == "text":
-        encoder = FrozenTextEncoder.from_config(meta["text_encoder"], device=device)
-        conditioning = TextConditioning(encoder, meta["tokenizer"], dropout=0.0)
+        conditioning = _text_conditioning(path, meta, plan, sources, device)
     else:
         conditioning = ClassConditioning(meta["num_classes"], meta.get("class_names"), dropout=0.0)
-    vae_info = meta.get("vae") or {"id": "identity"}
-    vae = autoencoder_for(vae_info, vae_info.get("name_or_path"), vae_info.get("subfolder"), device)
-    return Pipeline(model, conditioning, vae, meta, device)
+    vae_from, vae_subfolder = plan.vae
+    try:
+        vae = autoencoder_for(meta.get("vae") or {"id": "identity"}, vae_from, vae_subfolder, device)
+    except (OSError, ValueError) as err:
+        which = f"--vae {sources.vae}" if sources.vae else f"the recorded VAE {vae_from!r}"
+        raise CheckpointError(f"--model-path {path}: {which}: cannot load it ({_one_line(err)})") from err
+    return Pipeline(model, conditioning, vae, meta, device, limits or checks.BATCH)

@@ -9,6 +9,12 @@ Writes one PNG per sample, named by what it shows and its seed (prompt_<k>_seed_
 class_<label>_seed_<s>.png), a grid.png with a row per prompt or class, and with --gif the denoising
 trajectory of each sample. Sample i of prompt (or class) k has seed `--seed + k * --num-samples + i`: the same
 seed gives the same pixels. Steps, guidance and alpha default to what the checkpoint's stage previewed with.
+
+Every setting is checked by app/validation.py, as in the Gradio app, after the checkpoint is loaded (the ranges
+widen to its own defaults): finite numbers in range, sizes that are multiples of the model's patch, prompts that
+fit its tokenizer (never cut), and at most --max-pixel-steps of pixels x steps x images. The text encoder,
+tokenizer and VAE come from the hub ids the checkpoint records or the bundled MiniLM; --text-encoder, --tokenizer
+and --vae load them from a folder instead, and only --trust-remote-code lets an encoder run its own code.
 """
 
 import argparse
@@ -16,12 +22,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.sources import add_source_flags  # noqa: E402
+from app.validation import BATCH  # noqa: E402
 from flow.sampler import ADAPTIVE_METHODS, FIXED_METHODS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", type=Path, required=True, help="checkpoint written by the trainer")
+    p.add_argument("--model-path", type=Path, required=True,
+                   help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable); text checkpoints")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line; text checkpoints")
     p.add_argument("--class-label", type=int, action="append", help="class index (repeatable; default: all)")
@@ -38,23 +47,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gif", action="store_true", help="also write each sample's denoising trajectory as a GIF")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out-dir", type=Path, required=True)
-    args = p.parse_args(argv)
-    if args.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.alpha is not None and not args.alpha > 0:
-        p.error(f"--alpha must be > 0, got {args.alpha}")
-    return args
+    p.add_argument("--max-prompt-chars", type=int, default=BATCH.prompt_chars, help="longest prompt, in characters")
+    p.add_argument("--max-pixel-steps", type=int, default=None,
+                   help="budget of height x width x steps x images (default: 16,000,000 on a CPU, 2e9 on a GPU)")
+    add_source_flags(p)
+    return p.parse_args(argv)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str] | None:
-    prompts = list(args.prompt or [])
+def read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(prompt, how messages name it): each --prompt, and each non-blank line of --prompts-file."""
+    given = args.prompt or []
+    prompts = [(text, "--prompt" if len(given) == 1 else f"--prompt #{k + 1}") for k, text in enumerate(given)]
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise SystemExit(f"--prompts-file {args.prompts_file}: no such file")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    return prompts or None
+        lines = args.prompts_file.read_text().splitlines()
+        prompts += [(line, f"--prompts-file {args.prompts_file} line {i + 1}") for i, line in enumerate(lines)
+                    if line.strip()]
+    return prompts
+
+
+def limits_from_args(args: argparse.Namespace):
+    """The CLI's limits: BATCH, with the character limit and the budget the flags set."""
+    from dataclasses import replace
+
+    from app.validation import check_number
+
+    chars = check_number("--max-prompt-chars", args.max_prompt_chars, (1, 10**6), integer=True)
+    budget = None if args.max_pixel_steps is None else check_number("--max-pixel-steps", args.max_pixel_steps,
+                                                                     (1, 10**15), integer=True)
+    return replace(BATCH, prompt_chars=chars, pixel_steps=budget)
 
 
 def main(argv=None) -> None:
@@ -62,40 +84,42 @@ def main(argv=None) -> None:
     from PIL import Image
 
     from app.pipeline import CheckpointError, load_pipeline
+    from app.sources import sources_from_args
+    from app.validation import CLI, RequestError, check_number
     from trainer.images import save_uint8_grid
 
     try:
-        pipe = load_pipeline(args.model_path, args.weights, args.device)
-    except CheckpointError as err:
+        limits = limits_from_args(args)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)
+    except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
     prompts = read_prompts(args)
-    if pipe.is_text:
-        if args.class_label:
-            raise SystemExit(f"--model-path {args.model_path} is text-conditional: use --prompt, not --class-label")
-        if not prompts:
-            raise SystemExit("a text-conditional checkpoint needs --prompt or --prompts-file")
-        items, names = prompts, [f"prompt_{k:02d}" for k in range(len(prompts))]
-    else:
-        if prompts:
-            raise SystemExit(f"--model-path {args.model_path} is class-conditional: use --class-label, not --prompt")
-        null = pipe.conditioning.null_label
-        items = args.class_label if args.class_label is not None else list(range(null))
-        bad = [c for c in items if not 0 <= c <= null]
-        if bad:
-            raise SystemExit(f"--class-label {bad} out of range 0..{null} ({null} = null class)")
-        names = [f"class_{c}" for c in items]
     try:
-        size = pipe.input_size_for(args.height, args.width)
-    except ValueError as err:
+        if pipe.is_text:
+            if args.class_label:
+                raise SystemExit(f"--model-path {args.model_path} is text-conditional: use --prompt, not --class-label")
+            if not prompts:
+                raise SystemExit("a text-conditional checkpoint needs --prompt or --prompts-file")
+            items = [pipe.check_prompt(name, text, chars_name=CLI.prompt_chars) for text, name in prompts]
+            names = [f"prompt_{k:02d}" for k in range(len(items))]
+        else:
+            if prompts:
+                raise SystemExit(f"--model-path {args.model_path} is class-conditional: use --class-label, "
+                                 "not --prompt")
+            null = pipe.conditioning.null_label
+            items = args.class_label if args.class_label is not None else list(range(null))
+            names = [f"class_{c}" for c in items]
+        n = check_number("--num-samples", args.num_samples, pipe.limits.num_images, integer=True)
+        expanded = [item for item in items for _ in range(n)]
+        seeds = [args.seed + k * n + i for k in range(len(items)) for i in range(n)]
+        key = "prompts" if pipe.is_text else "labels"
+        out = pipe.generate(
+            **{key: expanded}, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
+            cfg_interval=tuple(args.cfg_interval), method=args.method, height=args.height, width=args.width,
+            return_trajectory=args.gif, names=CLI,
+        )
+    except RequestError as err:
         raise SystemExit(str(err)) from err
-    n = args.num_samples
-    expanded = [item for item in items for _ in range(n)]
-    seeds = [args.seed + k * n + i for k in range(len(items)) for i in range(n)]
-    key = "prompts" if pipe.is_text else "labels"
-    out = pipe.generate(
-        **{key: expanded}, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
-        cfg_interval=tuple(args.cfg_interval), method=args.method, size=size, return_trajectory=args.gif,
-    )
     images, trajectory = out if args.gif else (out, None)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for j, image in enumerate(images):

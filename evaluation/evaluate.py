@@ -275,7 +275,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m evaluation.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model-path", type=Path, required=True, help="text-conditional checkpoint written by the trainer")
+    p.add_argument("--model-path", type=Path, required=True,
+                   help="text-conditional checkpoint written by the trainer, or its run folder (the newest)")
     p.add_argument("--samples-per-prompt", type=_positive_int, default=4)
     p.add_argument("--steps", type=_positive_int, default=24, help="ODE steps")
     p.add_argument("--cfg-scale", type=_non_negative_float, default=3.0, help="classifier-free guidance (1: off)")
@@ -286,6 +287,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out-dir", type=Path, default=None, help="write grid.png here")
     p.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--max-pixel-steps", type=_positive_int, default=None,
+                   help="budget of height x width x steps x images per generate() call (default: app/validation.py's)")
+    from app.sources import add_source_flags
+
+    add_source_flags(p)  # --text-encoder / --tokenizer / --vae PATH, --trust-remote-code (app/sources.py)
     return p.parse_args(argv)
 
 
@@ -294,10 +300,19 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.model_path.exists():
         raise SystemExit(f"--model-path {args.model_path} does not exist")
+    from dataclasses import replace
+
     from app.pipeline import load_pipeline
+    from app.sources import sources_from_args
+    from app.validation import BATCH, RequestError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model_path, weights=args.weights, device=device)
+    limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
+    try:
+        pipe = load_pipeline(args.model_path, weights=args.weights, device=device, sources=sources_from_args(args),
+                             limits=limits)
+    except ValueError as err:  # app.pipeline.CheckpointError: names the file and, for a source, the flag
+        raise SystemExit(str(err)) from err
     conditioning = pipe.metadata.get("conditioning")
     if conditioning == "class":
         raise SystemExit(
@@ -310,7 +325,10 @@ def main(argv=None) -> dict:
     def generate(prompts: list[str], seeds: list[int]) -> UInt8[torch.Tensor, "b h w 3"]:
         return pipe.generate(prompts=prompts, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha)
 
-    images = generate_held_out(generate, args.samples_per_prompt, args.seed, args.batch_size)
+    try:
+        images = generate_held_out(generate, args.samples_per_prompt, args.seed, args.batch_size)
+    except RequestError as err:  # a setting the pipeline refuses (app/validation.py), named
+        raise SystemExit(f"--model-path {args.model_path}: {err}") from err
     judgements = judge_images(images, args.samples_per_prompt, args.seed)
     settings = dict(model_path=str(args.model_path), weights=args.weights, steps=args.steps)
     settings |= dict(cfg_scale=args.cfg_scale, alpha=args.alpha, image_size=int(images.shape[1]))

@@ -83,6 +83,18 @@ def _hidden_size(config: Any) -> int:
     raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}; expected d_model or hidden_size")
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype or its name (one of DTYPES: a config value is never used to look up an arbitrary torch attribute)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"text encoder dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def _load_error(name_or_path: str, offline: bool, err: Exception) -> OSError:
     if Path(name_or_path).exists():
         return OSError(f"cannot load text encoder from local path {name_or_path!r}: {err}")
@@ -123,25 +135,27 @@ class FrozenTextEncoder(nn.Module):
         subfolder: str | None = None,
         trust_remote_code: bool = False,
         local_files_only: bool | None = None,
+        revision: str | None = None,
     ) -> "FrozenTextEncoder":
         """Load from a local folder or hub id; None is the bundled MiniLM.
 
         dtype: None picks bfloat16 on CUDA and float32 elsewhere. device: None picks CUDA when available.
         subfolder: e.g. "text_encoder" inside a diffusers pipeline checkout. local_files_only: None follows
-        HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. trust_remote_code stays False unless the caller opts in.
+        HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. revision: a hub branch, tag or commit. trust_remote_code stays
+        False unless the caller opts in; it is passed to every transformers loader explicitly.
         """
         import transformers
         from transformers import AutoConfig, AutoModel
 
         name = str(name_or_path) if name_or_path is not None else default_text_encoder_path()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = _dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offline = _env_offline() if local_files_only is None else bool(local_files_only)
-        hub_kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, local_files_only=offline)
+        hub_kwargs: dict[str, Any] = dict(trust_remote_code=bool(trust_remote_code), local_files_only=offline)
         if subfolder:
             hub_kwargs["subfolder"] = subfolder
+        if revision:
+            hub_kwargs["revision"] = revision
 
         try:
             config = AutoConfig.from_pretrained(name, **hub_kwargs)
@@ -188,15 +202,16 @@ class FrozenTextEncoder(nn.Module):
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device | None = None) -> "FrozenTextEncoder":
         """Build from a `configs/text_encoder/*.yaml` group and check its declared hidden_size."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = cfg.get("dtype")
-        if device.type != "cuda" and dtype is not None and str(dtype) != "float32":
+        dtype = _dtype(cfg.get("dtype"))
+        if device.type != "cuda" and dtype not in (None, torch.float32):
             dtype = None  # the configs name the GPU dtype; bfloat16 matmuls are slow on most CPUs, None picks float32
         encoder = cls.from_pretrained(
             cfg.get("name_or_path"),
             dtype=dtype,
             device=device,
             subfolder=cfg.get("subfolder"),
-            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            trust_remote_code=cfg.get("trust_remote_code", False) is True,
+            revision=cfg.get("revision"),
         )
         expected = cfg.get("hidden_size")
         if expected is not None and int(expected) != encoder.hidden_size:

@@ -230,7 +230,11 @@ def stand_in(monkeypatch, tmp_path):
     """Installs a fake `app.pipeline` module; returns a checkpoint path and a setter for its conditioning."""
     state = dict(pipe=StandInPipeline("text"))
     module = types.ModuleType("app.pipeline")
-    module.load_pipeline = lambda path, weights="ema", device="cpu": state["pipe"]
+    def load_pipeline(path, weights="ema", device="cpu", sources=None, limits=None):
+        state.update(sources=sources, limits=limits)
+        return state["pipe"]
+
+    module.load_pipeline = load_pipeline
     monkeypatch.setitem(sys.modules, "app.pipeline", module)
     checkpoint = tmp_path / "step_00000001.pt"
     checkpoint.write_bytes(b"")
@@ -247,6 +251,22 @@ def test_cli_writes_json_and_grid(stand_in, tmp_path, capsys):
     assert "colour red" in out.err
     assert state["pipe"].calls[0] == dict(steps=3, cfg_scale=2.0, alpha=1.0)
     assert Image.open(tmp_path / "grid" / "grid.png").size[1] > 40 * IMAGE_SIZE
+
+
+def test_cli_passes_the_users_sources_to_the_loader(stand_in, tmp_path):
+    """--text-encoder / --tokenizer / --vae / --trust-remote-code reach load_pipeline; without them nothing is
+    trusted and every source is the checkpoint's (app/sources.py)."""
+    from app.sources import Sources
+
+    checkpoint, state = stand_in
+    main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1"])
+    assert state["sources"] == Sources()
+    main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--text-encoder",
+          str(tmp_path / "enc"), "--tokenizer", str(tmp_path / "tok"), "--vae", "acme/vae", "--trust-remote-code"])
+    assert state["sources"] == Sources(str(tmp_path / "enc"), str(tmp_path / "tok"), "acme/vae", True)
+    assert state["limits"].pixel_steps is None
+    main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--max-pixel-steps", "7"])
+    assert state["limits"].pixel_steps == 7
 
 
 def test_cli_refuses_a_class_conditional_checkpoint(stand_in):

@@ -138,6 +138,7 @@ def test_text_endpoint_shows_the_trajectory_of_the_first_image(text_app, tmp_pat
     "override, message",
     [
         (dict(prompt="   "), "The prompt is empty"),
+        (dict(prompt=["a red circle"]), "The prompt must be a string, got list"),
         (dict(prompt="a" * 1001), "The prompt is 1001 characters long; at most 1000"),
         (dict(prompt="red circle " * 40), "tokens long, but this checkpoint's text encoder reads only the first"),
         (dict(steps=0), "Steps must be between 1 and 200, got 0"),
@@ -154,6 +155,22 @@ def test_invalid_inputs_come_back_as_messages(text_app, tmp_path, override, mess
     args = dict(prompt=PROMPT, steps=2, seed=0, randomize_seed=False) | override
     with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
         client(text_app, tmp_path).predict(**args, api_name="/generate")
+
+
+def test_the_handler_shares_the_clis_checks(text_pipe):
+    """Values no slider sends (NaN, a budget-breaking request) are refused by the handler itself."""
+    from app.gradio_app import Generator
+    from app.validation import Limits, RequestError
+
+    handlers = Generator(text_pipe, None, Limits(pixel_steps=32 * 32 * 20 * 3 - 1), None)
+    controls = dict(steps=20, guidance_scale=4.0, guidance_start=0.0, guidance_end=1.0, alpha=1.0, solver="euler",
+                    seed=0, randomize_seed=False, num_images=3, show_trajectory=False)
+    with pytest.raises(RequestError, match="Guidance scale must be between 0.0 and 20.0, got nan"):
+        handlers.settings(**controls | dict(guidance_scale=float("nan")))
+    budget = rf"32x32 pixels x 20 steps x 3 images = {32 * 32 * 20 * 3:,} pixel-steps.*\(the app's --max-pixel-steps"
+    with pytest.raises(RequestError, match=budget):
+        handlers.settings(**controls)
+    assert handlers.settings(**controls | dict(num_images=2)).seeds == [0, 1]
 
 
 def test_randomised_seed_is_reported(text_app, tmp_path):
@@ -262,7 +279,7 @@ def test_default_bind_is_loopback_and_share_is_off():
 @pytest.mark.parametrize(
     "argv, flag",
     [(["--rewrite-endpoint", "http://x/v1"], "--rewrite-model"), (["--port", "0"], "--port"),
-     (["--max-prompt-chars", "0"], "--max-prompt-chars")],
+     (["--max-prompt-chars", "0"], "--max-prompt-chars"), (["--max-pixel-steps", "0"], "--max-pixel-steps")],
 )
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):

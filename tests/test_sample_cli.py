@@ -59,3 +59,78 @@ def test_cli_height_and_width(stage1_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="--width 30: this model takes multiples of 4 pixels"):
         sample_main(["--model-path", str(stage1_checkpoint), "--class-label", "0", "--width", "30",
                      "--out-dir", str(tmp_path)])
+
+
+PROMPT = "a large red circle in the top left on a gray background"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--cfg-scale", "nan"], "--cfg-scale must be between 0.0 and 20.0, got nan"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be between 0.0 and 20.0, got inf"),
+        (["--steps", "0"], "--steps must be between 1 and 1000, got 0"),
+        (["--alpha", "nan"], "--alpha must be between 0.1 and 10.0, got nan"),
+        (["--height", "0"], "--height 0: this model takes multiples of 4 pixels"),
+        (["--width", "-8"], "--width -8: this model takes multiples of 4 pixels"),
+        (["--cfg-interval", "0.8", "0.2"], "--cfg-interval LO (0.8) must not be after --cfg-interval HI (0.2)"),
+        (["--cfg-interval", "0", "1.5"], "--cfg-interval HI must be between 0.0 and 1.0, got 1.5"),
+        (["--num-samples", "0"], "--num-samples must be between 1 and 4096, got 0"),
+        (["--seed", "-1"], "--seed: the seeds run from -1 to -1; they must lie within 0..2147483647"),
+        (["--prompt", "   "], "--prompt #2 is empty: describe the image to generate"),
+        (["--prompt", "a" * 10_000], "--prompt #2 is 10000 characters long; at most 1000 (--max-prompt-chars"),
+        (["--prompt", "red circle " * 40], "--prompt #2 is 82 tokens long, but this checkpoint's text encoder "
+                                           "reads only the first 32: shorten it"),
+        (["--height", "4096", "--width", "4096"], f"4096x4096 pixels x 2 steps x 1 image = {4096 * 4096 * 2:,} "
+                                                  "pixel-steps, over the budget of 16,000,000"),
+        (["--max-pixel-steps", "2000"], f"32x32 pixels x 2 steps x 1 image = {32 * 32 * 2:,} pixel-steps, over "
+                                        "the budget of 2,000: draw fewer or smaller images, or fewer steps "
+                                        "(--max-pixel-steps raises it)"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line_naming_the_flag(stage2_checkpoint, tmp_path, extra, message):
+    """The checks app/validation.py shares with the app; nothing is written when a setting is refused. The token
+    count is BERT's: 2 words x 40 + [CLS] and [SEP]."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        sample_main(["--model-path", str(stage2_checkpoint), "--prompt", PROMPT, "--steps", "2", *extra,
+                     "--out-dir", str(out)])
+    text = str(err.value.code)
+    assert message in text and "\n" not in text
+    assert not out.exists()
+
+
+def test_cli_budget_flag_raises_the_budget(stage1_checkpoint, tmp_path):
+    args = ["--model-path", str(stage1_checkpoint), "--class-label", "0", "--steps", "1", "--height", "64",
+            "--width", "64", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--max-pixel-steps raises it"):
+        sample_main(args + ["--max-pixel-steps", str(64 * 64 - 1)])
+    sample_main(args + ["--max-pixel-steps", str(64 * 64)])
+    assert read(tmp_path / "class_0_seed_0.png").shape == (64, 64, 3)
+
+
+def test_cli_takes_a_run_folder_or_its_checkpoints_folder(stage1_checkpoint, tmp_path):
+    """The newest checkpoints/step_*.pt of a run folder (the fixture's run holds its final step)."""
+    args = ["--class-label", "2", "--steps", "2", "--seed", "3"]
+    for name, path in (("file", stage1_checkpoint), ("run", stage1_checkpoint.parent.parent),
+                       ("ckpts", stage1_checkpoint.parent)):
+        sample_main(["--model-path", str(path), *args, "--out-dir", str(tmp_path / name)])
+    file = read(tmp_path / "file" / "class_2_seed_3.png")
+    assert np.array_equal(file, read(tmp_path / "run" / "class_2_seed_3.png"))
+    assert np.array_equal(file, read(tmp_path / "ckpts" / "class_2_seed_3.png"))
+
+
+def test_pipeline_generate_checks_its_arguments(stage1_checkpoint):
+    from app.pipeline import load_pipeline
+    from app.validation import RequestError
+
+    pipe = load_pipeline(stage1_checkpoint, device="cpu")
+    for kwargs, message in [
+        (dict(labels=[0], cfg_scale=float("nan")), "cfg_scale= must be between 0.0 and 20.0, got nan"),
+        (dict(labels=[True]), r"labels= \[True\] out of range"),
+        (dict(labels=[0], seeds=[0, 1]), "2 seeds for 1 images"),
+        (dict(labels=[0], height=30), "height= 30: this model takes multiples of 4 pixels"),
+        (dict(prompts=["a cat"]), "class-conditional checkpoint: pass labels="),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            pipe.generate(steps=1, **kwargs)
