@@ -298,9 +298,7 @@ def _text_conditioning(path: Path, meta: dict[str, Any], plan: _Plan, sources: S
             f"--model-path {path}: tokenizer {describe_tokenizer(tokenizer.info)} has {tokenizer.vocab_size} ids but "
             f"{which} embeds {embeds}: they do not belong together"
         )
-    # The conditioning loads the tokenizer again by its id: give it where it was found, with its revision.
-    loadable = f"{tok_source}@{revision}" if revision else tok_source
-    return TextConditioning(encoder, dict(recorded, id=loadable), dropout=0.0)
+    return TextConditioning(encoder, recorded, dropout=0.0, tokenizer=tokenizer)
 
 
 def load_pipeline(

@@ -171,3 +171,25 @@ def test_the_pipeline_stops_on_a_tokenizer_other_than_the_recorded_one(stage2_ch
     # The user's own copy of the same files is accepted: the identity is in the files, not in the path.
     same = copy_tokenizer(tmp_path / "same")
     assert load_pipeline(stage2_checkpoint, device="cpu", sources=Sources(tokenizer=str(same))).is_text
+
+
+def test_the_trainer_stops_when_the_configured_tokenizer_is_not_the_shards_one(embedded_data, tmp_path):
+    """Shards tokenized with MiniLM, trained with another tokenizer of the same size: refused before any step,
+    naming both tokenizers and the keys."""
+    from tests.stages import stage_config
+    from trainer.errors import ConfigError
+    from trainer.loop import train
+
+    folder = copy_tokenizer(tmp_path / "other")
+    vocab = (folder / "vocab.txt").read_text().splitlines()
+    vocab[2000], vocab[2001] = vocab[2001], vocab[2000]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer.json").unlink()
+    cfg = stage_config(2, embedded_data, tmp_path / "run", "train.init_from=null", "train.max_steps=1",
+                       f"text_encoder.tokenizer={folder}")
+    with pytest.raises(ConfigError, match=rf"text_encoder \(tokenizer '{folder}'\) does not fit data.path=.*"
+                                          rf"made with '{BUNDLED_TOKENIZER}'.*'sha256:"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # The bundled one (the default) is the shards' own: the same run trains.
+    assert train(stage_config(2, embedded_data, tmp_path / "ok", "train.init_from=null", "train.max_steps=1"))["steps"] == 1

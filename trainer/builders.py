@@ -72,6 +72,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
             f"text_encoder.max_length={enc_cfg['max_length']} but the shards in {cfg.data.path} were tokenized to "
             f"{spec.tokenizer['max_length']} tokens; set text_encoder.max_length={spec.tokenizer['max_length']}"
         )
+    tokenizer = configured_tokenizer(cfg, spec)
     encoder = FrozenTextEncoder.from_config(enc_cfg, device=device)
     vocab = encoder.encoder.get_input_embeddings().num_embeddings
     if int(spec.tokenizer["vocab_size"]) > vocab:
@@ -79,7 +80,25 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
             f"the shards' tokenizer {spec.tokenizer['id']!r} has {spec.tokenizer['vocab_size']} ids but text encoder "
             f"{encoder.name!r} embeds {vocab}: the tokens were made for another encoder"
         )
-    return TextConditioning(encoder, spec.tokenizer, t.caption_dropout, int(t.text_cache), model_dtype)
+    return TextConditioning(encoder, spec.tokenizer, t.caption_dropout, int(t.text_cache), model_dtype, tokenizer)
+
+
+def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
+    """The text encoder's tokenizer (text_encoder.tokenizer, or its name_or_path; null: the bundled MiniLM),
+    which must be the one the shards were tokenized with: token ids from another vocabulary would train silently."""
+    from data.pipeline.encoders import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
+
+    enc = cfg.text_encoder
+    source = enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER
+    try:
+        tokenizer = TextTokenizer(source, int(spec.tokenizer["max_length"]))
+        check_tokenizer(spec.tokenizer, tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"text_encoder (tokenizer {source!r}) does not fit data.path={cfg.data.path!r}: {err}. Pick the "
+            "text_encoder the shards were made for, or re-tokenize the data"
+        ) from err
+    return tokenizer
 
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:

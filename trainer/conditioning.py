@@ -75,11 +75,14 @@ class TextConditioning:
         dropout: float,
         cache_size: int = 0,
         model_dtype: torch.dtype = torch.float32,
+        tokenizer=None,
     ):
+        """`tokenizer_info`: the tokenizer record of the data (data/pipeline/encoders.py: tokenizer_identity);
+        `tokenizer`: that tokenizer, loaded and checked against the record by the caller (for prompts)."""
         self.encoder, self.tokenizer_info, self.dropout = encoder, dict(tokenizer_info), dropout
         self.cache_size, self.model_dtype = cache_size, model_dtype
         self._cache: OrderedDict[bytes, Tensor] = OrderedDict()
-        self._tokenizer = None
+        self._tokenizer = tokenizer
 
     @property
     def max_length(self) -> int:
@@ -128,7 +131,8 @@ class TextConditioning:
 
     @property
     def tokenizer(self):
-        """The tokenizer the shards were made with (data/pipeline/encoders.py), loaded on first use."""
+        """The tokenizer the shards were made with (data/pipeline/encoders.py), loaded on first use if the caller
+        gave none."""
         if self._tokenizer is None:
             from data.pipeline.encoders import TextTokenizer
 
