@@ -192,4 +192,5 @@ def test_the_trainer_stops_when_the_configured_tokenizer_is_not_the_shards_one(e
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
     # The bundled one (the default) is the shards' own: the same run trains.
-    assert train(stage_config(2, embedded_data, tmp_path / "ok", "train.init_from=null", "train.max_steps=1"))["steps"] == 1
+    ok = train(stage_config(2, embedded_data, tmp_path / "ok", "train.init_from=null", "train.max_steps=1"))
+    assert ok["steps"] == 1
