@@ -291,7 +291,7 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProce
     """Headless Chromium on `url` with the given output flags. Without a browser the test is skipped, saying how
     to get one: `make test` installs it where it may (as root with apt-get, as in CI)."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install it with `sudo apt-get install -y chromium` (make test does as root)")
+        pytest.skip(f"{CHROMIUM} not found: install it with `sudo apt-get install -y chromium` (make test does)")
     argv = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000",
