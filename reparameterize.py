@@ -6,8 +6,8 @@ r"""Carry weights between curriculum stages and between layouts. Subcommands:
   to-te               nn.Linear checkpoint -> te.Linear layout
 
 Each has an importable pure function (`ccdit_to_mmdit`, `change_resolution`, `te_to_torch_state`,
-`torch_to_te_state`); the CLI only loads (trainer.checkpoint.load), converts the `model` and `ema` state
-dicts, updates the metadata and saves atomically (trainer.checkpoint.save_atomic).
+`torch_to_te_state`); the CLI only loads (core.checkpoint.load), converts the `model` and `ema` state
+dicts, updates the metadata and saves atomically (core.checkpoint.save_atomic).
 
 What the last three carry: `model` and `ema`, converted, whichever are present; every other entry
 (optimizer, scheduler, step, RNG, history, config) as it is. The optimizer state stays valid because none
@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core import checkpoint
 from models import ModelConfig, build_model
 from models.embeddings import timestep_embedding
 
@@ -325,7 +326,6 @@ def destination_problem(src: Path, dst: Path, force: bool) -> str | None:
 
 def _load(src: Path) -> dict:
     """The checkpoint at --src, or a one-line error naming the flag."""
-    from trainer import checkpoint
 
     try:
         return checkpoint.load(src)
@@ -371,9 +371,8 @@ def _refuse_non_finite(ckpt: dict, dst: Path) -> None:
 
 
 def _save(ckpt: dict, dst: Path) -> None:
-    """trainer.checkpoint.save_atomic (which removes its temporary file when the write fails), after checking
+    """core.checkpoint.save_atomic (which removes its temporary file when the write fails), after checking
     that every tensor is finite; a failed write is one line."""
-    from trainer import checkpoint
 
     _refuse_non_finite(ckpt, dst)
     try:
@@ -390,10 +389,10 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.src}: not a Stage-1 ccDiT checkpoint (metadata.model.family != 'ccdit')")
     cc_cfg = _model_config(state["metadata"], args.src)
     mm_cfg = stage2_config(cc_cfg, args.text_dim, args.text_len)
-    weights = "ema" if args.weights == "ema" else "model"
+    weights = checkpoint.WEIGHTS[args.weights]
     if not isinstance(state.get(weights), dict):
         raise SystemExit(f"--weights {args.weights}: {args.src} has no '{weights}' state dict")
-    cc_state = state[weights]
+    cc_state = checkpoint.model_weights(state, args.weights)  # the plain layout, also of an FP8-trained run
     _refuse_non_finite({weights: cc_state}, args.dst)  # before the parity check prints NaN for every t
     mm_state = ccdit_to_mmdit(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
 

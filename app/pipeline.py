@@ -22,29 +22,27 @@ from torch import Tensor
 
 from app import validation as checks
 from app.sources import Sources, UnsafeSourceError, text_encoder_config, tokenizer_source, vae_source
+from core import checkpoint
+from core.conditioning import ClassConditioning, TextConditioning
+from core.device import default_device
+from core.images import to_uint8
 from flow import sample
 from models import ModelConfig
-from models.config import CONDITIONINGS, default_conditioning
-from trainer import checkpoint
-from trainer.conditioning import ClassConditioning, TextConditioning
 
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint this repository's trainer wrote, or not one of the kind asked for."""
+CheckpointError = checkpoint.CheckpointError
+"""A file that is not a usable checkpoint of this repository; the message names it and what is wrong."""
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
     """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest step_*.pt."""
     path = Path(path)
-    if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            found = checkpoint.list_checkpoints(folder)
-            if found:
-                return found[-1]
-        raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt in it")
-    if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: no such file")
-    return path
+    try:
+        return checkpoint.resolve(path, "--model-path")
+    except FileNotFoundError:
+        if path.is_dir():
+            raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt "
+                                  "in it") from None
+        raise CheckpointError(f"--model-path {path}: no such file") from None
 
 
 def _unreadable(path: Path, err: Exception) -> str:
@@ -56,42 +54,14 @@ def _unreadable(path: Path, err: Exception) -> str:
             "and plain values)")
 
 
-def read_metadata(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the whole checkpoint, its metadata); CheckpointError names the file and what is missing."""
+def read_metadata(path: Path | str) -> tuple[dict[str, Any], checkpoint.CheckpointMetadata]:
+    """(the whole checkpoint, its typed metadata record); CheckpointError names the file and what is missing."""
     path = resolve_checkpoint(path)
     try:
         state = checkpoint.load(path)  # weights_only=True
-    except RuntimeError as err:
+    except CheckpointError as err:
         raise CheckpointError(_unreadable(path, err)) from err
-    meta = state.get("metadata") if isinstance(state, dict) else None
-    if not isinstance(meta, dict) or "model" not in meta or "conditioning" not in meta:
-        raise CheckpointError(
-            f"--model-path {path}: no metadata.model / metadata.conditioning; not a checkpoint written by this "
-            "repository's trainer (reparameterize.py outputs are initialisations: train them first)"
-        )
-    check_conditioning(path, meta)
-    return state, meta
-
-
-def check_conditioning(path: Path, meta: dict[str, Any]) -> None:
-    """The conditioning the metadata records must be the one its model was built for (metadata.model.conditioning;
-    for checkpoints older than that field, the family's default) and come with what it needs.
-    `reparameterize.py stage1-to-stage2` writes an mmDiT that still carries Stage 1's class metadata: without
-    this check it would load and fail at the first forward, far from the cause."""
-    model = meta["model"] if isinstance(meta["model"], dict) else {}
-    family = model.get("family")
-    if family not in CONDITIONINGS:
-        raise CheckpointError(f"--model-path {path}: metadata.model.family is {family!r}, not one of "
-                              f"{', '.join(CONDITIONINGS)}")
-    expected = model.get("conditioning") or default_conditioning(family)  # older checkpoints: the family's
-    needs = ("num_classes",) if expected == "class" else ("text_encoder", "tokenizer")
-    problems = [f"metadata.conditioning is {meta['conditioning']!r}"] if meta["conditioning"] != expected else []
-    problems += [f"no metadata.{key}" for key in needs if not meta.get(key)]
-    if problems:
-        raise CheckpointError(
-            f"--model-path {path}: a {family} model takes {expected} conditioning, but {', '.join(problems)}; "
-            "an initialisation from reparameterize.py? Train it first (train.init_from=<that file>)"
-        )
+    return state, checkpoint.read_metadata(state, f"--model-path {path}")
 
 
 @dataclass
@@ -99,10 +69,16 @@ class Pipeline:
     model: torch.nn.Module
     conditioning: ClassConditioning | TextConditioning
     vae: Any
-    metadata: dict[str, Any]
+    record: checkpoint.CheckpointMetadata
+    """The checkpoint's typed metadata (core/checkpoint.py)."""
     device: torch.device
     limits: checks.Limits = checks.BATCH
     """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-pixel-steps."""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The checkpoint's metadata as recorded (a plain dict, for display)."""
+        return self.record.to_dict()
 
     @property
     def is_text(self) -> bool:
@@ -110,7 +86,7 @@ class Pipeline:
 
     @property
     def image_size(self) -> int:
-        return int(self.metadata.get("image_size") or self.model.config.input_size)
+        return int(self.record.image_size or self.model.config.input_size)
 
     @property
     def vae_factor(self) -> int:
@@ -124,7 +100,7 @@ class Pipeline:
 
     def defaults(self) -> dict[str, Any]:
         """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha)."""
-        return dict(steps=24, cfg_scale=4.0, alpha=1.0) | dict(self.metadata.get("sampling") or {})
+        return dict(steps=24, cfg_scale=4.0, alpha=1.0) | dict(self.record.sampling or {})
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens `prompt` takes with the checkpoint's tokenizer, special tokens included and not truncated.
@@ -224,7 +200,7 @@ class Pipeline:
             cfg_scale=settings.cfg_scale,
             cfg_interval=settings.cfg_interval,
             method=settings.method,
-            prediction=self.metadata.get("prediction", "velocity"),
+            prediction=self.record.prediction,
             return_trajectory=return_trajectory,
             cuda_graphs=cuda_graphs,
         )
@@ -234,8 +210,8 @@ class Pipeline:
         return self.to_uint8(out)
 
     def to_uint8(self, latents: Tensor) -> UInt8[Tensor, "b h w 3"]:
-        pixels = self.vae.decode(latents.float().cpu())  # [0, 1]
-        return (pixels * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        """Latents -> uint8 images through the checkpoint's VAE (core/images.py's convention)."""
+        return to_uint8(self.vae.decode(latents.float().cpu()))
 
 
 def _one_line(err: BaseException, limit: int = 400) -> str:
@@ -252,30 +228,29 @@ class _Plan:
     vae: tuple[str | None, str | None]
 
 
-def _plan(path: Path, meta: dict[str, Any], sources: Sources) -> _Plan:
+def _plan(path: Path, meta: checkpoint.CheckpointMetadata, sources: Sources) -> _Plan:
     try:
-        vae = vae_source(meta.get("vae") or {"id": "identity"}, sources)
-        if meta["conditioning"] != "text":
+        vae = vae_source(meta.vae or {"id": "identity"}, sources)
+        if meta.conditioning != "text":
             return _Plan(None, None, vae)
-        tok = meta["tokenizer"]
+        tok = meta.tokenizer
         if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) and tok[k] > 0
                                                 for k in ("max_length", "vocab_size")):
             raise CheckpointError(f"--model-path {path}: metadata.tokenizer must hold max_length and vocab_size "
                                   f"(positive whole numbers), got {_one_line(repr(tok), 200)}")
-        return _Plan(text_encoder_config(meta["text_encoder"], sources), tokenizer_source(meta["tokenizer"], sources),
-                     vae)
+        return _Plan(text_encoder_config(meta.text_encoder, sources), tokenizer_source(meta.tokenizer, sources), vae)
     except UnsafeSourceError as err:
         raise CheckpointError(f"--model-path {path}: {err}") from err
 
 
-def _text_conditioning(path: Path, meta: dict[str, Any], plan: _Plan, sources: Sources,
+def _text_conditioning(path: Path, meta: checkpoint.CheckpointMetadata, plan: _Plan, sources: Sources,
                        device: torch.device) -> TextConditioning:
     """The tokenizer and text encoder the plan names, checked against each other and against the tokenizer the
     checkpoint records."""
-    from data.pipeline.encoders import TextTokenizer, check_tokenizer, describe_tokenizer
-    from models.text_encoder import FrozenTextEncoder
+    from core.text_encoder import FrozenTextEncoder
+    from core.tokenizer import TextTokenizer, check_tokenizer, describe_tokenizer
 
-    recorded = meta["tokenizer"]
+    recorded = meta.tokenizer
     tok_source, revision = plan.tokenizer
     which = f"--tokenizer {tok_source}" if sources.tokenizer else f"the recorded tokenizer {tok_source!r}"
     try:
@@ -311,24 +286,24 @@ def load_pipeline(
     """Build the model a checkpoint describes (a file, a run folder or its checkpoints/ folder: the newest), with
     its `ema` or `raw` weights, and what it conditions on. `sources`: the user's own text encoder, tokenizer or VAE
     and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH)."""
-    from data.pipeline.encoders import autoencoder_for
+    from core.vae import autoencoder_for
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     sources = sources or Sources()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
     model = checkpoint.model_from_state(state, weights).to(device)
     del state
-    if meta["conditioning"] == "text":
+    if meta.conditioning == "text":
         conditioning = _text_conditioning(path, meta, plan, sources, device)
     else:
-        conditioning = ClassConditioning(meta["num_classes"], meta.get("class_names"), dropout=0.0)
+        conditioning = ClassConditioning(meta.num_classes, meta.class_names, dropout=0.0)
     vae_from, vae_subfolder = plan.vae
     try:
-        vae = autoencoder_for(meta.get("vae") or {"id": "identity"}, vae_from, vae_subfolder, device)
+        vae = autoencoder_for(meta.vae or {"id": "identity"}, vae_from, vae_subfolder, device)
     except (OSError, ValueError) as err:
         which = f"--vae {sources.vae}" if sources.vae else f"the recorded VAE {vae_from!r}"
         raise CheckpointError(f"--model-path {path}: {which}: cannot load it ({_one_line(err)})") from err

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     from app.pipeline import CheckpointError, load_pipeline
     from app.sources import sources_from_args
     from app.validation import CLI, RequestError, check_number
-    from trainer.images import save_uint8_grid
+    from core.images import save_grid
 
     try:
         limits = limits_from_args(args)
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
                       for f in trajectory[:, j]]
             frames[0].save(args.out_dir / f"{stem}.gif", save_all=True, append_images=frames[1:], duration=100,
                            loop=0)
-    save_uint8_grid(images, args.out_dir / "grid.png", cols=n, scale=4)
+    save_grid(images, args.out_dir / "grid.png", cols=n, scale=4)
     print(f"wrote {len(images)} samples and grid.png to {args.out_dir}")
 
 

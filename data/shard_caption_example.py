@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _encoders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Any, Any]:
-    from data.pipeline.encoders import SD3VAE, IdentityVAE, TextTokenizer, default_tokenizer_path
+    from core.tokenizer import TextTokenizer, default_tokenizer_path
+    from core.vae import SD3VAE, IdentityVAE
 
     tokenizer = None
     if args.kind == "text":

@@ -13,13 +13,14 @@ so no uninitialised rows reach disk, and `close()` saves the last, partial shard
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from core.files import write_atomic, write_json_atomic
 
 FORMAT = "rfdit-latent-shards"
 VERSION = 1
@@ -86,20 +87,6 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temp name and rename, so the final name only ever holds a complete file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 class ShardWriter:
     """Accumulates records and writes shards of `records_per_shard` (the last one partial)."""
 
@@ -142,9 +129,9 @@ class ShardWriter:
             return None
         path = self.out_dir / self.shard_name(self.index)
         tensors = {k: v[: self.count].clone() for k, v in self.buffers.items()}
-        _write_atomic(path, lambda f: torch.save(tensors, f))
+        write_atomic(path, lambda f: torch.save(tensors, f))
         lines = "".join(json.dumps(c) + "\n" for c in self.captions)
-        _write_atomic(path.with_suffix(".captions.jsonl"), lambda f: f.write(lines.encode()))
+        write_atomic(path.with_suffix(".captions.jsonl"), lambda f: f.write(lines.encode()))
         # The sidecar comes last: its presence marks the shard finished (resumable pipelines skip it).
         write_json_atomic(path.with_suffix(".json"), {"file": path.name, "records": self.count, "sha256": sha256(path)})
         self.written.append(path)

@@ -121,13 +121,13 @@ def samples(rows: list[dict], path: Path, seeds: int = 2) -> None:
     import torch
 
     from app.pipeline import load_pipeline
-    from trainer.images import save_uint8_grid
+    from core.images import save_grid
 
     prompts = [p for p in PROMPTS for _ in range(seeds)]
     images = [load_pipeline(r["checkpoint"], "raw", device="cpu").generate(prompts=prompts,
                                                                          seeds=list(range(len(prompts))))
               for r in rows]
-    save_uint8_grid(torch.cat(images), path, cols=len(prompts), scale=2)
+    save_grid(torch.cat(images), path, cols=len(prompts), scale=2)
     columns = " | ".join(f"{p} (seeds {seeds * i}..{seeds * i + seeds - 1})" for i, p in enumerate(PROMPTS))
     path.with_suffix(".txt").write_text("rows: " + ", ".join(r["label"] for r in rows) + f"\ncolumns: {columns}\n")
     print(f"wrote {path}")

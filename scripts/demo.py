@@ -67,7 +67,7 @@ def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    from trainer import checkpoint
+    from core import checkpoint
 
     found = checkpoint.list_checkpoints(run_dir / "checkpoints")
     if not found:
@@ -83,12 +83,12 @@ def parse_parity(text: str) -> dict[str, float]:
 def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 3) -> None:
     """The final model's samples for PROMPTS: a row per prompt, `seeds` columns."""
     from app.pipeline import load_pipeline
-    from trainer.images import save_uint8_grid
+    from core.images import save_grid
 
     pipe = load_pipeline(checkpoint_path, device="cpu")
     prompts = [p for p in PROMPTS for _ in range(seeds)]
     images = pipe.generate(prompts=prompts, seeds=list(range(len(prompts))))
-    save_uint8_grid(images, path, cols=seeds, scale=2)
+    save_grid(images, path, cols=seeds, scale=2)
     (path.with_suffix(".txt")).write_text("\n".join(PROMPTS) + "\n")
 
 
@@ -102,7 +102,7 @@ def curriculum_plot(runs: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    from trainer import checkpoint
+    from core import checkpoint
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     offset = 0

@@ -41,7 +41,7 @@ def sample(model_path: Path, prompts: tuple[str, ...], out_dir: Path, *extra: st
 
 
 def newest_stage5() -> Path:
-    from trainer import checkpoint
+    from core import checkpoint
 
     found = checkpoint.list_checkpoints(ROOT / "outputs" / "embedded" / "stage5" / "checkpoints")
     if not found:

@@ -166,8 +166,8 @@ def test_a_tokenizer_record_without_its_lengths_is_refused(stage2_checkpoint, tm
 def test_the_attack_folder_is_live_and_the_loaders_default_refuses_it(tmp_path):
     """The loaders themselves: without trust_remote_code (their default) transformers refuses the auto_map and
     imports nothing; with it the module is imported, which shows the folder above is a working attack."""
-    from data.pipeline.encoders import TextTokenizer
-    from models.text_encoder import FrozenTextEncoder
+    from core.text_encoder import FrozenTextEncoder
+    from core.tokenizer import TextTokenizer
 
     folder, marker = remote_code_folder(tmp_path, "direct")
     with pytest.raises(ValueError, match="trust_remote_code"):

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from core.tokenizer import default_tokenizer_path
 from data.embedded.build import build
 from data.loader import ShardDataset
-from data.pipeline.encoders import default_tokenizer_path
 from data.shard_caption_example import main as shard_main
 from data.shards import read_manifest
 from data.validate import validate

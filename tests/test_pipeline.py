@@ -23,9 +23,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import AutoTokenizer
 
+from core.tokenizer import TextTokenizer, default_tokenizer_path
+from core.vae import SD3VAE, IdentityVAE
 from data.pipeline import captioners as cap
 from data.pipeline import sources
-from data.pipeline.encoders import SD3VAE, IdentityVAE, TextTokenizer, default_tokenizer_path
 from data.pipeline.run import PipelineConfig, PipelineError, finalize, marker_path, run_rank
 from data.shard_caption_example import main as cli_main
 from data.shards import read_manifest

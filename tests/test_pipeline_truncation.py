@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.vae import IdentityVAE
 from data.embedded.build import build
 from data.pipeline import sources
 from data.pipeline.captioners import TarCaptioner
-from data.pipeline.encoders import IdentityVAE
 from data.pipeline.run import PipelineConfig, RankResult, marker_path, run_rank
 from data.shard_caption_example import main as cli_main
 from data.validate import validate

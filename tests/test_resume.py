@@ -142,10 +142,10 @@ def test_text_stage_resume_is_exact_with_the_encoder_cache(embedded_data, tmp_pa
 
 
 def test_minilm_output_for_a_row_does_not_depend_on_its_batch(embedded_data):
-    """What the text cache's exact resume rests on (trainer/conditioning.py): encoding a caption alone, in
+    """What the text cache's exact resume rests on (core/conditioning.py): encoding a caption alone, in
     another batch or at another position gives the same bits as encoding it in the full batch."""
+    from core.text_encoder import FrozenTextEncoder
     from data.loader import ShardDataset
-    from models.text_encoder import FrozenTextEncoder
 
     data = ShardDataset(embedded_data / "synthetic-32" / "shards-text", batch_size=8, verify_checksum=False)
     batch = next(iter(data))

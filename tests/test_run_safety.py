@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from core import files as core_files
 from tests.stages import ROOT, stage_config
 from tests.test_resume import ENV, stage1_cmd, start, wait_for_checkpoint
 from trainer import checkpoint
@@ -90,7 +91,7 @@ def test_a_second_trainer_on_a_locked_folder_stops_naming_the_holder(embedded_da
 
 
 def test_prune_removes_only_dead_writers_temporaries(tmp_path):
-    host = checkpoint._host()
+    host = core_files.host()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

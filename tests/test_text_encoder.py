@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.text_encoder import FrozenTextEncoder, default_text_encoder_path
+from core.text_encoder import FrozenTextEncoder, default_text_encoder_path
 
 CAPTIONS = [
     "a small red circle in the top left on a gray background",

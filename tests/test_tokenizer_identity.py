@@ -18,10 +18,10 @@ from transformers import AutoTokenizer
 
 from app.pipeline import CheckpointError, load_pipeline
 from app.sources import Sources
-from data.pipeline.encoders import (
+from core.hub import UnsafeSourceError
+from core.tokenizer import (
     BUNDLED_TOKENIZER,
     TextTokenizer,
-    UnsafeSourceError,
     check_tokenizer,
     default_tokenizer_path,
     recorded_tokenizer_source,
@@ -127,7 +127,7 @@ def test_a_hub_tokenizer_is_recorded_by_name_commit_and_hash(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = (
-        "import json; from data.pipeline.encoders import TextTokenizer, recorded_tokenizer_source as src\n"
+        "import json; from core.tokenizer import TextTokenizer, recorded_tokenizer_source as src\n"
         "tok = TextTokenizer('acme/minilm-tokenizer', 32)\n"
         f"pinned = TextTokenizer('acme/minilm-tokenizer@{commit}', 32)\n"
         "print(json.dumps([tok.info, src(tok.info, 'k', '--tokenizer PATH'), pinned.info == tok.info]))\n"

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.conditioning import ClassConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models import ModelConfig, model_config
 from models.config import default_conditioning
 from trainer import checkpoint
-from trainer.conditioning import ClassConditioning, TextConditioning
 from trainer.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
     if spec.kind == "labels":
         return ClassConditioning(spec.num_classes, spec.class_names, t.label_dropout)
 
-    from models.text_encoder import FrozenTextEncoder
+    from core.text_encoder import FrozenTextEncoder
 
     enc_cfg = OmegaConf.to_container(cfg.text_encoder, resolve=True)
     if int(enc_cfg["max_length"]) != int(spec.tokenizer["max_length"]):
@@ -86,7 +86,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
     """The text encoder's tokenizer (text_encoder.tokenizer, or its name_or_path; null: the bundled MiniLM),
     which must be the one the shards were tokenized with: token ids from another vocabulary would train silently."""
-    from data.pipeline.encoders import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
+    from core.tokenizer import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
 
     enc = cfg.text_encoder
     source = enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER

@@ -39,8 +39,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
-from data.pipeline.encoders import autoencoder_for
 from flow.rectified_flow import RectifiedFlow
 from models import build_model
 from trainer import builders, checkpoint, distributed
@@ -49,10 +49,10 @@ from trainer.ema import EMA
 from trainer.errors import ConfigError, RunStoppedError  # noqa: F401 (ConfigError: callers catch it here)
 from trainer.fast_path import apply_compile, checkpoint_blocks
 from trainer.held_loss import HeldLoss
-from trainer.images import save_loss_plot
 from trainer.logger import Progress, RunLogger
 from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
+from trainer.plots import save_loss_plot
 from trainer.precision import Precision
 from trainer.preemption import PreemptionFlag
 from trainer.preview import Previewer

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from core.conditioning import ClassConditioning
+from core.images import save_grid, to_uint8
 from flow import sample
-from trainer.conditioning import ClassConditioning
-from trainer.images import save_grid
 
 
 class Previewer:
@@ -53,5 +53,5 @@ class Previewer:
                 prediction=self.prediction,
             )
         pixels = self.vae.decode(latents.float().cpu())  # [0, 1]
-        save_grid(pixels * 2 - 1, path, cols=self.cols, scale=p.scale)
+        save_grid(to_uint8(pixels), path, cols=self.cols, scale=p.scale)
         return path

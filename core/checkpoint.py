@@ -1,0 +1,294 @@
+"""Checkpoints: complete, atomic, read with weights_only=True, and self-describing through a typed metadata record.
+
+A training checkpoint (trainer/loop.py: Trainer.state_dict) is a dict of tensors and plain values:
+`model` and `ema` (the raw and averaged weights), `optimizer`, `scheduler`, `step`, `history`, `loader`, `rng`,
+`config` (the resolved Hydra config) and `metadata` (`CheckpointMetadata`: what every tool needs to use the
+weights with no other flag). reparameterize.py writes initialisations with the same keys for weights and
+metadata. Files are named `step_XXXXXXXX.pt` in a run's `checkpoints/` folder.
+
+Written atomically (core/files.py): a crash at any moment leaves the previous checkpoint or the complete new one.
+`prune` removes only temporary files whose writer is gone: this process's own, or a dead process's on this host.
+
+Portable across linear layouts: Transformer Engine's te.Linear adds a `<layer>._extra_state` entry (its FP8
+scaling state) to a state dict, which a plain nn.Linear model rejects. The trainer saves `model` and `ema` in the
+plain layout, which every tool loads, and keeps the FP8 scaling state beside them under `te_extra_state`
+({"model": {...}, "ema": {...}}) for resuming into an FP8 run; `split_extra_state` also cleans checkpoints written
+the other way (older FP8 runs, `reparameterize.py to-te`).
+"""
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.files import TEMP, host, write_atomic
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+EXTRA_STATE = "_extra_state"
+"""The suffix of the state-dict entry a module with get_extra_state (te.Linear) adds."""
+WEIGHTS = {"ema": "ema", "raw": "model"}
+"""`--weights` / `train.init_weights` choice -> the checkpoint key holding those weights."""
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A file that is not a loadable checkpoint of this repository, or not the one a command needs (a ValueError
+    for callers that validate input, a RuntimeError for those that catch load failures)."""
+
+
+# ---- names and folders --------------------------------------------------------------------------------------
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a `step_XXXXXXXX.pt` name records, or None for another name."""
+    match = _NAME.match(Path(path).name)
+    return int(match[1]) if match else None
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The `step_*.pt` files of a folder, oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
+
+
+def resolve(path: str | Path, what: str) -> Path:
+    """A checkpoint file, or a run's out_dir or its checkpoints/ folder (then its newest checkpoint).
+    FileNotFoundError names `what` (the key or flag) when there is none."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for folder in (p / "checkpoints", p):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    if p.is_dir():
+        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints/step_*.pt and no step_*.pt in it")
+    raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
+
+
+# ---- reading and writing ------------------------------------------------------------------------------------
+
+
+def load(path: Path) -> dict:
+    """Load a checkpoint without executing code (weights_only=True); a clear error names the file.
+
+    torch's own message for a refused file suggests weights_only=False, i.e. running the file's code: that
+    advice is never passed on."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"cannot load checkpoint {path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, another format, or a pickle that weights_only refuses
+        reason = str(err).split("\n", 1)[0].strip() or type(err).__name__
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            reason = "it holds Python objects other than tensors and plain containers, which are never loaded"
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save `obj` to `path` atomically (core/files.py)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_temporaries(ckpt_dir: Path) -> list[Path]:
+    """Temporary checkpoint files left by a writer that is gone: this process's own (a failed write) or a
+    dead process's on this host. A live writer's, or one from another host, is never listed."""
+    stale = []
+    for tmp in Path(ckpt_dir).glob(".step_*.pt.tmp-*"):
+        match = TEMP.match(tmp.name)
+        if match is None or match["host"] != host():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _pid_alive(pid):
+            stale.append(tmp)
+    return stale
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove stale temporary files (stale_temporaries)."""
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    for stale in stale_temporaries(ckpt_dir):
+        stale.unlink(missing_ok=True)
+
+
+# ---- linear layouts -----------------------------------------------------------------------------------------
+
+
+def is_extra_state_key(key: str) -> bool:
+    return key.endswith("." + EXTRA_STATE) or key == EXTRA_STATE
+
+
+def split_extra_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(the weights in the plain nn.Linear layout, the `_extra_state` entries) of a model state dict."""
+    weights = {k: v for k, v in state.items() if not is_extra_state_key(k)}
+    extra = {k: v for k, v in state.items() if is_extra_state_key(k)}
+    return weights, extra
+
+
+def model_weights(ckpt: dict, which: str) -> dict[str, Tensor]:
+    """The plain-layout `raw` (key `model`) or `ema` weights of a loaded checkpoint, whichever layout it was
+    saved in."""
+    key = WEIGHTS.get(which)
+    if key is None:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {which!r}")
+    state = ckpt.get(key)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the checkpoint holds no '{key}' weights")
+    return split_extra_state(state)[0]
+
+
+def load_module_state(module: torch.nn.Module, weights: dict[str, Tensor], extra: dict[str, Any] | None = None):
+    """Load plain-layout `weights` (and, for te.Linear layers, their saved FP8 scaling state `extra`) into
+    `module`, whichever linear layout it runs. Missing `_extra_state` entries are fine (TE starts its scaling
+    afresh); any other mismatch raises load_state_dict's error."""
+    own_extra = {k for k in module.state_dict() if is_extra_state_key(k)}
+    state = dict(weights) | {k: v for k, v in (extra or {}).items() if k in own_extra}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_extra_state_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"state does not fit {type(module).__name__}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+
+# ---- the metadata record ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a checkpoint says about itself; everything a sampler, the app, the evaluation, reparameterize.py or the
+    next stage needs. Stored as a plain dict (`to_dict`) so checkpoints load with weights_only=True."""
+
+    model: dict[str, Any]
+    """models/config.py:ModelConfig fields."""
+    conditioning: str
+    """class or text: what the model is called with (`labels=` or `text=, text_mask=`)."""
+    stage: int | None = None
+    prediction: str = "velocity"
+    """What the network outputs: velocity or x (flow/objective.py)."""
+    vae: dict[str, Any] = field(default_factory=lambda: {"id": "identity"})
+    """The latent space: id, scale, shift, pixel_range (core/vae.py), plus the config's kind / name_or_path."""
+    image_size: int | None = None
+    """Side in pixels of the images the training latents were encoded from."""
+    latent_shape: list[int] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """The stage's preview settings (steps, cfg_scale, alpha): the samplers' defaults."""
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    tokenizer: dict[str, Any] | None = None
+    """The shards' tokenizer identity (core/tokenizer.py)."""
+    text_encoder: dict[str, Any] | None = None
+    """The text_encoder config group the run used (core/text_encoder.py: FrozenTextEncoder.from_config)."""
+    text_encoder_info: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Every other recorded key (family, size, name, parameters, space, data, linear layouts ...), kept as is."""
+
+    @classmethod
+    def from_dict(cls, meta: Any, where: str) -> "CheckpointMetadata":
+        """The record of a checkpoint's `metadata`; CheckpointError names `where` and what is missing or wrong."""
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "conditioning" not in meta:
+            raise CheckpointError(
+                f"{where}: no metadata.model / metadata.conditioning; not a checkpoint written by this repository's "
+                "trainer (reparameterize.py outputs are initialisations: train them first)"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        record = cls(**{k: v for k, v in meta.items() if k in names},
+                     extra={k: v for k, v in meta.items() if k not in names})
+        record.check(where)
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return self.extra | out
+
+    @property
+    def family(self) -> str | None:
+        return self.model.get("family")
+
+    @property
+    def name(self) -> str:
+        return str(self.extra.get("name") or self.family or "model")
+
+    @property
+    def model_config(self):
+        from models import ModelConfig
+
+        return ModelConfig(**self.model)
+
+    def check(self, where: str) -> None:
+        """The recorded conditioning must be the one the model was built for (model.conditioning; for checkpoints
+        older than that field, the family's default) and come with what it needs. `reparameterize.py
+        stage1-to-stage2` writes an mmDiT that still carries Stage 1's class metadata: without this check it
+        would load and fail at the first forward, far from the cause."""
+        from models.config import CONDITIONINGS, default_conditioning
+
+        if self.family not in CONDITIONINGS:
+            raise CheckpointError(f"{where}: metadata.model.family is {self.family!r}, not one of "
+                                  f"{', '.join(CONDITIONINGS)}")
+        expected = self.model.get("conditioning") or default_conditioning(self.family)
+        needs = ("num_classes",) if expected == "class" else ("text_encoder", "tokenizer")
+        problems = [f"metadata.conditioning is {self.conditioning!r}"] if self.conditioning != expected else []
+        problems += [f"no metadata.{key}" for key in needs if not getattr(self, key)]
+        if problems:
+            raise CheckpointError(
+                f"{where}: a {self.family} model takes {expected} conditioning, but {', '.join(problems)}; an "
+                "initialisation from reparameterize.py? Train it first (train.init_from=<that file>)"
+            )
+
+
+def read_metadata(state: dict, where: str) -> CheckpointMetadata:
+    return CheckpointMetadata.from_dict(state.get("metadata"), where)
+
+
+# ---- rebuilding a model -------------------------------------------------------------------------------------
+
+
+def model_from_state(state: dict, weights: str = "ema"):
+    """The model a loaded checkpoint's metadata describes, with its `ema` or `raw` weights (plain layout, so an
+    FP8-trained checkpoint loads too), in eval mode."""
+    from models import ModelConfig, build_model
+
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError("the checkpoint has no metadata.model; not written by this repository")
+    model = build_model(ModelConfig(**meta["model"]))
+    model.load_state_dict(model_weights(state, weights))
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: Path, weights: str = "ema"):
+    """Rebuild the model a training checkpoint describes and load its `ema` or `raw` weights.
+
+    Returns (model in eval mode, metadata dict). Everything needed comes from the checkpoint itself.
+    """
+    state = load(path)
+    meta = state.get("metadata")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
+    return model_from_state(state, weights), meta

