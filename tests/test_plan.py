@@ -33,9 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp32"]
 """Overrides that make a real stage config a debug model on 32 px pixels: a plan in well under a second."""
 
-pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -211,6 +208,18 @@ def test_chosen_micro_batch_fits_and_the_next_larger_does_not():
     assert checked >= 4
     roomy = replace(plan, gpu_bytes=10**15).choice()
     assert (roomy.micro, roomy.grad_accum, roomy.checkpointing) == (per_gpu, 1, False)
+
+
+def test_pixel_families_are_planned_without_checkpointing():
+    """trainer/fast_path.py cannot checkpoint PixelDiT (no `model.blocks`): the planner shrinks the micro-batch."""
+    cfg = compose(2, ["model=pixeldit", "model.size=debug", "data.image_size=64", "vae=identity",
+                      "text_encoder=minilm", "train.batch_size=64", "train.grad_accum=1"])
+    plan = make_plan(cfg, 1)
+    tight = replace(plan, gpu_bytes=plan.total(Setting(8, 8, False)) + 1)
+    assert not tight.fits and tight.choice() == Setting(8, 8, False)
+    with pytest.raises(ValueError, match="train.activation_checkpointing=true"):
+        make_plan(compose(2, ["model=pixeldit", "model.size=debug", "data.image_size=64", "vae=identity",
+                              "text_encoder=minilm", "train.activation_checkpointing=true"]), 1)
 
 
 def test_data_shape_from_the_manifest_or_from_image_size(tmp_path):

@@ -235,8 +235,9 @@ class Plan:
             how = (f"checkpointed: {s.micro} x ({p.depth} block inputs {inputs} + one block recomputed {block} + "
                    f"outside the blocks {outside}) MiB + {rest} GiB for any batch")
         else:
+            pixel = f"{p.pixel_depth} pixel blocks x {_mib(p.pixel_block.per_sample(n))} + " if p.pixel_depth else ""
             how = (f"{s.micro} x {_mib(p.full.per_sample(n))} MiB ({p.depth} blocks x {_mib(p.block.per_sample(n))} + "
-                   f"outside the blocks {outside}) + {_gib(p.full.fixed(n))} GiB for any batch")
+                   f"{pixel}outside the blocks {outside}) + {_gib(p.full.fixed(n))} GiB for any batch")
         return Row(f"activations, micro-batch {s.micro} (measured)", total, how)
 
     def rows(self, s: Setting | None = None) -> list[Row]:
@@ -265,10 +266,9 @@ class Plan:
         return None
 
     def choice(self) -> Setting | None:
-        """Checkpointing off if the configured micro-batch fits without it, else on; the largest micro-batch."""
-        checkpointing = not self.fits_with(replace(self.setting, checkpointing=False))
-        if checkpointing and not self.checkpointable:
-            return None
+        """Checkpointing off if the configured micro-batch fits without it, else on (where the family can be
+        checkpointed); the largest micro-batch that fits."""
+        checkpointing = self.checkpointable and not self.fits_with(replace(self.setting, checkpointing=False))
         micro = self.largest_micro(checkpointing)
         return None if micro is None else Setting(micro, self.per_gpu_batch() // micro, checkpointing)
 
@@ -283,7 +283,8 @@ class Plan:
 
     def report(self) -> str:
         s = self.setting
-        out = [self.title, f"train.batch_size {self.batch_size} = micro-batch {s.micro} x {self.gpus} GPU(s) x "
+        gpus = f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+        out = [self.title, f"train.batch_size {self.batch_size} = micro-batch {s.micro} x {gpus} x "
                f"train.grad_accum {s.grad_accum}; activation checkpointing {'on' if s.checkpointing else 'off'}",
                "", self.table(), ""]
         spare = (self.gpu_bytes - self.total()) / GIB
@@ -291,12 +292,13 @@ class Plan:
                    f"({abs(spare):.2f} GiB {'to spare' if spare >= 0 else 'over'}).")
         choice = self.choice()
         if choice is None:
-            why = ("this family cannot be checkpointed (trainer/fast_path.py needs `model.blocks`)"
-                   if not self.checkpointable else "not even a micro-batch of 1 fits")
-            out.append(f"Nothing fits on {self.gpus} GPUs: {why}. Use more or larger GPUs, or a smaller model.")
+            how = "with activation checkpointing" if self.checkpointable else "(this family cannot be checkpointed)"
+            out.append(f"Nothing fits on {gpus}: not even a micro-batch of 1 {how}. Use more or larger GPUs, or a "
+                       "smaller model.")
         else:
             reason = ("the configured micro-batch does not fit without it" if choice.checkpointing
-                      else "the configured micro-batch fits without it")
+                      else "the configured micro-batch fits without it" if self.fits_with(
+                          replace(s, checkpointing=False)) else "this family cannot be checkpointed")
             out.append(f"Planner: activation checkpointing {'on' if choice.checkpointing else 'off'} ({reason}); "
                        f"largest micro-batch that fits: {choice.micro}, so train.grad_accum={choice.grad_accum} "
                        f"keeps train.batch_size={self.batch_size} ({self.total(choice) / GIB:.2f} GiB). Overrides:")
@@ -345,6 +347,9 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     ]
     bf16 = pr.compute == "bf16"
     profile = measure_profile(mcfg, bf16=bf16, prediction=t.prediction)
+    if t.get("activation_checkpointing") and not profile.checkpointable:
+        raise ValueError(f"train.activation_checkpointing=true: trainer/fast_path.py checkpoints `model.blocks`, "
+                         f"which model.family={mcfg.family} does not have; set it to false")
     tokens = (mcfg.input_size // mcfg.patch) ** 2
     c, h, w = data.latent_shape
     precision = "bf16 autocast, fp32 master weights" if bf16 else "fp32"
