@@ -101,7 +101,7 @@ def test_default_config_is_stage5_and_groups_override():
         assert cfg.stage == 5 and cfg.model.family == "mmdit" and cfg.train.timesteps.shift == "auto"
         cfg = compose(config_name="stage2", overrides=["data=stage3", "train=stage2", "model=jointdit",
                                                         "train.batch_size=64"])
-    assert cfg.model.family == "jointdit" and cfg.train.batch_size == 64 and cfg.train.grad_accum == 4
+    assert cfg.model.family == "jointdit" and cfg.train.batch_size == 64 and cfg.train.grad_accum == 20
 
 
 def test_unknown_config_key_is_an_error():

@@ -356,9 +356,10 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 def measure_step(model: nn.Module, batch: int, grid: int, bf16: bool, prediction: str) -> SavedBytes:
-    """Run one micro-batch's forward and loss as trainer/loop.py does and count what it saves."""
-    from flow import build_timestep_sampler
-    from trainer.loop import flow_loss
+    """Run one micro-batch's forward and loss as trainer/loop.py does (flow/rectified_flow.py) and count what
+    it saves."""
+    from flow import Uniform
+    from flow.rectified_flow import RectifiedFlow
 
     cfg = model.config
     side = grid * cfg.patch
@@ -370,7 +371,7 @@ def measure_step(model: nn.Module, batch: int, grid: int, bf16: bool, prediction
     with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), GpuKernels(), warnings.catch_warnings():
         # RMSNorm of bf16 queries with an fp32 gain takes torch's unfused path, on CUDA as here; said once, not news.
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-        loss = flow_loss(model, x1, cond, build_timestep_sampler("uniform"), gen, prediction)
+        loss = RectifiedFlow(Uniform(), prediction).loss(model, x1, cond, gen)
     counter.add([x1, *cond.values()])  # the loop holds its batch and conditioning through the backward
     del loss
     return counter

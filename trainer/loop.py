@@ -88,6 +88,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.micro = micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
         self.precision = Precision(cfg.precision, self.device)
+        if self.device.type == "cuda":  # before anything large is allocated: a run that cannot fit stops here
+            from trainer.plan import check_memory
+
+            check_memory(cfg, env.world_size, self.device)
         self.spec = builders.read_data_spec(cfg)
         builders.check_vae(cfg, self.spec, cfg.data.path)
         self.conditioning = builders.build_conditioning(cfg, self.spec, self.device, self.precision.model_dtype)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.errors import UserError
+
 if TYPE_CHECKING:
     from trainer.activation_memory import ActivationProfile
 
@@ -58,7 +60,7 @@ NOT_COUNTED = ("allocator fragmentation beyond the allowance, NCCL buffers of la
                "and the VAE decode of previews (between steps, when no activations are held)")
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(UserError, RuntimeError):
     """The configured run does not fit the GPU; the message is the plan's table and the keys to change."""
 
 
@@ -147,7 +149,7 @@ def plan_model_config(cfg, data: DataShape):
 def text_encoder_parameters(enc: dict) -> tuple[int | None, str]:
     """(parameters, source) of the frozen encoder: from a local config built on the meta device (the bundled
     MiniLM, a folder, the Hugging Face cache), else the table; (None, why) when unknown."""
-    from models.text_encoder import default_text_encoder_path
+    from core.text_encoder import default_text_encoder_path
 
     name = enc.get("name_or_path")
     if name is None:
@@ -164,14 +166,14 @@ def text_encoder_parameters(enc: dict) -> tuple[int | None, str]:
 
 
 def _encoder_parameters(name_or_path: str, subfolder: str | None) -> int:
-    """Parameters of what models/text_encoder.py keeps of a checkpoint (the encoder), built on the meta device."""
+    """Parameters of what core/text_encoder.py keeps of a checkpoint (the encoder), built on the meta device."""
     import copy
 
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    from models.text_encoder import _encoder_only_class  # the same choice of class as the loader makes
+    from core.text_encoder import _encoder_only_class  # the same choice of class as the loader makes
 
     config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, **({"subfolder": subfolder}
                                                                                   if subfolder else {}))
