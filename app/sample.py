@@ -18,13 +18,11 @@ and --vae load them from a folder instead, and only --trust-remote-code lets an 
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app.sources import add_source_flags  # noqa: E402
-from app.validation import BATCH  # noqa: E402
-from flow.sampler import ADAPTIVE_METHODS, FIXED_METHODS  # noqa: E402
+from app.sources import add_source_flags
+from app.validation import BATCH
+from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.hub import UnsafeSourceError, checked_hub_id, checked_revision, checked_subfolder
-from core.text_encoder import DTYPES
-from core.tokenizer import is_bundled, recorded_tokenizer_source
+from core.hub import (
+    DTYPES,
+    UnsafeSourceError,
+    checked_hub_id,
+    checked_revision,
+    checked_subfolder,
+    is_bundled,
+    recorded_tokenizer_source,
+)
 
 __all__ = ["Sources", "UnsafeSourceError", "add_source_flags", "sources_from_args", "text_encoder_config",
            "tokenizer_source", "vae_source"]

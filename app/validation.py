@@ -13,11 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
+from flow.methods import METHODS
 
-from flow.sampler import ADAPTIVE_METHODS, FIXED_METHODS
-
-METHODS = tuple(FIXED_METHODS + ADAPTIVE_METHODS)
 CPU_PIXEL_STEPS = 16_000_000
 """Default budget on a CPU: 8 images of 256 x 256 at 24 steps fit; one 4096 x 4096 step does not."""
 GPU_PIXEL_STEPS = 2_000_000_000
@@ -56,9 +53,11 @@ class Limits:
             alpha=(min(self.alpha[0], alpha), max(self.alpha[1], alpha)),
         )
 
-    def budget(self, device: torch.device | str) -> int:
+    def budget(self, device) -> int:
         if self.pixel_steps is not None:
             return int(self.pixel_steps)
+        import torch  # here, not at the top: the command lines import this module to build --help
+
         return GPU_PIXEL_STEPS if torch.device(device).type == "cuda" else CPU_PIXEL_STEPS
 
 

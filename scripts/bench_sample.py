@@ -12,14 +12,9 @@ Random weights and encoder states: throughput does not depend on what the model 
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     environment,
     median_seconds,
     pixart_forward,
@@ -27,8 +22,8 @@ from bench_common import (  # noqa: E402
     print_table,
 )
 
-from flow import sample, time_grid  # noqa: E402
-from models import build_model, model_config  # noqa: E402
+from flow import sample, time_grid
+from models import build_model, model_config
 
 MODES = ("ours", "ours-graphs", "diffusers")
 

@@ -21,13 +21,9 @@ Synthetic inputs (random latents and encoder states, full masks): the data loade
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     environment,
     median_seconds,
     mmdit_forward_flops,
@@ -38,11 +34,11 @@ from bench_common import (  # noqa: E402
     train_step_flops,
 )
 
-from flow import flow_matching_loss, interpolate  # noqa: E402
-from models import build_model, model_config  # noqa: E402
-from trainer.fast_path import apply_compile  # noqa: E402
-from trainer.main_grad import MainGrads  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
+from flow import flow_matching_loss, interpolate
+from models import build_model, model_config
+from trainer.fast_path import apply_compile
+from trainer.main_grad import MainGrads
+from trainer.optim import build_optimizer
 
 MODES = ("eager", "compiled", "fp8", "diffusers", "diffusers-compiled")
 

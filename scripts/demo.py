@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STAGES = (1, 2, 3, 4, 5)
 PROMPTS = (  # the README grid: four held-out compositions, then four seen in training

@@ -17,10 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_pixel import ensure_data, run  # scripts/ is on the path when run as a script
 
-from bench_pixel import ensure_data, run  # noqa: E402  (scripts/ is on the path when run as a script)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(precision: str, args: argparse.Namespace) -> float:

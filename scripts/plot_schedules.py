@@ -7,17 +7,15 @@ steps land for several alpha (alpha > 1 spends more of them near noise, t = 0).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flow import build_timestep_sampler, time_grid  # noqa: E402
+from flow import build_timestep_sampler, time_grid
 
 
 def main() -> None:

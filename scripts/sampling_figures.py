@@ -55,7 +55,6 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", type=Path, default=ROOT / "figures")
     p.add_argument("--steps", type=int, default=24)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     model_path = (args.model_path or newest_stage5()).resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import reparameterize
-from models import build_model, convert_linears, model_config
+from models import build_model, conversion, convert_linears, model_config
 from models.embeddings import sincos_pos_embed_2d
 from models.linear import default_fp8_filter
 from reparameterize import (
@@ -124,14 +124,14 @@ def test_input_size_not_divisible_by_the_patch_is_a_clear_error():
 
 def test_a_resolution_dependent_parameter_is_refused(monkeypatch):
     model = build_model("mmDiT-debug/4")
-    real = reparameterize.state_shapes
+    real = conversion.state_shapes
 
     def with_learned_positions(cfg):  # as if the model had a learned [tokens, dim] position table
         shapes = real(cfg)
         shapes["pos_embed"] = torch.Size([(cfg.input_size // cfg.patch) ** 2, cfg.dim])
         return shapes
 
-    monkeypatch.setattr(reparameterize, "state_shapes", with_learned_positions)
+    monkeypatch.setattr(conversion, "state_shapes", with_learned_positions)
     state = dict(model.state_dict(), pos_embed=torch.zeros(64, model.config.dim))
     with pytest.raises(ValueError, match=r"depend on the resolution \(pos_embed: \(64, 64\) -> \(256, 64\)\)"):
         change_resolution(state, model.config, 64)
