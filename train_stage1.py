@@ -4,16 +4,9 @@
     python train_stage1.py train.batch_size=64 ...       # any config key can be overridden
 """
 
-import hydra
-from omegaconf import DictConfig
+from trainer.cli import stage_main
 
-from trainer.cli import run_stage
-
-
-@hydra.main(config_path="configs", config_name="stage1", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_stage(cfg)
-
+main = stage_main("stage1", __doc__)
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,10 @@ from tests.wandb_reader import offline_runs, read_offline_run
 from trainer import checkpoint
 from trainer.loop import train
 
-REAL = ["model.size=debug", "model.patch=4", "vae=identity", "train.batch_size=4", "train.max_steps=2"]
-"""The only overrides: a small model, pixel space, a tiny batch and two steps."""
+REAL = ["model.size=debug", "model.patch=4", "vae=identity", "train.max_steps=2"]
+"""The only overrides: a small model, pixel space, two steps, and (stage_overrides) a tiny batch."""
+ACCUM = {1: 2, 2: 20, 3: 4, 4: 8, 5: 8}
+"""Each real stage's train.grad_accum (kept as configured: its memory plan): the tiny batch is 2 per micro-batch."""
 DATA = {1: "synthetic-32/shards-labels", 2: "synthetic-32/shards-text", 3: "synthetic-32/shards-text",
         4: "synthetic-40/shards-text", 5: "synthetic-48/shards-text"}
 
@@ -35,7 +37,7 @@ def user_env(tmp_path: Path) -> dict:
 
 
 def stage_overrides(stage: int, data: Path, out: Path, previous: str | None) -> list[str]:
-    args = [f"data.path={data / DATA[stage]}", f"train.out_dir={out}", *REAL]
+    args = [f"data.path={data / DATA[stage]}", f"train.out_dir={out}", *REAL, f"train.batch_size={2 * ACCUM[stage]}"]
     if stage == 1:
         args.append("train.preview.labels=[0,1]")  # the real Stage 1 previews ImageNet classes; this set has 4
     else:
@@ -100,7 +102,7 @@ def test_each_real_stage_with_wandb_offline_logs_scalars_and_images(embedded_dat
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name=f"stage{stage}", overrides=args)
-    assert cfg.wandb.mode == "offline" and cfg.precision.compute == "bf16"
+    assert cfg.wandb.mode == "offline" and cfg.precision.compute == "bf16" and cfg.train.grad_accum == ACCUM[stage]
     summary = train(cfg)
     assert summary["steps"] == 2
     check_run_folder(tmp_path, stage)

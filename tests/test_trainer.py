@@ -99,8 +99,7 @@ def test_default_config_is_stage5_and_groups_override():
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="config")
         assert cfg.stage == 5 and cfg.model.family == "mmdit" and cfg.train.timesteps.shift == "auto"
-        cfg = compose(config_name="stage2", overrides=["data=stage3", "train=stage2", "model=jointdit",
-                                                        "train.batch_size=64"])
+        cfg = compose(config_name="stage2", overrides=["data=aesthetic_256", "model=jointdit", "train.batch_size=64"])
     assert cfg.model.family == "jointdit" and cfg.train.batch_size == 64 and cfg.train.grad_accum == 20
 
 

@@ -1,0 +1,350 @@
+"""The typed schema of every training config key, registered with Hydra's ConfigStore as `schema`.
+
+configs/base.yaml starts from it (`defaults: - schema`), so every YAML file and every command-line override is
+checked against these types by OmegaConf: `train.batch_size=abc` stops with the key's name before anything runs,
+and a misspelt key is refused. The docstring under each field is its documentation: `python train_stageN.py
+--help` prints it next to the stage's value (trainer/cli.py). Ranges that a type cannot say (a positive learning
+rate, a probability) are checked by `check_ranges` when a run starts.
+
+Fields typed `Any` take more than one kind of value (say `train.compile`: false, true or "block"); the code that
+reads them validates them with a message naming the key.
+"""
+
+import ast
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    family: str = "mmdit"
+    """ccdit | mmdit | jointdit | pixeldit | mmpixeldit (models/; `python -m models` lists every named model)."""
+    size: str = "XL"
+    """S | B | L | XL | debug: DiT's widths and depths (models/registry.py)."""
+    patch: int = 2
+    """Patch side in latent pixels (2 or 4; pixel families 8 or 16)."""
+    conditioning: str | None = None
+    """class | text; null: the family's default (models/config.py CONDITIONINGS)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Any field of models/config.py:ModelConfig. in_channels, input_size, num_classes, text_dim and text_len come
+    from the data and the text encoder unless set here (then they must agree)."""
+
+
+@dataclass
+class DataSection:
+    path: str = MISSING
+    """Shard folder with manifest.json (data/README.md), e.g. /scratch/me/shards/imagenet1k-256."""
+    image_size: int | None = None
+    """Pixels of the images the shards hold: python -m trainer.plan sizes the run from it before the data exists
+    (the manifest rules once it does)."""
+    num_workers: int = 4
+    """DataLoader workers per rank (0: in the training process)."""
+    mix_shards: int = 4
+    """Shards whose records are shuffled together (a batch mixes about this many)."""
+    short_caption_prob: float = 0.0
+    """Text data with short captions: probability of the short caption instead of the long one."""
+    verify_checksum: bool = True
+    """sha256 of every shard when a process first opens it."""
+    skip_bad_shards: bool = False
+    """true: warn and skip a corrupt shard instead of stopping."""
+
+
+@dataclass
+class TimestepsSection:
+    name: str = "logit_normal"
+    """logit_normal | uniform (flow/objective.py)."""
+    mean: float = 0.0
+    """logit-normal: mean of the normal whose sigmoid is t."""
+    std: float = 1.0
+    """logit-normal: its standard deviation."""
+    shift: Any = None
+    """SD3 resolution shift: null or 1 none; a number; auto = sqrt(tokens / base_grid^2) for each batch's grid."""
+
+
+@dataclass
+class EMASection:
+    decay: float = 0.99
+    """Final decay of the exponential moving average of the weights (trainer/ema.py)."""
+    every: int = 100
+    """Steps between EMA updates."""
+    warmup_steps: int = 3000
+    """Steps over which the decay rises linearly from start_decay to decay (0: no ramp)."""
+    start_decay: float = 0.01
+    """Decay at step 0 of the ramp."""
+
+
+@dataclass
+class PreviewSection:
+    labels: list[int] = field(default_factory=lambda: [2, 316, 418, 551, 804, 981, 984, 1000])
+    """Class stages: the classes previewed (the reference's ImageNet picks; the last is the null class)."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "a photograph of a red fox sitting in fresh snow, soft morning light",
+        "a bowl of ramen with a soft-boiled egg on a wooden table",
+        "a lighthouse on a rocky coast at sunset",
+        "an astronaut riding a horse on the moon, digital art",
+    ])
+    """Text stages: the prompts previewed, one column each."""
+    rows: int = 1
+    """Rows of the preview grid: one noise seed each."""
+    seed: int = 0
+    """Seed of the previews' fixed noise."""
+    steps: int = 24
+    """ODE steps of a preview (and the default of the samplers for this checkpoint)."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale of the previews (and the samplers' default)."""
+    alpha: float = 1.0
+    """Time-grid warp of the previews (> 1: more steps near noise; the samplers' default)."""
+    scale: int = 1
+    """Nearest-neighbour upscaling of the saved PNG."""
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 300_000
+    """Optimiser steps of the stage."""
+    max_minutes: float | None = None
+    """Also stop (checkpoint, previews, held losses) after this much wall-clock time."""
+    batch_size: int = 1024
+    """Global batch; each rank's micro-batch is batch_size / (world_size x grad_accum)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (DDP syncs gradients on the last one only)."""
+    out_dir: str = "${runs_dir}/stage${stage}"
+    """checkpoints/, samples/, metrics.jsonl, loss.png, summary.json and the resolved config."""
+    resume: str = "auto"
+    """auto: the newest checkpoint in out_dir if any; never: start fresh; or a checkpoint path. A resume keeps the
+    weights, EMA, optimizer moments, history, data position and RNG, and takes the schedule from this config."""
+    init_from: str | None = None
+    """Start from these weights: a checkpoint file, or a run's out_dir (its newest checkpoint); null: fresh."""
+    init_weights: str = "ema"
+    """Which weights of init_from: ema | raw."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 5
+    """Newest K checkpoints kept."""
+    log_every: int = 10
+    """Steps between log lines (metrics.jsonl, wandb, and the progress line without a terminal)."""
+    sync_every: int = 10
+    """Steps between the loop's reads from the device (losses, stop flags); log, preview and checkpoint steps always
+    read. A signal or the time limit is acted on at the next read."""
+    log_all_ranks: bool = False
+    """Under torchrun, INFO lines from every rank (default: rank 0; warnings always from all)."""
+    sample_every: int = 5000
+    """Steps between preview grids (EMA and raw weights)."""
+    eval_batches: int = 4
+    """Fixed held batches whose loss is measured at a stage's start and end (0: off)."""
+    label_dropout: float = 0.1
+    """Class stages: per-sample probability of the null class (classifier-free guidance)."""
+    caption_dropout: float = 0.1
+    """Text stages: per-sample probability of the empty caption (all-False mask)."""
+    prediction: str = "velocity"
+    """velocity | x (the network outputs the clean image x1; JiT)."""
+    num_threads: Any = None
+    """Torch CPU threads: null (torch's default), an integer, or auto (the cores other processes leave free,
+    followed as the load changes: trainer/threads.py)."""
+    compile: Any = False
+    """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (memory for about 1/3 more compute)."""
+    memory_check: bool = True
+    """On CUDA, plan the memory first (python -m trainer.plan) and stop if the run cannot fit."""
+    max_bad_steps: int = 10
+    """Consecutive steps with a non-finite gradient before the run stops."""
+    text_cache: int = 0
+    """Text stages: keep the frozen encoder's output for up to this many distinct captions."""
+    timesteps: TimestepsSection = field(default_factory=TimestepsSection)
+    ema: EMASection = field(default_factory=EMASection)
+    preview: PreviewSection = field(default_factory=PreviewSection)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1.0e-4
+    """AdamW learning rate (after warmup)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1.0e-15
+    """AdamW epsilon (the reference's)."""
+    weight_decay: float = 0.03
+    """Decoupled weight decay, on matrices only (none on biases, norms, embeddings)."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0."""
+    decay_fraction: float = 0.0
+    """> 0: linear decay to 0 over this last fraction of train.max_steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (after the DDP all-reduce, so equal on every rank)."""
+    fused: bool | None = None
+    """The fused AdamW kernel (null: on when training on CUDA); it also skips a non-finite step on the device."""
+
+
+@dataclass
+class VAESection:
+    kind: str = "sd3"
+    """sd3 (diffusers' AutoencoderKL) | identity (pixel space); must be what encoded the shards."""
+    name_or_path: str | None = None
+    """Hub id or local folder of the VAE (previews decode with it)."""
+    subfolder: str | None = None
+    """A folder inside name_or_path holding the VAE (vae/ in a pipeline checkout)."""
+
+
+@dataclass
+class TextEncoderSection:
+    name_or_path: str | None = None
+    """Hub id or local folder of the frozen encoder; null: the bundled MiniLM (core/text_encoder.py)."""
+    subfolder: str | None = None
+    """A folder inside name_or_path holding config.json (e.g. text_encoder/)."""
+    hidden_size: int = 2048
+    """Width of the last hidden state; checked against the loaded model; the DiT's text_dim."""
+    max_length: int = 120
+    """Tokens per caption, as the shards were tokenized."""
+    dtype: str = "bfloat16"
+    """On GPU; a CPU run uses float32."""
+    tokenizer: str | None = None
+    """Hub id or folder of its tokenizer (null: name_or_path's); checked against the shards' recorded tokenizer."""
+    trust_remote_code: bool = False
+    """Run code shipped with the encoder: only for an encoder you trust, never from a checkpoint."""
+
+
+@dataclass
+class PrecisionSection:
+    compute: str = "bf16"
+    """bf16 | fp32. bf16 autocast runs on CUDA only; on a CPU the run stays fp32 and says so."""
+    fp8: bool = False
+    """Transformer Engine te.Linear for the large projections (needs TE and an FP8 GPU)."""
+    fp8_recipe: str = "auto"
+    """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper)."""
+    keep_high_precision: list[str] | None = None
+    """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list)."""
+    fuse_wgrad_accumulation: bool = False
+    """fp8: te.Linear accumulates weight gradients into fp32 main_grad (trainer/main_grad.py)."""
+
+
+@dataclass
+class WandbSection:
+    mode: str = "auto"
+    """auto (online with an API key, else offline) | online | offline | disabled."""
+    project: str = "rfdit"
+    entity: str | None = None
+    """Your team, or null for your default entity."""
+    name: str | None = None
+    """null: stage<N>-<out_dir name>."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    stage: int = MISSING
+    """Curriculum stage 1..5 (configs/stageN.yaml)."""
+    starts_from: int | None = None
+    """The stage whose weights this one starts from (through train.init_from); null: none (Stage 1)."""
+    seed: int = 0
+    """Seeds the model init and, with the step and rank, every draw of noise, time and dropout."""
+    device: str | None = None
+    """cuda | cpu | null (CUDA when available); under torchrun each rank takes its LOCAL_RANK GPU."""
+    runs_dir: str = "outputs"
+    """Where the stages' run folders live: stage N writes runs_dir/stageN and starts from runs_dir/stage(N-1)."""
+    embedded_data: str | None = None
+    """experiment=embedded: where scripts/build_embedded_data.sh wrote the embedded shards."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    vae: VAESection = field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+# ---- ranges -------------------------------------------------------------------------------------------------
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "stage": (lambda v: 1 <= v <= 5, "1..5"),
+    "train.max_steps": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "train.ckpt_every": (lambda v: v >= 1, ">= 1"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.sync_every": (lambda v: v >= 1, ">= 1"),
+    "train.sample_every": (lambda v: v >= 1, ">= 1"),
+    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "train.eval_batches": (lambda v: v >= 0, ">= 0"),
+    "train.max_bad_steps": (lambda v: v >= 1, ">= 1"),
+    "train.text_cache": (lambda v: v >= 0, ">= 0"),
+    "train.max_minutes": (lambda v: v is None or (_finite(v) and v > 0), "null or > 0"),
+    "train.label_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "train.caption_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "train.prediction": (lambda v: v in ("velocity", "x"), "velocity or x"),
+    "train.init_weights": (lambda v: v in ("ema", "raw"), "ema or raw"),
+    "train.ema.decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    "train.ema.start_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    "train.ema.every": (lambda v: v >= 1, ">= 1"),
+    "train.ema.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "train.preview.steps": (lambda v: 1 <= v <= 1000, "1..1000"),
+    "train.preview.rows": (lambda v: v >= 1, ">= 1"),
+    "train.preview.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "train.preview.alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.timesteps.std": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.timesteps.mean": (_finite, "a finite number"),
+    "optim.lr": (lambda v: _finite(v) and 0 < v <= 1, "a finite number in (0, 1]"),
+    "optim.eps": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
+    "optim.weight_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.decay_fraction": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    "optim.grad_clip": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "data.short_caption_prob": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.mix_shards": (lambda v: v >= 1, ">= 1"),
+    "precision.compute": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+}
+"""What each key must be, beyond its type."""
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """ConfigError naming the first key whose value is out of its range (RANGES)."""
+    for key, (ok, requirement) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r}: expected {requirement}")
+
+
+# ---- documentation ------------------------------------------------------------------------------------------
+
+
+def field_docs(schema: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """{dotted key: its docstring} for every leaf field of the schema, read from this file's source (the string
+    right after a field is its documentation, as for ModelConfig)."""
+    source = ast.parse(Path(__file__).read_text())
+    classes = {node.name: node for node in source.body if isinstance(node, ast.ClassDef)}
+    docs: dict[str, str] = {}
+    body = classes[schema.__name__].body
+    own = {}
+    for node, after in zip(body, body[1:] + [None], strict=True):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            own[node.target.id] = " ".join(str(after.value.value).split())
+    for f in fields(schema):
+        kind = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+        if is_dataclass(kind):
+            docs |= field_docs(type(kind), f"{prefix}{f.name}.")
+        else:
+            docs[f"{prefix}{f.name}"] = own.get(f.name, "")
+    return docs
