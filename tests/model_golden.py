@@ -3,12 +3,13 @@
 Checkpoints, reparameterize.py and the optimizer's weight-decay groups read parameter names; exact resume and
 the demo's held losses need the initialisation to draw from the global RNG in the same order. A fingerprint
 pins all of it: the state_dict's names, shapes and order, a hash of every tensor, where the global RNG stands
-after the build, and the hash of a forward pass at two resolutions. tests/test_model_contract.py compares
-today's models against GOLDEN; `python -m tests.model_golden` prints a fresh GOLDEN (run it only on a commit
-whose models are known to be right, and paste the output over the GOLDEN at the end of this file).
+after the build, the hash of a forward pass at two resolutions and of the gradients of one backward.
+tests/test_model_contract.py compares today's models against GOLDEN; `python -m tests.model_golden` prints a
+fresh GOLDEN (run it only on a commit whose models are known to be right, and paste the output over the
+GOLDEN at the end of this file).
 
-The forward hashes pin bits, so they hold for one CPU kind and torch build: computed with one intra-op thread
-on the development machine (torch 2.13.0+cpu, x86-64).
+The forward and gradient hashes pin bits, so they hold for one CPU kind and torch build: computed with one
+intra-op thread on the development machine (torch 2.13.0+cpu, x86-64).
 """
 
 import hashlib
@@ -80,9 +81,12 @@ def fingerprint(case: str) -> dict:
         perturb(model)
         with torch.no_grad():
             outputs = [tensor_hash(model(x, t, **cond)) for x, t, cond in (case_inputs(cfg, h, w) for h, w in SIZES)]
+        x, t, cond = case_inputs(cfg, *SIZES[0])
+        model(x, t, **cond).square().mean().backward()
+        grads = tensor_hash(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     finally:
         torch.set_num_threads(threads)
-    return dict(state=state, buffers=buffers, rng_after_build=rng_after_build, outputs=outputs)
+    return dict(state=state, buffers=buffers, rng_after_build=rng_after_build, outputs=outputs, grads=grads)
 
 
 def main() -> None:
@@ -136,7 +140,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                            'final.linear.bias 48 5d89f056865052bc'],
                  'buffers': [],
                  'rng_after_build': '90c18ba2285ffb87',
-                 'outputs': ['a3182028fed1193e', '146a0ce2aa941080']},
+                 'outputs': ['a3182028fed1193e', '146a0ce2aa941080'],
+                 'grads': '3ce4f4972b5608b7'},
  'mmdit/text': {'state': ['null_text 1x1x24 d7d34a6cdf3fd769',
                           'patch_embed.proj.weight 32x3x4x4 b4e4acccdefcadf0',
                           'patch_embed.proj.bias 32 38723a2e5e8a17aa',
@@ -190,7 +195,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                           'final.linear.bias 48 5d89f056865052bc'],
                 'buffers': [],
                 'rng_after_build': '0a9927502f0f2856',
-                'outputs': ['725d7fe6fb452d02', '952ef71498f2d202']},
+                'outputs': ['725d7fe6fb452d02', '952ef71498f2d202'],
+                'grads': 'dc3453dd6d642e67'},
  'jointdit/text': {'state': ['registers 1x2x32 8dd8389e41c778c4',
                              'patch_embed.positions 16x32 f4f60650367f75b4',
                              'patch_embed.proj.weight 32x3x4x4 07cfa75a924dbc32',
@@ -255,7 +261,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                              'final.linear.bias 48 5d89f056865052bc'],
                    'buffers': [],
                    'rng_after_build': 'f7b75cc4786f9a39',
-                   'outputs': ['9b54450eaf677522', '2f8e5d2ce0cacf4a']},
+                   'outputs': ['9b54450eaf677522', '2f8e5d2ce0cacf4a'],
+                   'grads': 'dc5b8ba8e239d665'},
  'jointdit/class': {'state': ['registers 1x2x32 02f83c7c5758e7fe',
                               'patch_embed.proj.weight 32x3x4x4 68b40d1b839297bd',
                               'patch_embed.proj.bias 32 38723a2e5e8a17aa',
@@ -320,7 +327,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                               'final.linear.bias 48 5d89f056865052bc'],
                     'buffers': [],
                     'rng_after_build': 'd4fe6302bbe472da',
-                    'outputs': ['b19773b58ca46f3e', '4022eebee4436383']},
+                    'outputs': ['b19773b58ca46f3e', '4022eebee4436383'],
+                    'grads': '35a2d8ba1e070dd2'},
  'pixeldit/class': {'state': ['semantic.patch_embed.positions 16x32 f4f60650367f75b4',
                               'semantic.patch_embed.proj.weight 32x3x4x4 2654f858f30980c3',
                               'semantic.patch_embed.proj.bias 32 38723a2e5e8a17aa',
@@ -395,7 +403,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                               'out.linear.bias 3 15ec7bf0b50732b4'],
                     'buffers': [],
                     'rng_after_build': '0c25f0d501c8120a',
-                    'outputs': ['dcfddcc59b0d4330', '1aa55c269d8c9826']},
+                    'outputs': ['dcfddcc59b0d4330', '1aa55c269d8c9826'],
+                    'grads': '403a92d68ba8fb18'},
  'pixeldit/text': {'state': ['semantic.null_text 1x1x24 6650cb3645e5ccf2',
                              'semantic.patch_embed.proj.weight 32x3x4x4 3111826d6e9e2f42',
                              'semantic.patch_embed.proj.bias 32 38723a2e5e8a17aa',
@@ -483,7 +492,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                              'out.linear.bias 3 15ec7bf0b50732b4'],
                    'buffers': [],
                    'rng_after_build': 'a835e060c35bbadb',
-                   'outputs': ['9adccd2b24032151', 'a208fe3fb47ceb22']},
+                   'outputs': ['9adccd2b24032151', 'a208fe3fb47ceb22'],
+                   'grads': '496a19302e6e49b2'},
  'mmpixeldit/text': {'state': ['semantic.registers 1x2x32 0e07fe402a8bca35',
                                'semantic.patch_embed.positions 16x32 f4f60650367f75b4',
                                'semantic.patch_embed.proj.weight 32x3x4x4 6c76795d8328d23d',
@@ -582,7 +592,8 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                                'out.linear.bias 3 15ec7bf0b50732b4'],
                      'buffers': [],
                      'rng_after_build': '462aa1a6ba06293a',
-                     'outputs': ['427ee8e847096cd1', '27796f637f0a895a']},
+                     'outputs': ['427ee8e847096cd1', '27796f637f0a895a'],
+                     'grads': 'c4af3fb1859244c6'},
  'mmpixeldit/class': {'state': ['semantic.registers 1x2x32 13d4309cc9e7da08',
                                 'semantic.patch_embed.proj.weight 32x3x4x4 c0feb7d8d6902f9c',
                                 'semantic.patch_embed.proj.bias 32 38723a2e5e8a17aa',
@@ -681,4 +692,5 @@ GOLDEN = {'ccdit/class': {'state': ['patch_embed.positions 16x32 f4f60650367f75b
                                 'out.linear.bias 3 15ec7bf0b50732b4'],
                       'buffers': [],
                       'rng_after_build': 'e8546e402b2cce31',
-                      'outputs': ['89b165fd2a443e87', 'b7ed22c9deea0655']}}
+                      'outputs': ['89b165fd2a443e87', 'b7ed22c9deea0655'],
+                      'grads': 'ae564244c46304fb'}}
