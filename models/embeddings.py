@@ -143,7 +143,10 @@ class PatchEmbed(nn.Module):
         H, W = x.shape[-2:]
         if H % self.patch or W % self.patch:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
-        tokens = rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # Contiguous tokens: the conv's output permuted to b n d is the same numbers in a transposed layout, which
+        # every residual add downstream would keep, and inductor (torch 2.13, CPU) compiles a wrong backward for
+        # a ccDiT block fed that layout (tests/test_fast_path.py compares per-block compile with eager).
+        tokens = rearrange(self.proj(x), "b d h w -> b (h w) d").contiguous()
         pos = self.position_table(H // self.patch, W // self.patch, x.device)
         return tokens + pos.to(tokens.dtype)
 
