@@ -89,7 +89,7 @@ class DiffusionTransformer(nn.Module):
             raise AttributeError(f"a text-conditional {self.config.name} has no null label; use null_condition")
         return null_label_for(self.config.num_classes)
 
-    def check_labels(self, labels: Sequence[int], what: str = "labels") -> list[int]:
+    def check_labels(self, labels: Sequence[Any], what: str = "labels") -> list[int]:
         """`labels` as ints, each a real class or the null class; a ValueError naming `what` otherwise."""
         return check_labels(labels, self.config.num_classes, what)
 

@@ -2,6 +2,8 @@
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,17 +44,16 @@ def null_label_for(num_classes: int) -> int:
     return num_classes
 
 
-def check_labels(labels: Sequence[int], num_classes: int, what: str = "labels") -> list[int]:
+def check_labels(labels: Sequence[Any], num_classes: int, what: str = "labels") -> list[int]:
     """`labels` as ints, each a real class or the null class (0..num_classes); a ValueError naming `what`
-    and the valid range otherwise. The one range check for labels a person gives (previews, the CLI, the app);
-    the model's forward does not check, which would cost a device sync every step."""
-    values = [int(c) for c in labels]
+    and the valid range otherwise (a bool or a float is no label). The one range check for labels a person
+    gives (previews, the CLI, the app); the model's forward does not check, which would cost a device sync."""
     null = null_label_for(num_classes)
-    bad = [c for c in values if not 0 <= c <= null]
+    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= c <= null]
     if bad:
         raise ValueError(f"{what} {bad} are outside 0..{null} ({num_classes} classes 0..{num_classes - 1}; "
                          f"{null} is the null class)")
-    return values
+    return [int(c) for c in labels]
 
 
 class LabelEmbedder(nn.Module):
