@@ -1,18 +1,23 @@
-"""Networks: ccDiT (class-conditional), mmDiT (PixArt-style cross-attention), JointDiT (SD3-style)."""
+"""Networks: ccDiT (class-conditional), mmDiT (PixArt-style cross-attention), JointDiT (SD3-style), PixelDiT and
+MM-PixelDiT (pixel space); every one a models.base.DiffusionTransformer."""
 
+from models.base import DiffusionTransformer
 from models.ccdit import CCDiT
 from models.config import ModelConfig
 from models.joint_dit import JointDiT
 from models.linear import convert_linears, linear_backend, make_linear
 from models.mmdit import MMDiT
+from models.pixeldit import PixelDiT
 from models.registry import FAMILIES, SIZES, build_model, model_config, named_models
 
 __all__ = [
     "CCDiT",
+    "DiffusionTransformer",
     "FAMILIES",
     "JointDiT",
     "MMDiT",
     "ModelConfig",
+    "PixelDiT",
     "SIZES",
     "build_model",
     "convert_linears",

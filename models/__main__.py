@@ -17,7 +17,7 @@ def example_inputs(cfg, batch: int = 1, device: str = "meta") -> dict[str, torch
     """Inputs of the right shapes for one forward at the model's default resolution."""
     x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t = torch.full((batch,), 0.5, device=device)
-    if cfg.family == "ccdit":
+    if cfg.conditioning == "class":
         return dict(x=x, t=t, labels=torch.zeros(batch, dtype=torch.long, device=device))
     text = torch.zeros(batch, cfg.text_len, cfg.text_dim, device=device)
     return dict(x=x, t=t, text=text, text_mask=torch.ones(batch, cfg.text_len, dtype=torch.bool, device=device))

@@ -30,11 +30,30 @@ def attend(
     k: Float[Tensor, "b h m e"],
     v: Float[Tensor, "b h m e"],
     key_mask: Bool[Tensor, "b m"] | None = None,
-) -> Float[Tensor, "b n (h e)"]:
+) -> Float[Tensor, "b n h*e"]:
     """SDPA over heads; `key_mask` hides padded keys. Every row must keep at least one key."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(out, "b h n e -> b n (h e)")
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
+def pad_sequence(
+    x: Float[Tensor, "b l e"], mask: Bool[Tensor, "b l"], length: int
+) -> tuple[Float[Tensor, "b m e"], Bool[Tensor, "b m"]]:
+    """`x` with zero rows appended up to `length` rows, and `mask` with False for them, so no query ever
+    attends to them; both returned as they are when already `length` long."""
+    pad = length - x.shape[1]
+    if pad < 0:
+        raise ValueError(f"cannot pad a sequence of {x.shape[1]} to {length}")
+    if pad == 0:
+        return x, mask
+    return torch.cat([x, x.new_zeros(x.shape[0], pad, x.shape[2])], dim=1), torch.cat(
+        [mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
 
 
 class SelfAttention(nn.Module):

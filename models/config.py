@@ -67,6 +67,11 @@ class ModelConfig:
     """mmdit / jointdit: tokens per caption (tokenizer max length)."""
     num_registers: int = 0
     """jointdit / mmpixeldit: learnable register tokens in the joint sequence."""
+    text_pad_multiple: int = 1
+    """mmdit / jointdit (and the pixel families on them): pad the text-side sequence, mmDiT's keys [null; text]
+    or JointDiT's context [registers; context], with masked positions to a multiple of this. Transformer
+    Engine's FP8 GEMMs need the rows of a layer's input (batch x sequence) divisible by 16 (8 for some
+    recipes); padding each sample's sequence makes that hold for any micro-batch. 1: no padding."""
     pos_embed: Literal["sincos", "learned"] = "sincos"
     """Absolute positions added to the patch tokens: the fixed 2-D sin-cos table, or a learnable table that
     starts from it and is resized (bicubic) for grids other than base_grid."""
@@ -96,6 +101,8 @@ class ModelConfig:
         if self.family in ("jointdit", "mmpixeldit") and self.num_registers < 1 and self.conditioning == "text":
             raise ValueError("model.num_registers must be >= 1 for joint attention over captions (a dropped "
                              "caption leaves no other key)")
+        if self.text_pad_multiple < 1:
+            raise ValueError(f"model.text_pad_multiple must be >= 1 (1: no padding), got {self.text_pad_multiple}")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if self.input_size % self.patch:

@@ -1,6 +1,9 @@
 """Input embeddings shared by every model family: timesteps, class labels, patches and positions."""
 
 import math
+from collections.abc import Sequence
+from numbers import Integral
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,23 @@ class TimestepEmbedder(nn.Module):
         return timestep_embedding(t * self.time_scale, self.dim)
 
 
+def null_label_for(num_classes: int) -> int:
+    """The null class used for classifier-free guidance: the label after the real ones, 0..num_classes-1."""
+    return num_classes
+
+
+def check_labels(labels: Sequence[Any], num_classes: int, what: str = "labels") -> list[int]:
+    """`labels` as ints, each a real class or the null class (0..num_classes); a ValueError naming `what`
+    and the valid range otherwise (a bool or a float is no label). The one range check for labels a person
+    gives (previews, the CLI, the app); the model's forward does not check, which would cost a device sync."""
+    null = null_label_for(num_classes)
+    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= c <= null]
+    if bad:
+        raise ValueError(f"{what} {bad} are outside 0..{null} ({num_classes} classes 0..{num_classes - 1}; "
+                         f"{null} is the null class)")
+    return [int(c) for c in labels]
+
+
 class LabelEmbedder(nn.Module):
     """Class label -> vector. Row `num_classes` is the null class used for classifier-free guidance."""
 
@@ -46,28 +66,38 @@ class LabelEmbedder(nn.Module):
 
     @property
     def null_label(self) -> int:
-        return self.num_classes
+        return null_label_for(self.num_classes)
 
     def forward(self, labels: Int[Tensor, "b"]) -> Float[Tensor, "b dim"]:
         return self.table(labels)
 
 
-def sincos_pos_embed_2d(
-    dim: int, grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
-) -> Float[Tensor, "n dim"]:
-    """2-D sin-cos position embedding for a grid_h x grid_w token grid, rows first (n = grid_h * grid_w).
+def grid_positions(
+    grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
+) -> tuple[Float[Tensor, "grid_h"], Float[Tensor, "grid_w"]]:
+    """Row and column positions (float64) of a grid_h x grid_w token grid in units of the base grid.
 
-    Positions are measured in units of the base grid: a grid with s times as many tokens per side
-    (s = sqrt(grid_h * grid_w) / base_grid) steps positions by 1/s, so a model trained at the base
-    resolution sees the same range of positions at any other one and interpolates between them
-    [chen2023pixartalpha]. One scale for both axes keeps the aspect ratio.
-    Half the channels encode the row (y), half the column (x), each as [sin | cos].
+    A grid with s times as many tokens per side (s = sqrt(grid_h * grid_w) / base_grid) steps positions by
+    1/s, so a model trained at the base resolution sees the same range of positions at any other one and
+    interpolates between them [chen2023pixartalpha]; one scale for both axes keeps the aspect ratio. The
+    sin-cos table and RoPE (models/rope.py) both measure positions this way.
     """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos position embedding needs dim divisible by 4, got {dim}")
     step = base_grid / math.sqrt(grid_h * grid_w)
     ys = torch.arange(grid_h, device=device, dtype=torch.float64) * step
     xs = torch.arange(grid_w, device=device, dtype=torch.float64) * step
+    return ys, xs
+
+
+def sincos_pos_embed_2d(
+    dim: int, grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
+) -> Float[Tensor, "n dim"]:
+    """2-D sin-cos position embedding for a grid_h x grid_w token grid, rows first (n = grid_h * grid_w), at
+    positions in base-grid units (`grid_positions`). Half the channels encode the row (y), half the column
+    (x), each as [sin | cos].
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    ys, xs = grid_positions(grid_h, grid_w, base_grid, device)
     quarter = dim // 4
     omega = 1.0 / 10_000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
 
@@ -114,7 +144,10 @@ class PatchEmbed(nn.Module):
         H, W = x.shape[-2:]
         if H % self.patch or W % self.patch:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
-        tokens = rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # Contiguous tokens: the conv's output permuted to b n d is the same numbers in a transposed layout, which
+        # every residual add downstream would keep, and inductor (torch 2.13, CPU) compiles a wrong backward for
+        # a ccDiT block fed that layout (tests/test_fast_path.py compares per-block compile with eager).
+        tokens = rearrange(self.proj(x), "b d h w -> b (h w) d").contiguous()
         pos = self.position_table(H // self.patch, W // self.patch, x.device)
         return tokens + pos.to(tokens.dtype)
 

@@ -7,26 +7,20 @@ keys and values.
 
 The context is the caption's tokens (conditioning="text"; the modulation comes from sinusoid(t)) or, for
 class conditioning, one token of the class embedding, which is also added to the modulation vector as in
-DiT (the null class is a learned row, for guidance).
+DiT (the null class is a learned row, for guidance). With `text_pad_multiple` > 1 the context is padded with
+masked rows to a multiple of it (FP8 GEMMs). The patch embedding, block loop and output layer are the shared
+DiT skeleton (models/base.py).
 """
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from models.attention import JointAttention
+from models.attention import JointAttention, pad_sequence, padded_length
+from models.base import DiTSkeleton
 from models.config import ModelConfig
-from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
-from models.layers import (
-    AdaLNModulation,
-    FinalLayer,
-    Mlp,
-    init_linears_xavier,
-    init_patch_embed,
-    layer_norm,
-    modulate,
-)
-from models.rope import grid_rope
+from models.embeddings import LabelEmbedder
+from models.layers import AdaLNModulation, Mlp, layer_norm, modulate
 
 
 class JointDiTBlock(nn.Module):
@@ -51,7 +45,7 @@ class JointDiTBlock(nn.Module):
         x: Float[Tensor, "b n d"],
         context: Float[Tensor, "b m d"],
         context_mask: Bool[Tensor, "b m"],
-        t_emb: Float[Tensor, "b c"],
+        t_emb: Float[Tensor, "b cond"],
         rope: Tensor | None = None,
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b m d"]]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(t_emb).chunk(6, dim=-1)
@@ -72,82 +66,67 @@ class JointDiTBlock(nn.Module):
         return x, context
 
 
-class JointDiT(nn.Module):
-    """`with_head=False` leaves out the final layer: MM-PixelDiT uses the blocks' tokens as its semantic stream."""
+class JointDiT(DiTSkeleton):
+    """Called as model(x, t, text=..., text_mask=...) or model(x, t, labels=...), per config.conditioning."""
 
-    def __init__(self, cfg: ModelConfig, with_head: bool = True):
-        super().__init__()
-        if cfg.family != "jointdit":
-            raise ValueError(f"JointDiT needs family='jointdit', got {cfg.family!r}")
-        self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
-        self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
+    family = "jointdit"
+
+    def build_conditioning(self, cfg: ModelConfig) -> None:
         if cfg.conditioning == "class":
             self.y_embed = LabelEmbedder(cfg.num_classes, cfg.cond_dim)
             self.context_embed = nn.Linear(cfg.cond_dim, cfg.dim)  # the class token of the context stream
         else:
             self.context_embed = nn.Linear(cfg.text_dim, cfg.dim)
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, cfg.dim))
-        self.blocks = nn.ModuleList(JointDiTBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None
-        self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        init_linears_xavier(self)
-        init_patch_embed(self.patch_embed.proj)
+    def make_block(self, cfg: ModelConfig, index: int) -> JointDiTBlock:
+        return JointDiTBlock(cfg, last=index == cfg.depth - 1)
+
+    def init_conditioning(self) -> None:
         nn.init.normal_(self.registers, std=0.02)
         if self.config.conditioning == "class":
             nn.init.normal_(self.y_embed.table.weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero on both streams
             block.adaLN.zero_init()
             block.context_adaLN.zero_init()
-        if self.final is not None:
-            self.final.zero_init()
 
-    @property
-    def null_label(self) -> int:
-        return self.y_embed.null_label
-
-    def features(
+    def condition(
         self,
-        x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
+        t_emb: Float[Tensor, "b cond"],
         text: Float[Tensor, "b l e"] | None = None,
         text_mask: Bool[Tensor, "b l"] | None = None,
         labels: Int[Tensor, "b"] | None = None,
-    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b c"]]:
-        """The last block's image tokens and the modulation vector (sinusoid(t), plus the class embedding)."""
-        H, W = x.shape[-2:]
-        b = x.shape[0]
-        h = self.patch_embed(x)
-        c = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
+    ) -> tuple[Float[Tensor, "b cond"], tuple[Tensor, Tensor, Tensor]]:
+        """The modulation vector c (sinusoid(t), plus the class embedding) and the joint context
+        [registers; caption tokens or the class token] with its mask."""
+        b, c = t_emb.shape[0], t_emb
         if self.config.conditioning == "class":
-            if labels is None:
-                raise TypeError("a class-conditional JointDiT takes labels=, not text")
             y = self.y_embed(labels)
             c = c + y
-            tokens, token_mask = self.context_embed(y)[:, None], torch.ones(b, 1, dtype=torch.bool, device=x.device)
+            tokens, token_mask = y[:, None], torch.ones(b, 1, dtype=torch.bool, device=t_emb.device)
         else:
-            if text is None or text_mask is None:
-                raise TypeError("a text-conditional JointDiT takes text= and text_mask=")
-            tokens, token_mask = self.context_embed(text), text_mask.bool()
+            tokens, token_mask = text, text_mask.bool()
+        tokens, token_mask = self.embed_context(tokens, token_mask)
         context = torch.cat([self.registers.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([token_mask.new_ones(b, self.config.num_registers), token_mask], dim=1)
-        rope = grid_rope(self.config, H // self.config.patch, W // self.config.patch, x.device)
-        for block in self.blocks:
-            h, context = block(h, context, mask, c, rope)
-        return h, c
+        return c, (context, mask, c)
 
-    def forward(
-        self,
-        x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
-        text: Float[Tensor, "b l e"] | None = None,
-        text_mask: Bool[Tensor, "b l"] | None = None,
-        labels: Int[Tensor, "b"] | None = None,
-    ) -> Float[Tensor, "b c H W"]:
-        """text and text_mask (text conditioning) or labels (class conditioning)."""
-        H, W = x.shape[-2:]
-        h, c = self.features(x, t, text, text_mask, labels)
-        p = self.config.patch
-        return unpatchify(self.final(h, c), p, self.config.out_channels, H // p, W // p)
+    def embed_context(
+        self, tokens: Float[Tensor, "b l e"], mask: Bool[Tensor, "b l"]
+    ) -> tuple[Float[Tensor, "b m d"], Bool[Tensor, "b m"]]:
+        """The context stream's tokens. With text_pad_multiple > 1, padded with masked rows so that the joint
+        context [registers; tokens] is a multiple of it long, and the embedding's GEMM sees a multiple too
+        (it runs on the tokens padded further, and the extra rows are cut)."""
+        multiple, registers = self.config.text_pad_multiple, self.config.num_registers
+        if multiple == 1:
+            return self.context_embed(tokens), mask
+        rows = padded_length(registers + tokens.shape[1], multiple) - registers
+        tokens, mask = pad_sequence(tokens, mask, padded_length(rows, multiple))
+        return self.context_embed(tokens)[:, :rows], mask[:, :rows]
+
+    def run_block(
+        self, block: JointDiTBlock, h: Tensor, state: tuple[Tensor, Tensor, Tensor], rope: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        context, mask, c = state
+        h, context = block(h, context, mask, c, rope)
+        return h, (context, mask, c)

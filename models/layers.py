@@ -2,7 +2,6 @@
 
 from collections.abc import Callable
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -26,7 +25,7 @@ class Mlp(nn.Module):
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b n d"]:
+    def forward(self, x: Float[Tensor, "*tokens d"]) -> Float[Tensor, "*tokens d"]:
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -117,7 +116,3 @@ def init_patch_embed(conv: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(conv.bias)
 
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -2,30 +2,23 @@
 
 adaLN-single: one shared MLP maps sinusoid(t) to six modulation vectors s(t); block i adds its own
 learnable embedding E_i. Each block runs gated self-attention, then un-gated cross-attention to the
-frozen text encoder's tokens, then a gated MLP.
+frozen text encoder's tokens, then a gated MLP. The patch embedding, block loop and output layer are the
+shared DiT skeleton (models/base.py).
 
 Captions dropped for classifier-free guidance are an all-False mask. A learned null token is always
 prepended to the text keys so that such a row still has something to attend to (PixArt learns a null
-caption embedding for the same purpose); padded tokens are masked and never change the output.
+caption embedding for the same purpose); padded tokens are masked and never change the output. With
+`text_pad_multiple` > 1 the keys [null; text] are padded with masked rows to a multiple of it (FP8 GEMMs).
 """
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from models.attention import CrossAttention, SelfAttention
+from models.attention import CrossAttention, SelfAttention, pad_sequence, padded_length
+from models.base import DiTSkeleton
 from models.config import ModelConfig
-from models.embeddings import PatchEmbed, TimestepEmbedder, unpatchify
-from models.layers import (
-    AdaLNModulation,
-    FinalLayer,
-    Mlp,
-    gated_block_forward,
-    init_linears_xavier,
-    init_patch_embed,
-    layer_norm,
-)
-from models.rope import grid_rope
+from models.layers import AdaLNModulation, Mlp, gated_block_forward, layer_norm
 
 
 class MMDiTBlock(nn.Module):
@@ -42,7 +35,7 @@ class MMDiTBlock(nn.Module):
         self,
         x: Float[Tensor, "b n d"],
         s: Float[Tensor, "b m"],
-        text: Float[Tensor, "b l c"],
+        text: Float[Tensor, "b l e"],
         text_mask: Bool[Tensor, "b l"],
         rope: Tensor | None = None,
     ) -> Float[Tensor, "b n d"]:
@@ -50,63 +43,40 @@ class MMDiTBlock(nn.Module):
         return gated_block_forward(self, x, s + self.embedding, cross=cross, rope=rope)
 
 
-class MMDiT(nn.Module):
-    """`with_head=False` leaves out the final layer: PixelDiT uses the blocks' tokens as its semantic stream."""
+class MMDiT(DiTSkeleton):
+    """Called as model(x, t, text=..., text_mask=...); an all-False mask is the dropped caption."""
 
-    def __init__(self, cfg: ModelConfig, with_head: bool = True):
-        super().__init__()
-        if cfg.family != "mmdit":
-            raise ValueError(f"MMDiT needs family='mmdit', got {cfg.family!r}")
-        self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
-        self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
+    family = "mmdit"
+
+    def build_conditioning(self, cfg: ModelConfig) -> None:
         self.t_block = AdaLNModulation(cfg.cond_dim, cfg.dim, chunks=6)  # adaLN-single, shared
         self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.text_dim))
-        self.blocks = nn.ModuleList(MMDiTBlock(cfg) for _ in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None
-        self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        init_linears_xavier(self)
-        init_patch_embed(self.patch_embed.proj)
+    def make_block(self, cfg: ModelConfig, index: int) -> MMDiTBlock:
+        return MMDiTBlock(cfg)
+
+    def init_conditioning(self) -> None:
         nn.init.normal_(self.null_text, std=0.02)
-        # adaLN-Zero: s(t) = 0 and E_i = 0 close every gate; cross-attention and the output start at zero.
+        # adaLN-Zero: s(t) = 0 and E_i = 0 close every gate; cross-attention starts at zero.
         self.t_block.zero_init()
         for block in self.blocks:
             nn.init.zeros_(block.embedding)
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        if self.final is not None:
-            self.final.zero_init()
 
-    def features(
-        self,
-        x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
-        text: Float[Tensor, "b l e"],
-        text_mask: Bool[Tensor, "b l"],
-    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b c"]]:
-        """The last block's tokens and the vector the output layer is modulated with, sinusoid(t)."""
-        H, W = x.shape[-2:]
-        h = self.patch_embed(x)
-        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
+    def condition(
+        self, t_emb: Float[Tensor, "b cond"], text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]
+    ) -> tuple[Float[Tensor, "b cond"], tuple[Tensor, Tensor, Tensor]]:
+        """The output layer is modulated by sinusoid(t) alone; the blocks read s(t) and the keys [null; text]."""
         s = self.t_block(t_emb)
-        b = x.shape[0]
+        b = t_emb.shape[0]
         text = torch.cat([self.null_text.expand(b, 1, -1).to(text.dtype), text], dim=1)  # b (1+l) e
         text_mask = torch.cat([text_mask.new_ones(b, 1), text_mask.bool()], dim=1)
-        rope = grid_rope(self.config, H // self.config.patch, W // self.config.patch, x.device)
-        for block in self.blocks:
-            h = block(h, s, text, text_mask, rope)
-        return h, t_emb
+        text, text_mask = pad_sequence(text, text_mask, padded_length(text.shape[1], self.config.text_pad_multiple))
+        return t_emb, (s, text, text_mask)
 
-    def forward(
-        self,
-        x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
-        text: Float[Tensor, "b l e"],
-        text_mask: Bool[Tensor, "b l"],
-    ) -> Float[Tensor, "b c H W"]:
-        H, W = x.shape[-2:]
-        h, t_emb = self.features(x, t, text, text_mask)
-        p = self.config.patch
-        return unpatchify(self.final(h, t_emb), p, self.config.out_channels, H // p, W // p)
+    def run_block(
+        self, block: MMDiTBlock, h: Tensor, state: tuple[Tensor, Tensor, Tensor], rope: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        s, text, text_mask = state
+        return block(h, s, text, text_mask, rope), state

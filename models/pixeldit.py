@@ -25,13 +25,13 @@ text). Conditioning therefore reaches the pixels only through s, and through the
 to it (the time, and the class where there is one).
 """
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from models.attention import SelfAttention
+from models.base import DiffusionTransformer
 from models.ccdit import CCDiT
 from models.config import ModelConfig
 from models.joint_dit import JointDiT
@@ -95,9 +95,10 @@ SEMANTIC_STREAMS = {("pixeldit", "class"): ("ccdit", CCDiT), ("pixeldit", "text"
                     ("mmpixeldit", "class"): ("jointdit", JointDiT), ("mmpixeldit", "text"): ("jointdit", JointDiT)}
 
 
-class PixelDiT(nn.Module):
-    """PixelDiT (family pixeldit) and MM-PixelDiT (family mmpixeldit); called like the semantic stream's
-    model: model(x, t, labels=...) or model(x, t, text, text_mask)."""
+class PixelDiT(DiffusionTransformer):
+    """PixelDiT (family pixeldit) and MM-PixelDiT (family mmpixeldit); conditioned like the semantic stream's
+    model: model(x, t, labels=...) or model(x, t, text=..., text_mask=...). Its `blocks` are the semantic
+    stream's blocks, then the pixel blocks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -121,24 +122,29 @@ class PixelDiT(nn.Module):
         self.out.zero_init()
 
     @property
-    def null_label(self) -> int:
-        return self.semantic.null_label
+    def blocks(self) -> tuple[nn.Module, ...]:
+        # A view, not a registered module: the parameters keep their names under semantic. and pixel_blocks.
+        return (*self.semantic.blocks, *self.pixel_blocks)
 
-    def forward(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], *args: Tensor, **cond: Tensor) -> Tensor:
+    def features(
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor
+    ) -> tuple[Float[Tensor, "b n q d"], Float[Tensor, "b n D"]]:
+        """The last pixel block's tokens (n patches of q = P*P pixels) and the semantic tokens that modulate
+        the output head pixel by pixel."""
         H, W = x.shape[-2:]
         p = self.config.patch
-        s, c = self.semantic.features(x, t, *args, **cond)  # s: b n D over the (H/p) x (W/p) patch grid
+        s, c = self.semantic.features(x, t, **cond)  # s: b n D over the (H/p) x (W/p) patch grid
         s = s + self.cond_proj(c)[:, None]
         pixels = rearrange(x, "b c (h p) (w q) -> b (h w) (p q) c", p=p, q=p)
         h = self.pixel_embed(pixels.to(s.dtype))  # b n (p q) d
         rope = grid_rope(self.config, H // p, W // p, x.device)
         for block in self.pixel_blocks:
             h = block(h, s, rope)
-        out = self.out(h, s)
-        return rearrange(out, "b (h w) (p q) c -> b c (h p) (w q)", h=H // p, p=p, q=p)
+        return h, s
 
-
-@torch.no_grad()
-def pixel_stream_parameters(model: PixelDiT) -> int:
-    """Parameters outside the semantic stream (the pixel stream's cost, for logs and benchmarks)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("semantic."))
+    def head(
+        self, tokens: Float[Tensor, "b n q d"], modulation: Float[Tensor, "b n D"], size: tuple[int, int]
+    ) -> Float[Tensor, "b o H W"]:
+        p = self.config.patch
+        out = self.out(tokens, modulation)
+        return rearrange(out, "b (h w) (p q) c -> b c (h p) (w q)", h=size[0] // p, p=p, q=p)

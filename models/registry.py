@@ -3,15 +3,14 @@
 import re
 from typing import Any
 
-from torch import nn
-
+from models.base import DiffusionTransformer
 from models.ccdit import CCDiT
 from models.config import ModelConfig
 from models.joint_dit import JointDiT
 from models.mmdit import MMDiT
 from models.pixeldit import PixelDiT
 
-FAMILIES: dict[str, type[nn.Module]] = {
+FAMILIES: dict[str, type[DiffusionTransformer]] = {
     "ccdit": CCDiT, "mmdit": MMDiT, "jointdit": JointDiT, "pixeldit": PixelDiT, "mmpixeldit": PixelDiT,
 }
 
@@ -56,7 +55,7 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def build_model(config: ModelConfig | str, **overrides: Any) -> nn.Module:
+def build_model(config: ModelConfig | str, **overrides: Any) -> DiffusionTransformer:
     """Build an initialised model; `config` is a ModelConfig or a name for `model_config`."""
     if isinstance(config, str):
         config = model_config(config, **overrides)

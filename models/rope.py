@@ -9,11 +9,11 @@ with s times as many tokens per side steps positions by 1/s, so a model trained 
 same range of angles at another.
 """
 
-import math
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from models.embeddings import grid_positions
 
 
 def rope_angles_2d(
@@ -23,18 +23,16 @@ def rope_angles_2d(
     [n, head_dim / 2], the first head_dim / 4 columns from the row, the rest from the column."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim} (model.dim / model.heads)")
-    step = base_grid / math.sqrt(grid_h * grid_w)
     quarter = head_dim // 4
     omega = theta ** (-torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
-    ys = torch.arange(grid_h, device=device, dtype=torch.float64) * step
-    xs = torch.arange(grid_w, device=device, dtype=torch.float64) * step
+    ys, xs = grid_positions(grid_h, grid_w, base_grid, device)
     ang_y = (ys[:, None] * omega[None])[:, None, :].expand(grid_h, grid_w, quarter)
     ang_x = (xs[:, None] * omega[None])[None, :, :].expand(grid_h, grid_w, quarter)
     return torch.cat([ang_y, ang_x], dim=-1).reshape(grid_h * grid_w, 2 * quarter).float()
 
 
-def apply_rope(x: Float[Tensor, "b h n e"], angles: Float[Tensor, "n half"]) -> Float[Tensor, "b h n e"]:
-    """Rotate channel pairs (2i, 2i+1) of the last `n` tokens of `x` by `angles`; earlier tokens (text or
+def apply_rope(x: Float[Tensor, "b h m e"], angles: Float[Tensor, "n half"]) -> Float[Tensor, "b h m e"]:
+    """Rotate channel pairs (2i, 2i+1) of the last `n` of the m tokens of `x` by `angles`; earlier tokens (text or
     register tokens in a joint sequence) are left as they are. Computed in float32, returned in x's dtype."""
     n = angles.shape[0]
     head, tail = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n :, :]

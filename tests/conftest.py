@@ -2,6 +2,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+import tests.typecheck  # noqa: F401 (the hook names its checker by this dotted path)
+
+# Shape annotations are checked in the test run only: every function of models/ imported from here on checks
+# its jaxtyping annotations with beartype (tests/typecheck.py), so a wrong annotation or a wrong shape fails a
+# test. (flow/ is not hooked: beartype cannot check its TimestepSampler Protocol, which is not runtime_checkable.)
+install_import_hook("models", "tests.typecheck.beartype_unless_compiling")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,10 +10,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from models import build_model
+from models import ModelConfig, build_model
 from models.linear import fp8_filter, layer_kinds, make_linear, plan_conversion
 from tests.helpers import randomize_zero_inits, text_inputs
+from tests.model_golden import CASES, SMALL, case_inputs
+from tests.stages import stage_config
+from trainer import checkpoint
 from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice
+from trainer.loop import train
 from trainer.precision import Precision
 
 
@@ -112,3 +116,109 @@ def test_fused_wgrad_needs_te():
     assert type(make_linear(4, 8)) is nn.Linear
     with pytest.raises(ValueError, match="backend='te'"):
         make_linear(4, 8, fuse_wgrad_accumulation=True)
+
+
+# ---- every family, through the model contract's `blocks` -------------------------------------------------
+
+FAMILY_CASES = ["ccdit/class", "mmdit/text", "jointdit/text", "pixeldit/class", "mmpixeldit/text"]
+"""The five families (pixeldit on a ccDiT stream, mmpixeldit on a JointDiT one), at tests/model_golden.py's size."""
+
+
+def _family_model_and_inputs(case: str, dtype: torch.dtype, **changes):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**(SMALL | CASES[case] | changes))).to(dtype)
+    randomize_zero_inits(model, std=0.1)
+    x, t, cond = case_inputs(model.config, 16, 16)
+    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    return model, x.to(dtype), t.to(dtype), cond
+
+
+def _family_loss_and_grads(model, x, t, cond):
+    """The loss and the gradients (None where a parameter gets none: the last JointDiT block's context-query
+    norm, whose queries that block does not use)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(x, t, **cond).square().mean()
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _count_block_runs(model) -> list[int]:
+    """How often each block's body has run since: every block has an `mlp`, whose forward hook fires on the
+    block's forward and again on a checkpointed block's recomputation in the backward."""
+    runs = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.mlp.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    return runs
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_activation_checkpointing_recomputes_every_block_of_every_family_and_changes_nothing(case):
+    model, x, t, cond = _family_model_and_inputs(case, torch.float64)
+    cfg = model.config
+    expected_blocks = cfg.depth + (cfg.pixel_depth if cfg.is_pixel_family else 0)
+    assert len(model.blocks) == expected_blocks
+    runs = _count_block_runs(model)
+    ref_loss, ref_grads = _family_loss_and_grads(model, x, t, cond)
+    assert runs == [1] * expected_blocks  # plain: one forward each, nothing recomputed
+    names = list(model.state_dict())
+    assert checkpoint_blocks(model) == expected_blocks
+    assert list(model.state_dict()) == names
+    runs[:] = [0] * expected_blocks
+    loss, grads = _family_loss_and_grads(model, x, t, cond)
+    assert runs == [2] * expected_blocks  # checkpointed: each block ran again in the backward
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert [n for n, g in grads.items() if g is None] == [n for n, g in ref_grads.items() if g is None]
+    for n, g in ref_grads.items():
+        if g is not None:
+            torch.testing.assert_close(grads[n], g, rtol=1e-10, atol=1e-12)
+
+
+def test_per_block_options_need_the_contract():
+    with pytest.raises(TypeError, match="DiffusionTransformer"):
+        checkpoint_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_per_block_compile_of_every_family_matches_eager(case):
+    # One block per stream where the family allows it: each distinct block compiles on its own.
+    model, x, t, cond = _family_model_and_inputs(case, torch.float32, depth=1, pixel_depth=1)
+    ref_loss, ref_grads = _family_loss_and_grads(model, x, t, cond)
+    names = list(model.state_dict())
+    assert apply_compile(model, "block") is model
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert list(model.state_dict()) == names
+    loss, grads = _family_loss_and_grads(model, x, t, cond)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert [n for n, g in grads.items() if g is None] == [n for n, g in ref_grads.items() if g is None]
+    for n, g in ref_grads.items():
+        if g is not None:
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
+
+
+TRAIN_CASES = {
+    "ccdit": (1, ["model.family=ccdit"]),
+    "mmdit": (2, ["model.family=mmdit"]),
+    "jointdit": (2, ["model.family=jointdit", "+model.overrides.num_registers=2"]),
+    "pixeldit": (1, ["model.family=pixeldit", "model.conditioning=class", "+model.overrides.pixel_dim=8"]),
+    "mmpixeldit": (2, ["model.family=mmpixeldit", "+model.overrides.pixel_dim=8", "+model.overrides.num_registers=2"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TRAIN_CASES))
+def test_one_training_step_with_per_block_compile_and_checkpointing(family, embedded_data, tmp_path, caplog):
+    """The real trainer with train.compile=block and train.activation_checkpointing=true, for every family:
+    both act on every block the contract names, and the checkpoint keeps the plain parameter names."""
+    stage, overrides = TRAIN_CASES[family]
+    cfg = stage_config(stage, embedded_data, tmp_path, *overrides, "model.patch=4", "train.init_from=null",
+                       "train.max_steps=1", "train.compile=block", "train.activation_checkpointing=true")
+    with caplog.at_level(logging.INFO, logger="trainer.fast_path"):
+        summary = train(cfg)
+    state = checkpoint.load(summary["checkpoint"])
+    model_cfg = state["metadata"]["model"]
+    blocks = model_cfg["depth"] + (model_cfg["pixel_depth"] if family.endswith("pixeldit") else 0)
+    assert f"activation checkpointing on {blocks} blocks" in caplog.text
+    assert f"torch.compile per block ({blocks} blocks)" in caplog.text
+    assert summary["steps"] == 1 and torch.isfinite(torch.tensor(summary["first_loss"]))
+    assert list(state["model"]) == list(build_model(ModelConfig(**model_cfg)).state_dict())

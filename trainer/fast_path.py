@@ -6,6 +6,9 @@ optimizer's weight-decay groups, EMA, DDP's ignore list and checkpoints see the 
 - checkpointing replaces each block's `forward` by a bound method that runs the class's forward under
   torch.utils.checkpoint (a bound method deep-copies onto the copy, so an EMA copy made later stays right);
 - `compile: block` calls nn.Module.compile() on each block, which compiles the module's call in place.
+
+"Each block" is the model contract's `blocks` (models/base.py): a DiT's blocks, and for PixelDiT its semantic
+blocks then its pixel blocks.
   With torch's default of treating module parameters as graph inputs (2.5+), blocks of the same shapes
   can share one compiled graph, so compile time tends towards one block's rather than the whole depth's.
 
@@ -16,10 +19,13 @@ cross-attention (flash takes no arbitrary mask); the choice is torch's, nothing 
 
 import logging
 import types
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from models.base import DiffusionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +37,12 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList to apply per-block options to")
-    return blocks
+def blocks_of(model: nn.Module) -> Sequence[nn.Module]:
+    """The blocks the model contract names; a TypeError for a module that does not follow it."""
+    if not isinstance(model, DiffusionTransformer):
+        raise TypeError(f"{type(model).__name__} is not a models.base.DiffusionTransformer, so it names no "
+                        "`blocks` to apply train.activation_checkpointing or train.compile=block to")
+    return model.blocks
 
 
 def checkpoint_blocks(model: nn.Module) -> int:
@@ -65,7 +72,8 @@ def apply_compile(model: nn.Module, how) -> nn.Module:
     if how == "model":
         return torch.compile(model)
     if how == "block":
-        for block in blocks_of(model):
+        blocks = blocks_of(model)
+        for block in blocks:
             block.compile()
-        log.info("torch.compile per block (%d blocks)", len(model.blocks))
+        log.info("torch.compile per block (%d blocks)", len(blocks))
     return model
