@@ -112,16 +112,22 @@ def test_a_checkpoint_with_inline_extra_state_still_loads(fp8_stage1, embedded_d
 
 
 def test_text_stage_at_micro_batch_10_meets_the_shape_rule(embedded_data, tmp_path, monkeypatch, caplog):
-    """Cross-attention keys are batch x (captions + null token) rows: the layers that cannot meet the rule at
-    every batch size stay bf16 (logged); every converted one runs, at micro-batch 10, through the rule's check."""
+    """Cross-attention keys are batch x (captions + null token) rows, 10 x 33 here: an FP8 run pads the caption
+    keys to a multiple of 16 (masked), so the key/value projection converts too, and every converted layer runs
+    through the stand-in's shape check at micro-batch 10. Without the padding that layer stays bf16, logged."""
     te_standin.install(monkeypatch)
     with caplog.at_level("INFO"):
         summary = train(stage_config(2, embedded_data, tmp_path, *FP8, "train.init_from=null", "train.batch_size=10",
                                      "train.max_steps=2"))
     assert summary["steps"] == 2 and _stand_ins_ran()
-    converted = {type(m).__name__ for m in te_standin.StandInTELinear.instances}
-    assert converted == {"StandInTELinear"}
-    assert "te.Linear" in caplog.text
+    assert checkpoint.load(summary["checkpoint"])["metadata"]["model"]["text_pad_multiple"] == 16
+    assert "blocks.*.cross_attn.kv x2" in caplog.text.split("kept in bf16:")[0]  # converted
+    assert "shape rule" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(stage_config(2, embedded_data, tmp_path / "unpadded", *FP8, "train.init_from=null",
+                           "train.batch_size=10", "train.max_steps=1", "+model.overrides.text_pad_multiple=1"))
+    assert "kept in bf16 for TE's shape rule" in caplog.text and "blocks.*.cross_attn.kv x2" in caplog.text
 
 
 def test_the_stand_in_enforces_the_rule():

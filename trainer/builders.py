@@ -210,6 +210,10 @@ def build_model_config(
     fields = derived | overrides
     if init_model is not None and "base_grid" not in overrides:
         fields["base_grid"] = init_model.get("base_grid")
+    if cfg.precision.fp8 and "text_pad_multiple" not in overrides:
+        # FP8 GEMMs need batch x rows divisible by 16: padding the caption keys (masked, so the output is the
+        # same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
+        fields["text_pad_multiple"] = 16
     return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
 
 
