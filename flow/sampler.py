@@ -83,8 +83,7 @@ def _cast_model(model: Model, dtype: torch.dtype) -> Model:
     t stays float32: in bf16 neighbouring grid times near t = 1 would round to the same value."""
 
     def net(x, t, **cond):
-        cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-        return model(x.to(dtype), t, **cond).float()
+        return model(x.to(dtype), t, **_cast_cond(cond, dtype)).float()
 
     return net
 
@@ -101,6 +100,26 @@ def _graphed(net: Model) -> Model:
         return compiled(x, t, **cond).clone()
 
     return run
+
+
+def _cast_cond(cond: dict, dtype: torch.dtype | None) -> dict:
+    if dtype is None:
+        return cond
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+
+
+def prepare_conditions(
+    model: Model, cond: dict, uncond: dict | None, dtype: torch.dtype | None = None
+) -> tuple[dict, dict | None]:
+    """Conditioning the model computes once for every step (`prepare_condition`: an mmDiT's caption keys and
+    values, the same at every ODE step), from the conditioning cast to the model's `dtype`; as given for a model
+    without one, or one that cannot take these."""
+    prepare = getattr(model, "prepare_condition", None)
+    keys = getattr(model, "condition_keys", ())
+    if prepare is None or not getattr(model, "prepared_keys", ()) or set(cond) != set(keys):
+        return cond, uncond
+    cond, uncond = _cast_cond(cond, dtype), (_cast_cond(uncond, dtype) if uncond is not None else None)
+    return prepare(**cond), (prepare(**uncond) if uncond is not None else None)
 
 
 @torch.no_grad()
@@ -129,6 +148,7 @@ def sample(
     if method not in FIXED_METHODS + ADAPTIVE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; expected one of {FIXED_METHODS + ADAPTIVE_METHODS}")
     x0 = x0.float()
+    cond, uncond = prepare_conditions(model, cond, uncond, model_dtype)
     net = model if model_dtype is None else _cast_model(model, model_dtype)
     if cuda_graphs:
         if x0.device.type != "cuda":

@@ -88,12 +88,22 @@ class CrossAttention(nn.Module):
         self.norm = QKNorm(dim // heads, qk_norm)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: Float[Tensor, "b n d"], context: Float[Tensor, "b m c"], context_mask: Bool[Tensor, "b m"]
-    ) -> Float[Tensor, "b n d"]:
-        q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.heads)
+    def context_kv(self, context: Float[Tensor, "b m c"]) -> tuple[Float[Tensor, "b h m e"], Float[Tensor, "b h m e"]]:
+        """The keys (QK-normed) and values of a context: they depend on the context alone, so a sampler that
+        reads the same captions at every ODE step computes them once (MMDiT.prepare_condition)."""
         k, v = rearrange(self.kv(context), "b m (two h e) -> two b h m e", two=2, h=self.heads)
-        q, k = self.norm(q, k)
+        return self.norm.k(k), v
+
+    def forward(
+        self,
+        x: Float[Tensor, "b n d"],
+        context: Float[Tensor, "b m c"] | None,
+        context_mask: Bool[Tensor, "b m"],
+        kv: Float[Tensor, "b 2 h m e"] | None = None,
+    ) -> Float[Tensor, "b n d"]:
+        """Attend from x to `context`, or to its precomputed `kv` (context_kv)."""
+        q = self.norm.q(rearrange(self.q(x), "b n (h e) -> b h n e", h=self.heads))
+        k, v = self.context_kv(context) if kv is None else kv.unbind(1)
         return self.proj(attend(q, k, v, context_mask))
 
 

@@ -48,6 +48,9 @@ class DiffusionTransformer(nn.Module):
 
     config: ModelConfig
     blocks: Sequence[nn.Module]
+    prepared_keys: tuple[str, ...] = ()
+    """The keywords `prepare_condition` returns, which forward takes in place of condition_keys (none: no
+    preparation; the sampler then passes the conditioning as it is)."""
 
     def features(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -74,6 +77,8 @@ class DiffusionTransformer(nn.Module):
             raise TypeError(f"{self.config.name} takes its conditioning as {self._expected()}; got "
                             f"{len(args)} positional and {sorted(cond)} by keyword")
         named = dict(zip(keys, args, strict=False)) | cond
+        if self.prepared_keys and not args and set(named) == set(self.prepared_keys):
+            return named
         if set(named) != set(keys):
             raise TypeError(f"a {self.config.conditioning}-conditional {self.config.name} takes {self._expected()}"
                             f", got {', '.join(sorted(named)) or 'none'}")

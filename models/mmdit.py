@@ -35,18 +35,22 @@ class MMDiTBlock(nn.Module):
         self,
         x: Float[Tensor, "b n d"],
         s: Float[Tensor, "b m"],
-        text: Float[Tensor, "b l e"],
+        text: Float[Tensor, "b l e"] | None,
         text_mask: Bool[Tensor, "b l"],
         rope: Tensor | None = None,
+        text_kv: Float[Tensor, "b 2 h l e2"] | None = None,
     ) -> Float[Tensor, "b n d"]:
-        cross = lambda h: self.cross_attn(h, text, text_mask)  # noqa: E731 (run between the gated pair)
+        """`text_kv`: this block's precomputed caption keys and values (MMDiT.prepare_condition), instead of text."""
+        cross = lambda h: self.cross_attn(h, text, text_mask, text_kv)  # noqa: E731 (run between the gated pair)
         return gated_block_forward(self, x, s + self.embedding, cross=cross, rope=rope)
 
 
 class MMDiT(DiTSkeleton):
-    """Called as model(x, t, text=..., text_mask=...); an all-False mask is the dropped caption."""
+    """Called as model(x, t, text=..., text_mask=...); an all-False mask is the dropped caption. A sampler may
+    call `prepare_condition(text, text_mask)` once and then model(x, t, **prepared) at every step."""
 
     family = "mmdit"
+    prepared_keys = ("text_kv", "text_mask")
 
     def build_conditioning(self, cfg: ModelConfig) -> None:
         self.t_block = AdaLNModulation(cfg.cond_dim, cfg.dim, chunks=6)  # adaLN-single, shared
@@ -64,19 +68,42 @@ class MMDiT(DiTSkeleton):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
 
-    def condition(
-        self, t_emb: Float[Tensor, "b cond"], text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]
-    ) -> tuple[Float[Tensor, "b cond"], tuple[Tensor, Tensor, Tensor]]:
-        """The output layer is modulated by sinusoid(t) alone; the blocks read s(t) and the keys [null; text]."""
-        s = self.t_block(t_emb)
-        b = t_emb.shape[0]
+    def keys(
+        self, text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]
+    ) -> tuple[Float[Tensor, "b m e"], Bool[Tensor, "b m"]]:
+        """What cross-attention reads: [null; text], padded with masked rows to a multiple of text_pad_multiple."""
+        b = text.shape[0]
         text = torch.cat([self.null_text.expand(b, 1, -1).to(text.dtype), text], dim=1)  # b (1+l) e
         text_mask = torch.cat([text_mask.new_ones(b, 1), text_mask.bool()], dim=1)
-        text, text_mask = pad_sequence(text, text_mask, padded_length(text.shape[1], self.config.text_pad_multiple))
-        return t_emb, (s, text, text_mask)
+        return pad_sequence(text, text_mask, padded_length(text.shape[1], self.config.text_pad_multiple))
 
-    def run_block(
-        self, block: MMDiTBlock, h: Tensor, state: tuple[Tensor, Tensor, Tensor], rope: Tensor | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        s, text, text_mask = state
-        return block(h, s, text, text_mask, rope), state
+    def prepare_condition(
+        self, text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]
+    ) -> dict[str, Tensor]:
+        """The captions' keys and values in every block, computed once: a sampler calls the model at every ODE step
+        on the same captions, and these projections from the encoder's width (2048 for T5Gemma) are a sizeable
+        share of a forward. `forward(x, t, **prepared)` equals `forward(x, t, text=text, text_mask=text_mask)`."""
+        keys, mask = self.keys(text, text_mask)
+        kv = torch.stack([torch.stack(block.cross_attn.context_kv(keys), dim=1) for block in self.blocks], dim=1)
+        return dict(text_kv=kv, text_mask=mask)  # text_kv: b depth 2 h m e
+
+    def condition(
+        self,
+        t_emb: Float[Tensor, "b cond"],
+        text: Float[Tensor, "b l e"] | None = None,
+        text_mask: Bool[Tensor, "b l"] | None = None,
+        text_kv: Float[Tensor, "b depth 2 h m e"] | None = None,
+    ) -> tuple[Float[Tensor, "b cond"], tuple]:
+        """The output layer is modulated by sinusoid(t) alone; the blocks read s(t) and the keys [null; text]
+        (or, prepared, their keys and values per block, with the mask already over [null; text; padding])."""
+        s = self.t_block(t_emb)
+        if text_kv is not None:
+            return t_emb, (s, None, text_mask.bool(), text_kv.unbind(1))
+        text, text_mask = self.keys(text, text_mask)
+        return t_emb, (s, text, text_mask, None)
+
+    def run_block(self, block: MMDiTBlock, h: Tensor, state: tuple, rope: Tensor | None) -> tuple[Tensor, tuple]:
+        s, text, text_mask, kvs = state
+        if kvs is None:
+            return block(h, s, text, text_mask, rope), state
+        return block(h, s, None, text_mask, rope, kvs[0]), (s, None, text_mask, kvs[1:])

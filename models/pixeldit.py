@@ -122,6 +122,15 @@ class PixelDiT(DiffusionTransformer):
         self.out.zero_init()
 
     @property
+    def prepared_keys(self) -> tuple[str, ...]:
+        return self.semantic.prepared_keys
+
+    def prepare_condition(self, **cond: Tensor) -> dict[str, Tensor]:
+        """The semantic stream's prepared conditioning (an mmDiT's caption keys and values), if it has one."""
+        prepare = getattr(self.semantic, "prepare_condition", None)
+        return prepare(**cond) if prepare is not None else cond
+
+    @property
     def blocks(self) -> tuple[nn.Module, ...]:
         # A view, not a registered module: the parameters keep their names under semantic. and pixel_blocks.
         return (*self.semantic.blocks, *self.pixel_blocks)
