@@ -180,11 +180,14 @@ def check_prompt(name: str, prompt: Any, limits: Limits, count_tokens: Callable[
 
 
 def check_labels(name: str, labels: Sequence[Any], null_label: int) -> list[int]:
-    """Class indices in 0..null_label (the last is the null class)."""
-    bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= null_label]
-    if bad:
-        raise RequestError(f"{name} {bad} out of range 0..{null_label} ({null_label} = the null class)")
-    return [int(c) for c in labels]
+    """Class indices in 0..null_label (the last is the null class): models/embeddings.py's one check, as a
+    RequestError naming `name`."""
+    from models.embeddings import check_labels as check
+
+    try:
+        return check(labels, null_label, name)  # num_classes = null_label: the null class is the row after them
+    except ValueError as err:
+        raise RequestError(str(err)) from None
 
 
 def check_count(name: str, count: int, limits: Limits) -> int:

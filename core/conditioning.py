@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from core.text_encoder import FrozenTextEncoder
+from models.embeddings import null_label_for
 
 
 def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, "n"]:
@@ -35,7 +36,7 @@ class ClassConditioning:
 
     @property
     def null_label(self) -> int:
-        return self.num_classes
+        return null_label_for(self.num_classes)
 
     def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
         """The batch's labels, with dropout when `generator` is given (training) and none otherwise."""

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from core.device import default_device
 from core.hub import DTYPES
 
 
@@ -150,7 +151,7 @@ class FrozenTextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         name = str(name_or_path) if name_or_path is not None else default_text_encoder_path()
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         dtype = _dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offline = _env_offline() if local_files_only is None else bool(local_files_only)
         hub_kwargs: dict[str, Any] = dict(trust_remote_code=bool(trust_remote_code), local_files_only=offline)
@@ -203,7 +204,7 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device | None = None) -> "FrozenTextEncoder":
         """Build from a `configs/text_encoder/*.yaml` group and check its declared hidden_size."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         dtype = _dtype(cfg.get("dtype"))
         if device.type != "cuda" and dtype not in (None, torch.float32):
             dtype = None  # the configs name the GPU dtype; bfloat16 matmuls are slow on most CPUs, None picks float32

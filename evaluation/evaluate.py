@@ -89,7 +89,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Load the pipeline, refuse a class-conditional checkpoint, then generate, score and write the report."""
     args = parse_args(argv)
-    import torch
 
     from evaluation.compositional import format_table, generate_held_out, judge_images, render_grid, summarise
 
@@ -101,7 +100,7 @@ def main(argv=None) -> dict:
     from app.sources import sources_from_args
     from app.validation import BATCH, RequestError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # None: load_pipeline's default (CUDA when available)
     limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
     try:
         pipe = load_pipeline(args.model_path, weights=args.weights, device=device, sources=sources_from_args(args),

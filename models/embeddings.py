@@ -51,7 +51,7 @@ def check_labels(labels: Sequence[Any], num_classes: int, what: str = "labels") 
     null = null_label_for(num_classes)
     bad = [c for c in labels if isinstance(c, bool) or not isinstance(c, Integral) or not 0 <= c <= null]
     if bad:
-        raise ValueError(f"{what} {bad} are outside 0..{null} ({num_classes} classes 0..{num_classes - 1}; "
+        raise ValueError(f"{what} {bad} out of range 0..{null} ({num_classes} classes 0..{num_classes - 1}; "
                          f"{null} is the null class)")
     return [int(c) for c in labels]
 

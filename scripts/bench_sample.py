@@ -22,6 +22,7 @@ from bench_common import (
     print_table,
 )
 
+from core.device import default_device
 from flow import sample, time_grid
 from models import build_model, model_config
 
@@ -87,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.sizes, args.batch, args.steps, args.warmup, args.repeats = [128], 2, 2, 0, 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     print(environment())
     rows = [bench(mode, px, args, device) for px in args.sizes for mode in args.modes]
     for r in rows:

@@ -34,7 +34,9 @@ from bench_common import (
     train_step_flops,
 )
 
-from flow import flow_matching_loss, interpolate
+from core.device import default_device
+from flow import Uniform
+from flow.rectified_flow import RectifiedFlow
 from models import build_model, model_config
 from trainer.fast_path import apply_compile
 from trainer.main_grad import MainGrads
@@ -108,13 +110,14 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
 
     losses = []
 
+    objective = RectifiedFlow(Uniform())  # the trainer's objective (draws, path, loss), uniform times
+
+    def net(x, t, text, text_mask):
+        return forward(x, t, text, text_mask)
+
     def step():
-        x0 = torch.randn_like(x1)
-        t = torch.rand(b, device=device)
-        x_t = interpolate(x0, x1, t)
         with autocast, fp8_context(mode, device):
-            v = forward(x_t, t, text, mask)
-        loss = flow_matching_loss(v, x0, x1, x_t, t)
+            loss = objective.loss(net, x1, dict(text=text, text_mask=mask), None)
         loss.backward()
         if grads:
             grads.to_grad()
@@ -162,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.sizes, args.batch, args.warmup, args.steps = [128], 2, 0, 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     print(environment())
     rows = []
     for px in args.sizes:

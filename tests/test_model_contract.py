@@ -102,7 +102,7 @@ def test_check_labels_accepts_the_classes_and_the_null_class_only():
     model = small_model("ccdit/class")
     assert model.check_labels([0, 4, 5]) == [0, 4, 5]  # 5 classes; 5 is the null class
     for bad in ([6], [-1], [0, 7], [True], [1.0]):
-        with pytest.raises(ValueError, match=r"train\.preview\.labels .* outside 0\.\.5 .*5 is the null class"):
+        with pytest.raises(ValueError, match=r"train\.preview\.labels .* out of range 0\.\.5 .*5 is the null class"):
             check_labels(bad, 5, "train.preview.labels")
         with pytest.raises(ValueError, match="labels"):
             model.check_labels(bad)

@@ -227,7 +227,7 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
-    key = {"ema": "ema", "raw": "model"}.get(which)
+    key = checkpoint.WEIGHTS.get(which)
     if key is None:
         raise ConfigError(f"train.init_weights={which!r}: expected ema or raw")
     weights = state.get(key)

@@ -9,6 +9,7 @@ import torch
 
 from core.checkpoint import (  # noqa: F401 (the trainer's checkpoint API)
     EXTRA_STATE,
+    WEIGHTS,
     CheckpointError,
     checkpoint_path,
     checkpoint_step,

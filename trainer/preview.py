@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from core.conditioning import ClassConditioning
 from core.images import save_grid, to_uint8
 from flow import sample
+from models.embeddings import check_labels
 
 
 class Previewer:
@@ -16,13 +17,7 @@ class Previewer:
         p = cfg.train.preview
         self.p, self.prediction, self.vae, self.precision, self.device = p, cfg.train.prediction, vae, precision, device
         if isinstance(conditioning, ClassConditioning):
-            columns = [int(c) for c in p.labels]
-            bad = [c for c in columns if not 0 <= c <= conditioning.null_label]
-            if bad:
-                raise ValueError(
-                    f"train.preview.labels {bad} are outside 0..{conditioning.null_label} "
-                    f"({conditioning.num_classes} classes, {conditioning.null_label} = null)"
-                )
+            columns = check_labels(list(p.labels), conditioning.num_classes, "train.preview.labels")
             names = conditioning.class_names + ["null"]
             self.captions = [names[c] for c in columns]
             cond = conditioning.from_labels(columns * p.rows, device)
