@@ -19,7 +19,7 @@ Stage 1 -> Stage 2 (class-conditional ccDiT -> text-conditional mmDiT), the re-p
 PixArt-alpha [chen2023pixartalpha] done completely:
 
 * every tensor the two models share (patch embedding, self-attention with its QK-norms, MLP, final
-  layer) is copied; the reference system copied only the adaLN parts and lost the trunk;
+  layer) is copied; the reference copied only the adaLN parts and lost the trunk;
 * adaLN-single s(t) is block 0's modulation MLP with the null-class embedding baked into its first
   bias, so s(t) = S_0(t, null) for every t: W1 (t_emb + e_null) + b1 = W1 t_emb + (W1 e_null + b1);
 * block i's embedding is E_i = S_i(t*, null) - S_0(t*, null), exact at t = t* and an approximation

@@ -17,7 +17,7 @@ def layer_norm(dim: int) -> nn.LayerNorm:
 
 
 class Mlp(nn.Module):
-    """Transformer feed-forward: Linear -> SiLU -> Linear (SiLU as in the reference system)."""
+    """Transformer feed-forward: Linear -> SiLU -> Linear (SiLU as in the reference)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

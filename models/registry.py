@@ -15,7 +15,7 @@ FAMILIES: dict[str, type[DiffusionTransformer]] = {
 }
 
 # Widths, depths and heads of DiT's S/B/L/XL [peebles2023]. Defaults describe 256 px SD3-VAE latents
-# (16 x 32 x 32), ImageNet-1k labels and a 2048-wide encoder (T5Gemma-XL in the reference system).
+# (16 x 32 x 32), ImageNet-1k labels and a 2048-wide encoder (T5Gemma-XL in the reference).
 SIZES: dict[str, dict[str, Any]] = {
     "S": dict(dim=384, depth=12, heads=6),
     "B": dict(dim=768, depth=12, heads=12),

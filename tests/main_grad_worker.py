@@ -6,7 +6,7 @@ the way te.Linear(fuse_wgrad_accumulation=True) does; run under torchrun (DDP) o
 
 Each rank writes rank{R}.pt with its final weights. The step order is trainer/loop.py's: micro-batches
 (DDP no_sync on all but the last) -> MainGrads.reduce -> to_grad -> clip -> AdamW step -> zero.
---no-reduce skips MainGrads.reduce: the reference system's bug, kept as the test's negative control.
+--no-reduce skips MainGrads.reduce: the reference's bug, kept as the test's negative control.
 --plain keeps an ordinary nn.Linear (autograd's .grad): what the fused layer must reproduce exactly.
 --te uses real te.Linear layers on CUDA (tests/test_gpu_fp8.py) instead of the CPU stand-in.
 """

@@ -2,7 +2,7 @@
 TE's contract: the weight gradient goes into weight.main_grad and autograd gets None for the weight.
 
 Two gloo ranks x 2 micro-batches must end with identical weights, equal to one process on the same global
-batch, equal in turn to an ordinary nn.Linear; without MainGrads.reduce (the reference system's bug) the
+batch, equal in turn to an ordinary nn.Linear; without MainGrads.reduce (the reference's bug) the
 ranks drift apart."""
 
 import os

@@ -138,7 +138,7 @@ def test_one_training_step_from_zero_init_moves_the_output():
     assert model(x, t, **cond).abs().max() > 0
 
 
-# Parameter counts of the reference system and the papers (REFERENCE.md; DiT Table 1; PixArt-alpha).
+# Parameter counts of the reference and the papers (REFERENCE.md; DiT Table 1; PixArt-alpha).
 @pytest.mark.parametrize(
     "name, overrides, references",
     [

@@ -1,6 +1,6 @@
 """Exponential moving average of the model weights, with its own state for checkpoints.
 
-Two schedules: the reference system's (update every `every` steps, decay rising linearly from
+Two schedules: the reference's (update every `every` steps, decay rising linearly from
 `start_decay` to `decay` over `warmup_steps`) and plain per-step EMA (every=1, warmup_steps=0).
 """
 
