@@ -34,7 +34,7 @@ def te_unavailable_reason(device: torch.device | str | None = None) -> str | Non
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as err:
-        return f"transformer_engine is not importable ({err}); on a CUDA machine: pip install -e '.[gpu]'"
+        return f"transformer_engine is not importable ({err}); on a CUDA machine: pip install -e '.[fp8]'"
     return None
 
 
