@@ -102,9 +102,9 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as err:
         raise ImportError(
-            "--captioner vllm needs vLLM, which is not installed here. Run `pip install -e '.[caption]'` on a CUDA "
-            "machine, in an environment of its own (vLLM pins its torch), or use --captioner openai with a running "
-            "`vllm serve MODEL`, or --captioner tar when the tars carry captions."
+            "--captioner vllm needs vLLM, which is not installed here. Run `pip install vllm` (the `caption` extra) on "
+            "a CUDA machine, in an environment of its own (vLLM pins its torch), or use --captioner openai with a "
+            "running `vllm serve MODEL`, or --captioner tar when the tars carry captions."
         ) from err
     return vllm
 
