@@ -201,6 +201,11 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
         raise SystemExit(f"--weights {args.weights}: {args.src} has no '{weights}' state dict")
     cc_state = checkpoint.model_weights(state, args.weights)  # the plain layout, also of an FP8-trained run
     _refuse_non_finite({weights: cc_state}, args.dst)  # before the parity check prints NaN for every t
+    # The tensors new in Stage 2 (cross-attention, the null token) start from a fresh initialisation: seeded, so the
+    # init file is a function of --src and the flags alone (it used to follow whatever the process had drawn before).
+    import torch
+
+    torch.manual_seed(args.seed)
     mm_state = ccdit_to_mmdit(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
 
     cc_model, mm_model = build_model(cc_cfg).eval(), build_model(mm_cfg).eval()
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         "--t-star", type=_unit_interval, default=0.5, help="time in [0, 1] at which block embeddings are exact"
     )
     s12.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which Stage-1 weights to carry")
+    s12.add_argument("--seed", type=int, default=0, help="seed of the fresh cross-attention and null-token weights")
     s12.set_defaults(run=_stage1_to_stage2)
 
     res = sub.add_parser("change-resolution", help="carry a checkpoint to another input size (base_grid kept)")

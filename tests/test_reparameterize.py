@@ -538,3 +538,33 @@ def test_a_t_star_outside_zero_one_is_refused_by_the_function_too():
     for t_star in (float("nan"), -0.5, 2.0):
         with pytest.raises(ValueError, match=r"t_star must be a finite number in \[0, 1\]"):
             ccdit_to_mmdit(cc.state_dict(), cc.config, mm_cfg, build_model(mm_cfg).state_dict(), t_star)
+
+
+def test_stage1_to_stage2_is_a_function_of_its_inputs(tmp_path):
+    """The Stage-2 tensors that Stage 1 lacks start from a seeded initialisation: the same --src and flags give the
+    same init file whatever the process drew before, and another --seed gives other fresh tensors only."""
+    import torch
+
+    from core.checkpoint import load, save_atomic
+    from models import build_model, model_config
+
+    cc = build_model(model_config("ccDiT-debug/4", num_classes=4))
+    src = tmp_path / "stage1.pt"
+    meta = dict(model=cc.config.to_dict(), family="ccdit", stage=1, conditioning="class", num_classes=4)
+    save_atomic(dict(model=cc.state_dict(), ema=cc.state_dict(), step=1, metadata=meta), src)
+
+    def convert(name: str, *flags: str) -> dict:
+        dst = tmp_path / name
+        reparameterize.main(["stage1-to-stage2", "--src", str(src), "--dst", str(dst), "--text-dim", "384",
+                             "--text-len", "16", *flags])
+        return load(dst)["ema"]
+
+    torch.manual_seed(123)
+    first = convert("a.pt")
+    torch.randn(1000)  # the process draws something else first: no effect on the file
+    second = convert("b.pt")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = convert("c.pt", "--seed", "1")
+    changed = {k for k in first if not torch.equal(first[k], other[k])}
+    assert changed and all(("cross_attn" in k and not k.endswith("proj.weight") and not k.endswith("proj.bias"))
+                           or k == "null_text" for k in changed), changed
