@@ -220,12 +220,21 @@ def export(args: argparse.Namespace) -> Path:
                                  model_card.data_sources(stages), model_card.evaluations(path, args.eval_report),
                                  usage + "\n\n" + reproduce_command(path, args.weights, pipe), args.license)
         (tmp / "README.md").write_text(card)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the finished `new` folder to `target`: a rename, after moving an existing `target` aside (removed once
+    the new one is in place), so `target` is always one whole export or, between two renames, absent."""
+    old = new.with_name(new.name.replace(".tmp-", ".old-"))
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def reproduce_command(path: Path, weights: str, pipe) -> str:

@@ -269,6 +269,7 @@ def test_cpu_offload_moves_each_part_in_turn_and_changes_no_pixel(stage1_checkpo
     export_main(["--model-path", str(stage1_checkpoint), "--out-dir", str(tmp_path / "x")])
     pipe = RFDiTPipeline.from_pretrained(tmp_path / "x")
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.to("cpu") is pipe and pipe.device.type == "cpu" and pipe.dtype == torch.float32
     kwargs = dict(class_labels=[1, 2], num_inference_steps=3)
     plain = pipe(generator=torch.manual_seed(0), output_type="pt", **kwargs).images
     pipe.enable_model_cpu_offload(device="cpu")
