@@ -178,7 +178,11 @@ USAGE = {
               "pipe = RFDiTPipeline.from_pretrained(\"THIS_FOLDER\")\nimage = {example}.images[0]\n```\n\n"
               "The transformer is stock diffusers: timestep = 1000 sigma with sigma = 1 - t the noise level, output "
               "noise - data, so FlowMatchEulerDiscreteScheduler(shift=alpha) steps it. Guidance was trained against "
-              "an all-False caption mask (zero embeddings), not an encoded empty prompt.",
+              "an all-False caption mask (zero embeddings), not an encoded empty prompt. diffusers' own "
+              "PixArtAlphaPipeline can drive it with use_resolution_binning=False, max_sequence_length = the tokenizer "
+              "length, and zero negative_prompt_embeds / negative_prompt_attention_mask, but it decodes latents / "
+              "scaling_factor without shift_factor and assumes a [-1, 1] VAE: exact for a VAE with shift 0 and that "
+              "range only (RFDiTPipeline reads both from this folder).",
     "pixart-original": "`pixart_alpha.safetensors` holds the PixArt-alpha repository's key names; `config.json` its "
                        "model arguments. It is a flow model (noise - data, timestep = 1000 sigma), not PixArt's "
                        "epsilon/learned-sigma DDPM, and conditions on this model's text encoder, not T5-XXL.",
@@ -218,7 +222,8 @@ def export(args: argparse.Namespace) -> Path:
         parameters = sum(p.numel() for p in pipe.model.parameters())
         card = model_card.render(record, parameters, args.format, args.weights, stages,
                                  model_card.data_sources(stages), model_card.evaluations(path, args.eval_report),
-                                 usage + "\n\n" + reproduce_command(path, args.weights, pipe), args.license)
+                                 usage.replace("THIS_FOLDER", args.push_to_hub or str(out_dir)) + "\n\n"
+                                 + reproduce_command(path, args.weights, pipe), args.license)
         (tmp / "README.md").write_text(card)
         replace_folder(tmp, out_dir)
     finally:
