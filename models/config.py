@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Family = Literal["ccdit", "mmdit", "jointdit", "pixeldit", "mmpixeldit"]
+Family = Literal["ccdit", "mmdit", "jointdit", "pixeldit", "mmpixeldit", "pixart"]
 Conditioning = Literal["class", "text"]
 
 # What each family can be conditioned on; the first is its default.
@@ -13,7 +13,11 @@ CONDITIONINGS: dict[str, tuple[str, ...]] = {
     "jointdit": ("text", "class"),
     "pixeldit": ("text", "class"),
     "mmpixeldit": ("text", "class"),
+    "pixart": ("text",),
 }
+
+PIXART_TIME_CHANNELS = 256
+"""The width of the timestep sinusoid of PixArt-alpha's TimestepEmbedding (diffusers fixes it at 256)."""
 
 
 def default_conditioning(family: str) -> str:
@@ -28,7 +32,9 @@ class ModelConfig:
     family: Family
     """ccdit: class-conditional DiT (Stage 1); mmdit: PixArt-style cross-attention (Stages 2-5);
     jointdit: SD3-style joint attention over text and image tokens; pixeldit / mmpixeldit: a ccDiT-or-mmDiT /
-    a JointDiT as the patch-level semantic stream plus PixelDiT's pixel-level stream (models/pixeldit.py)."""
+    a JointDiT as the patch-level semantic stream plus PixelDiT's pixel-level stream (models/pixeldit.py);
+    pixart: PixArt-alpha's transformer exactly as diffusers' PixArtTransformer2DModel computes it
+    (models/pixart.py), so `python -m app.export --format pixart` hands it to stock diffusers."""
     conditioning: Conditioning | None = None
     """class or text (None: the family's default, CONDITIONINGS). ccdit takes class labels only, mmdit text
     only; for pixeldit, class picks a ccDiT semantic stream and text an mmDiT one."""
@@ -52,13 +58,14 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     """MLP hidden width / dim."""
     cond_dim: int = 256
-    """Width of the timestep sinusoid and the class embedding that feed the adaLN MLPs."""
+    """Width of the timestep sinusoid and the class embedding that feed the adaLN MLPs (pixart: the sinusoid
+    of its timestep MLP, which diffusers fixes at 256)."""
     time_scale: float = 1000.0
     """t in [0, 1] is multiplied by this before the sinusoid. The reference fed raw t, where the highest
     frequency turns one radian over the whole range and the embedding is nearly linear in t; DiT and SD3
     use a 0..1000 scale."""
     qk_norm: bool = True
-    """Per-head RMSNorm on queries and keys."""
+    """Per-head RMSNorm on queries and keys (pixart: off, as in PixArt-alpha)."""
     num_classes: int = 1000
     """ccdit: real classes; index num_classes is the null class for guidance."""
     text_dim: int = 2048
@@ -83,6 +90,16 @@ class ModelConfig:
     """pixeldit / mmpixeldit: width of each pixel token in the pixel-level stream."""
     pixel_depth: int = 2
     """pixeldit / mmpixeldit: pixel-level (PiT) blocks after the semantic blocks."""
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    """The feed-forward's activation. silu everywhere (the reference's choice); pixart may also use gelu_tanh,
+    PixArt-alpha's own (its default), or silu, which diffusers calls activation_fn="linear-silu" and which lets
+    a Stage-1 ccDiT's MLPs carry over exactly (models/conversion.py: ccdit_to_pixart)."""
+    caption_projection: bool = False
+    """pixart: PixArt-alpha's caption MLP (Linear text_dim -> dim, GELU-tanh, Linear dim -> dim) before the
+    cross-attention, whose keys and values then read dim-wide tokens (diffusers: caption_channels=text_dim)."""
+    interpolation_scale: float = 1.0
+    """pixart: positions on the base grid step by 1 / interpolation_scale, as diffusers' PatchEmbed divides
+    them (PixArt-alpha's 1024 px model uses 2). Other families measure positions in base-grid units only."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into checkpoints (never read by the model)."""
 
@@ -109,6 +126,30 @@ class ModelConfig:
             raise ValueError(f"model.input_size={self.input_size} is not divisible by model.patch={self.patch}")
         if self.base_grid is None:
             self.base_grid = self.input_size // self.patch
+        self._check_pixart()
+
+    def _check_pixart(self) -> None:
+        """A pixart model is diffusers' PixArtTransformer2DModel, so the options that model cannot express are
+        refused (naming the key), and the PixArt-only options are refused elsewhere."""
+        if self.family != "pixart":
+            own = {"activation": (self.activation, "silu"), "caption_projection": (self.caption_projection, False),
+                   "interpolation_scale": (self.interpolation_scale, 1.0)}
+            for key, (value, default) in own.items():
+                if value != default:
+                    raise ValueError(f"model.overrides.{key}={value!r} is a pixart option; a {self.family} model "
+                                     f"uses {default!r}")
+            return
+        fixed = {"qk_norm": (self.qk_norm, False), "rope": (self.rope, False), "pos_embed": (self.pos_embed, "sincos"),
+                 "cond_dim": (self.cond_dim, PIXART_TIME_CHANNELS), "mlp_ratio": (self.mlp_ratio, 4.0),
+                 "time_scale": (self.time_scale, 1000.0)}
+        for key, (value, needed) in fixed.items():
+            if value != needed:
+                raise ValueError(f"model.overrides.{key}={value!r}: a pixart model is diffusers' "
+                                 f"PixArtTransformer2DModel, which needs {key}={needed!r}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"model.overrides.activation must be silu or gelu_tanh, got {self.activation!r}")
+        if not self.interpolation_scale > 0:
+            raise ValueError(f"model.overrides.interpolation_scale must be > 0, got {self.interpolation_scale}")
 
     @property
     def name(self) -> str:
@@ -128,4 +169,4 @@ class ModelConfig:
 
 
 _DISPLAY = {"ccdit": "ccDiT", "mmdit": "mmDiT", "jointdit": "JointDiT", "pixeldit": "PixelDiT",
-            "mmpixeldit": "MMPixelDiT"}
+            "mmpixeldit": "MMPixelDiT", "pixart": "PixArt"}

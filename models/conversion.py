@@ -5,11 +5,16 @@ command line around them is reparameterize.py (its docstring explains each conve
     change_resolution    the same network at another input size (no parameter changes; positions interpolate)
     te_to_torch_state    te.Linear layout -> nn.Linear layout (drops `_extra_state`)
     torch_to_te_state    nn.Linear layout -> te.Linear layout
+    pixart_to_diffusers  a pixart model's state as diffusers' PixArtTransformer2DModel's (pixart_diffusers_config)
+    pixart_to_original   ... as the PixArt-alpha repository's .pth keys (what ComfyUI's PixArt loader reads)
+    ccdit_to_pixart      Stage 1 -> a pixart model: the trunk exactly (halves of the residual stream swapped), the
+                         time path exactly where the ccDiT's cond_dim divides 256, the tables exact at t* only
 """
 
 
 import dataclasses
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -223,3 +228,214 @@ def load_state_allowing_missing_extra_state(module: nn.Module, state: dict[str, 
             f"missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
         )
     return module.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PixArt (models/pixart.py) <-> diffusers' PixArtTransformer2DModel and the PixArt-alpha repository's layout
+
+
+def pixart_diffusers_config(cfg: ModelConfig) -> dict:
+    """The PixArtTransformer2DModel config whose network is the pixart model `cfg` describes (models/pixart.py)."""
+    from models.pixart import diffusers_position_scale
+
+    if cfg.family != "pixart":
+        raise ValueError(f"only a pixart model is diffusers' PixArtTransformer2DModel, not a {cfg.family}")
+    _, interpolation = diffusers_position_scale(cfg)
+    return dict(
+        num_attention_heads=cfg.heads, attention_head_dim=cfg.dim // cfg.heads, in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels, num_layers=cfg.depth, dropout=0.0, norm_num_groups=32,
+        cross_attention_dim=cfg.dim if cfg.caption_projection else cfg.text_dim, attention_bias=True,
+        sample_size=cfg.input_size, patch_size=cfg.patch,
+        activation_fn={"gelu_tanh": "gelu-approximate", "silu": "linear-silu"}[cfg.activation],
+        num_embeds_ada_norm=1000, upcast_attention=False, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        norm_eps=1e-6, interpolation_scale=interpolation, use_additional_conditions=False,
+        caption_channels=cfg.text_dim if cfg.caption_projection else None, attention_type="default",
+    )
+
+
+def _pixart_names(cfg: ModelConfig, layout: str) -> dict[str, str]:
+    """This repo's pixart parameter name -> the name in `layout` (diffusers or original), for the unsplit tensors.
+    The fused self-attention qkv and cross-attention kv are split (diffusers) or renamed (original) separately."""
+    diffusers = layout == "diffusers"
+    names = {
+        "patch_embed.proj": "pos_embed.proj" if diffusers else "x_embedder.proj",
+        "t_embedder.fc1": "adaln_single.emb.timestep_embedder.linear_1" if diffusers else "t_embedder.mlp.0",
+        "t_embedder.fc2": "adaln_single.emb.timestep_embedder.linear_2" if diffusers else "t_embedder.mlp.2",
+        "t_block": "adaln_single.linear" if diffusers else "t_block.1",
+        "final.linear": "proj_out" if diffusers else "final_layer.linear",
+    }
+    if cfg.caption_projection:
+        names |= {"caption_projection.fc1": "caption_projection.linear_1" if diffusers else "y_embedder.y_proj.fc1",
+                  "caption_projection.fc2": "caption_projection.linear_2" if diffusers else "y_embedder.y_proj.fc2"}
+    for i in range(cfg.depth):
+        ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}" if diffusers else f"blocks.{i}"
+        names |= {f"{ours}.attn.proj": f"{theirs}.attn1.to_out.0" if diffusers else f"{ours}.attn.proj",
+                  f"{ours}.cross_attn.q": f"{theirs}.attn2.to_q" if diffusers else f"{ours}.cross_attn.q_linear",
+                  f"{ours}.cross_attn.proj": f"{theirs}.attn2.to_out.0" if diffusers else f"{ours}.cross_attn.proj",
+                  f"{ours}.mlp.fc1": f"{theirs}.ff.net.0.proj" if diffusers else f"{ours}.mlp.fc1",
+                  f"{ours}.mlp.fc2": f"{theirs}.ff.net.2" if diffusers else f"{ours}.mlp.fc2"}
+    return names
+
+
+def pixart_to_diffusers(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Pure function: a pixart state dict -> PixArtTransformer2DModel's (every tensor carried, renamed or split)."""
+    _check_state_matches(state, cfg)
+    out: dict[str, Tensor] = {}
+    for ours, theirs in _pixart_names(cfg, "diffusers").items():
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.{kind}"] = state[f"{ours}.{kind}"]
+    for i in range(cfg.depth):
+        for kind in ("weight", "bias"):
+            for name, part in zip(("to_q", "to_k", "to_v"), state[f"blocks.{i}.attn.qkv.{kind}"].chunk(3), strict=True):
+                out[f"transformer_blocks.{i}.attn1.{name}.{kind}"] = part
+            for name, part in zip(("to_k", "to_v"), state[f"blocks.{i}.cross_attn.kv.{kind}"].chunk(2), strict=True):
+                out[f"transformer_blocks.{i}.attn2.{name}.{kind}"] = part
+        out[f"transformer_blocks.{i}.scale_shift_table"] = state[f"blocks.{i}.scale_shift_table"]
+    out["scale_shift_table"] = state["final.scale_shift_table"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def pixart_to_original(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Pure function: a pixart state dict -> the key layout of the PixArt-alpha repository's .pth (PixArt.py), which
+    ComfyUI's PixArt loader reads. That layout always has the caption MLP (`y_embedder.y_proj`), so the model
+    needs caption_projection=true. `y_embedder.y_embedding`, PixArt's learned null caption, is zeros: this model's
+    dropped caption is zero tokens under an all-False mask. `pos_embed` is the base grid's position table."""
+    from models.pixart import diffusers_position_scale, pixart_positions
+
+    if not cfg.caption_projection:
+        raise ValueError("the PixArt-alpha layout always projects captions (y_embedder.y_proj): train with "
+                         "model.overrides.caption_projection=true, or export --format pixart / diffusers")
+    _check_state_matches(state, cfg)
+    out = {}
+    for ours, theirs in _pixart_names(cfg, "original").items():
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.{kind}"] = state[f"{ours}.{kind}"]
+    for i in range(cfg.depth):
+        out[f"blocks.{i}.scale_shift_table"] = state[f"blocks.{i}.scale_shift_table"]
+        for kind in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{kind}"] = state[f"blocks.{i}.attn.qkv.{kind}"]
+            out[f"blocks.{i}.cross_attn.kv_linear.{kind}"] = state[f"blocks.{i}.cross_attn.kv.{kind}"]
+    out["final_layer.scale_shift_table"] = state["final.scale_shift_table"]
+    dtype = state["final.scale_shift_table"].dtype
+    out["y_embedder.y_embedding"] = torch.zeros(cfg.text_len, cfg.text_dim, dtype=dtype)
+    base, scale = diffusers_position_scale(cfg)
+    out["pos_embed"] = pixart_positions(cfg.dim, base, base, base, scale)[None].to(dtype)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---- Stage 1 -> PixArt ---------------------------------------------------------------------------------------
+
+PASS_BIAS = 20.0
+"""ccdit_to_pixart: the offset beta that keeps SiLU(gamma u + beta) = gamma u + beta to within float32 rounding
+(SiLU(z) - z = -z sigmoid(-z), under 5e-8 for z >= 20), so the timestep MLP's second layer passes its input on."""
+PASS_SCALE = 0.1
+"""ccdit_to_pixart: gamma, the scale of that pass-through. The final layer sees emb(t) itself, so gamma scales how
+far its modulation moves off its value at t*; rounding in the block modulations grows as 1 / gamma. On the embedded
+Stage-1 EMA (800 steps), the largest |pixart - ccDiT(null class)| at t = 0.1 was 1.14 with gamma = 1, 0.83 with 0.1
+and no lower with 0.01; at t* a QK-norm-free ccDiT then matches to 3.5e-5 (1.1e-5 with gamma = 1)."""
+
+
+def _sinusoid_map(cond_dim: int, time_scale: float) -> Tensor:
+    """M [cond_dim, 256] with sinusoid_cond_dim(s t) = M sinusoid_256(s (1 - t)) for every t (s = time_scale =
+    1000), in float64. Per frequency w, [cos; sin](w (s - T)) is a reflection of [cos; sin](w T), its own inverse;
+    a cond_dim dividing 256 uses every (256 / cond_dim)-th of the 256 frequencies."""
+    from models.config import PIXART_TIME_CHANNELS as C
+
+    half, every = C // 2, C // cond_dim
+    w = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float64) / half)
+    c, s = torch.cos(w * time_scale), torch.sin(w * time_scale)
+    reflect = torch.cat([torch.cat([torch.diag(c), torch.diag(s)], 1), torch.cat([torch.diag(s), -torch.diag(c)], 1)])
+    rows = torch.arange(0, half, every)
+    return reflect[torch.cat([rows, half + rows])]
+
+
+def _halves_swapped(dim: int) -> Tensor:
+    """The permutation taking this repo's [row | col] position channels to diffusers' [col | row]."""
+    return torch.cat([torch.arange(dim // 2, dim), torch.arange(dim // 2)])
+
+
+@torch.no_grad()
+def ccdit_to_pixart(
+    cc_state: dict[str, Tensor], cc: ModelConfig, px: ModelConfig, px_init: dict[str, Tensor], t_star: float = 0.5
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Pure function: a Stage-1 ccDiT state dict -> a pixart one, and the list of what carried over inexactly.
+
+    The trunk is the ccDiT's with its residual stream's two halves swapped (models/pixart.py measures positions
+    [col | row]; LayerNorm without affine commutes with a permutation, so permuting every weight that reads or
+    writes the stream leaves the function unchanged): patch embedding, self-attention, MLP, final projection.
+    The time path is block 0's modulation MLP behind the timestep MLP: linear_1 = its first layer with the null
+    class baked in and t -> 1 - t folded in (_sinusoid_map), linear_2 a pass-through (PASS_SCALE, PASS_BIAS), t_block
+    its second layer; so s(t) = S_0(t, null) for every t. Block tables are S_i - S_0 at t*, the final layer's table
+    its modulation at t* less emb(t*) (pixart's final layer has no MLP, so that one is exact at t* only).
+    Cross-attention and the caption MLP are px_init's, with a zero output projection. Inexact (listed): attention
+    if the ccDiT has QK-norm, the MLP if the activations differ, everything off t*; the whole time path, left at
+    px_init, when 256 is not a multiple of the ccDiT's cond_dim."""
+    if cc.family != "ccdit" or px.family != "pixart":
+        raise ValueError(f"expected ccdit -> pixart, got {cc.family} -> {px.family}")
+    if not 0.0 <= t_star <= 1.0:
+        raise ValueError(f"t_star must be a finite number in [0, 1] (the time of the exact match), got {t_star}")
+    shared = ("dim", "depth", "heads", "patch", "in_channels", "mlp_ratio")
+    mismatched = [f for f in shared if getattr(cc, f) != getattr(px, f)]
+    if mismatched:
+        raise ValueError(f"ccDiT and pixart configs differ in {mismatched}; the trunk cannot carry over")
+    perm = _halves_swapped(cc.dim)
+    out = {k: v.clone() for k, v in px_init.items()}
+
+    def put(key: str, value: Tensor) -> None:
+        out[key] = value.to(px_init[key].dtype).clone()
+
+    put("patch_embed.proj.weight", cc_state["patch_embed.proj.weight"][perm])
+    put("patch_embed.proj.bias", cc_state["patch_embed.proj.bias"][perm])
+    for i in range(cc.depth):
+        b = f"blocks.{i}"
+        put(f"{b}.attn.qkv.weight", cc_state[f"{b}.attn.qkv.weight"][:, perm])
+        put(f"{b}.attn.qkv.bias", cc_state[f"{b}.attn.qkv.bias"])
+        put(f"{b}.mlp.fc1.weight", cc_state[f"{b}.mlp.fc1.weight"][:, perm])
+        put(f"{b}.mlp.fc1.bias", cc_state[f"{b}.mlp.fc1.bias"])
+        for layer in ("attn.proj", "mlp.fc2"):
+            put(f"{b}.{layer}.weight", cc_state[f"{b}.{layer}.weight"][perm])
+            put(f"{b}.{layer}.bias", cc_state[f"{b}.{layer}.bias"][perm])
+        out[f"{b}.cross_attn.proj.weight"] = torch.zeros_like(px_init[f"{b}.cross_attn.proj.weight"])
+        out[f"{b}.cross_attn.proj.bias"] = torch.zeros_like(px_init[f"{b}.cross_attn.proj.bias"])
+    # Negated: the network inside a pixart model predicts diffusers' noise - data, which its head negates back.
+    put("final.linear.weight", -cc_state["final.linear.weight"][:, perm])
+    put("final.linear.bias", -cc_state["final.linear.bias"])
+
+    inexact = ["the attention (the ccDiT has QK-norm, pixart has none)"] if cc.qk_norm else []
+    if cc.activation != px.activation:
+        inexact.append(f"the MLPs ({cc.activation} in the ccDiT, {px.activation} here)")
+    from models.config import PIXART_TIME_CHANNELS
+
+    if cc.time_scale != px.time_scale or cc.cond_dim % 2 or PIXART_TIME_CHANNELS % cc.cond_dim:
+        inexact.append(f"the time path (left at px_init: cond_dim {cc.cond_dim} does not divide 256)")
+        return out, inexact
+    inexact.append(f"the modulation tables away from t*={t_star}")
+    _time_path(cc_state, cc, out, px_init, perm, t_star)
+    return out, inexact
+
+
+def _time_path(cc_state, cc: ModelConfig, out: dict, px_init: dict, perm: Tensor, t_star: float) -> None:
+    """ccdit_to_pixart's timestep MLP, adaLN-single, block tables and final table (see its docstring)."""
+    d = cc.dim
+    chunked = lambda v, n: v.reshape(*v.shape[:-1], n, d)[..., perm].reshape(v.shape)  # noqa: E731 (permute chunks)
+    e_null = cc_state["y_embed.table.weight"][cc.num_classes].double()
+    w1, b1 = cc_state["blocks.0.adaLN.fc1.weight"].double(), cc_state["blocks.0.adaLN.fc1.bias"].double()
+    w2, b2 = cc_state["blocks.0.adaLN.fc2.weight"].double(), cc_state["blocks.0.adaLN.fc2.bias"].double()
+    dtype = lambda key: px_init[key].dtype  # noqa: E731
+    out["t_embedder.fc1.weight"] = (w1 @ _sinusoid_map(cc.cond_dim, cc.time_scale)).to(dtype("t_embedder.fc1.weight"))
+    out["t_embedder.fc1.bias"] = (b1 + w1 @ e_null).to(dtype("t_embedder.fc1.bias"))
+    out["t_embedder.fc2.weight"] = (PASS_SCALE * torch.eye(d, dtype=torch.float64)).to(dtype("t_embedder.fc2.weight"))
+    out["t_embedder.fc2.bias"] = torch.full((d,), PASS_BIAS, dtype=dtype("t_embedder.fc2.bias"))
+    w_block = w2 / PASS_SCALE
+    out["t_block.weight"] = chunked(w_block.T, 6).T.contiguous().to(dtype("t_block.weight"))
+    out["t_block.bias"] = chunked(b2 - PASS_BIAS * w_block.sum(1), 6).to(dtype("t_block.bias"))
+
+    t_emb = timestep_embedding(torch.tensor([t_star * cc.time_scale]), cc.cond_dim).double()[0]
+    s0 = _modulation(cc_state, "blocks.0.adaLN", t_emb + e_null)
+    for i in range(cc.depth):
+        s_i = _modulation(cc_state, f"blocks.{i}.adaLN", t_emb + e_null)
+        key = f"blocks.{i}.scale_shift_table"
+        out[key] = chunked(s_i - s0, 6).reshape(6, d).to(dtype(key))
+    emb = PASS_SCALE * F.silu(F.linear(t_emb + e_null, w1, b1)) + PASS_BIAS  # emb(t*) as the pixart computes it
+    final = chunked(_modulation(cc_state, "final.adaLN", t_emb + e_null), 2).reshape(2, d)
+    out["final.scale_shift_table"] = (final - emb[None]).to(dtype("final.scale_shift_table"))

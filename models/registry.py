@@ -5,13 +5,15 @@ from typing import Any
 
 from models.base import DiffusionTransformer
 from models.ccdit import CCDiT
-from models.config import ModelConfig
+from models.config import PIXART_TIME_CHANNELS, ModelConfig
 from models.joint_dit import JointDiT
 from models.mmdit import MMDiT
+from models.pixart import PixArt
 from models.pixeldit import PixelDiT
 
 FAMILIES: dict[str, type[DiffusionTransformer]] = {
     "ccdit": CCDiT, "mmdit": MMDiT, "jointdit": JointDiT, "pixeldit": PixelDiT, "mmpixeldit": PixelDiT,
+    "pixart": PixArt,
 }
 
 # Widths, depths and heads of DiT's S/B/L/XL [peebles2023]. Defaults describe 256 px SD3-VAE latents
@@ -27,14 +29,19 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 # Latent models patch a 32x32 latent by 2 or 4; pixel models a 256x256 image by 8 or 16 (PixelDiT's 16).
-PATCHES = {"ccdit": (2, 4), "mmdit": (2, 4), "jointdit": (2, 4), "pixeldit": (8, 16), "mmpixeldit": (8, 16)}
+PATCHES = {"ccdit": (2, 4), "mmdit": (2, 4), "jointdit": (2, 4), "pixeldit": (8, 16), "mmpixeldit": (8, 16),
+           "pixart": (2, 4)}
 # Pixel models: learnable absolute positions plus 2-D RoPE, as the PixelDiT / JiT line of work uses.
 _PIXEL = dict(pos_embed="learned", rope=True, in_channels=3, input_size=256)
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "jointdit": dict(num_registers=4),
     "pixeldit": _PIXEL,
     "mmpixeldit": _PIXEL | dict(num_registers=4),
+    "pixart": dict(qk_norm=False, activation="gelu_tanh"),  # PixArt-alpha's own MLP
 }
+FAMILY_PINNED: dict[str, dict[str, Any]] = {"pixart": dict(cond_dim=PIXART_TIME_CHANNELS)}
+"""Fields a family fixes whatever the size says (overrides may still try, and ModelConfig refuses them):
+diffusers' PixArt timestep MLP reads a 256-wide sinusoid at every size."""
 
 _NAME = re.compile(r"^(?P<family>[a-z]+)-(?P<size>[a-z]+)/(?P<patch>\d+)$", re.IGNORECASE)
 
@@ -51,7 +58,7 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     if size is None:
         raise ValueError(f"unknown model size {match['size']!r} in {name!r}; known: {list(SIZES)}")
     fields = dict(family=family, size=size, patch=int(match["patch"]))
-    fields |= FAMILY_DEFAULTS.get(family, {}) | SIZES[size] | overrides
+    fields |= FAMILY_DEFAULTS.get(family, {}) | SIZES[size] | FAMILY_PINNED.get(family, {}) | overrides
     return ModelConfig(**fields)
 
 

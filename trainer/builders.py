@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # What makes two checkpoints the same network: a resume across any of these would load the wrong weights.
 ARCHITECTURE_FIELDS = ("family", "conditioning", "dim", "depth", "heads", "patch", "in_channels", "mlp_ratio",
                        "cond_dim", "num_classes", "text_dim", "text_len", "num_registers", "pos_embed", "rope",
-                       "pixel_dim", "pixel_depth", "qk_norm")
+                       "pixel_dim", "pixel_depth", "qk_norm", "activation", "caption_projection")
 
 def model_conditioning(cfg: DictConfig) -> str:
     """class or text: model.conditioning, or the family's default (models/config.py)."""

@@ -25,7 +25,8 @@ from trainer.errors import ConfigError
 @dataclass
 class ModelSection:
     family: str = "mmdit"
-    """ccdit | mmdit | jointdit | pixeldit | mmpixeldit (models/; `python -m models` lists every named model)."""
+    """ccdit | mmdit | jointdit | pixeldit | mmpixeldit | pixart (models/; `python -m models` lists every named model;
+    pixart is diffusers' PixArt-alpha transformer, configs/model/pixart.yaml)."""
     size: str = "XL"
     """S | B | L | XL | debug: DiT's widths and depths (models/registry.py)."""
     patch: int = 2

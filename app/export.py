@@ -1,0 +1,278 @@
+"""Export a training checkpoint as weights other tools load: safetensors, a diffusers pipeline, stock PixArt.
+
+    python -m app.export --model-path outputs/embedded/stage5 --out-dir exported/stage5
+    python -m app.export --model-path run/checkpoints/step_00001000.pt --out-dir px --format pixart --weights raw
+    python -m app.export --model-path CKPT --out-dir DIR --push-to-hub me/my-model        # private unless --public
+
+Formats (every one writes safetensors only, never a pickle, the model's config as JSON, and a README.md model card
+built from what the checkpoint and its run recorded, app/model_card.py):
+
+    diffusers        (default) a pipeline folder for app/diffusers_pipeline.py:RFDiTPipeline.from_pretrained: the
+                     transformer (app/diffusers_models.py, this repo's parameter names), FlowMatchEulerDiscreteScheduler
+                     (shift = alpha), the VAE (AutoencoderKL, or IdentityAutoencoder in pixel space), tokenizer and
+                     text encoder; any family
+    pixart           the same folder with a stock diffusers PixArtTransformer2DModel as the transformer
+                     (PixArtTransformer2DModel.from_pretrained(DIR, subfolder="transformer")); pixart models only,
+                     velocity-trained
+    pixart-original  one safetensors file in the key layout of the PixArt-alpha repository's .pth (what ComfyUI's
+                     PixArt loader reads), with the model's PixArt arguments as JSON; pixart with caption_projection
+    safetensors      the state dict as it is (model.safetensors, the checkpoint's own names) and config.json
+
+The text encoder, tokenizer and VAE load from where the checkpoint says (hub ids or the bundled MiniLM), or from the
+--text-encoder / --tokenizer / --vae folders (app/sources.py). The folder is written under a temporary name and
+renamed into place; an existing --out-dir is replaced only with --force, and never when it holds the checkpoint.
+Nothing is uploaded unless --push-to-hub is given; the token comes from the environment (HF_TOKEN) or a saved
+`hf auth login`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.sources import add_source_flags
+
+FORMATS = ("diffusers", "pixart", "pixart-original", "safetensors")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", type=Path, required=True,
+                   help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
+    p.add_argument("--out-dir", type=Path, required=True, help="the folder to write (created; see --force)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--format", choices=FORMATS, default="diffusers")
+    p.add_argument("--force", action="store_true", help="replace an existing --out-dir")
+    p.add_argument("--eval-report", type=Path, action="append", default=[],
+                   help="an evaluation report (python -m evaluation.evaluate --json) to quote in the model card")
+    p.add_argument("--license", default=None, help="the model card's licence field (default: none; see its Data)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repository")
+    p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repository public")
+    add_source_flags(p)
+    return p.parse_args(argv)
+
+
+# ---- what each format needs --------------------------------------------------------------------------------
+
+
+def check_format(fmt: str, record, where: str) -> None:
+    """SystemExit naming the flag and the key when the checkpoint cannot be written in `fmt`."""
+    cfg = record.model_config
+    if fmt in ("pixart", "pixart-original") and cfg.family != "pixart":
+        raise SystemExit(f"--format {fmt}: {where} is a {cfg.family} model; only model=pixart (models/pixart.py) is "
+                         "PixArt-alpha's transformer. Use --format diffusers or safetensors")
+    if fmt in ("pixart", "pixart-original") and record.prediction != "velocity":
+        raise SystemExit(f"--format {fmt}: {where} predicts {record.prediction!r} (train.prediction); stock PixArt "
+                         "consumers expect velocity. Train with train.prediction=velocity, or use --format diffusers "
+                         "(RFDiTPipeline converts)")
+    if fmt == "pixart-original" and not cfg.caption_projection:
+        raise SystemExit(f"--format pixart-original: {where} has no caption MLP, which the PixArt-alpha layout always "
+                         "has (model.overrides.caption_projection=true); use --format pixart")
+
+
+def check_destination(out_dir: Path, checkpoint_path: Path, force: bool) -> None:
+    if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
+        raise SystemExit(f"--out-dir {out_dir} holds the checkpoint {checkpoint_path}: replacing it would delete it")
+    if out_dir.exists() and not force:
+        raise SystemExit(f"--out-dir {out_dir} exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"--out-dir {out_dir} is a file, not a folder")
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def diffusers_pipeline(pipe, stock_pixart: bool = False):
+    """app/pipeline.py's Pipeline (model, conditioning, VAE, metadata) as an RFDiTPipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
+
+    from app.diffusers_models import IdentityAutoencoder, RFDiTTransformer2DModel
+    from app.diffusers_pipeline import RFDiTPipeline
+    from models.conversion import pixart_diffusers_config, pixart_to_diffusers
+
+    record, model = pipe.record, pipe.model
+    defaults = pipe.defaults()
+    if stock_pixart:
+        transformer = PixArtTransformer2DModel(**pixart_diffusers_config(model.config))
+        transformer.load_state_dict(pixart_to_diffusers(model.state_dict(), model.config), strict=True)
+        transformer.eval()
+    else:
+        transformer = RFDiTTransformer2DModel.from_model(model)
+    vae_info = record.vae or {"id": "identity"}
+    if vae_info.get("id") == "identity":
+        vae = IdentityAutoencoder(latent_channels=model.config.in_channels)
+    else:
+        vae = pipe.vae.vae.to("cpu", torch.float32)
+        vae.register_to_config(scaling_factor=pipe.vae.scale, shift_factor=pipe.vae.shift)
+    text = dict(tokenizer=pipe.conditioning.tokenizer.tokenizer, text_encoder=pipe.conditioning.encoder.encoder) \
+        if pipe.is_text else {}
+    return RFDiTPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=float(defaults["alpha"])), vae=vae,
+        prediction=record.prediction, pixel_range=list(vae_info.get("pixel_range", (-1.0, 1.0))),
+        text_len=model.config.text_len if pipe.is_text else None,
+        class_names=None if pipe.is_text else list(pipe.conditioning.class_names), image_size=pipe.image_size,
+        defaults=defaults, **text,
+    )
+
+
+def original_arguments(cfg) -> dict[str, Any]:
+    """The PixArt-alpha repository's model arguments (PixArt.py) that describe a pixart model, for its loaders."""
+    from models.pixart import diffusers_position_scale
+
+    base, scale = diffusers_position_scale(cfg)
+    return dict(input_size=cfg.input_size, patch_size=cfg.patch, in_channels=cfg.in_channels, hidden_size=cfg.dim,
+                depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, caption_channels=cfg.text_dim,
+                model_max_length=cfg.text_len, lewei_scale=scale, base_size=base, learn_sigma=False, pred_sigma=False,
+                prediction="flow (noise - data), timestep = 1000 sigma",
+                mlp_activation={"gelu_tanh": "GELU(tanh)", "silu": "SiLU"}[cfg.activation])
+
+
+def write_format(fmt: str, pipe, folder: Path) -> str:
+    """Write `fmt` into `folder`; returns the model card's usage text for it."""
+    model, cfg, record = pipe.model, pipe.model.config, pipe.record
+    name = record.name
+    if fmt == "safetensors":
+        config = dict(model=cfg.to_dict(), metadata=record.to_dict())
+        save_safetensors(model.state_dict(), folder / "model.safetensors", {"format": "pt", "rfdit": json.dumps(
+            config, default=str)})
+        write_json(folder / "config.json", config)
+        return USAGE["safetensors"].format(name=name)
+    if fmt == "pixart-original":
+        from models.conversion import pixart_to_original
+
+        save_safetensors(pixart_to_original(model.state_dict(), cfg), folder / "pixart_alpha.safetensors",
+                         {"format": "pt"})
+        write_json(folder / "config.json", dict(pixart_alpha=original_arguments(cfg), model=cfg.to_dict(),
+                                                metadata=record.to_dict()))
+        return USAGE["pixart-original"]
+    diffusers_pipeline(pipe, stock_pixart=fmt == "pixart").save_pretrained(folder, safe_serialization=True)
+    return USAGE[fmt].format(example=_example_call(pipe))
+
+
+def _example_call(pipe) -> str:
+    if pipe.is_text:
+        return 'pipe("a large red circle in the top left on a gray background", generator=torch.manual_seed(0))'
+    return "pipe(class_labels=[0], generator=torch.manual_seed(0))"
+
+
+USAGE = {
+    "diffusers": "```python\nimport torch\nfrom app.diffusers_pipeline import RFDiTPipeline\n\n"
+                 "pipe = RFDiTPipeline.from_pretrained(\"THIS_FOLDER\")\nimage = {example}.images[0]\n```",
+    "pixart": "```python\nimport torch\nfrom diffusers import PixArtTransformer2DModel\n"
+              "from app.diffusers_pipeline import RFDiTPipeline\n\n"
+              "transformer = PixArtTransformer2DModel.from_pretrained(\"THIS_FOLDER\", subfolder=\"transformer\")\n"
+              "pipe = RFDiTPipeline.from_pretrained(\"THIS_FOLDER\")\nimage = {example}.images[0]\n```\n\n"
+              "The transformer is stock diffusers: timestep = 1000 sigma with sigma = 1 - t the noise level, output "
+              "noise - data, so FlowMatchEulerDiscreteScheduler(shift=alpha) steps it. Guidance was trained against "
+              "an all-False caption mask (zero embeddings), not an encoded empty prompt. diffusers' own "
+              "PixArtAlphaPipeline can drive it with use_resolution_binning=False, max_sequence_length = the tokenizer "
+              "length, and zero negative_prompt_embeds / negative_prompt_attention_mask, but it decodes latents / "
+              "scaling_factor without shift_factor and assumes a [-1, 1] VAE: exact for a VAE with shift 0 and that "
+              "range only (RFDiTPipeline reads both from this folder).",
+    "pixart-original": "`pixart_alpha.safetensors` holds the PixArt-alpha repository's key names; `config.json` its "
+                       "model arguments. It is a flow model (noise - data, timestep = 1000 sigma), not PixArt's "
+                       "epsilon/learned-sigma DDPM, and conditions on this model's text encoder, not T5-XXL.",
+    "safetensors": "```python\nfrom safetensors.torch import load_file\nfrom models import ModelConfig, build_model\n"
+                   "import json\n\ncfg = json.load(open(\"config.json\"))\n"
+                   "model = build_model(ModelConfig(**cfg[\"model\"]))\n"
+                   "model.load_state_dict(load_file(\"model.safetensors\"))  # {name}\n```",
+}
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Write args.format to args.out_dir (atomically: a temporary folder renamed into place); returns the folder."""
+    from app import model_card
+    from app.pipeline import CheckpointError, load_pipeline, resolve_checkpoint
+    from app.sources import sources_from_args
+    from core.checkpoint import read_metadata
+    from core.files import host
+
+    try:
+        path = resolve_checkpoint(args.model_path)
+        record = read_metadata(model_card.light_load(path), f"--model-path {path}")  # the small entries only
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from err
+    check_format(args.format, record, f"--model-path {path}")
+    check_destination(args.out_dir, path, args.force)
+    stages = model_card.read_lineage(path)
+    try:
+        pipe = load_pipeline(path, args.weights, "cpu", sources_from_args(args))
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from err
+    out_dir = args.out_dir
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{host()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        usage = write_format(args.format, pipe, tmp)
+        parameters = sum(p.numel() for p in pipe.model.parameters())
+        card = model_card.render(record, parameters, args.format, args.weights, stages,
+                                 model_card.data_sources(stages), model_card.evaluations(path, args.eval_report),
+                                 usage.replace("THIS_FOLDER", args.push_to_hub or str(out_dir)) + "\n\n"
+                                 + reproduce_command(path, args.weights, pipe), args.license)
+        (tmp / "README.md").write_text(card)
+        replace_folder(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the finished `new` folder to `target`: a rename, after moving an existing `target` aside (removed once
+    the new one is in place), so `target` is always one whole export or, between two renames, absent."""
+    old = new.with_name(new.name.replace(".tmp-", ".old-"))
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def reproduce_command(path: Path, weights: str, pipe) -> str:
+    """The app/sample.py command that draws the card's example from the training checkpoint itself."""
+    what = ('--prompt "a large red circle in the top left on a gray background"' if pipe.is_text
+            else "--class-label 0")
+    return ("The same sample from the training checkpoint (equal to the pipeline's to 1/255 with "
+            "`generator=torch.manual_seed(0)`):\n\n```bash\n"
+            f"python app/sample.py --model-path {path} --weights {weights} {what} --seed 0 --out-dir samples\n```")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True, api=None) -> str:
+    """Create `repo_id` (private unless told otherwise; an existing one is kept) and upload `folder` to it with
+    huggingface_hub. `api`: an HfApi-like client (tests pass a local stand-in). Returns the repository's URL."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=os.environ.get("HF_TOKEN"))
+    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                      commit_message=f"rfdit export ({folder.name})")
+    return str(url)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    folder = export(args)
+    print(f"wrote {args.format} export to {folder}")
+    if args.push_to_hub:
+        url = push_to_hub(folder, args.push_to_hub, private=not args.public)
+        print(f"uploaded {folder} to {url}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
