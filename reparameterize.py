@@ -195,7 +195,8 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or meta["model"].get("family") != "ccdit":
         raise SystemExit(f"{args.src}: not a Stage-1 ccDiT checkpoint (metadata.model.family != 'ccdit')")
     cc_cfg = _model_config(state["metadata"], args.src)
-    mm_cfg = stage2_config(cc_cfg, args.text_dim, args.text_len)
+    mm_cfg = stage2_config(cc_cfg, args.text_dim, args.text_len) if args.family == "mmdit" else _pixart_config(
+        cc_cfg, args.text_dim, args.text_len)
     weights = checkpoint.WEIGHTS[args.weights]
     if not isinstance(state.get(weights), dict):
         raise SystemExit(f"--weights {args.weights}: {args.src} has no '{weights}' state dict")
@@ -206,7 +207,13 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(args.seed)
-    mm_state = ccdit_to_mmdit(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
+    if args.family == "pixart":
+        from models.conversion import ccdit_to_pixart
+
+        mm_state, inexact = ccdit_to_pixart(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
+        print("carried over inexactly (pixart cannot hold them as they are): " + ("; ".join(inexact) or "nothing"))
+    else:
+        mm_state = ccdit_to_mmdit(cc_state, cc_cfg, mm_cfg, build_model(mm_cfg).state_dict(), args.t_star)
 
     cc_model, mm_model = build_model(cc_cfg).eval(), build_model(mm_cfg).eval()
     cc_model.load_state_dict(cc_state)
@@ -214,10 +221,19 @@ def _stage1_to_stage2(args: argparse.Namespace) -> None:
     ts = sorted({0.0, 0.25, args.t_star, 0.75, 1.0})
     for t, diff in parity(cc_model, mm_model, ts).items():
         mark = "  (t*)" if t == args.t_star else ""
-        print(f"max |mmDiT(any caption) - ccDiT(null class)| at t={t:.2f}: {diff:.3e}{mark}")
+        print(f"max |{mm_cfg.name}(any caption) - ccDiT(null class)| at t={t:.2f}: {diff:.3e}{mark}")
 
     metadata = dict(state["metadata"], model=mm_cfg.to_dict(), stage=2, reparameterized_from=str(args.src))
     _save(dict(model=mm_state, ema=mm_state, step=0, metadata=metadata), args.dst)
+
+
+def _pixart_config(cc, text_dim: int, text_len: int):
+    """The stock-PixArt model (models/pixart.py) of a ccDiT's trunk: same width, depth, heads, patch and grid."""
+    from models import model_config
+
+    return model_config(f"pixart-{cc.size}/{cc.patch}", dim=cc.dim, depth=cc.depth, heads=cc.heads,
+                        in_channels=cc.in_channels, input_size=cc.input_size, base_grid=cc.base_grid,
+                        mlp_ratio=cc.mlp_ratio, text_dim=text_dim, text_len=text_len)
 
 
 def _convert_weights(ckpt: dict, fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], src: Path) -> dict:
@@ -327,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     s12.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which Stage-1 weights to carry")
     s12.add_argument("--seed", type=int, default=0, help="seed of the fresh cross-attention and null-token weights")
+    s12.add_argument("--family", choices=("mmdit", "pixart"), default="mmdit",
+                     help="the Stage-2 model: this repo's mmDiT (exact at t*) or the stock-PixArt flavour "
+                          "(model=pixart; what it cannot hold exactly is printed)")
     s12.set_defaults(run=_stage1_to_stage2)
 
     res = sub.add_parser("change-resolution", help="carry a checkpoint to another input size (base_grid kept)")

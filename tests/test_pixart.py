@@ -179,3 +179,27 @@ def test_what_cannot_carry_over_is_named():
     assert inexact[-1].startswith("the time path (left at px_init: cond_dim 48")
     with pytest.raises(ValueError, match=r"differ in \['depth'\]"):
         ccdit_to_pixart(cc.state_dict(), cc.config, dataclasses.replace(px.config, depth=3), {}, 0.5)
+
+
+def test_reparameterize_cli_writes_a_pixart_stage2_init(tmp_path, capsys):
+    """`reparameterize.py stage1-to-stage2 --family pixart`: an init a pixart Stage 2 loads, with what it could
+    not carry exactly printed (the ccDiT's QK-norm and SiLU MLP here)."""
+    import reparameterize
+    from core.checkpoint import load, save_atomic
+    from models import build_model, model_config
+
+    cc = build_model(model_config("ccDiT-debug/4", num_classes=4))
+    src = tmp_path / "stage1.pt"
+    meta = dict(model=cc.config.to_dict(), family="ccdit", stage=1, conditioning="class", num_classes=4)
+    save_atomic(dict(model=cc.state_dict(), ema=cc.state_dict(), step=1, metadata=meta), src)
+    dst = tmp_path / "init.pt"
+    reparameterize.main(["stage1-to-stage2", "--src", str(src), "--dst", str(dst), "--text-dim", "384",
+                         "--text-len", "16", "--family", "pixart"])
+    out = capsys.readouterr().out
+    assert "QK-norm" in out and "PixArt-debug/4" in out
+    init = load(dst)
+    from models import ModelConfig
+
+    px = build_model(ModelConfig(**init["metadata"]["model"]))
+    assert px.config.family == "pixart"
+    px.load_state_dict(init["ema"])  # strict: every pixart tensor is there
