@@ -173,11 +173,26 @@ def assemble(out_dir: Path, plan: Plan) -> Path:
     return target
 
 
+def missing_parts(out_dir: Path, plan: Plan) -> list[int]:
+    return [p for p in range(plan.num_parts) if not part_path(out_dir, p).is_file()]
+
+
+def share(parts: list[int], ranks) -> list[int]:
+    """This rank's parts of the missing ones: round-robin, so the ranks finish together."""
+    return parts[ranks.rank :: ranks.world_size]
+
+
+def draw(pipe, plan: Plan, out_dir: Path, parts: list[int], png: bool = False, captions: list[str] | None = None,
+         progress: bool = True, desc: str = "sampling") -> None:
+    from tqdm import tqdm
+
+    for part in tqdm(parts, desc=desc, unit="part", disable=not progress):
+        write_part(out_dir, part, draw_part(pipe, plan, part, captions), png)
+
+
 def run(pipe, plan: Plan, out_dir: Path, ranks, png: bool = False, captions: list[str] | None = None,
         progress: bool = True) -> Path:
     """Draw the missing parts (this rank's share), then rank 0 writes samples.npz; returns its path."""
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     if pipe.is_text and not captions:
         raise ValueError("a text checkpoint needs captions: --captions FILE or --caption-shards DIR")
@@ -185,11 +200,9 @@ def run(pipe, plan: Plan, out_dir: Path, ranks, png: bool = False, captions: lis
     ranks.barrier()
     if ranks.is_main:
         write_json_atomic(out_dir / SETTINGS, asdict(plan))
-    todo = [p for p in range(plan.num_parts) if not part_path(out_dir, p).is_file()]
+    todo = missing_parts(out_dir, plan)
     ranks.barrier()  # every rank lists the missing parts before any is written
-    mine = todo[ranks.rank :: ranks.world_size]
-    for part in tqdm(mine, desc=f"sampling (rank {ranks.rank})", unit="part", disable=not progress):
-        write_part(out_dir, part, draw_part(pipe, plan, part, captions), png)
+    draw(pipe, plan, out_dir, share(todo, ranks), png, captions, progress, f"sampling (rank {ranks.rank})")
     ranks.barrier()
     target = out_dir / SAMPLES
     if ranks.is_main:

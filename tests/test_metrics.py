@@ -200,3 +200,16 @@ def test_reference_folder_and_its_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="bad.npz: not a readable .npz"):
         metrics.load_reference(tmp_path / "bad.npz", net)
+
+
+def test_cli_says_what_to_install_without_torch_fidelity(tmp_path):
+    try:
+        import torch_fidelity  # noqa: F401
+        pytest.skip("torch-fidelity loads here: nothing to refuse")
+    except ImportError:
+        pass
+    images = _images(4, 10)
+    _samples_npz(tmp_path / "s.npz", images)
+    np.savez(tmp_path / "r.npz", arr_0=images)
+    with pytest.raises(SystemExit, match=r"torch-fidelity .*pip install -e '\.\[eval\]'"):
+        metrics.main(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"), "--device", "cpu"])
