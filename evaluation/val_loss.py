@@ -51,6 +51,24 @@ class FixedTime:
         return torch.full((batch_size,), float(self.t), device=device)
 
 
+def _comparable(spec) -> dict:
+    """What two shard folders must share for one model to be scored on both."""
+    tokenizer = spec.tokenizer or {}
+    return dict(kind=spec.kind, latent_shape=list(spec.latent_shape), vae=spec.vae, num_classes=spec.num_classes,
+                tokenizer={k: tokenizer.get(k) for k in ("id", "sha256", "max_length", "vocab_size")})
+
+
+def check_held_out(path: Path | str, spec) -> None:
+    """ValueError unless the shard folder at `path` holds records like the training data's (`spec`, a
+    data/shards.py DatasetSpec): the same kind, latent shape, VAE and scale, classes or tokenizer."""
+    from data.shards import read_manifest
+
+    held, train = _comparable(read_manifest(path)[1]), _comparable(spec)
+    differ = [f"{k} {held[k]!r} there, {train[k]!r} in the training data" for k in held if held[k] != train[k]]
+    if differ:
+        raise ValueError(f"{path}: its records are not like the training data's ({'; '.join(differ)})")
+
+
 def read_held_out(path: Path | str, num_samples: int, batch_size: int) -> list[dict[str, Tensor]]:
     """The first `num_samples` records of a shard folder (all of them if fewer), unshuffled, in batches."""
     data = ShardDataset(path, shuffle=False, batch_size=batch_size, verify_checksum=False)

@@ -68,3 +68,46 @@ def test_read_held_out_takes_the_first_records_unshuffled(embedded_data):
     shard = torch.load(sorted(folder.glob("*.pt"))[0], weights_only=True)
     torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), shard["latents"][:10])
     assert sum(len(b["latents"]) for b in read_held_out(folder, 10_000, 64)) == 160  # capped at the folder's size
+
+
+def test_trainer_logs_it_on_cadence_and_in_the_summary(embedded_data, tmp_path):
+    """train.eval.every=1: every step logs val/ and val_raw/ per time; the last value equals a standalone
+    evaluation of the final checkpoint's weights."""
+    import json
+
+    from core import checkpoint
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    held = embedded_data / "synthetic-32" / "shards-labels"
+    cfg = stage_config(1, embedded_data, tmp_path, "train.max_steps=2", "train.eval.every=1",
+                       f"train.eval.data={held}", "train.eval.samples=12", "train.eval.batch_size=8",
+                       "train.eval.bins=3", "train.eval.weights=both")
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in val_rows] == [1, 2]
+    keys = {f"{p}/loss_t{t:.3f}" for p in ("val", "val_raw") for t in (1 / 6, 0.5, 5 / 6)}
+    assert keys <= set(val_rows[0]) and val_rows[0]["val/seconds"] > 0
+    assert summary["validation"]["step"] == 2 and summary["validation"]["val/loss"] == val_rows[1]["val/loss"]
+    state = checkpoint.load(summary["checkpoint"])
+    from app.pipeline import load_pipeline
+
+    for weights, prefix in (("ema", "val"), ("raw", "val_raw")):
+        pipe = load_pipeline(summary["checkpoint"], weights=weights, device="cpu")
+        objective = RectifiedFlow.from_config(state["config"]["train"]["timesteps"], "x", pipe.model.config.base_grid,
+                                              pipe.model.config.patch)
+        alone = ValidationLoss.from_shards(held, pipe.conditioning, objective, 12, 8, bins=3, seed=cfg.seed)
+        for key, value in alone(pipe.model).items():
+            assert val_rows[1][key.replace("val/", f"{prefix}/")] == pytest.approx(value, rel=1e-5)
+
+
+def test_trainer_refuses_held_out_data_of_another_kind(embedded_data, tmp_path):
+    from tests.stages import stage_config
+    from trainer.loop import ConfigError, train
+
+    other = embedded_data / "synthetic-32" / "shards-text"
+    cfg = stage_config(1, embedded_data, tmp_path, "train.max_steps=1", "train.eval.every=1",
+                       f"train.eval.data={other}")
+    with pytest.raises(ConfigError, match=r"train.eval.data=.*shards-text.*kind 'text' there, 'labels'"):
+        train(cfg)
