@@ -111,3 +111,40 @@ def test_trainer_refuses_held_out_data_of_another_kind(embedded_data, tmp_path):
                        f"train.eval.data={other}")
     with pytest.raises(ConfigError, match=r"train.eval.data=.*shards-text.*kind 'text' there, 'labels'"):
         train(cfg)
+
+
+def test_trainer_small_fid_matches_the_pipelines_samples(embedded_data, tmp_path):
+    """train.eval.fid_samples with the scene encoder: the logged FID equals the one of the same indices drawn
+    through app/pipeline.py from the final checkpoint (same seeds, labels and sampling settings)."""
+    import json
+
+    import numpy as np
+
+    from app.pipeline import load_pipeline
+    from evaluation.embedded import real_scenes
+    from evaluation.metrics import extract, fit_gaussian, frechet_distance
+    from evaluation.sample_many import class_label
+    from evaluation.scene_encoder import load_scene_encoder
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    real, _, _ = real_scenes(12, 32)
+    np.savez(tmp_path / "ref.npz", arr_0=real)
+    held = embedded_data / "synthetic-32" / "shards-labels"
+    cfg = stage_config(1, embedded_data, tmp_path / "run", "train.max_steps=2", "train.eval.every=2",
+                       f"train.eval.data={held}", "train.eval.samples=8", "train.eval.fid_samples=6",
+                       f"train.eval.fid_reference={tmp_path / 'ref.npz'}", "train.eval.fid_features=scene",
+                       "train.eval.batch_size=4")
+    summary = train(cfg)
+    logged = summary["validation"]["fid/fid"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "fid/fid" in r] == [2]
+    pipe = load_pipeline(summary["checkpoint"], device="cpu")
+    labels = [class_label(cfg.seed, i, 4, "uniform") for i in range(6)]
+    p = cfg.train.preview
+    images = pipe.generate(labels=labels, seeds=[cfg.seed + i for i in range(6)], steps=p.steps,
+                           cfg_scale=p.cfg_scale, alpha=p.alpha).numpy()
+    encoder = load_scene_encoder()
+    expected = frechet_distance(fit_gaussian(extract(images, encoder)["pool"]),
+                                fit_gaussian(extract(real, encoder)["pool"]))
+    assert logged == pytest.approx(expected, rel=1e-4)

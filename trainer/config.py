@@ -121,6 +121,19 @@ class EvalSection:
     """Fixed times of the validation loss: the centres of this many equal bins of [0, 1] (SD3's; no shift)."""
     weights: str = "ema"
     """ema | raw | both: which weights are evaluated (val/ for the EMA, val_raw/ for the raw weights)."""
+    fid_samples: int = 0
+    """> 0: also a FID of the EMA weights from this many samples (e.g. 5000), drawn on every rank with the preview
+    settings (evaluation/sample_fid.py); 0: off."""
+    fid_reference: str | None = None
+    """The FID's reference: an ADM .npz, one saved by python -m evaluation.metrics --save-reference, or a folder of
+    images (required with fid_samples)."""
+    fid_features: str = "inception"
+    """inception (the FID Inception; pip install -e '.[eval]') | scene (the embedded scenes' own encoder)."""
+    fid_captions: str | None = None
+    """Text stages: a caption file (one per line) to condition the FID's samples on; null: the captions of
+    train.eval.data's shards (or data.path's)."""
+    inception_weights: str | None = None
+    """The FID Inception's weights file; null: torch's hub cache (downloaded on first use)."""
 
 
 @dataclass
@@ -307,6 +320,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.eval.bins": (lambda v: 1 <= v <= 1000, "1..1000"),
     "train.eval.weights": (lambda v: v in ("ema", "raw", "both"), "ema, raw or both"),
+    "train.eval.fid_samples": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+    "train.eval.fid_features": (lambda v: v in ("inception", "scene"), "inception or scene"),
     "train.max_minutes": (lambda v: v is None or (_finite(v) and v > 0), "null or > 0"),
     "train.label_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "train.caption_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),

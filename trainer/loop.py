@@ -199,34 +199,51 @@ class Trainer:
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
         vae = autoencoder_for(self.spec.vae, cfg.vae.name_or_path, cfg.vae.subfolder, self.device) \
-            if env.is_main else None
+            if env.is_main or cfg.train.eval.fid_samples else None
         self.previewer = Previewer(cfg, self.conditioning, vae, self.model_config, self.precision, self.device) \
             if env.is_main else None
         self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.step if self.resume_from else None)
         self.metadata = checkpoint_metadata(cfg, self.spec, self.model_config, self.conditioning, self.n_params,
                                             self.converted)
-        self.validation = self._build_validation()
+        self.validation, self.sample_fid = self._build_evaluation(vae)
 
-    def _build_validation(self):
-        """The on-cadence validation loss by timestep (train.eval, evaluation/val_loss.py), on every rank."""
-        e, env = self.cfg.train.eval, self.env
+    def _build_evaluation(self, vae):
+        """The on-cadence validation loss by timestep and the optional small FID (train.eval; evaluation/), built on
+        every rank."""
+        e, env, cfg = self.cfg.train.eval, self.env, self.cfg
         if not e.every:
-            return None
+            return None, None
         from evaluation.ranks import Ranks
+        from evaluation.sample_fid import SampleFID, feature_net
+        from evaluation.sample_many import read_captions
         from evaluation.val_loss import ValidationLoss, check_held_out
 
-        folder = e.data or self.cfg.data.path
+        folder, ranks = e.data or cfg.data.path, Ranks(env.rank, env.world_size, self.device)
         if e.data is None:
             log.warning("train.eval.data is null: the validation loss reads the training data (%s), not held-out "
                         "records", folder)
         try:
             check_held_out(folder, self.spec)
+            validation = ValidationLoss.from_shards(folder, self.conditioning, self.objective, e.samples,
+                                                    e.batch_size, bins=e.bins, seed=cfg.seed, device=self.device,
+                                                    autocast=self.precision.forward, ranks=ranks)
         except (ValueError, OSError) as err:
             raise ConfigError(f"train.eval.data={folder!r}: {err}") from err
-        return ValidationLoss.from_shards(folder, self.conditioning, self.objective, e.samples, e.batch_size,
-                                          bins=e.bins, seed=self.cfg.seed, device=self.device,
-                                          autocast=self.precision.forward,
-                                          ranks=Ranks(env.rank, env.world_size, self.device))
+        if not e.fid_samples:
+            return validation, None
+        if e.fid_reference is None:
+            raise ConfigError("train.eval.fid_samples > 0 needs train.eval.fid_reference (a reference .npz or folder)")
+        p = cfg.train.preview
+        try:
+            captions = read_captions(e.fid_captions or folder) if self.spec.kind == "text" else None
+            fid = SampleFID(e.fid_samples, e.fid_reference, feature_net(e.fid_features, self.device,
+                                                                        e.inception_weights),
+                            self.conditioning, vae, self.spec.latent_shape, cfg.train.prediction,
+                            dict(steps=p.steps, cfg_scale=p.cfg_scale, alpha=p.alpha), captions, cfg.seed,
+                            e.batch_size, self.device, ranks, self.precision.forward)
+        except (ValueError, OSError, ImportError) as err:
+            raise ConfigError(f"train.eval.fid_*: {err}") from err
+        return validation, fid
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -367,6 +384,8 @@ class Trainer:
         for name, weights, prefix in (("ema", self.ema.model, "val/"), ("raw", self.model, "val_raw/")):
             if e.weights in (name, "both"):
                 values |= {prefix + k.removeprefix("val/"): v for k, v in self.validation(weights).items()}
+        if self.sample_fid is not None:
+            values |= self.sample_fid(self.ema.model)
         self.model.train()
         seconds = time.perf_counter() - tic
         self.tic += seconds
