@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs}: loss {float(loss.detach()):.4f}", file=sys.stderr, flush=True)
     model.eval()
     acc = accuracy(model, test_images, test_targets, torch.Generator().manual_seed(2))
-    info = dict(command="python scripts/train_scene_encoder.py " + " ".join(argv or sys.argv[1:]),
+    info = dict(command=" ".join(["python scripts/train_scene_encoder.py", *(argv or sys.argv[1:])]),
                 samples=args.samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 train_seed=TRAIN_SEED, test_seed=TEST_SEED, test_accuracy=acc,
                 seconds=round(time.perf_counter() - tic, 1), render_seconds=round(rendered, 1),
