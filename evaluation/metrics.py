@@ -339,6 +339,12 @@ def evaluate(samples: dict[str, np.ndarray], reference: Reference | None, net,
     return report
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m evaluation.metrics", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,7 +359,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the FID Inception weights file (default: torch's hub cache, downloaded on first use)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP on the hub for text samples' CLIP score")
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP score of text samples")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=_positive, default=100, help="images per feature-net call")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; rank r takes GPU r)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     return p.parse_args(argv)
@@ -372,6 +378,9 @@ def main(argv=None) -> dict | None:
             samples = read_npz(args.samples, "--samples")
             if "arr_0" not in samples:
                 raise ValueError(f"--samples {args.samples}: no arr_0 (the images)")
+            if args.reference is None and (args.no_clip or "captions" not in samples):
+                raise ValueError(f"--samples {args.samples}: nothing to compute without --reference (FID, sFID, IS, "
+                                 "precision, recall) unless the samples carry captions (the CLIP score)")
             net = InceptionFeatures(args.inception_weights).to(ranks.device) if args.reference else None
             settings = Settings(args.batch_size, str(ranks.device), progress=sys.stderr.isatty() and ranks.is_main)
             reference = None
@@ -385,7 +394,8 @@ def main(argv=None) -> dict | None:
         clip = None if args.no_clip else hub_clip(args.clip_model)
         report = evaluate(samples, reference, net, clip, ranks, settings)
         if report is not None:
-            report |= dict(samples=str(args.samples), feature_net="inception-v3-compat (torch-fidelity)",
+            report |= dict(samples=str(args.samples),
+                           feature_net="inception-v3-compat (torch-fidelity)" if reference is not None else None,
                            clip_model=args.clip_model if "clip_score" in report else None)
             text = json.dumps(report, indent=2)
             print(text)

@@ -278,6 +278,9 @@ def main(argv=None) -> Path:
             pipe = load_pipeline(model_path, weights=args.weights, device=ranks.device,
                                  sources=sources_from_args(args), limits=limits)
             source = args.captions or args.caption_shards
+            if source is not None and not pipe.is_text:
+                raise ValueError(f"--model-path {model_path} is class-conditional: --captions and --caption-shards "
+                                 "are for text checkpoints (--labels uniform|balanced picks the labels)")
             captions = read_captions(source) if pipe.is_text and source else None
         except (CheckpointError, ValueError) as err:
             raise SystemExit(str(err)) from err

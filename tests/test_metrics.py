@@ -213,3 +213,11 @@ def test_cli_says_what_to_install_without_torch_fidelity(tmp_path):
     np.savez(tmp_path / "r.npz", arr_0=images)
     with pytest.raises(SystemExit, match=r"torch-fidelity .*pip install -e '\.\[eval\]'"):
         metrics.main(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"), "--device", "cpu"])
+
+
+def test_cli_refuses_a_request_with_nothing_to_compute(tmp_path):
+    _samples_npz(tmp_path / "s.npz", _images(6, 11))
+    with pytest.raises(SystemExit, match="nothing to compute without --reference"):
+        metrics.main(["--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="missing.npz: no such file"):
+        metrics.main(["--samples", str(tmp_path / "missing.npz"), "--device", "cpu"])

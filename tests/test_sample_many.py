@@ -103,3 +103,10 @@ def test_cli_end_to_end_and_again(stage1_checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "samples.json").read_text())["drawn_now"] == 0
     with pytest.raises(SystemExit, match="other settings"):
         sm.main([*argv[:-4], "--seed", "1", *argv[-4:]])
+
+
+def test_cli_refuses_captions_for_a_class_checkpoint(stage1_checkpoint, tmp_path):
+    (tmp_path / "c.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="class-conditional: --captions and --caption-shards are for text"):
+        sm.main(["--model-path", str(stage1_checkpoint), "--num-samples", "2", "--out-dir", str(tmp_path / "o"),
+                 "--captions", str(tmp_path / "c.txt"), "--device", "cpu"])
