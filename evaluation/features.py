@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-INCEPTION_SHA256_PREFIX = "6726825d"
 SPATIAL_CHANNELS = 7
 """ADM's sFID keeps the first 7 of mixed_6/conv's 192 channels: 7 x 17 x 17 = 2023 features [nash2021sfid]."""
 
@@ -34,8 +33,7 @@ class FeatureNet(Protocol):
 
 
 def inception_weights(path: Path | str | None = None) -> Path:
-    """The Inception weights file: `path`, or torch's hub cache, downloading it there first if absent (checked
-    against the sha256 prefix in its name)."""
+    """The Inception weights file: `path`, or torch's hub cache, downloading it there first if absent."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -45,7 +43,7 @@ def inception_weights(path: Path | str | None = None) -> Path:
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            torch.hub.download_url_to_file(INCEPTION_URL, str(target), hash_prefix=INCEPTION_SHA256_PREFIX)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(target))  # written to a temporary name, then moved
         except Exception as err:  # no network on a compute node: say where the file must go
             raise OSError(f"cannot download the Inception weights ({err}); fetch {INCEPTION_URL} on a machine with "
                           f"internet and pass it with --inception-weights PATH, or put it at {target}") from err
