@@ -221,3 +221,52 @@ def test_cli_refuses_a_request_with_nothing_to_compute(tmp_path):
         metrics.main(["--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
     with pytest.raises(SystemExit, match="missing.npz: no such file"):
         metrics.main(["--samples", str(tmp_path / "missing.npz"), "--device", "cpu"])
+
+
+class _StandInInception(torch.nn.Module):
+    """torch-fidelity's FeatureExtractorInceptionV3 as the wrapper uses it: its constructor's arguments, a Mixed_6d
+    block with a branch1x1 convolution (17 x 17, 192 channels), and (pool, logits) out of forward."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None):
+        super().__init__()
+        assert (name, features_list) == ("inception-v3-compat", ["2048", "logits_unbiased"])
+        self.weights_path = feature_extractor_weights_path
+        self.Mixed_6d = torch.nn.Module()
+        # torch-fidelity's BasicConv2d applies its ReLU inside forward: the hook sees TF's mixed_6/conv:0
+        self.Mixed_6d.branch1x1 = torch.nn.Sequential(torch.nn.Conv2d(3, 192, 1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(192, 10, bias=False)
+
+    def forward(self, x):
+        h = self.Mixed_6d.branch1x1(torch.nn.functional.interpolate(x.float() / 255, size=(17, 17)))
+        pool = h.mean(dim=(2, 3))
+        return pool, self.fc(pool)
+
+
+def test_inception_wrapper_with_a_stand_in(monkeypatch, tmp_path):
+    """evaluation/features.py's wiring, offline: the weights file is checked with weights_only first, the spatial
+    features are mixed_6/conv's first 7 channels in NHWC order (ADM's), pool and logits pass through."""
+    import sys
+    import types
+
+    from evaluation.features import InceptionFeatures
+
+    module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    module.FeatureExtractorInceptionV3 = _StandInInception
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pth")
+    net = InceptionFeatures(tmp_path / "plain.pth")
+    assert net.net.weights_path == str(tmp_path / "plain.pth")
+    images = torch.from_numpy(_images(3, 12)).permute(0, 3, 1, 2)
+    out = net(images)
+    inner = net.net
+    with torch.no_grad():
+        h = inner.Mixed_6d.branch1x1(torch.nn.functional.interpolate(images.float() / 255, size=(17, 17)))
+    assert out["spatial"].shape == (3, 7 * 17 * 17)
+    torch.testing.assert_close(out["spatial"], h[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    torch.testing.assert_close(out["pool"], h.mean(dim=(2, 3)))
+    torch.save(types.SimpleNamespace(a=1), tmp_path / "pickle.pth")  # more than tensors: refused before use
+    with pytest.raises(ValueError, match="pickle.pth: not a plain state dict"):
+        InceptionFeatures(tmp_path / "pickle.pth")
+    with pytest.raises(FileNotFoundError, match="--inception-weights .*missing.pth: no such file"):
+        InceptionFeatures(tmp_path / "missing.pth")
