@@ -107,6 +107,37 @@ class PreviewSection:
 
 
 @dataclass
+class EvalSection:
+    every: int = 0
+    """Steps between on-cadence evaluations (and one at the last step); 0: off. Every rank takes part; the time it
+    takes is logged (val/seconds) and kept out of train/img_per_s."""
+    data: str | None = None
+    """Held-out shard folder of the validation loss (same latent space and conditioning as data.path); null: the
+    training folder itself, which is then not held out (a warning says so)."""
+    samples: int = 1024
+    """Held-out records (the folder's first, unshuffled; all of them if it holds fewer)."""
+    batch_size: int = 32
+    """Records per validation batch; with train.seed it fixes the noise, so keep it to compare runs."""
+    bins: int = 8
+    """Fixed times of the validation loss: the centres of this many equal bins of [0, 1] (SD3's; no shift)."""
+    weights: str = "ema"
+    """ema | raw | both: which weights are evaluated (val/ for the EMA, val_raw/ for the raw weights)."""
+    fid_samples: int = 0
+    """> 0: also a FID of the EMA weights from this many samples (e.g. 5000), drawn on every rank with the preview
+    settings (evaluation/sample_fid.py); 0: off."""
+    fid_reference: str | None = None
+    """The FID's reference: an ADM .npz, one saved by python -m evaluation.metrics --save-reference, or a folder of
+    images (required with fid_samples)."""
+    fid_features: str = "inception"
+    """inception (the FID Inception; pip install -e '.[eval]') | scene (the embedded scenes' own encoder)."""
+    fid_captions: str | None = None
+    """Text stages: a caption file (one per line) to condition the FID's samples on; null: the captions of
+    train.eval.data's shards (or data.path's)."""
+    inception_weights: str | None = None
+    """The FID Inception's weights file; null: torch's hub cache (downloaded on first use)."""
+
+
+@dataclass
 class TrainSection:
     max_steps: int = 300_000
     """Optimiser steps of the stage."""
@@ -162,6 +193,7 @@ class TrainSection:
     timesteps: TimestepsSection = field(default_factory=TimestepsSection)
     ema: EMASection = field(default_factory=EMASection)
     preview: PreviewSection = field(default_factory=PreviewSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 @dataclass
@@ -284,6 +316,13 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.eval_batches": (lambda v: v >= 0, ">= 0"),
     "train.max_bad_steps": (lambda v: v >= 1, ">= 1"),
     "train.text_cache": (lambda v: v >= 0, ">= 0"),
+    "train.eval.every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "train.eval.samples": (lambda v: v >= 1, ">= 1"),
+    "train.eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.eval.bins": (lambda v: 1 <= v <= 1000, "1..1000"),
+    "train.eval.weights": (lambda v: v in ("ema", "raw", "both"), "ema, raw or both"),
+    "train.eval.fid_samples": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+    "train.eval.fid_features": (lambda v: v in ("inception", "scene"), "inception or scene"),
     "train.max_minutes": (lambda v: v is None or (_finite(v) and v > 0), "null or > 0"),
     "train.label_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "train.caption_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),

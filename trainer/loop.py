@@ -199,12 +199,51 @@ class Trainer:
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
         vae = autoencoder_for(self.spec.vae, cfg.vae.name_or_path, cfg.vae.subfolder, self.device) \
-            if env.is_main else None
+            if env.is_main or cfg.train.eval.fid_samples else None
         self.previewer = Previewer(cfg, self.conditioning, vae, self.model_config, self.precision, self.device) \
             if env.is_main else None
         self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.step if self.resume_from else None)
         self.metadata = checkpoint_metadata(cfg, self.spec, self.model_config, self.conditioning, self.n_params,
                                             self.converted)
+        self.validation, self.sample_fid = self._build_evaluation(vae)
+
+    def _build_evaluation(self, vae):
+        """The on-cadence validation loss by timestep and the optional small FID (train.eval; evaluation/), built on
+        every rank."""
+        e, env, cfg = self.cfg.train.eval, self.env, self.cfg
+        if not e.every:
+            return None, None
+        from evaluation.ranks import Ranks
+        from evaluation.sample_fid import SampleFID, feature_net
+        from evaluation.sample_many import read_captions
+        from evaluation.val_loss import ValidationLoss, check_held_out
+
+        folder, ranks = e.data or cfg.data.path, Ranks(env.rank, env.world_size, self.device)
+        if e.data is None:
+            log.warning("train.eval.data is null: the validation loss reads the training data (%s), not held-out "
+                        "records", folder)
+        try:
+            check_held_out(folder, self.spec)
+            validation = ValidationLoss.from_shards(folder, self.conditioning, self.objective, e.samples,
+                                                    e.batch_size, bins=e.bins, seed=cfg.seed, device=self.device,
+                                                    autocast=self.precision.forward, ranks=ranks)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"train.eval.data={folder!r}: {err}") from err
+        if not e.fid_samples:
+            return validation, None
+        if e.fid_reference is None:
+            raise ConfigError("train.eval.fid_samples > 0 needs train.eval.fid_reference (a reference .npz or folder)")
+        p = cfg.train.preview
+        try:
+            captions = read_captions(e.fid_captions or folder) if self.spec.kind == "text" else None
+            fid = SampleFID(e.fid_samples, e.fid_reference, feature_net(e.fid_features, self.device,
+                                                                        e.inception_weights),
+                            self.conditioning, vae, self.spec.latent_shape, cfg.train.prediction,
+                            dict(steps=p.steps, cfg_scale=p.cfg_scale, alpha=p.alpha), captions, cfg.seed,
+                            e.batch_size, self.device, ranks, self.precision.forward)
+        except (ValueError, OSError, ImportError) as err:
+            raise ConfigError(f"train.eval.fid_*: {err}") from err
+        return validation, fid
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -333,6 +372,30 @@ class Trainer:
             self.logger.log_image(f"samples/{name}", path, done, caption=" | ".join(self.previewer.captions))
         self.model.train()
 
+    def evaluate(self, done: int, final: bool) -> None:
+        """On cadence (train.eval.every, and the last step), every rank: the validation loss of the chosen weights,
+        logged with the time it took, which the step-time figures (train/img_per_s) leave out."""
+        e = self.cfg.train.eval
+        if self.validation is None or not (final or done % e.every == 0):
+            return
+        tic = time.perf_counter()
+        self.model.eval()
+        values = {}
+        for name, weights, prefix in (("ema", self.ema.model, "val/"), ("raw", self.model, "val_raw/")):
+            if e.weights in (name, "both"):
+                values |= {prefix + k.removeprefix("val/"): v for k, v in self.validation(weights).items()}
+        if self.sample_fid is not None:
+            values |= self.sample_fid(self.ema.model)
+        self.model.train()
+        seconds = time.perf_counter() - tic
+        self.tic += seconds
+        values["val/seconds"] = seconds
+        self.logger.log(values, done)
+        self.extra["validation"] = dict(values, step=done)
+        first = next(k for k in values if k.endswith("/loss"))
+        log.info("step %d: %s %.4f over %d held-out records x %d times (%.1f s, not counted in img/s)", done, first,
+                 values[first], self.validation.num_samples, len(self.validation.times), seconds)
+
     def save(self, done: int) -> Path:
         path = checkpoint.checkpoint_path(self.ckpt_dir, done)
         if self.env.is_main:
@@ -355,6 +418,7 @@ class Trainer:
                 final = done == t.max_steps
                 due = [done % every == 0 for every in (t.log_every, t.sample_every, t.ckpt_every)]
                 stop = self.sync(preempted) if final or any(due) or done % t.sync_every == 0 else False
+                self.evaluate(done, final or self.out_of_time)
                 if due[0] or final:
                     self.log_metrics(done)
                 if due[1] or final or self.out_of_time:
@@ -411,6 +475,7 @@ class Trainer:
         return dict(
             model=self.model_config.name, parameters=self.n_params, checkpoint=str(final[-1]) if final else None,
             first_loss=finite[0] if finite else None, final_loss=sum(tail) / len(tail) if tail else None, **held,
+            validation=self.extra.get("validation"),
             samples=str(self.out_dir / "samples"), loss_plot=str(self.out_dir / "loss.png"),
         )
 
