@@ -244,17 +244,24 @@ def _reader(path: Path):
     return _SafeReader(path)
 
 
-def sharded_keys(path: Path) -> dict[str, tuple]:
-    """{flattened key: (top-level key, name, ...)} of every tensor a sharded checkpoint's DCP part holds."""
-    try:
-        metadata = _reader(path).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: its .metadata is unreadable ({err})") from err
+def _metadata(path: Path):
+    """DCP's metadata record of a sharded checkpoint, read safely; CheckpointError when unreadable or when it
+    holds non-tensor entries (DCP would unpickle those freely)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    try:
+        metadata = _reader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: its .metadata is unreadable ({err})") from err
     wrong = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
     if wrong:
         raise CheckpointError(f"cannot load checkpoint {path}: non-tensor entries {wrong[:3]} (never unpickled)")
+    return metadata
+
+
+def sharded_keys(path: Path) -> dict[str, tuple]:
+    """{flattened key: (top-level key, name, ...)} of every tensor a sharded checkpoint's DCP part holds."""
+    metadata = _metadata(path)
     return {k: tuple(metadata.planner_data[k]) for k in metadata.state_dict_metadata}
 
 
@@ -276,14 +283,11 @@ def load_sharded(path: Path, target: dict, no_dist: bool = False) -> None:
 def read_full(path: Path, keys: tuple[str, ...] = TENSOR_KEYS) -> dict:
     """The whole tensors under `keys` of a sharded checkpoint, in this process alone (no collective): what
     consolidation and train.init_from read."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = _reader(path).read_metadata()
+    metadata = _metadata(path)
     target: dict = {}
-    for flat, where in sharded_keys(path).items():
+    for flat, item in metadata.state_dict_metadata.items():
+        where = tuple(metadata.planner_data[flat])
         if where[0] in keys:
-            item = metadata.state_dict_metadata[flat]
-            assert isinstance(item, TensorStorageMetadata)
             _put(target, where, torch.empty(item.size, dtype=item.properties.dtype))
     load_sharded(path, target, no_dist=True)
     return target
