@@ -173,22 +173,51 @@ def test_a_sharded_run_starts_the_next_stage(embedded_data, tmp_path):
     assert captured.keys() == ema.keys() and all(torch.equal(captured[k], ema[k]) for k in ema)
 
 
+def test_fp8_scaling_state_goes_through_a_sharded_checkpoint(embedded_data, tmp_path, monkeypatch):
+    """te.Linear (the CPU stand-in, tests/te_standin.py) under FSDP2: the sharded checkpoint keeps the weights in
+    the plain layout and the scaling state beside them (meta.pt), a resume into FP8 continues each layer's state
+    (its forward count goes on), and the consolidated file is what every consumer reads."""
+    import json
+
+    from tests import te_standin
+
+    te_standin.install(monkeypatch)
+    args = ("precision=fp8", "precision.fuse_wgrad_accumulation=false", "device=cpu", "train.batch_size=16",
+            "train.parallel=fsdp", "train.eval_batches=0")
+    first = train(stage_config(1, embedded_data, tmp_path, *args, "train.max_steps=2"))
+    saved = consolidate(Path(first["checkpoint"]))
+    assert not [k for k in saved["model"] if k.endswith("_extra_state")]
+    calls = {k: json.loads(bytes(v.tolist()))["calls"] for k, v in saved["te_extra_state"]["model"].items()}
+    assert calls and all(c > 0 for c in calls.values())
+    train(stage_config(1, embedded_data, tmp_path, *args, "train.max_steps=3"))
+    resumed = consolidate(newest(tmp_path))["te_extra_state"]["model"]
+    assert all(json.loads(bytes(resumed[k].tolist()))["calls"] > c for k, c in calls.items())
+    monkeypatch.undo()
+    model, _ = checkpoint.load_model(checkpoint.save_atomic(saved, tmp_path / "one.pt") or tmp_path / "one.pt")
+    assert all(torch.equal(p, saved["ema"][n]) for n, p in model.state_dict().items())
+
+
 # ---- resharding ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_saved_on_4_ranks_resumes_on_2_and_on_1_with_equal_states(embedded_data, tmp_path):
-    """HSDP on 4 ranks (2 replicas x 2 shards) saves at step 2; FSDP on 2 ranks and DDP in one process resume it.
-    What each holds once resumed, gathered into the single-file form, is the checkpoint consolidated, bit for bit:
-    weights, EMA, optimizer moments and groups, schedule, step and history; and each continues the data at the
-    same global sample count (2 steps x batch 8 = 16)."""
-    saved = tmp_path / "hsdp4"
-    run_ok(torchrun(4, "train_stage1.py", *stage1_args(embedded_data, saved, "train.max_steps=2",
-                                                       "train.ckpt_every=2", "train.parallel=hsdp",
+    """HSDP on 4 ranks (2 replicas x 2 shards, 2 micro-batches: the all-reduce across replicas on the second only)
+    saves at step 2, and reaches DDP's weights on 4 ranks (to 1e-6, as FSDP does). FSDP on 2 ranks and DDP in one
+    process resume it: what each holds once resumed, gathered into the single-file form, is the checkpoint
+    consolidated, bit for bit (weights, EMA, optimizer moments and groups, schedule, step and history), and each
+    continues the data at the same global sample count (2 steps x batch 8 = 16)."""
+    saved, ddp = tmp_path / "hsdp4", tmp_path / "ddp4"
+    common = ("train.max_steps=2", "train.ckpt_every=2", "train.grad_accum=2")
+    run_ok(torchrun(4, "train_stage1.py", *stage1_args(embedded_data, saved, *common, "train.parallel=hsdp",
                                                        "train.hsdp_shard_size=2")))
+    run_ok(torchrun(4, "train_stage1.py", *stage1_args(embedded_data, ddp, *common)))
     dcp_dir = newest(saved)
     assert len(list(dcp_dir.glob("rank_*.pt"))) == 4
-    expected = consolidate(dcp_dir)
+    expected, reference = consolidate(dcp_dir), checkpoint.load(newest(ddp))
+    for key in ("model", "ema"):
+        for name, value in reference[key].items():
+            torch.testing.assert_close(expected[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
     tensors = ("model", "ema", "optimizer", "scheduler", "step", "history", "bad_in_row", "extra")
 
     dump = tmp_path / "fsdp2.pt"

@@ -64,7 +64,8 @@ def test_te_fp8_layers_train_under_fsdp2(embedded_data, tmp_path):
     """TE's te.Linear inside fully_shard, without fused wgrad (which FSDP2 cannot reduce: trainer/parallel.py
     refuses it). The TINY model's layers are too narrow for TE's shape rule, so a wider one is trained."""
     pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
-    proc = _run_stage1(tmp_path, embedded_data, "precision=fp8", "train.parallel=fsdp", "model.overrides.dim=64",
+    proc = _run_stage1(tmp_path, embedded_data, "precision=fp8", "precision.fuse_wgrad_accumulation=false",
+                       "train.parallel=fsdp", "model.overrides.dim=64",
                        "model.overrides.cond_dim=64", "train.batch_size=32")
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "fp8" in (tmp_path / "train_stage1.log").read_text().lower()

@@ -192,7 +192,7 @@ class OptimSection:
     decay_fraction: float = 0.0
     """> 0: linear decay to 0 over this last fraction of train.max_steps."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (after the DDP all-reduce, so equal on every rank)."""
+    """Global gradient-norm clip (after the gradients are reduced, DDP or FSDP, so equal on every rank)."""
     fused: bool | None = None
     """The fused AdamW kernel (null: on when training on CUDA); it also skips a non-finite step on the device."""
 

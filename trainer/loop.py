@@ -46,7 +46,7 @@ from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
 from models import build_model
-from trainer import builders, checkpoint, distributed
+from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
 from trainer.ema import EMA
 from trainer.errors import ConfigError, RunStoppedError  # noqa: F401 (ConfigError: callers catch it here)
@@ -255,14 +255,10 @@ class Trainer:
         by index: trainer/checkpoint.py), plus the metadata every other tool reads. Sharded, every rank must call
         it (the tensors are gathered into rank 0's CPU memory) and ranks other than 0 get None."""
         if self.parallel.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state, optimizer = get_state_dict(self.model, self.opt, options=whole)
-            ema_state = get_model_state_dict(self.ema.model, options=whole)
-            if not self.env.is_main:
+            whole = sharded_state.whole_state(self.model, self.ema.model, self.opt, self.env.is_main)
+            if whole is None:
                 return None
-            optimizer = checkpoint.optimizer_by_index(optimizer)
+            model_state, ema_state, optimizer = whole
         else:
             model_state, ema_state, optimizer = self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
         model, model_extra = checkpoint.split_extra_state(model_state)
@@ -285,18 +281,11 @@ class Trainer:
 
     def sharded_state(self) -> tuple[dict, dict, dict]:
         """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
-        shards), what rank 0 writes once, and this rank's own."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        model_state, optimizer = get_state_dict(self.model, self.opt)
-        model, model_extra = checkpoint.split_extra_state(model_state)
-        ema, ema_extra = checkpoint.split_extra_state(get_model_state_dict(self.ema.model))
-        shared = self._run_state() | dict(optimizer_groups=optimizer["param_groups"],
-                                          scheduler=self.sched.state_dict(), world_size=self.env.world_size,
-                                          parallel=self.parallel.mode)
-        if model_extra or ema_extra:
-            shared["te_extra_state"] = dict(model=model_extra, ema=ema_extra)
-        return dict(model=model, ema=ema, optimizer=optimizer["state"]), shared, self._rank_state()
+        shards), what rank 0 writes once (meta.pt), and this rank's own."""
+        tensors, shared = sharded_state.sharded_parts(self.model, self.ema.model, self.opt)
+        shared |= self._run_state() | dict(scheduler=self.sched.state_dict(), world_size=self.env.world_size,
+                                           parallel=self.parallel.mode)
+        return tensors, shared, self._rank_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A checkpoint of either form (a loaded file, or trainer.checkpoint.load of a sharded folder) into this
@@ -315,9 +304,9 @@ class Trainer:
         """Weights, EMA, optimizer moments and schedule, from a file or a sharded folder, into the model as it is
         wrapped (whole on every rank, or sharded over a mesh of any size)."""
         if isinstance(state["model"], checkpoint.ShardedEntry):
-            self._load_sharded(state)
+            sharded_state.load_sharded(self.model, self.ema.model, self.opt, state["model"].path, state)
         elif self.parallel.sharded:
-            self._load_whole_into_shards(state)
+            sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
         else:
             extra = state.get("te_extra_state") or {}
             model, model_extra = checkpoint.split_extra_state(state["model"])
@@ -326,46 +315,6 @@ class Trainer:
             checkpoint.load_module_state(self.ema.model, ema, ema_extra | extra.get("ema", {}))
             self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-
-    def _load_sharded(self, state: dict[str, Any]) -> None:
-        """DCP reads into this run's tensors (shards or whole ones) whatever the saved run's layout was."""
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_state_dict,
-            set_model_state_dict,
-            set_state_dict,
-        )
-
-        model_state, optimizer = get_state_dict(self.model, self.opt)  # allocates the moments, then overwritten
-        model, model_extra = checkpoint.split_extra_state(model_state)
-        ema, ema_extra = checkpoint.split_extra_state(get_model_state_dict(self.ema.model))
-        target = dict(model=model, ema=ema, optimizer=optimizer["state"])
-        checkpoint.load_sharded(state["model"].path, target)
-        extra = state.get("te_extra_state") or {}
-        model |= _own_extra(model_extra, extra.get("model"))
-        set_state_dict(self.model, self.opt, model_state_dict=model,
-                       optim_state_dict=dict(state=target["optimizer"], param_groups=state["optimizer_groups"]))
-        set_model_state_dict(self.ema.model, ema | _own_extra(ema_extra, extra.get("ema")))
-
-    def _load_whole_into_shards(self, state: dict[str, Any]) -> None:
-        """A single-file checkpoint (whole tensors, the optimizer by index) into sharded modules: each rank keeps
-        its shards of what it read."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        whole = StateDictOptions(full_state_dict=True)
-        extra = state.get("te_extra_state") or {}
-        for module, key in ((self.model, "model"), (self.ema.model, "ema")):
-            weights, inline = checkpoint.split_extra_state(state[key])
-            own = {k: v for k, v in module.state_dict().items() if checkpoint.is_extra_state_key(k)}
-            set_model_state_dict(module, weights | _own_extra(own, inline | extra.get(key, {})), options=whole)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        order = [names[id(p)] for group in self.opt.param_groups for p in group["params"]]
-        set_optimizer_state_dict(self.model, self.opt, checkpoint.optimizer_by_name(state["optimizer"], order),
-                                 options=whole)
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
@@ -602,9 +551,3 @@ def train(cfg: DictConfig) -> dict:
     finally:
         distributed.teardown()
 
-
-def _own_extra(own: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
-    """te.Linear's `_extra_state` entries for a module whose own are `own`: the saved ones where the checkpoint has
-    them, the module's own (unchanged) where it has none (TE then starts its scaling afresh, as load_module_state
-    does), none for a module without TE layers."""
-    return {k: (saved or {}).get(k, v) for k, v in own.items()}
