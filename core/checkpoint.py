@@ -72,7 +72,8 @@ def resolve(path: str | Path, what: str) -> Path:
         if found:
             return found[-1]
     if p.is_dir():
-        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints/step_*.pt and no step_*.pt in it")
+        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints/step_*.pt and no step_*.pt in it"
+                                f"{_sharded_hint(p)}")
     raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
 
 
@@ -86,7 +87,7 @@ def load(path: Path) -> dict:
     advice is never passed on."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"cannot load checkpoint {path}: no such file")
+        raise CheckpointError(f"cannot load checkpoint {path}: no such file{_sharded_hint(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
@@ -99,6 +100,16 @@ def load(path: Path) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}, not a dict")
     return state
+
+
+def _sharded_hint(path: Path) -> str:
+    """What to do with a run's sharded checkpoints (step_*.dcp folders), which no tool but the trainer reads."""
+    found = [path] if path.suffix == ".dcp" and path.is_dir() else [
+        *path.glob("step_*.dcp"), *path.glob("checkpoints/step_*.dcp")] if path.is_dir() else []
+    if not found:
+        return ""
+    return (f" (it holds sharded checkpoints, step_*.dcp: write the single-file form with `python -m "
+            f"trainer.consolidate {path} --out FILE.pt`)")
 
 
 def save_atomic(obj: dict, path: Path) -> None:

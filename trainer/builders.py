@@ -120,8 +120,9 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
         found = checkpoint.list_checkpoints(ckpt_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not path.is_file():
-        raise MissingInputError(f"train.resume={resume!r}: not 'auto', 'never' or an existing checkpoint file")
+    if not (path.is_file() or checkpoint.is_sharded(path)):
+        raise MissingInputError(f"train.resume={resume!r}: not 'auto', 'never' or an existing checkpoint file (or a "
+                                "sharded step_*.dcp folder)")
     return path
 
 

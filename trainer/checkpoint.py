@@ -1,7 +1,38 @@
-"""The trainer's checkpoint functions: core/checkpoint.py's reading, atomic writing and layouts (the format is
-shared with every tool), plus what only a training run saves and restores, the global RNG states."""
+"""The trainer's checkpoint functions: core/checkpoint.py's reading, atomic writing and layouts (the single-file
+format every tool reads), the global RNG states, and the sharded format of train.checkpoint_format=sharded.
 
+A sharded checkpoint is a folder `checkpoints/step_XXXXXXXX.dcp/`:
+
+    .metadata, __R_0.distcp   torch.distributed.checkpoint [DCP]: `model`, `ema` and the optimizer moments
+                              `optimizer` (keyed by parameter name), each rank writing the shards it holds
+    meta.pt                   once, by rank 0: step, history, bad-step count, extra, config, metadata, the
+                              optimizer's param_groups and the scheduler, TE's scaling state, world size, parallel
+    rank_RRRRR.pt             per rank: its loader state and RNG states
+
+Only tensors go through DCP: its loader reads non-tensor entries with an unrestricted pickle, which would let a
+checkpoint run code; everything else is in .pt files read with weights_only=True, and DCP's own `.metadata`
+pickle is read with an unpickler that builds only DCP's metadata records (`_SafeReader`).
+
+Atomic: every rank writes into `.step_XXXXXXXX.dcp.partial/`, and rank 0 renames it to its final name once the
+whole checkpoint is written (DCP's save returns on rank 0 after every rank's shards are on disk), so a folder with
+a final name is complete; a kill at any moment leaves the previous checkpoint as the newest. `prune` removes
+partial folders no live save is writing (the run lock, trainer/run_lock.py, keeps other runs out of the folder).
+
+Resharding: DCP stores every tensor with its global shape and the chunks each rank wrote, and a load reads into
+whatever the loading run holds (a shard of another size, or a whole tensor), so a checkpoint saved on N ranks
+under any train.parallel resumes on M ranks under any other. `python -m trainer.consolidate` writes the single-file
+form, the same dict a DDP run saves (`read_full` + `optimizer_by_index`).
+"""
+
+import os
+import pickle
 import random
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,18 +45,90 @@ from core.checkpoint import (  # noqa: F401 (the trainer's checkpoint API)
     checkpoint_path,
     checkpoint_step,
     is_extra_state_key,
-    list_checkpoints,
-    load,
     load_model,
     load_module_state,
     model_from_state,
     model_weights,
-    prune,
-    resolve,
     save_atomic,
     split_extra_state,
     stale_temporaries,
 )
+from core.checkpoint import list_checkpoints as list_files
+from core.checkpoint import load as load_file
+from core.checkpoint import prune as prune_files
+from core.files import fsync_dir
+
+_SHARDED = re.compile(r"^step_(\d+)\.dcp$")
+_PARTIAL = re.compile(r"^\.step_(\d+)\.dcp\.partial$")
+META = "meta.pt"
+TENSOR_KEYS = ("model", "ema", "optimizer")
+"""What a sharded checkpoint keeps in DCP; the rest of a training checkpoint is in meta.pt and the rank files."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ---- names and folders --------------------------------------------------------------------------------------
+
+
+def sharded_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.dcp"
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def is_sharded(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and _SHARDED.match(path.name) is not None
+
+
+def step_of(path: Path) -> int | None:
+    """The step a `step_XXXXXXXX.pt` file or `step_XXXXXXXX.dcp` folder records."""
+    match = _SHARDED.match(Path(path).name)
+    return int(match[1]) if match else checkpoint_step(path)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints of a folder, files and sharded folders, oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    sharded = [p for p in ckpt_dir.iterdir() if is_sharded(p)] if ckpt_dir.is_dir() else []
+    return sorted([*list_files(ckpt_dir), *sharded], key=lambda p: (step_of(p), p.suffix == ".dcp"))
+
+
+def resolve(path: str | Path, what: str) -> Path:
+    """A checkpoint (file or sharded folder), or a run's out_dir or its checkpoints/ folder (then its newest)."""
+    p = Path(path)
+    if p.is_file() or is_sharded(p):
+        return p
+    for folder in (p / "checkpoints", p):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    if p.is_dir():
+        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints (step_*.pt or step_*.dcp) in it")
+    raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
+
+
+def load(path: Path) -> dict:
+    """A training checkpoint: a file's contents (core/checkpoint.py), or a sharded folder opened (open_sharded)."""
+    return open_sharded(Path(path)) if is_sharded(path) else load_file(path)
+
+
+def prune(ckpt_dir: Path, keep: int, writing: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints of either form; remove stale temporary files and every partial sharded
+    folder but `writing` (the one an asynchronous save is still filling)."""
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    prune_files(ckpt_dir, 0)  # keep=0: its own list (files only) was handled above; this removes stale temporaries
+    for partial in Path(ckpt_dir).glob(".step_*.dcp.*") if Path(ckpt_dir).is_dir() else []:
+        if partial != writing and (_PARTIAL.match(partial.name) or partial.name.endswith(".old")):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+# ---- the global RNG states ----------------------------------------------------------------------------------
 
 
 def rng_states() -> dict[str, Any]:
@@ -47,3 +150,255 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- the data position on another world size -----------------------------------------------------------------
+
+
+def continue_loader(saved: dict, world_size: int, num_workers: int, batch_size: int) -> dict:
+    """The loader state (data/loader.py) that continues, on `world_size` ranks, from the global sample count of
+    `saved`, a state saved on saved['world_size'] ranks: each rank starts at its share of that count. `saved`
+    itself when the world size is the same (the exact resume). The order of what follows differs from the one the
+    saved run would have seen (every rank's slot covers another range of the epoch's order)."""
+    from data.loader import samples_per_epoch
+
+    saved_world = int(saved.get("world_size", world_size))
+    if saved_world == world_size:
+        return saved
+    per_saved_rank = saved.get("samples")
+    if per_saved_rank is None:
+        per_saved_rank = int(saved["epoch"]) * samples_per_epoch(
+            int(saved["num_records"]), saved_world, int(saved.get("num_workers", 0))) + int(saved["position"])
+    per_rank = int(per_saved_rank) * saved_world // world_size
+    epoch, position = divmod(per_rank, samples_per_epoch(int(saved["num_records"]), world_size, num_workers))
+    return dict(saved, samples=per_rank, epoch=epoch, position=position, world_size=world_size,
+                num_workers=num_workers, batch_size=batch_size)
+
+
+# ---- optimizer states by index and by name ------------------------------------------------------------------
+
+
+def optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """torch.optim's state dict (parameters numbered 0.. in param_groups order) keyed by parameter name instead,
+    the form torch.distributed.checkpoint.state_dict reads; `names[i]` is parameter i's name."""
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]
+    return dict(state={names[i]: s for i, s in state["state"].items()}, param_groups=groups)
+
+
+def optimizer_by_index(state: dict) -> dict:
+    """The inverse of optimizer_by_name: the numbering torch.optim.Optimizer.state_dict() writes (parameters in
+    param_groups order)."""
+    order = [name for g in state["param_groups"] for name in g["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
+    return dict(state={index[n]: state["state"][n] for n in order if n in state["state"]}, param_groups=groups)
+
+
+# ---- reading sharded checkpoints ----------------------------------------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle; this builds only the records it holds (DCP's metadata dataclasses, torch's
+    Size, dtypes, layouts and memory formats, paths) and refuses anything else, so reading it runs no code."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+               "torch.distributed.checkpoint.planner")
+
+    def find_class(self, module: str, name: str):
+        import pathlib
+
+        if module in self.MODULES:
+            found = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(found, type):
+                return found
+        if module == "torch":
+            found = getattr(torch, name, None)
+            if found is torch.Size or isinstance(found, torch.dtype | torch.layout | torch.memory_format):
+                return found
+        if module == "torch.serialization" and name == "_get_layout":  # how torch pickles a layout: a name lookup
+            from torch.serialization import _get_layout
+
+            return _get_layout
+        if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return getattr(pathlib, name)
+        if module == "collections" and name == "OrderedDict":
+            from collections import OrderedDict
+
+            return OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata; refused")
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeReader(path)
+
+
+def _metadata(path: Path):
+    """DCP's metadata record of a sharded checkpoint, read safely; CheckpointError when unreadable or when it
+    holds non-tensor entries (DCP would unpickle those freely)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = _reader(path).read_metadata()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: its .metadata is unreadable ({err})") from err
+    wrong = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+    if wrong:
+        raise CheckpointError(f"cannot load checkpoint {path}: non-tensor entries {wrong[:3]} (never unpickled)")
+    return metadata
+
+
+def sharded_keys(path: Path) -> dict[str, tuple]:
+    """{flattened key: (top-level key, name, ...)} of every tensor a sharded checkpoint's DCP part holds."""
+    metadata = _metadata(path)
+    return {k: tuple(metadata.planner_data[k]) for k in metadata.state_dict_metadata}
+
+
+def load_sharded(path: Path, target: dict, no_dist: bool = False) -> None:
+    """Read a sharded checkpoint's tensors into `target` (nested dicts of tensors or DTensors of any sharding) in
+    place; every key of `target` must be in the checkpoint (CheckpointError naming the first missing)."""
+    import torch.distributed.checkpoint as dcp
+
+    have = {".".join(map(str, k)) for k in sharded_keys(path).values()}
+    missing = [k for k in _flat_keys(target) if k not in have]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not hold {missing[:5]}: not the model this run trains "
+                              "(or saved by another version of it)")
+    with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is what was asked for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=_reader(path), no_dist=no_dist)
+
+
+def read_full(path: Path, keys: tuple[str, ...] = TENSOR_KEYS) -> dict:
+    """The whole tensors under `keys` of a sharded checkpoint, in this process alone (no collective): what
+    consolidation and train.init_from read."""
+    metadata = _metadata(path)
+    target: dict = {}
+    for flat, item in metadata.state_dict_metadata.items():
+        where = tuple(metadata.planner_data[flat])
+        if where[0] in keys:
+            _put(target, where, torch.empty(item.size, dtype=item.properties.dtype))
+    load_sharded(path, target, no_dist=True)
+    return target
+
+
+def _put(tree: dict, where: tuple, value) -> None:
+    for part in where[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[where[-1]] = value
+
+
+def _flat_keys(tree: Mapping, prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+class ShardedEntry(Mapping):
+    """`model`, `ema` or `optimizer` of an opened sharded checkpoint: the trainer loads it shard by shard
+    (`path`, `key`); anything else that reads it as a dict (train.init_from) gets the whole tensors, read once."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self._full = Path(path), key, None
+
+    def _tensors(self) -> dict:
+        if self._full is None:
+            self._full = read_full(self.path, (self.key,)).get(self.key, {})
+        return self._full
+
+    def __getitem__(self, name):
+        return self._tensors()[name]
+
+    def __iter__(self):
+        return iter(self._tensors())
+
+    def __len__(self) -> int:
+        return len(self._tensors())
+
+
+def open_sharded(path: Path, rank: int = 0) -> dict:
+    """A sharded checkpoint as a training-checkpoint dict: meta.pt's entries, `rank`'s loader and RNG states (rank
+    0's when it has none), and ShardedEntry for model, ema and optimizer. CheckpointError when incomplete."""
+    for needed in (".metadata", META, rank_file(0)):
+        if not (path / needed).is_file():
+            raise CheckpointError(f"cannot load checkpoint {path}: no {needed} in it (not a complete sharded "
+                                  "checkpoint)")
+    state = load_file(path / META)
+    own = path / rank_file(rank)
+    state |= {k: v for k, v in load_file(own if own.is_file() else path / rank_file(0)).items()
+              if k in ("loader", "rng")}
+    return state | {key: ShardedEntry(path, key) for key in TENSOR_KEYS}
+
+
+# ---- writing sharded checkpoints ----------------------------------------------------------------------------
+
+
+class ShardedWriter:
+    """Writes step_N.dcp folders (module docstring), synchronously or, with `asynchronous`, through
+    dcp.async_save: the call returns once the tensors are copied to host memory, the writing runs in a thread,
+    and the folder is renamed to its final name when the next save starts or `wait()` is called."""
+
+    def __init__(self, ckpt_dir: Path, env, keep: int, asynchronous: bool = False):
+        import torch.distributed as dist
+
+        self.ckpt_dir, self.env, self.keep, self.asynchronous = Path(ckpt_dir), env, keep, asynchronous
+        self.pending: tuple[Future, Path, Path] | None = None
+        # Its own gloo group: the writing thread's collectives must not interleave with the training step's.
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+
+    def save(self, step: int, tensors: dict, shared: dict, own: dict) -> Path:
+        """Write one checkpoint; every rank calls it. `tensors` go through DCP, `shared` (rank 0's) to meta.pt,
+        `own` (this rank's) to its rank file."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        final = sharded_path(self.ckpt_dir, step)
+        tmp = partial_path(final)
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a dead save's leftovers (the run lock: no live one)
+        self.env.barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_atomic(own, tmp / rank_file(self.env.rank))
+        if self.env.is_main:
+            save_atomic(shared, tmp / META)
+        if self.asynchronous:
+            self.pending = (dcp.async_save(tensors, checkpoint_id=tmp, process_group=self.group), tmp, final)
+        else:
+            with warnings.catch_warnings():  # DCP warns when there is no process group (one plain process)
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(tensors, checkpoint_id=tmp)
+            self._complete(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Let the asynchronous save in flight finish, and give it its final name."""
+        if self.pending is not None:
+            future, tmp, final = self.pending
+            self.pending = None
+            future.result()
+            self._complete(tmp, final)
+
+    def _complete(self, tmp: Path, final: Path) -> None:
+        if not self.env.is_main:
+            return
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a rerun): the new one replaces it, never half of it
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        prune(self.ckpt_dir, self.keep)

@@ -184,6 +184,20 @@ class TrainSection:
     """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (memory for about 1/3 more compute)."""
+    parallel: str = "ddp"
+    """ddp | fsdp | hsdp (trainer/parallel.py). ddp: every rank holds the whole model, gradients, AdamW and EMA.
+    fsdp: FSDP2 shards them over all ranks (per block, then the root; bf16 compute parameters and fp32 reduction
+    on GPU). hsdp: shards within a group of train.hsdp_shard_size ranks and replicates across groups."""
+    hsdp_shard_size: int | None = None
+    """hsdp: ranks per shard group (a 2-D mesh: replicas x shards); null: the ranks of one node (torchrun's
+    LOCAL_WORLD_SIZE). Must divide the world size."""
+    checkpoint_format: str | None = None
+    """file (one step_N.pt written by rank 0) | sharded (a step_N.dcp folder written by every rank through
+    torch.distributed.checkpoint; resumable on another world size or train.parallel); null: file for ddp, sharded
+    for fsdp and hsdp. `python -m trainer.consolidate` turns a sharded one into a file."""
+    async_checkpoint: bool = False
+    """sharded: write checkpoints in a background thread (dcp.async_save): the loop waits only for the copy to
+    host memory, and the previous save finishes before the next starts."""
     memory_check: bool = True
     """On CUDA, plan the memory first (python -m trainer.plan) and stop if the run cannot fit."""
     max_bad_steps: int = 10
@@ -211,7 +225,7 @@ class OptimSection:
     decay_fraction: float = 0.0
     """> 0: linear decay to 0 over this last fraction of train.max_steps."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (after the DDP all-reduce, so equal on every rank)."""
+    """Global gradient-norm clip (after the gradients are reduced, DDP or FSDP, so equal on every rank)."""
     fused: bool | None = None
     """The fused AdamW kernel (null: on when training on CUDA); it also skips a non-finite step on the device."""
 
@@ -349,6 +363,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.mix_shards": (lambda v: v >= 1, ">= 1"),
     "precision.compute": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+    "train.parallel": (lambda v: v in ("ddp", "fsdp", "hsdp"), "ddp, fsdp or hsdp"),
+    "train.hsdp_shard_size": (lambda v: v is None or v >= 1, "null or >= 1"),
+    "train.checkpoint_format": (lambda v: v in (None, "file", "sharded"), "null, file or sharded"),
 }
 """What each key must be, beyond its type."""
 

@@ -2,6 +2,10 @@
 
 Two schedules: the reference's (update every `every` steps, decay rising linearly from
 `start_decay` to `decay` over `warmup_steps`) and plain per-step EMA (every=1, warmup_steps=0).
+
+Under train.parallel=fsdp/hsdp the EMA copy is sharded like the model (trainer/parallel.py), so both hold
+DTensors with the same placements: the blend runs on each rank's local shards, which is the unsharded update
+restricted to the elements that rank holds, so the EMA stays exact and needs no communication.
 """
 
 import copy
@@ -32,15 +36,22 @@ class EMA:
         if step % self.every:
             return
         d = self.decay_at(step)
-        ema_params = list(self.model.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
+        ema_params = [_local(e) for e in self.model.parameters()]
+        params = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
         weight = 1 - d if applied is None else applied.to(ema_params[0].dtype) * (1 - d)
         torch._foreach_lerp_(ema_params, params, weight)  # e <- d e + (1 - d) p
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
     def state_dict(self) -> dict:
+        """The EMA weights (sharded: DTensors; trainer/loop.py saves them through torch.distributed.checkpoint)."""
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's local shard (DTensor.to_local); a plain tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor

@@ -3,8 +3,9 @@
     for each step: micro-batches (forward and loss under autocast, backward; DDP syncs on the last only)
                    -> clip -> guarded optimizer step -> EMA;  log, preview and checkpoint on cadence
 
-It runs as one plain process or under torchrun (trainer/distributed.py). What differs between stages is config:
-the data (labels or captions), the model family, the weights a stage starts from (train.init_from).
+It runs as one plain process or under torchrun (trainer/distributed.py), with DDP, FSDP2 or HSDP
+(train.parallel: trainer/parallel.py). What differs between stages is config: the data (labels or captions), the
+model family, the weights a stage starts from (train.init_from).
 
 Determinism. Every random draw of a step (label or caption dropout, then the objective's noise and times:
 flow/rectified_flow.py) comes from a generator seeded by (seed, step, virtual rank), virtual rank = rank *
@@ -22,7 +23,11 @@ has no device-side skip, so there the step reads its gradient norm back (on a CP
 Resume keeps what a run has learnt and where it is (weights, EMA, optimizer moments, step, loss history, data
 position, RNG states) and takes the schedule from the config it is resumed with: learning rate, warmup, decay and
 max_steps, betas, eps and weight decay, cadences, and everything outside optim and train. It refuses a checkpoint
-of another stage or another model, and a max_steps below the checkpoint's step.
+of another stage or another model, and a max_steps below the checkpoint's step. Checkpoints are one file
+(train.checkpoint_format=file, rank 0) or a sharded folder (sharded, every rank: trainer/checkpoint.py); either
+resumes under any train.parallel and world size. The run position is read first (the loader is built from it);
+weights, EMA, optimizer and schedule once the model is wrapped and sharded and the optimizer built over its
+final parameters. On another world size the data continues from the same global sample count.
 """
 
 import json
@@ -30,20 +35,18 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
 from models import build_model
-from trainer import builders, checkpoint, distributed
+from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
 from trainer.ema import EMA
 from trainer.errors import ConfigError, RunStoppedError  # noqa: F401 (ConfigError: callers catch it here)
@@ -52,6 +55,7 @@ from trainer.held_loss import HeldLoss
 from trainer.logger import Progress, RunLogger
 from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
+from trainer.parallel import Parallel
 from trainer.plots import save_loss_plot
 from trainer.precision import Precision
 from trainer.preemption import PreemptionFlag
@@ -104,14 +108,14 @@ class Trainer:
             builders.check_resumable(self.resume_from, resumed, cfg, self.model_config)
         self._build_model(init)
         self.step, self.history, self.bad_in_row, self.extra = 0, [], 0, {}
-        self.loader_state, saved_rng = None, None
+        self.loader_state, saved_rng, self.pending_state = None, None, None
         if resumed is not None:
             saved_rng = self._restore(resumed)
         elif self.held is not None:
             self.extra["held_loss_start"] = self.held(self.model)
         del resumed, init  # a several-GB checkpoint need not stay in memory
         self._build_data()
-        self._wrap_for_training()
+        self._wrap_for_training()  # and then the checkpoint's tensors, into the model as wrapped and sharded
         self._build_outputs()
         log.info("stage %s: %s (%.2fM parameters), batch %d = %d ranks x %d micro-batches x %d samples, data %s "
                  "(%d records), %s", cfg.stage, self.model_config.name, self.n_params / 1e6, t.batch_size,
@@ -124,8 +128,8 @@ class Trainer:
     # ---- building ---------------------------------------------------------------------------------------------
 
     def _build_model(self, init) -> None:
-        """Model (fresh, or init weights), EMA, optimizer, schedule, objective and held batches."""
-        cfg, t, o = self.cfg, self.cfg.train, self.cfg.optim
+        """Model (fresh, or init weights), EMA, objective and held batches (the optimizer comes after sharding)."""
+        cfg, t = self.cfg, self.cfg.train
         # All three global RNGs from the seed (checkpoints carry them): two runs of one config start alike.
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -138,13 +142,6 @@ class Trainer:
         self.converted = self.precision.convert(self.model, self.model_config, [tuple(self.spec.latent_shape[1:])])
         self.ema = EMA(self.model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
                        start_decay=t.ema.start_decay)
-        fused = o.fused if o.fused is not None else self.device.type == "cuda"
-        self.opt = build_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                   fused=fused)
-        self.fused = bool(fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.decay_fraction)
-        )
         mc = self.model_config
         self.objective = RectifiedFlow.from_config(OmegaConf.to_container(t.timesteps, resolve=True), t.prediction,
                                                    mc.base_grid, mc.patch)
@@ -152,21 +149,36 @@ class Trainer:
             if self.env.is_main else None
 
     def _restore(self, resumed: dict) -> dict:
-        """Load a checkpoint's run state; the schedule then follows this run's config (module docstring)."""
-        self.load_state_dict(resumed)
+        """A checkpoint's run position now (the loader is built from it); its tensors later, once the model is
+        wrapped and the optimizer built (_wrap_for_training). Returns this rank's RNG states, restored last."""
+        self._load_position(resumed)
+        self.pending_state = resumed
+        log.info("resumed from %s at step %d", self.resume_from, self.step)
+        saved_world = int(resumed["loader"].get("world_size", self.env.world_size))
+        if saved_world != self.env.world_size:
+            log.warning("resumed on %d ranks from a checkpoint saved on %d: the data continues at global sample %d "
+                        "(%d per rank), in another order than a %d-rank run would take", self.env.world_size,
+                        saved_world, self.loader_state["samples"] * self.env.world_size, self.loader_state["samples"],
+                        saved_world)
+        model = resumed["model"]
+        own = model.path / checkpoint.rank_file(self.env.rank) if isinstance(model, checkpoint.ShardedEntry) else None
+        if own is not None and own.is_file() and saved_world == self.env.world_size:
+            return checkpoint.load_file(own)["rng"]  # a sharded checkpoint keeps every rank's
+        return resumed["rng"]
+
+    def _follow_config_schedule(self) -> None:
+        """After a resume: the saved param groups carry the old run's hyperparameters; this run's config rules."""
         o = self.cfg.optim
-        for group in self.opt.param_groups:  # the saved groups carry the old run's hyperparameters
+        for group in self.opt.param_groups:
             group.update(betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr)
             group["weight_decay"] = o.weight_decay if group["weight_decay"] else 0.0
         self.sched.base_lrs = [o.lr for _ in self.opt.param_groups]
         for group, base, factor in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas, strict=True):
             group["lr"] = base * factor(self.sched.last_epoch)  # what LambdaLR computes at this step
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
-        log.info("resumed from %s at step %d", self.resume_from, self.step)
         log.info("kept from the checkpoint: weights, EMA, optimizer moments, history, data position, RNG; from this "
                  "config: optim.lr=%g, warmup %d, decay_fraction %g, train.max_steps=%d", o.lr, o.warmup_steps,
                  o.decay_fraction, self.cfg.train.max_steps)
-        return resumed["rng"]
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -180,21 +192,51 @@ class Trainer:
         self.batches = iter(self.loader)
 
     def _wrap_for_training(self) -> None:
-        """The fast path and DDP, after the EMA copy: they change how the trained model runs, never its parameters
-        or their names."""
+        """After the EMA copy: the fast path, then DDP or FSDP2 / HSDP, in trainer/parallel.py's order
+        (checkpointing -> compile per block -> shard), and the EMA sharded alike; they change how the trained model
+        runs and where its tensors live, never a parameter's name or value. Then the optimizer over the
+        parameters as they now are, and a resumed checkpoint's tensors."""
         t, env = self.cfg.train, self.env
+        # te.Linear(fuse_wgrad_accumulation) leaves .grad empty: its weights are reduced through main_grad instead.
+        fused_wgrad = self.converted and self.precision.fuse_wgrad_accumulation
+        self.parallel = Parallel(t.get("parallel", "ddp"), env, self.precision.bf16, t.get("hsdp_shard_size"))
+        self.parallel.check(t.compile, bool(fused_wgrad))
         if t.get("activation_checkpointing"):
             checkpoint_blocks(self.model)
         self.forward_model = apply_compile(self.model, t.compile)
-        # te.Linear(fuse_wgrad_accumulation) leaves .grad empty: its weights are reduced through main_grad instead.
-        fused_wgrad = self.converted and self.precision.fuse_wgrad_accumulation
         self.main_grads = MainGrads(self.model, env.world_size) if fused_wgrad else None
-        if env.enabled:
-            if self.main_grads:
-                self.main_grads.exclude_from_ddp(self.forward_model)
-                self.main_grads.broadcast()
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
+        self.forward_model = self.parallel.wrap(self.forward_model, self.main_grads)
+        self.parallel.shard_ema(self.ema.model)
+        self._build_optimizer()
+        self.writer = self._checkpoint_writer()
+        if self.pending_state is not None:
+            self._load_tensors(self.pending_state)
+            self._follow_config_schedule()
+            self.pending_state = None
+
+    def _build_optimizer(self) -> None:
+        """AdamW and its schedule, over the parameters as wrapped (FSDP2 replaces them by sharded DTensors)."""
+        t, o = self.cfg.train, self.cfg.optim
+        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        self.opt = build_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                   fused=fused)
+        self.fused = bool(fused)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.decay_fraction)
+        )
+
+    def _checkpoint_writer(self) -> checkpoint.ShardedWriter | None:
+        """train.checkpoint_format: a ShardedWriter for sharded checkpoints, None for one file by rank 0."""
+        t = self.cfg.train
+        fmt = t.get("checkpoint_format") or ("sharded" if self.parallel.sharded else "file")
+        if fmt not in ("file", "sharded"):
+            raise ConfigError(f"train.checkpoint_format={fmt!r}: expected file, sharded or null")
+        if t.get("async_checkpoint") and fmt != "sharded":
+            raise ConfigError("train.async_checkpoint=true writes sharded checkpoints only: set "
+                              "train.checkpoint_format=sharded (or train.async_checkpoint=false)")
+        if fmt == "file":
+            return None
+        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, bool(t.get("async_checkpoint")))
 
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
@@ -247,32 +289,71 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, in the plain nn.Linear layout (trainer/checkpoint.py), plus the metadata
-        every other tool reads."""
-        model, model_extra = checkpoint.split_extra_state(self.model.state_dict())
-        ema, ema_extra = checkpoint.split_extra_state(self.ema.state_dict())
-        samples = self.step * self.cfg.train.grad_accum * self.micro
-        state = dict(
-            model=model, ema=ema, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
-            history=self.history, bad_in_row=self.bad_in_row, extra=self.extra,
-            loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states(),
-            config=OmegaConf.to_container(self.cfg, resolve=True), metadata=self.metadata,
-        )
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything a resume needs in the single-file form (the plain nn.Linear layout, the optimizer numbered
+        by index: trainer/checkpoint.py), plus the metadata every other tool reads. Sharded, every rank must call
+        it (the tensors are gathered into rank 0's CPU memory) and ranks other than 0 get None."""
+        if self.parallel.sharded:
+            whole = sharded_state.whole_state(self.model, self.ema.model, self.opt, self.env.is_main)
+            if whole is None:
+                return None
+            model_state, ema_state, optimizer = whole
+        else:
+            model_state, ema_state, optimizer = self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
+        model, model_extra = checkpoint.split_extra_state(model_state)
+        ema, ema_extra = checkpoint.split_extra_state(ema_state)
+        state = dict(model=model, ema=ema, optimizer=optimizer, scheduler=self.sched.state_dict(),
+                     **self._run_state(), **self._rank_state())
         if model_extra or ema_extra:
             state["te_extra_state"] = dict(model=model_extra, ema=ema_extra)
         return state
 
+    def _run_state(self) -> dict[str, Any]:
+        """What a checkpoint holds once, whatever its form: where the run is, its config and metadata."""
+        return dict(step=self.step, history=self.history, bad_in_row=self.bad_in_row, extra=self.extra,
+                    config=OmegaConf.to_container(self.cfg, resolve=True), metadata=self.metadata)
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What each rank holds of its own: the loader's position (steps x micro-batches x micro-batch) and RNGs."""
+        samples = self.step * self.cfg.train.grad_accum * self.micro
+        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states())
+
+    def sharded_state(self) -> tuple[dict, dict, dict]:
+        """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
+        shards), what rank 0 writes once (meta.pt), and this rank's own."""
+        tensors, shared = sharded_state.sharded_parts(self.model, self.ema.model, self.opt)
+        shared |= self._run_state() | dict(scheduler=self.sched.state_dict(), world_size=self.env.world_size,
+                                           parallel=self.parallel.mode)
+        return tensors, shared, self._rank_state()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        extra = state.get("te_extra_state") or {}
-        model, model_extra = checkpoint.split_extra_state(state["model"])
-        ema, ema_extra = checkpoint.split_extra_state(state["ema"])
-        checkpoint.load_module_state(self.model, model, model_extra | extra.get("model", {}))
-        checkpoint.load_module_state(self.ema.model, ema, ema_extra | extra.get("ema", {}))
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.step, self.history, self.loader_state = state["step"], list(state["history"]), state["loader"]
+        """A checkpoint of either form (a loaded file, or trainer.checkpoint.load of a sharded folder) into this
+        run, whatever its parallel mode and world size; every rank calls it."""
+        self._load_position(state)
+        self._load_tensors(state)
+
+    def _load_position(self, state: dict[str, Any]) -> None:
+        d = self.cfg.data
+        self.step, self.history = state["step"], list(state["history"])
+        self.loader_state = checkpoint.continue_loader(state["loader"], self.env.world_size, d.num_workers,
+                                                       self.micro)
         self.bad_in_row, self.extra = state.get("bad_in_row", 0), dict(state.get("extra", {}))
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        """Weights, EMA, optimizer moments and schedule, from a file or a sharded folder, into the model as it is
+        wrapped (whole on every rank, or sharded over a mesh of any size)."""
+        if isinstance(state["model"], checkpoint.ShardedEntry):
+            sharded_state.load_sharded(self.model, self.ema.model, self.opt, state["model"].path, state)
+        elif self.parallel.sharded:
+            sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
+        else:
+            extra = state.get("te_extra_state") or {}
+            model, model_extra = checkpoint.split_extra_state(state["model"])
+            ema, ema_extra = checkpoint.split_extra_state(state["ema"])
+            checkpoint.load_module_state(self.model, model, model_extra | extra.get("model", {}))
+            checkpoint.load_module_state(self.ema.model, ema, ema_extra | extra.get("ema", {}))
+            self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
@@ -284,8 +365,7 @@ class Trainer:
         for m in range(t.grad_accum):
             batch = next(self.batches)
             gen = step_generator(self.cfg.seed, step, env.rank * t.grad_accum + m, self.device)
-            sync = m == t.grad_accum - 1 or not env.enabled
-            with nullcontext() if sync else self.forward_model.no_sync():
+            with self.parallel.micro_batch(self.forward_model, last=m == t.grad_accum - 1):
                 x1 = batch["latents"].to(device=self.device, dtype=torch.float32)
                 cond = self.conditioning.from_batch(batch, gen, self.device)  # dropout draws come first from gen
                 with self.precision.forward():
@@ -295,7 +375,7 @@ class Trainer:
         if self.main_grads:
             self.main_grads.reduce()  # the all-reduce DDP does not do for them, once per step
             self.main_grads.to_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = self.parallel.clip(self.model.parameters(), self.cfg.optim.grad_clip)  # global, every rank
         finite = torch.isfinite(grad_norm)
         done = step + 1
         if self.fused:  # decided on the device: the fused kernel skips the update (and its step count) on found_inf
@@ -364,12 +444,15 @@ class Trainer:
         self.threads.adjust()
 
     def preview(self, done: int) -> None:
-        if self.previewer is None:
+        """Rank 0's preview grids; sharded, every rank takes part in gathering the weights it samples with."""
+        if self.previewer is None and not self.parallel.sharded:
             return
         self.model.eval()
         for name, weights in (("ema", self.ema.model), ("raw", self.model)):
-            path = self.previewer(weights, self.out_dir / "samples" / f"step_{done:08d}_{name}.png")
-            self.logger.log_image(f"samples/{name}", path, done, caption=" | ".join(self.previewer.captions))
+            with self.parallel.full_copy(weights, self.model_config) as module:
+                if self.previewer is not None:
+                    path = self.previewer(module, self.out_dir / "samples" / f"step_{done:08d}_{name}.png")
+                    self.logger.log_image(f"samples/{name}", path, done, caption=" | ".join(self.previewer.captions))
         self.model.train()
 
     def evaluate(self, done: int, final: bool) -> None:
@@ -397,10 +480,16 @@ class Trainer:
                  values[first], self.validation.num_samples, len(self.validation.times), seconds)
 
     def save(self, done: int) -> Path:
-        path = checkpoint.checkpoint_path(self.ckpt_dir, done)
-        if self.env.is_main:
-            checkpoint.save_atomic(self.state_dict(), path)
-            checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        """One checkpoint: a file by rank 0, or a sharded folder by every rank (written in the background with
+        train.async_checkpoint; a half-written one never has its final name)."""
+        if self.writer is not None:
+            path = self.writer.save(done, *self.sharded_state())
+        else:
+            path = checkpoint.checkpoint_path(self.ckpt_dir, done)
+            state = self.state_dict() if self.env.is_main or self.parallel.sharded else None
+            if self.env.is_main:
+                checkpoint.save_atomic(state, path)
+                checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         self.env.barrier()
         return path
 
@@ -447,28 +536,41 @@ class Trainer:
             log.warning("stopped by signal after step %d; checkpoint saved", self.step)
         elif self.out_of_time:
             log.info("train.max_minutes=%s reached after step %d; checkpoint saved", t.max_minutes, self.step)
+        if self.writer is not None:
+            self.writer.wait()  # an asynchronous save still writing: the summary names it complete
         summary = dict(stage=self.cfg.stage, steps=len(self.history), max_steps=t.max_steps,
                        preempted=self.stopped_by_signal, time_limit_reached=self.out_of_time)
+        held = self._held_end()
         if self.env.is_main:
-            summary |= self._main_summary()
+            summary |= self._main_summary(held)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             title = f"stage {self.cfg.stage}: {mc.name}, {self.n_params / 1e6:.1f}M parameters"
             save_loss_plot(list(range(1, len(self.history) + 1)), self.history, self.out_dir / "loss.png", title)
         self.logger.finish()
         return summary
 
-    def _main_summary(self) -> dict:
+    def _held_end(self) -> dict[str, float | None]:
+        """The held losses at the end (rank 0's; sharded, every rank helps gather the weights). None when not
+        measured: no held batches, or a preempted run, which has seconds left."""
+        measure = self.cfg.train.eval_batches > 0 and not self.stopped_by_signal
+        held: dict[str, float | None] = dict.fromkeys(
+            ("held_loss_end_ema", "held_loss_end_raw", "held_loss_end_ema_unconditional"))
+        if not measure or (self.held is None and not self.parallel.sharded):
+            return held
+        for name, weights in (("ema", self.ema.model), ("raw", self.model)):
+            with self.parallel.full_copy(weights, self.model_config) as module:
+                if self.held is not None:
+                    held[f"held_loss_end_{name}"] = self.held(module)
+                    if name == "ema":  # the null condition: what reparameterize.py carries over exactly (at t*)
+                        held["held_loss_end_ema_unconditional"] = self.held(module, unconditional=True)
+        return held
+
+    def _main_summary(self, held_end: dict[str, float | None]) -> dict:
         final = checkpoint.list_checkpoints(self.ckpt_dir)
         finite = [x for x in self.history if math.isfinite(x)]
         tail = finite[-50:]
         measure = self.held is not None and not self.stopped_by_signal
-        held = dict(
-            held_loss_start=self.extra.get("held_loss_start"),
-            held_loss_end_ema=self.held(self.ema.model) if measure else None,
-            held_loss_end_raw=self.held(self.model) if measure else None,
-            # The null condition: what reparameterize.py carries into the next stage exactly (at t*).
-            held_loss_end_ema_unconditional=self.held(self.ema.model, unconditional=True) if measure else None,
-        )
+        held = dict(held_loss_start=self.extra.get("held_loss_start"), **held_end)
         if measure:
             ends = {f"held/{k.removeprefix('held_')}": v for k, v in held.items() if v is not None and "end" in k}
             self.logger.log(ends, self.step)
@@ -506,10 +608,11 @@ def memory_gb(device: torch.device) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict:
     """Run one stage; returns its summary (also written to out_dir/summary.json)."""
-    env = distributed.setup(cfg.get("device"))
+    env = distributed.setup(cfg.get("device"), need_group=cfg.train.get("parallel", "ddp") != "ddp")
     try:
         distributed.quiet_other_ranks(env, bool(cfg.train.get("log_all_ranks", False)))
         with RunLock.for_run(Path(cfg.train.out_dir), env):
             return Trainer(cfg, env).fit()
     finally:
         distributed.teardown()
+

@@ -11,6 +11,12 @@ else on; the largest micro-batch that fits; the train.grad_accum that keeps trai
 
 `check_memory(cfg, world_size, device)` is the same plan for the trainer to call at start on CUDA; it raises
 `MemoryPlanError` (the table and the keys to change) when the run cannot fit, unless train.memory_check=false.
+
+train.parallel decides the shard group (`shard_degree`): 1 for ddp, every GPU for fsdp, train.hsdp_shard_size (or
++gpus_per_node, default 8) for hsdp. Sharded, parameters, gradients, optimizer and EMA are divided by it
+(`state_bytes`), DDP's buckets go, and FSDP's unsharded working copies come in (`fsdp_working_bytes`).
+`step_traffic` is the bytes one GPU sends per optimizer step for each mode, from the ring algorithms' costs
+[patarasuk2009]; docs/SCALING.md (scripts/scaling.py) turns them into time against NVLink and InfiniBand.
 """
 
 import argparse
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_GPUS = 8
+DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_GPU_MEMORY_GB = 80.0
 ALLOWANCE_GIB = 4.0
 """CUDA context (about 0.5-1 GiB), cuBLAS / cuDNN workspaces, NCCL's buffers and the caching allocator's rounding:
@@ -57,7 +64,9 @@ VAE_PARAMETERS = {
 LATENT_SPACES = {"sd3": (16, 8), "identity": (3, 1)}  # vae.kind -> (channels, downsampling factor)
 NOT_COUNTED = ("allocator fragmentation beyond the allowance, NCCL buffers of large jobs, torch.compile and "
                "Transformer Engine workspaces and FP8 weight copies, gradient tensors alive during the backward, "
-               "and the VAE decode of previews (between steps, when no activations are held)")
+               "the VAE decode of previews (between steps, when no activations are held); under fsdp/hsdp, the whole "
+               "model and EMA each rank builds before sharding them, and the whole copy rank 0 gathers for previews "
+               "and held losses (both outside the step)")
 
 
 class MemoryPlanError(UserError, RuntimeError):
@@ -81,6 +90,52 @@ def state_bytes(parameters: int, fused_wgrad: int = 0, world_size: int = 1, shar
     ddp = shard_degree == 1 and world_size > 1
     return dict(parameters=4 * share, gradients=4 * share, ddp_buckets=4 * (parameters - fused_wgrad) if ddp else 0,
                 optimizer=8 * share, ema=4 * share)
+
+
+def shard_degree(cfg, world_size: int, gpus_per_node: int | None = None) -> int:
+    """How many GPUs share one copy of the training state under train.parallel (see the module docstring)."""
+    mode = cfg.train.get("parallel", "ddp")
+    if mode == "ddp":
+        return 1
+    if mode == "fsdp":
+        return world_size
+    if mode != "hsdp":
+        raise ValueError(f"train.parallel={mode!r}: expected ddp, fsdp or hsdp")
+    size = cfg.train.get("hsdp_shard_size") or min(gpus_per_node or DEFAULT_GPUS_PER_NODE, world_size)
+    if world_size % size:
+        raise ValueError(f"train.hsdp_shard_size={size} does not divide {world_size} GPUs")
+    return int(size)
+
+
+def fsdp_working_bytes(root: int, largest_block: int, param_bytes: int) -> int:
+    """FSDP2's unsharded working copies on one GPU at the peak, the backward of a block: the root's parameters
+    (all-gathered once, kept until the backward ends), two blocks' parameters (the one computing and the next,
+    prefetched), and two blocks' gradients, each in the compute dtype and once more in fp32 as the reduce-scatter's
+    input (the one reducing while the next computes). An estimate from FSDP2's design, not a measurement."""
+    return root * param_bytes + 2 * largest_block * param_bytes + 2 * largest_block * (param_bytes + 4)
+
+
+def step_traffic(parameters: int, mode: str, gpus: int, shard: int, grad_accum: int, param_bytes: int,
+                 root: int = 0) -> dict[str, int]:
+    """Bytes one GPU sends per optimizer step, by collective, for the ring algorithms [patarasuk2009]: over n ranks
+    an all-reduce of S bytes sends 2 (n-1)/n S, an all-gather or a reduce-scatter (n-1)/n S.
+
+    ddp: one all-reduce of the fp32 gradients per step (no_sync while accumulating). fsdp (shard = gpus): per
+    micro-batch, all-gathers of the compute-dtype parameters for the forward and again for the backward (blocks
+    are freed after their forward; the root's `root` parameters are not) and a reduce-scatter of fp32 gradients.
+    hsdp: the same within each shard group per micro-batch, and one all-reduce of each rank's fp32 gradient shard
+    across the gpus / shard replicas per step. Keys: `intra` for collectives within a shard group (a node),
+    `inter` for those across groups; a collective over more GPUs than a node crosses the network either way."""
+    ring = lambda n: (n - 1) / n  # noqa: E731
+    if mode == "ddp":
+        return dict(all_reduce=int(2 * ring(gpus) * 4 * parameters))
+    gather = (2 * parameters - root) * param_bytes  # forward, then backward without the root
+    per_micro = dict(all_gather=ring(shard) * gather, reduce_scatter=ring(shard) * 4 * parameters)
+    out = {k: int(grad_accum * v) for k, v in per_micro.items()}
+    if mode == "hsdp" and gpus > shard:
+        replicas = gpus // shard
+        out["all_reduce"] = int(2 * ring(replicas) * 4 * math.ceil(parameters / shard))
+    return out
 
 
 # ---------------------------------------------------------------------------------- what the config describes
@@ -315,8 +370,9 @@ class Plan:
 
 
 def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str | None = None,
-              te_available: bool = True, shard_degree: int = 1) -> Plan:
-    """The plan of `cfg` on `world_size` GPUs of `gpu_bytes` each (None: 80 GB)."""
+              te_available: bool = True, gpus_per_node: int | None = None) -> Plan:
+    """The plan of `cfg` on `world_size` GPUs of `gpu_bytes` each (None: 80 GB), sharded as train.parallel says
+    (hsdp without train.hsdp_shard_size: groups of `gpus_per_node`, default 8)."""
     import torch
 
     from models import build_model
@@ -337,17 +393,10 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
         keep = pr.get("keep_high_precision")
         chosen, _ = plan_conversion(model, fp8_filter(KEEP_HIGH_PRECISION if keep is None else keep))
         fused = sum(layer.weight.numel() for _, layer in chosen)
-    state = state_bytes(params, fused, world_size, shard_degree)
-    grads_how = f"{params:,} x 4 B" + (f"; {fused:,} of them as te.Linear's fp32 main_grad" if fused else "")
-    state_rows = [
-        Row("parameters (fp32 master weights)", state["parameters"], f"{params:,} x 4 B"),
-        Row("gradients (fp32)", state["gradients"], grads_how),
-        Row("DDP gradient buckets (fp32)", state["ddp_buckets"],
-            f"{params - fused:,} x 4 B: DDP all-reduces a flat copy of each gradient"),
-        Row("optimizer (AdamW, two fp32 moments)", state["optimizer"], f"{params:,} x 8 B"),
-        Row("EMA (fp32 copy)", state["ema"], f"{params:,} x 4 B"),
-    ]
+    degree = shard_degree(cfg, world_size, gpus_per_node)
+    state = state_bytes(params, fused, world_size, degree)
     bf16 = pr.compute == "bf16"
+    state_rows = _state_rows(model, params, fused, state, degree, 2 if bf16 else 4)
     profile = measure_profile(mcfg, bf16=bf16, prediction=t.prediction)
     if t.get("activation_checkpointing") and not profile.checkpointable:
         raise ValueError(f"train.activation_checkpointing=true: trainer/fast_path.py checkpoints `model.blocks`, "
@@ -356,7 +405,7 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     c, h, w = data.latent_shape
     precision = "bf16 autocast, fp32 master weights" if bf16 else "fp32"
     title = (f"Memory plan, stage {cfg.stage}: {mcfg.name}, {params:,} parameters; {c}x{h}x{w} latents ({tokens} "
-             f"tokens) from {data.source}; {_gpus(world_size, shard_degree)}; "
+             f"tokens) from {data.source}; {_gpus(world_size, degree, cfg.train.get('parallel', 'ddp'))}; "
              f"{precision}{'; fp8' if pr.fp8 else ''}")
     label = gpu_label or f"{DEFAULT_GPU_MEMORY_GB:g} GB (default; +gpu_memory_gb=...)"
     return Plan(title=title, state_rows=state_rows, frozen_rows=frozen_rows(cfg, mcfg), profile=profile, tokens=tokens,
@@ -364,6 +413,30 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
                 gpus=world_size, batch_size=int(t.batch_size),
                 setting=Setting(micro, int(t.grad_accum), bool(t.get("activation_checkpointing"))),
                 checkpointable=profile.checkpointable)
+
+
+def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: int, param_bytes: int) -> list[Row]:
+    """Parameters, gradients, DDP's buckets, AdamW, EMA, and (sharded) FSDP's unsharded working copies."""
+    from trainer.fast_path import blocks_of
+
+    per = f"{params:,} x {{}} B" + (f" / {degree} (sharded)" if degree > 1 else "")
+    grads_how = per.format(4) + (f"; {fused:,} of them as te.Linear's fp32 main_grad" if fused else "")
+    rows = [
+        Row("parameters (fp32 master weights)", state["parameters"], per.format(4)),
+        Row("gradients (fp32)", state["gradients"], grads_how),
+        Row("DDP gradient buckets (fp32)", state["ddp_buckets"],
+            f"{params - fused:,} x 4 B: DDP all-reduces a flat copy of each gradient"),
+        Row("optimizer (AdamW, two fp32 moments)", state["optimizer"], per.format(8)),
+        Row("EMA (fp32 copy)", state["ema"], per.format(4)),
+    ]
+    if degree > 1:
+        blocks = [sum(p.numel() for p in b.parameters()) for b in blocks_of(model)]
+        root, largest = params - sum(blocks), max(blocks)
+        rows.append(Row("FSDP unsharded working copies", fsdp_working_bytes(root, largest, param_bytes),
+                        f"root {root:,} + 2 blocks of {largest:,} parameters x {param_bytes} B, 2 blocks' gradients "
+                        f"x ({param_bytes} + 4) B", "an estimate from FSDP2's all-gather / reduce-scatter scheme "
+                        "(trainer/plan.py: fsdp_working_bytes), not a measurement"))
+    return rows
 
 
 def frozen_rows(cfg, mcfg) -> list[Row]:
@@ -402,7 +475,10 @@ def check_memory(cfg, world_size: int, device) -> Plan | None:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu_bytes, label = props.total_memory, f"{props.name} ({device})"
-    plan = make_plan(cfg, world_size, gpu_bytes, label, te_available=te_unavailable_reason(device) is None)
+    import os
+
+    plan = make_plan(cfg, world_size, gpu_bytes, label, te_available=te_unavailable_reason(device) is None,
+                     gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", DEFAULT_GPUS_PER_NODE)))
     if not plan.fits:
         raise MemoryPlanError(f"{plan.report()}\n(train.memory_check=false skips this check)")
     return plan
@@ -419,12 +495,14 @@ def _parser() -> argparse.ArgumentParser:
             "arguments (key=value, in any order):\n"
             "  stage=N            1..5 or stageN: composes configs/stageN.yaml, as train_stageN.py does (default 5)\n"
             f"  +gpus=G            world size (default {DEFAULT_GPUS})\n"
+            f"  +gpus_per_node=K   hsdp's shard group without train.hsdp_shard_size (default {DEFAULT_GPUS_PER_NODE})\n"
             "  +gpu_memory_gb=M   memory of one GPU in GB of 1e9 bytes (default: the CUDA device's when there is\n"
             f"                     one, else {DEFAULT_GPU_MEMORY_GB:g})\n"
             "  any other          a Hydra override, as for training: train.batch_size=10240 experiment=embedded ...\n\n"
             f"Adds a fixed {ALLOWANCE_GIB:g} GiB allowance for the CUDA context and workspaces.\n"
             "examples:\n  python -m trainer.plan stage=2\n"
-            "  python -m trainer.plan stage=2 train.batch_size=10240 +gpus=8 +gpu_memory_gb=141"),
+            "  python -m trainer.plan stage=2 train.batch_size=10240 +gpus=8 +gpu_memory_gb=141\n"
+            "  python -m trainer.plan stage=2 train.parallel=hsdp +gpus=64 +gpus_per_node=8"),
     )
     parser.add_argument("words", nargs="*", metavar="key=value", help="stage=N, +gpus=G, +gpu_memory_gb=M, overrides")
     return parser
@@ -466,6 +544,15 @@ def compose(stage: int, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     words = _parser().parse_args(argv).words  # --help answers here, before torch is imported
+    per_node = [w for w in words if w.lstrip("+").startswith("gpus_per_node=")]
+    words = [w for w in words if w not in per_node]
+    try:
+        gpus_per_node = int(per_node[-1].partition("=")[2]) if per_node else None
+        if gpus_per_node is not None and gpus_per_node < 1:
+            raise ValueError
+    except ValueError:
+        print(f"trainer.plan: {per_node[-1]}: expected a whole number of GPUs >= 1", file=sys.stderr)
+        return 2
     try:
         stage, gpus, memory, overrides = split_arguments(words)
     except ValueError as err:
@@ -489,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         gpu_bytes = None
     try:
-        plan = make_plan(cfg, gpus, gpu_bytes, label)
+        plan = make_plan(cfg, gpus, gpu_bytes, label, gpus_per_node=gpus_per_node)
     except ValueError as err:
         print(f"trainer.plan: {err}", file=sys.stderr)
         return 2
@@ -497,10 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if plan.choice() is not None else 1
 
 
-def _gpus(world_size: int, shard_degree: int) -> str:
-    if world_size == 1:
+def _gpus(world_size: int, degree: int, mode: str = "ddp") -> str:
+    if world_size == 1 and mode == "ddp":
         return "1 GPU"
-    return f"{world_size} GPUs ({'DDP' if shard_degree == 1 else f'sharded over {shard_degree}'})"
+    gpus = f"{world_size} GPU{'s' if world_size > 1 else ''}"
+    return f"{gpus} ({'DDP' if degree == 1 else f'{mode}, state sharded over {degree}'})"
 
 
 def _mib(value: float) -> str:
