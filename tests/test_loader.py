@@ -195,7 +195,7 @@ def test_each_rank_opens_only_the_shards_it_needs(tmp_path, mix):
         ds = ShardDataset(root, rank=rank, world_size=4, batch_size=4, mix_shards=mix)
         open_most = 0
         for _ in islice(iter(ds), ds.samples_per_epoch // 4):
-            open_most = max(open_most, len(ds._open))
+            open_most = max(open_most, ds.open_shards)
         assert ds.shards_loaded <= {1: 4, 4: 8}[mix]
         assert open_most <= mix
 
