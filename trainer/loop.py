@@ -175,6 +175,7 @@ class Trainer:
             d.path, self.micro, self.env.rank, self.env.world_size, seed=cfg.seed, num_workers=d.num_workers,
             state=self.loader_state, short_caption_prob=d.short_caption_prob, mix_shards=d.mix_shards,
             verify_checksum=d.verify_checksum, skip_bad_shards=d.skip_bad_shards,
+            **builders.loader_options(cfg, self.conditioning),  # stored text features, data.buckets
         )
         builders.warn_if_batch_exceeds_data(cfg, self.loader.dataset, self.env.world_size)
         self.batches = iter(self.loader)
