@@ -60,6 +60,14 @@ Text features. With `text_features=True` (the dataset must hold them: data/featu
 `text_features` (bf16 [B, L, D]): each record's stored states scattered back to its mask's positions of a zero
 tensor, the long or the short caption's as `caption_kind` says.
 
+Memory. A slot holds its batches, the orders of its windows (16 bytes a window record) and the mappings of at
+most mix_shards shards per pool. The pages a mapping has read stay resident, and counted in the process's RSS,
+until they are released (with the kernel's read-around, several times the bytes asked for), so after each
+shard's part of a batch its mapped pages are released (`madvise(MADV_DONTNEED)`: the pages are clean, and stay
+in the page cache for the next read). The loader's resident set then does not grow with the shard
+(scripts/bench_memory.py); where madvise is missing it grows up to the mapped shards' size, which the kernel can
+still drop under pressure.
+
 Validation. A shard is checked by `load_shard` when a process first opens it (the checks of
 `python -m data.validate`); reopened unchanged (same size and mtime) in a later epoch, it is trusted.
 Without skip_bad_shards the ShardError propagates. With it, a bad shard is warned about once, counted
@@ -72,9 +80,12 @@ are replaced by the batch's good ones repeated, and a batch with none is skipped
 """
 
 import bisect
+import ctypes
+import functools
 import hashlib
+import mmap
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -141,6 +152,36 @@ def bucket_sequence(seed: int, epoch: int, batches: Sequence[int], shuffle: bool
     if not shuffle:
         return sequence
     return sequence[torch.randperm(len(sequence), generator=_generator(seed, epoch, "buckets"))]
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's madvise(addr, length, advice), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return function
+
+
+MADV_DONTNEED = 4
+"""The same value on Linux and macOS."""
+
+
+def release_pages(tensors: Iterable[Tensor]) -> None:
+    """Drop the resident pages of memory-mapped, never written tensors from this process (module docstring:
+    Memory); a later read faults them in again from the page cache. Tensors smaller than a page are left."""
+    madvise, page = _madvise(), mmap.PAGESIZE
+    if madvise is None:
+        return
+    for tensor in tensors:
+        nbytes = tensor.untyped_storage().nbytes()
+        if nbytes < page:
+            continue
+        start = tensor.untyped_storage().data_ptr()
+        first, end = start // page * page, -(-(start + nbytes) // page) * page
+        madvise(first, end - first, MADV_DONTNEED)
 
 
 def scatter_features(
@@ -276,6 +317,8 @@ class _Pool:
                 first += count
                 if count and tensors is not None:  # None: a bad shard, skipped
                     parts.append(self.dataset._select(tensors, group_rows, kind))
+            if tensors is not None:
+                release_pages(tensors.values())  # the part is a copy: the mapped pages can go
         return parts
 
 

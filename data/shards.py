@@ -244,13 +244,13 @@ class ShardWriter:
             self.flush()
 
     def _spill(self) -> None:
-        """Append the buffered records to their raw files and forget them."""
+        """Append the buffered records to their raw files and forget them, one at a time (stacking them first
+        would hold the buffer twice)."""
         for key, values in self.pending.items():
             if values:
-                data = torch.cat(values) if key in self.features else torch.stack(values)
                 with open(self._part(key), "ab") as f:
-                    f.write(_raw(data))
-                values.clear()
+                    while values:
+                        f.write(_raw(values.pop(0)))
         self.pending_bytes = 0
 
     def flush(self) -> Path | None:
