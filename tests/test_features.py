@@ -113,3 +113,15 @@ def test_bucketed_stage_checkpoint_and_its_data(embedded_data, tmp_path):
     assert len(manifest_buckets) > 1 and any(h != w for h, w in (map(int, b.split("x")) for b in manifest_buckets))
     summary = train(cfg)
     assert Path(summary["checkpoint"]).exists()
+
+
+def test_data_buckets_names_the_shards_buckets(embedded_data, tmp_path):
+    cfg = stage_config(4, embedded_data, tmp_path, *STAGE4, "data.buckets=[32x48,48x32]", "train.eval_batches=0")
+    assert builders.loader_options(cfg, None)["buckets"] == ["32x48", "48x32"]
+    for bad, words in (("[40x56]", "holds the buckets 48x32, 40x40, 32x48"), ("[]", "holds the buckets")):
+        cfg = stage_config(4, embedded_data, tmp_path, *STAGE4, f"data.buckets={bad}")
+        with pytest.raises(ConfigError, match=rf"data.buckets=.*: .* {words}"):
+            builders.loader_options(cfg, None)
+    cfg = stage_config(2, embedded_data, tmp_path, "data.buckets=[32x32]")
+    with pytest.raises(ConfigError, match="holds no buckets"):
+        builders.loader_options(cfg, None)

@@ -126,10 +126,16 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
 
 def loader_options(cfg: DictConfig, conditioning) -> dict[str, Any]:
     """What the loader reads besides the records' own keys: the stored text features when the conditioning uses
-    them, and data.buckets."""
+    them, and data.buckets (checked against the shards' buckets)."""
     buckets = cfg.data.get("buckets")
-    return dict(text_features=isinstance(conditioning, FeatureConditioning),
-                buckets=list(buckets) if buckets is not None else None)
+    if buckets is not None:
+        buckets = list(buckets)
+        have = list(read_data_spec(cfg).buckets or [])
+        unknown = [b for b in buckets if b not in have]
+        if unknown or not buckets:
+            listed = f"the buckets {', '.join(have)}" if have else "no buckets (null trains on all its records)"
+            raise ConfigError(f"data.buckets={buckets}: {cfg.data.path} holds {listed}")
+    return dict(text_features=isinstance(conditioning, FeatureConditioning), buckets=buckets)
 
 
 def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
