@@ -47,6 +47,8 @@ class Settings:
     seed: int
     num_images: int
     trajectory: bool
+    height: int
+    width: int
 
     @property
     def seeds(self) -> list[int]:
@@ -83,9 +85,26 @@ class Generator:
         self.trajectories = TrajectoryWriter()
         names = [] if pipe.is_text else pipe.conditioning.class_names
         self.class_choices = [(f"{i}: {name}", i) for i, name in enumerate(names)]
+        self.size_choices = [(f"{h} x {w}" + (" (trained)" if (h, w) == (pipe.image_size,) * 2 else ""), f"{h}x{w}")
+                             for h, w in pipe.buckets]
+
+    def size(self, size: Any) -> tuple[int, int]:
+        """(height, width) from the size picker's value ('HxW'; None: the trained square); RequestError otherwise."""
+        if size is None:
+            return self.pipe.image_size, self.pipe.image_size
+        from data.buckets import parse_bucket
+
+        try:
+            bucket = parse_bucket(size) if isinstance(size, str) else None
+        except ValueError:
+            bucket = None
+        if bucket is None:
+            raise RequestError(f"Size must be HxW in pixels, height first (e.g. {self.size_choices[0][1]}), got "
+                               f"{size!r}")
+        return self.pipe.check_size(APP, bucket.height, bucket.width)
 
     def settings(self, steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed, randomize_seed,
-                 num_images, show_trajectory) -> Settings:
+                 num_images, show_trajectory, size=None) -> Settings:
         """The controls' values checked against the limits (RequestError otherwise), the seed drawn if asked."""
         lim = self.limits
         sampling = checks.check_settings(APP, lim, steps, guidance_scale, (guidance_start, guidance_end), alpha,
@@ -96,11 +115,11 @@ class Generator:
         seed = check_number(APP.seed, seed, lim.seed, integer=True)
         if seed + n - 1 > lim.seed[1]:
             raise RequestError(f"Seed + Number of images - 1 must be at most {lim.seed[1]}, got {seed + n - 1}")
-        size = self.pipe.image_size  # the app draws at the trained size
-        checks.check_budget(APP, lim.budget(self.pipe.device), size, size, sampling.steps, n)
+        height, width = self.size(size)
+        checks.check_budget(APP, lim.budget(self.pipe.device), height, width, sampling.steps, n)
         return Settings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, cfg_interval=sampling.cfg_interval,
                         alpha=sampling.alpha, method=sampling.method, seed=seed, num_images=n,
-                        trajectory=bool(show_trajectory))
+                        trajectory=bool(show_trajectory), height=height, width=width)
 
     def check_text(self, prompt: Any, which: str = "prompt") -> str:
         """A non-empty string within the character limit, stripped; RequestError otherwise."""
@@ -132,11 +151,11 @@ class Generator:
                        f"({', '.join(label for label, _ in self.class_choices)}), got {class_label!r}")
 
     def generate_text(self, prompt, rewrite, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
-                      seed, randomize_seed, num_images, show_trajectory):
+                      seed, randomize_seed, num_images, show_trajectory, size=None):
         """Text checkpoints: (gallery, trajectory GIF, prompt used, seed, status)."""
         try:
             settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
-                                     randomize_seed, num_images, show_trajectory)
+                                     randomize_seed, num_images, show_trajectory, size)
             used = self.final_prompt(prompt, bool(rewrite))
         except RequestError as err:
             raise gr.Error(str(err)) from err
@@ -144,11 +163,11 @@ class Generator:
         return gallery, gif, used, settings.seed, status
 
     def generate_class(self, class_label, steps, guidance_scale, guidance_start, guidance_end, alpha, solver,
-                       seed, randomize_seed, num_images, show_trajectory):
+                       seed, randomize_seed, num_images, show_trajectory, size=None):
         """Class checkpoints: (gallery, trajectory GIF, seed, status)."""
         try:
             settings = self.settings(steps, guidance_scale, guidance_start, guidance_end, alpha, solver, seed,
-                                     randomize_seed, num_images, show_trajectory)
+                                     randomize_seed, num_images, show_trajectory, size)
         except RequestError as err:
             raise gr.Error(str(err)) from err
         gallery, gif, status = self.draw("labels", self.class_index(class_label), settings)
@@ -159,7 +178,7 @@ class Generator:
         without: a sample depends on its seed only, so the pixels are the same, and only one image's
         intermediate states are decoded."""
         common = dict(steps=s.steps, cfg_scale=s.cfg_scale, alpha=s.alpha, cfg_interval=s.cfg_interval,
-                      method=s.method, names=APP, limits=self.limits)
+                      method=s.method, names=APP, limits=self.limits, height=s.height, width=s.width)
         seeds, start, gif = s.seeds, time.perf_counter(), None
         try:
             if s.trajectory:
@@ -185,6 +204,8 @@ class Generator:
                "--seed", str(s.seed), "--steps", str(s.steps), "--cfg-scale", f"{s.cfg_scale:g}", "--cfg-interval",
                f"{s.cfg_interval[0]:g}", f"{s.cfg_interval[1]:g}", "--alpha", f"{s.alpha:g}", "--method", s.method,
                "--out-dir", "outputs/samples"]
+        if (s.height, s.width) != (self.pipe.image_size, self.pipe.image_size):
+            cli[-2:-2] = ["--bucket", f"{s.height}x{s.width}"]
         seeds = f"seed {s.seed}" if n == 1 else f"seeds {s.seed}-{s.seed + n - 1}"
         return f"{n} image{'s' * (n > 1)}, {seeds}, in {seconds:.1f} s. Same pixels from the CLI:\n\n" \
                f"```\n{shlex.join(cli)}\n```"
@@ -262,6 +283,9 @@ def build_app(
                     subject = gr.Dropdown(choices=handlers.class_choices, value=0, label="Class")
                     inputs = [subject]
                 controls = sampling_controls(lim, d)
+                size = gr.Dropdown(choices=handlers.size_choices, value=f"{pipe.image_size}x{pipe.image_size}",
+                                   label="Size (height x width, px)",
+                                   info="an aspect-ratio bucket: those it was trained on, or its resolution's")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column(scale=1):
                 outputs = [
@@ -278,7 +302,8 @@ def build_app(
         # preprocess=False: the handlers get the values as sent and check them all themselves. Gradio's own
         # range check would say only "Value 0 is less than minimum value 1", not which control or range.
         gr.on(triggers, handlers.generate_text if pipe.is_text else handlers.generate_class,
-              inputs=inputs + controls, outputs=outputs + [seed, status], api_name="generate", preprocess=False)
+              inputs=inputs + controls + [size], outputs=outputs + [seed, status], api_name="generate",
+              preprocess=False)
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)
 
 

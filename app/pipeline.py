@@ -98,6 +98,24 @@ class Pipeline:
         """Heights and widths are multiples of this many pixels: one patch of latents."""
         return self.vae_factor * self.model.config.patch
 
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(height, width) sizes in pixels to offer, tallest first, the trained square among them: the aspect-ratio
+        buckets the checkpoint records it was trained on (metadata `buckets`, as a manifest lists them), else
+        PixArt-alpha's rule at its resolution (data/buckets.py) in steps of its size unit. Any other multiple of
+        the unit samples too (`generate(height=, width=)`)."""
+        from data.buckets import bucket_table
+
+        recorded = self.record.extra.get("buckets")
+        if isinstance(recorded, dict) and recorded:
+            sizes = {tuple(int(v) for v in b["size"]) for b in recorded.values()}
+        else:
+            unit, side = self.size_unit, self.image_size
+            step = -(-max(unit, side // 16) // unit) * unit  # S / 16 rounded up to a multiple of the unit
+            sizes = {(b.height, b.width) for b in bucket_table(side, step)}
+        sizes.add((self.image_size, self.image_size))
+        return sorted(sizes, key=lambda hw: (-hw[0] / hw[1], hw[0]))
+
     def defaults(self) -> dict[str, Any]:
         """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha)."""
         return dict(steps=24, cfg_scale=4.0, alpha=1.0) | dict(self.record.sampling or {})

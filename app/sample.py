@@ -5,6 +5,8 @@
     python app/sample.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt \\
         --class-label 0 --class-label 3 --num-samples 4 --seed 0 --out-dir outputs/samples
 
+--bucket HxW (height first) draws at one of the aspect-ratio buckets, --list-buckets prints the checkpoint's.
+
 Writes one PNG per sample, named by what it shows and its seed (prompt_<k>_seed_<s>.png for prompt k, or
 class_<label>_seed_<s>.png), a grid.png with a row per prompt or class, and with --gif the denoising
 trajectory of each sample. Sample i of prompt (or class) k has seed `--seed + k * --num-samples + i`: the same
@@ -42,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the checkpoint's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the checkpoint's)")
+    p.add_argument("--bucket", default=None,
+                   help="HxW in pixels, height first: sets --height and --width (e.g. one of --list-buckets)")
+    p.add_argument("--list-buckets", action="store_true",
+                   help="print the checkpoint's aspect-ratio buckets (its trained ones, or PixArt-alpha's rule at "
+                        "its resolution) and exit")
     p.add_argument("--gif", action="store_true", help="also write each sample's denoising trajectory as a GIF")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out-dir", type=Path, required=True)
@@ -65,6 +72,21 @@ def read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
     return prompts
 
 
+def apply_bucket(args: argparse.Namespace) -> None:
+    """--bucket HxW as --height and --width; one or the other, not both."""
+    if args.bucket is None:
+        return
+    from data.buckets import parse_bucket
+
+    if args.height is not None or args.width is not None:
+        raise SystemExit("--bucket sets --height and --width: give one or the other")
+    try:
+        bucket = parse_bucket(args.bucket)
+    except ValueError as err:
+        raise SystemExit(f"--bucket: {err}") from err
+    args.height, args.width = bucket.height, bucket.width
+
+
 def limits_from_args(args: argparse.Namespace):
     """The CLI's limits: BATCH, with the character limit and the budget the flags set."""
     from dataclasses import replace
@@ -86,11 +108,16 @@ def main(argv=None) -> None:
     from app.validation import CLI, RequestError, check_number
     from core.images import save_grid
 
+    apply_bucket(args)
     try:
         limits = limits_from_args(args)
         pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)
     except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
+    if args.list_buckets:
+        for h, w in pipe.buckets:
+            print(f"{h}x{w}  (height x width, h/w {h / w:.2f})")
+        return
     prompts = read_prompts(args)
     try:
         if pipe.is_text:

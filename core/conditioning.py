@@ -1,4 +1,6 @@
-"""What turns a data batch into the model's conditioning: class labels (Stage 1) or captions (Stages 2-5).
+"""What turns a data batch into the model's conditioning: class labels (Stage 1) or captions (Stages 2-5), the
+captions as tokens through the frozen encoder (TextConditioning) or as the encoder's states stored in the shards
+(FeatureConditioning: no encoder in the training step).
 
 Both drop a per-sample Bernoulli(p) fraction to the null condition, so one model learns p(x | c) and p(x)
 and classifier-free guidance works at sampling time [ho2021cfg]. (The reference drew a fixed count with
@@ -8,6 +10,7 @@ The model is called as `model(x, t, **cond)`: `cond` is `{labels}` or `{text, te
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,6 +92,11 @@ class TextConditioning:
     def max_length(self) -> int:
         return int(self.tokenizer_info["max_length"])
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the caption states the model reads (its text_dim)."""
+        return self.encoder.hidden_size
+
     def _encode_cached(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"]) -> Float[Tensor, "b l d"]:
         keys = [tok.numpy().tobytes() + m.numpy().tobytes() for tok, m in zip(tokens, mask, strict=True)]
         first: dict[bytes, int] = {}  # one encoder row per distinct missing caption, all in one batched call
@@ -153,7 +161,7 @@ class TextConditioning:
         return self.encode(tokens, mask, device)
 
     def null(self, n: int, device) -> dict[str, Tensor]:
-        width = self.encoder.hidden_size
+        width = self.hidden_size
         return dict(
             text=torch.zeros(n, self.max_length, width, device=device, dtype=self.model_dtype),
             text_mask=torch.zeros(n, self.max_length, dtype=torch.bool, device=device),
@@ -161,3 +169,56 @@ class TextConditioning:
 
     def metadata(self) -> dict[str, Any]:
         return dict(conditioning="text", tokenizer=self.tokenizer_info, text_encoder_info=self.encoder.info)
+
+
+class FeatureConditioning(TextConditioning):
+    """Stored encoder states (data/features.py) -> `{text, text_mask}`: the keywords, the per-sample dropout (the
+    same draw from the step's generator) and the null condition of TextConditioning, with no encoder in the
+    training step. The batch's `text_features` (bf16, zero at padded positions, as the encoder's output) become the
+    model's dtype; a dropped caption is zeros with an all-False mask.
+
+    Prompts (training previews) have no stored states: `from_prompts` loads the encoder with `load_encoder`, once
+    per call, and drops it again. The trainer builds its previewer on rank 0 only, so the other ranks never load
+    it, and no training step does.
+    """
+
+    def __init__(
+        self,
+        features_info: dict[str, Any],
+        tokenizer_info: dict[str, Any],
+        dropout: float,
+        model_dtype: torch.dtype = torch.float32,
+        tokenizer=None,
+        load_encoder: Callable[[], FrozenTextEncoder] | None = None,
+    ):
+        """`features_info`: the manifest's `spec.text_features` (encoder identity, width, dtype, max_length)."""
+        super().__init__(None, tokenizer_info, dropout, 0, model_dtype, tokenizer)
+        self.features_info, self._load_encoder = dict(features_info), load_encoder
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.features_info["width"])
+
+    def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
+        text, mask = batch["text_features"], batch["attn_mask"].bool()
+        if generator is not None:
+            keep = ~drop_mask(len(mask), self.dropout, generator)
+            mask = mask & keep[:, None]
+            text = text * keep[:, None, None].to(text.dtype)
+        return dict(text=text.to(device=device, dtype=self.model_dtype), text_mask=mask.to(device))
+
+    def from_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
+        if self._load_encoder is None:
+            raise RuntimeError("prompts have no stored text features, and this conditioning has no encoder to load")
+        self.encoder = self._load_encoder()
+        try:
+            return super().from_prompts(prompts, device)
+        finally:
+            self.encoder = None  # only prompts need it: the training step reads stored states
+
+    def metadata(self) -> dict[str, Any]:
+        info = dict(id=self.features_info["encoder"]["id"], hidden_size=self.hidden_size,
+                    dtype=self.features_info["dtype"], model_type=self.features_info["encoder"].get("model_type"),
+                    kind="stored features")
+        return dict(conditioning="text", tokenizer=self.tokenizer_info, text_encoder_info=info,
+                    text_features=self.features_info)

@@ -9,6 +9,11 @@
     python data/shard_caption_example.py --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ \\
         --captioner tar --vae identity --image-size 32
 
+    # 1024 px aspect-ratio buckets (PixArt-alpha's table), SD3 latents, T5Gemma features stored, on a GPU node
+    python data/shard_caption_example.py --input-glob '/data/raw/*.tar' --out-dir shards-1024/ --captioner tar \\
+        --image-size 1024 --buckets pixart --vae sd3 --vae-path stabilityai/stable-diffusion-3-medium-diffusers \\
+        --text-features --text-encoder google/t5gemma-xl-xl-ul2 --max-length 120 --records-per-shard 10000
+
     # once every rank is done (the last rank to finish also does this by itself)
     python data/shard_caption_example.py --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ --finalize
 
@@ -96,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=256, help="VAE crop side; smaller images are dropped")
     g.add_argument("--caption-size", type=int, default=512, help="captioner crop side (VLM backends)")
     g.add_argument("--min-std", type=float, default=0.02, help="drop images whose every channel std is below this")
+    g.add_argument("--buckets", default=None,
+                   help="aspect-ratio buckets: 'pixart' (PixArt-alpha's table at --image-size: 256, 512, 1024) or "
+                        "HxW,HxW,... in pixels, height first; each image goes to the nearest (default: square crops)")
     g.add_argument("--batch-size", type=int, default=64, help="images per captioner / VAE batch")
     g.add_argument("--decode-workers", type=int, default=4, help="threads decoding and resizing images")
     g = p.add_argument_group("captions")
@@ -120,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("encoders")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: bundled MiniLM)")
     g.add_argument("--max-length", type=int, default=120, help="tokens per caption (padded / truncated)")
+    g.add_argument("--text-features", action="store_true",
+                   help="also store the frozen text encoder's states of every caption (the trainer then loads no "
+                        "encoder: data/features.py)")
+    g.add_argument("--text-encoder", default=None,
+                   help="--text-features: encoder folder or hub id (default: the bundled MiniLM); its tokenizer is "
+                        "the default --tokenizer")
+    g.add_argument("--text-encoder-subfolder", default=None, help="e.g. text_encoder inside a pipeline checkout")
+    g.add_argument("--text-encoder-device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--writer-memory-mb", type=int, default=256,
+                   help="records kept in memory before the shard writers append them to disk (all buckets)")
     g.add_argument("--vae", choices=("sd3", "identity"), default="sd3", help="latent space (identity = pixels)")
     g.add_argument("--vae-path", default=HUB_SD3, help="diffusers VAE folder or hub id")
     g.add_argument("--vae-subfolder", default="vae", help="VAE subfolder of a pipeline checkout")
@@ -140,7 +158,8 @@ def _dataset_info(args: argparse.Namespace, inputs: list[str]) -> dict[str, Any]
 
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for flag in ("num_shards", "records_per_shard", "image_size", "caption_size", "batch_size", "max_length"):
+    for flag in ("num_shards", "records_per_shard", "image_size", "caption_size", "batch_size", "max_length",
+                 "writer_memory_mb"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -150,6 +169,17 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--rank must be in [0, {args.world_size}) for --world-size {args.world_size}, got {args.rank}")
     if args.dataset_json is not None and not args.dataset_json.exists():
         parser.error(f"--dataset-json {args.dataset_json} does not exist")
+    if args.text_features and args.kind != "text":
+        parser.error("--text-features needs --kind text (the features are the captions')")
+    if args.text_encoder is not None and not args.text_features:
+        parser.error("--text-encoder is read with --text-features only")
+    if args.buckets is not None:
+        from data.buckets import parse_buckets
+
+        try:
+            args.buckets = parse_buckets(args.buckets, args.image_size)
+        except ValueError as err:
+            parser.error(f"--buckets: {err}")
 
 
 def _captioner(args: argparse.Namespace) -> Any:
@@ -207,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
             class_names=class_names, source=args.source or info.get("source") or args.base_url or args.input_glob,
             licence=args.licence or info.get("licence", ""),
             inputs_description=described or dict(input_glob=args.input_glob, num_inputs=len(inputs)),
-            decode_workers=args.decode_workers, timeout=args.timeout, progress=not args.quiet,
+            decode_workers=args.decode_workers, timeout=args.timeout, progress=not args.quiet, buckets=args.buckets,
+            text_features=args.text_features, text_encoder_subfolder=args.text_encoder_subfolder,
+            buffer_bytes=args.writer_memory_mb << 20,
         )
         captioner = _captioner(args)
         tokenizer, vae = _encoders(args, parser)
-        result = run_rank(cfg, captioner, tokenizer, vae)
+        encoder = _text_encoder(args) if args.text_features else None
+        result = run_rank(cfg, captioner, tokenizer, vae, encoder)
     except (SourceError, PipelineError, CaptionerError, ImportError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -243,7 +276,7 @@ def _encoders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
 
     tokenizer = None
     if args.kind == "text":
-        tokenizer = TextTokenizer(args.tokenizer or default_tokenizer_path(), args.max_length)
+        tokenizer = TextTokenizer(args.tokenizer or args.text_encoder or default_tokenizer_path(), args.max_length)
     if args.vae == "identity":
         return tokenizer, IdentityVAE()
     vae = SD3VAE(args.vae_path, args.vae_subfolder, args.vae_scale, args.vae_shift, args.pixel_range)
@@ -252,6 +285,14 @@ def _encoders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     except ValueError as err:
         parser.error(f"--image-size: {err}")
     return tokenizer, vae
+
+
+def _text_encoder(args: argparse.Namespace) -> Any:
+    """The frozen encoder whose states --text-features stores (bf16 on a GPU, float32 on a CPU)."""
+    from core.text_encoder import FrozenTextEncoder
+
+    return FrozenTextEncoder.from_pretrained(args.text_encoder, device=args.text_encoder_device,
+                                             subfolder=args.text_encoder_subfolder)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ ANCHORS: tuple[tuple[float, float], ...] = ((0.25, 0.25), (0.75, 0.25), (0.25, 0
 
 @dataclass(frozen=True)
 class SceneReading:
-    """What the analyser saw. Geometry is in fractions of the image side (x right, y down)."""
+    """What the analyser saw. Geometry is in fractions of the image's width and height (x right, y down)."""
 
     colour: str
     colour_distance: float  # RGB distance from the measured colour to the named one
@@ -214,13 +214,15 @@ def nearest_colour(rgb: Float[np.ndarray, "3"]) -> tuple[str, float]:
     return name, distances[name]
 
 
-def locate(cx: float, cy: float, size: int) -> tuple[str, bool]:
-    """The position whose region_box holds the centroid (pixel coordinates), else the nearest anchor."""
+def locate(cx: float, cy: float, size: int | tuple[int, int]) -> tuple[str, bool]:
+    """The position whose region_box holds the centroid (pixel coordinates), else the nearest anchor; `size` the
+    side, or (height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
     for position in POSITIONS:
-        x0, y0, x1, y1 = region_box(position, size)
+        x0, y0, x1, y1 = region_box(position, (height, width))
         if x0 <= cx < x1 and y0 <= cy < y1:
             return position, True
-    distances = [math.dist((cx / size, cy / size), anchor) for anchor in ANCHORS]
+    distances = [math.dist((cx / width, cy / height), anchor) for anchor in ANCHORS]
     return POSITIONS[int(np.argmin(distances))], False
 
 
@@ -230,8 +232,6 @@ def analyse_scene(
     """Read the largest shape of a scene; None when nothing stands out from the background."""
     pixels = to_array(image).astype(np.float64)
     h, w, _ = pixels.shape
-    if h != w:
-        raise ValueError(f"scenes are square, got {w}x{h}")
     bg = np.array(BACKGROUNDS[background], dtype=float) if background else estimate_background(pixels)
 
     distance = np.linalg.norm(pixels - bg, axis=-1)
@@ -261,7 +261,7 @@ def analyse_scene(
 
     ys, xs = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
     cx, cy = float((alpha * xs).sum() / area), float((alpha * ys).sum() / area)
-    position, in_region = locate(cx, cy, h)
+    position, in_region = locate(cx, cy, (h, w))
     harmonics = angular_harmonics(alpha, cx, cy)
 
     return SceneReading(

@@ -1,6 +1,7 @@
 """Compositional generalisation, the scoring: generate the held-out synthetic triples, read each image with the
 pixel analyser, score colour, shape and position, and draw the grid. The command line is evaluation/evaluate.py,
-which documents the prompts, the seed rule and the output."""
+which documents the prompts, the seed rule and the output. Images may be square or not (a multi-aspect stage's
+buckets): every image of one evaluation has one size, and the analyser reads positions per axis."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

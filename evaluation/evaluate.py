@@ -9,6 +9,10 @@ overall (all three right). A position counts only when the shape's centroid lies
 position (the analyser's nearest-anchor fallback is a diagnosis, not a match); an image where the analyser finds
 no shape is wrong on every attribute.
 
+Size: the checkpoint's trained size, or --height / --width in pixels (any multiple of the model's unit, e.g. a
+bucket of a multi-aspect stage: 32 x 48). The scenes' positions are fractions of each axis and shapes a fraction of
+the shorter side (data/embedded/synthetic.py), so the analyser reads a non-square image by the same rules.
+
 Seeds: sample j of prompt i uses seed `seed + i * samples_per_prompt + j`, so every image has its own seed, and
 an image's seed does not depend on --batch-size (whether its pixels do is up to the pipeline: on a GPU the batch
 composition can move the last bits). The same seed and settings give the same numbers.
@@ -75,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="first seed; see the seed rule above")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--batch-size", type=_positive_int, default=40, help="images per generate() call")
+    p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: trained)")
+    p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: trained)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out-dir", type=Path, default=None, help="write grid.png here")
     p.add_argument("--json", type=Path, default=None, help="write the JSON report here")
@@ -116,8 +122,11 @@ def main(argv=None) -> dict:
     if conditioning != "text":
         raise SystemExit(f"--model-path {args.model_path}: unknown conditioning {conditioning!r} in its metadata")
 
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+
     def generate(prompts: list[str], seeds: list[int]):
-        return pipe.generate(prompts=prompts, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha)
+        return pipe.generate(prompts=prompts, seeds=seeds, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
+                             **size)
 
     try:
         images = generate_held_out(generate, args.samples_per_prompt, args.seed, args.batch_size)
@@ -125,7 +134,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--model-path {args.model_path}: {err}") from err
     judgements = judge_images(images, args.samples_per_prompt, args.seed)
     settings = dict(model_path=str(args.model_path), weights=args.weights, steps=args.steps)
-    settings |= dict(cfg_scale=args.cfg_scale, alpha=args.alpha, image_size=int(images.shape[1]))
+    settings |= dict(cfg_scale=args.cfg_scale, alpha=args.alpha, image_size=int(images.shape[1]),
+                     height=int(images.shape[1]), width=int(images.shape[2]))
     report = dict(settings=settings) | summarise(judgements, args.samples_per_prompt, args.seed)
 
     text = json.dumps(report, indent=2)

@@ -69,12 +69,28 @@ def check_held_out(path: Path | str, spec) -> None:
         raise ValueError(f"{path}: its records are not like the training data's ({'; '.join(differ)})")
 
 
-def read_held_out(path: Path | str, num_samples: int, batch_size: int) -> list[dict[str, Tensor]]:
-    """The first `num_samples` records of a shard folder (all of them if fewer), unshuffled, in batches."""
-    data = ShardDataset(path, shuffle=False, batch_size=batch_size, verify_checksum=False)
-    n = min(num_samples, data.num_records)  # the stream repeats itself after one epoch
-    stream, batches = iter(data), []
-    for start in range(0, n, batch_size):
+def read_held_out(path: Path | str, num_samples: int, batch_size: int, text_features: bool = False
+                  ) -> list[dict[str, Tensor]]:
+    """The first `num_samples` records of a shard folder (all of them if fewer), unshuffled, in batches, with the
+    stored encoder states when `text_features`. With aspect-ratio buckets every bucket gives its share of the
+    samples (in proportion to its records, at least one), its first records, in batches of that bucket alone:
+    the first records of the folder would all be of one bucket."""
+    options = dict(shuffle=False, batch_size=batch_size, verify_checksum=False, text_features=text_features)
+    whole = ShardDataset(path, **options)
+    if not whole.bucketed:
+        return _first_records(whole, min(num_samples, whole.num_records))
+    counts = {pool.name: pool.num_records for pool in whole.pools}
+    total, batches = sum(counts.values()), []
+    for name, count in counts.items():
+        share = min(count, max(1, round(num_samples * count / total)))
+        small = options | dict(batch_size=min(batch_size, count))  # a bucket smaller than a batch still counts
+        batches += _first_records(ShardDataset(path, buckets=[name], **small), share)
+    return batches
+
+
+def _first_records(data: ShardDataset, n: int) -> list[dict[str, Tensor]]:
+    stream, batches = iter(data), []  # the stream repeats itself after one epoch: take n records, no more
+    for start in range(0, n, data.batch_size):
         batch = next(stream)
         batches.append({k: v[: n - start] for k, v in batch.items()})
     return batches
@@ -96,8 +112,8 @@ class ValidationLoss:
 
     @classmethod
     def from_shards(cls, path: Path | str, conditioning, objective: RectifiedFlow, num_samples: int = 1024,
-                    batch_size: int = 32, **kwargs) -> "ValidationLoss":
-        return cls(read_held_out(path, num_samples, batch_size), conditioning, objective, **kwargs)
+                    batch_size: int = 32, text_features: bool = False, **kwargs) -> "ValidationLoss":
+        return cls(read_held_out(path, num_samples, batch_size, text_features), conditioning, objective, **kwargs)
 
     def generator(self, batch: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)

@@ -75,16 +75,16 @@ class LabelEmbedder(nn.Module):
 def grid_positions(
     grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
 ) -> tuple[Float[Tensor, "grid_h"], Float[Tensor, "grid_w"]]:
-    """Row and column positions (float64) of a grid_h x grid_w token grid in units of the base grid.
+    """Row and column positions (float64) of a grid_h x grid_w token grid in units of the base grid, per axis.
 
-    A grid with s times as many tokens per side (s = sqrt(grid_h * grid_w) / base_grid) steps positions by
-    1/s, so a model trained at the base resolution sees the same range of positions at any other one and
-    interpolates between them [chen2023pixartalpha]; one scale for both axes keeps the aspect ratio. The
-    sin-cos table and RoPE (models/rope.py) both measure positions this way.
+    Rows step by base_grid / grid_h and columns by base_grid / grid_w, so each axis spans [0, base_grid) whatever
+    its length: a model trained at the base resolution sees the same range of positions at any other size or
+    aspect ratio and interpolates between them, as PixArt-alpha's multi-aspect stages do [chen2023pixartalpha].
+    A square grid gets the step base_grid / side it always had. The sin-cos table and RoPE (models/rope.py) both
+    measure positions this way.
     """
-    step = base_grid / math.sqrt(grid_h * grid_w)
-    ys = torch.arange(grid_h, device=device, dtype=torch.float64) * step
-    xs = torch.arange(grid_w, device=device, dtype=torch.float64) * step
+    ys = torch.arange(grid_h, device=device, dtype=torch.float64) * (base_grid / grid_h)
+    xs = torch.arange(grid_w, device=device, dtype=torch.float64) * (base_grid / grid_w)
     return ys, xs
 
 
@@ -92,7 +92,7 @@ def sincos_pos_embed_2d(
     dim: int, grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
 ) -> Float[Tensor, "n dim"]:
     """2-D sin-cos position embedding for a grid_h x grid_w token grid, rows first (n = grid_h * grid_w), at
-    positions in base-grid units (`grid_positions`). Half the channels encode the row (y), half the column
+    positions in base-grid units per axis (`grid_positions`). Half the channels encode the row (y), half the column
     (x), each as [sin | cos].
     """
     if dim % 4:

@@ -4,9 +4,9 @@ A query or key at grid position (y, x) has its head channels split in two halves
 by angles y * omega, the second by x * omega, pairing channels (2i, 2i+1). A rotation R(p) satisfies
 R(p)^T R(p') = R(p' - p), so q . k after rotation depends only on the offset between the two tokens.
 
-Positions are measured in units of the base grid, as the sin-cos table is (models/embeddings.py): a grid
-with s times as many tokens per side steps positions by 1/s, so a model trained at one resolution sees the
-same range of angles at another.
+Positions are measured in units of the base grid, per axis, as the sin-cos table is (models/embeddings.py:
+grid_positions): an axis with s times as many tokens as the base grid steps by 1/s, so a model trained at one
+resolution sees the same range of angles at another size or aspect ratio.
 """
 
 import torch

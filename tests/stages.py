@@ -14,6 +14,8 @@ CONFIGS = str(ROOT / "configs")
 
 # (size, kinds, samples) of the synthetic datasets the five embedded stages read (configs/embedded/).
 DATASETS = ((32, ("labels", "text"), 160), (40, ("text",), 64), (48, ("text",), 64))
+# (size, buckets, samples) of the aspect-ratio bucketed sets with stored text features (Stages 4-5).
+BUCKETED = ((40, "40x40,32x48,48x32", 64), (48, "48x48,40x56,56x40", 64))
 
 TINY = [
     "model.overrides.dim=32", "model.overrides.depth=2", "model.overrides.heads=2", "model.overrides.cond_dim=32",
@@ -34,6 +36,14 @@ def build_embedded_data(root: Path) -> Path:
             argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--captioner", "tar",
                     "--vae", "identity", "--image-size", str(size), "--kind", kind, "--max-length", "32", "--quiet"]
             assert shard_main(argv) == 0
+    for size, buckets, samples in BUCKETED:
+        sizes = [tuple(int(v) for v in b.split("x")) for b in buckets.split(",")]
+        tars, out = root / f"synthetic-{size}-buckets" / "tars", root / f"synthetic-{size}-buckets" / "shards-text"
+        build("synthetic", tars, image_size=size, num_samples=samples, samples_per_tar=samples // 2, progress=False,
+              sizes=sizes)
+        argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--captioner", "tar", "--vae", "identity",
+                "--image-size", str(size), "--buckets", buckets, "--text-features", "--max-length", "32", "--quiet"]
+        assert shard_main(argv) == 0
     return root
 
 

@@ -56,15 +56,20 @@ def _overrides(data: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_two_micro_batches(embedded_data, tmp_path):
+@pytest.mark.parametrize("stage, extra", [(1, ()), (4, ("train.init_from=null", "optim.lr=1e-3"))],
+                         ids=["stage1-labels", "stage4-buckets-features"])
+def test_two_ranks_equal_one_process_with_two_micro_batches(embedded_data, tmp_path, stage, extra):
+    """Stage 1 on class labels, and Stage 4 on aspect-ratio buckets with stored text features (caption dropout,
+    long and short captions): both ranks draw the same bucket at every step, as the two workers do."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     wrapper = tmp_path / "dump_weights.py"
-    wrapper.write_text(DUMP_WEIGHTS)
+    wrapper.write_text(DUMP_WEIGHTS.replace("train_stage1.py", f"train_stage{stage}.py"))
     # train.out_dir last: the wrapper reads it from argv[-1] to know where to put the per-rank weights.
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-          *_overrides(embedded_data, "data.num_workers=0"), f"train.out_dir={ddp}"], ddp)
-    _run([sys.executable, "train_stage1.py", *_overrides(embedded_data, "data.num_workers=2", "train.grad_accum=2"),
-          f"train.out_dir={single}"], single)
+          *_overrides(embedded_data, "data.num_workers=0", *extra), f"train.out_dir={ddp}"], ddp)
+    _run([sys.executable, f"train_stage{stage}.py",
+          *_overrides(embedded_data, "data.num_workers=2", "train.grad_accum=2", *extra), f"train.out_dir={single}"],
+         single)
 
     a_ckpts = checkpoint.list_checkpoints(ddp / "checkpoints")
     b_ckpts = checkpoint.list_checkpoints(single / "checkpoints")
@@ -86,7 +91,8 @@ def test_two_ranks_equal_one_process_with_two_micro_batches(embedded_data, tmp_p
     assert len(set(checkpoint.load(a_ckpts[-1])["history"])) == STEPS
 
     # INFO lines come from rank 0 only (both ranks append to the same Hydra log file).
-    assert (ddp / "train_stage1.log").read_text().count("stage 1: ccDiT-debug/4") == 1
+    name = "ccDiT-debug/4" if stage == 1 else "mmDiT-debug/4"
+    assert (ddp / f"train_stage{stage}.log").read_text().count(f"stage {stage}: {name}") == 1
 
     # Both ranks ended with identical weights, and they are the ones rank 0 saved.
     rank0, rank1 = (torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1))

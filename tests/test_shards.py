@@ -242,3 +242,154 @@ def test_a_manifest_that_is_not_a_json_object_gives_a_clear_error(tmp_path, text
         read_manifest(tmp_path)
     assert validate_main([str(tmp_path)]) == 1
     assert "not a JSON object" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounded memory: the streaming writer and the chunked check
+
+
+def test_the_streaming_writer_writes_what_torch_save_writes(tmp_path):
+    """Records spilled to disk every few records (a 3 KiB buffer) give a shard that loads, plain and memory-mapped,
+    to exactly the tensors torch.save of the stacked records gives; the buffer never holds more than its budget
+    plus one record, and no temporary file is left."""
+    spec = DatasetSpec(**TEXT_SPEC)
+    budget, record = 3 << 10, 4 * 8 * 8 * 2 + 4 * 6 * 6  # bytes: bf16 latents, int32 tokens and bool masks x 2
+    records, gen = [], torch.Generator().manual_seed(0)
+    with ShardWriter(tmp_path / "stream", spec, records_per_shard=50, buffer_bytes=budget) as writer:
+        for i in range(73):
+            mask = torch.arange(6) < 1 + i % 6
+            records.append(dict(latents=torch.randn(4, 8, 8, generator=gen), text_tokens=torch.arange(6) * mask,
+                                attn_mask=mask, short_text_tokens=torch.arange(6) * mask, short_attn_mask=mask))
+            writer.add(**records[-1])
+            assert writer.pending_bytes < budget + record
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [
+        f"shard-0000{i}.{ext}" for i in (0, 1) for ext in ("captions.jsonl", "json", "pt")]
+    for index, rows in ((0, records[:50]), (1, records[50:])):
+        reference = {k: torch.stack([r[k] for r in rows]).to(dtype) for k, (dtype, _) in spec.expected().items()}
+        torch.save(reference, tmp_path / "reference.pt")
+        for mmap in (False, True):
+            streamed = torch.load(tmp_path / "stream" / f"shard-0000{index}.pt", weights_only=True, mmap=mmap)
+            saved = torch.load(tmp_path / "reference.pt", weights_only=True, mmap=mmap)
+            assert streamed.keys() == saved.keys()
+            for key in saved:
+                assert streamed[key].dtype == saved[key].dtype and torch.equal(streamed[key], saved[key]), key
+
+
+def test_a_failed_writer_leaves_no_temporary_file(tmp_path):
+    spec = DatasetSpec(kind="labels", latent_shape=(3, 4, 4), image_size=4, vae=dict(id="identity"), num_classes=5)
+    with pytest.raises(RuntimeError, match="stop"):
+        with ShardWriter(tmp_path, spec, records_per_shard=10, buffer_bytes=1) as writer:
+            for i in range(14):
+                writer.add(latents=torch.zeros(3, 4, 4), labels=torch.tensor(i % 5))
+            raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.captions.jsonl", "shard-00000.json",
+                                                          "shard-00000.pt"]  # the finished shard only
+
+
+def test_the_check_reads_a_chunk_at_a_time_and_finds_a_nan_in_the_last(tmp_path, monkeypatch):
+    import data.shards as shards
+
+    spec, _ = write_text_dataset(tmp_path, n=40, per_shard=40)
+    rewrite(tmp_path, lambda s: s["latents"].__setitem__((39, 3, 7, 7), float("nan")))
+    opened = []
+    real_open = shards._open
+    monkeypatch.setattr(shards, "_open", lambda path: opened.append(path) or real_open(path))
+    monkeypatch.setattr(shards, "CHECK_CHUNK_BYTES", 4 * 8 * 8 * 2 * 5)  # five latents a chunk
+    errors = validate(tmp_path)
+    assert [(e.field, "NaN" in e.problem) for e in errors] == [("latents", True)]
+    assert len(opened) >= 40 // 5  # a mapping of its own for each chunk of the latents
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buckets and stored text features
+
+FEATURES = dict(encoder=dict(id="acme/encoder", revision="0123abc"), width=5, dtype="bfloat16", max_length=6,
+                layout="compact")
+
+
+def write_feature_dataset(out_dir, n: int = 8, per_shard: int = 8):
+    spec = DatasetSpec(**TEXT_SPEC, text_features=FEATURES)
+    gen = torch.Generator().manual_seed(1)
+    with ShardWriter(out_dir, spec, records_per_shard=per_shard) as writer:
+        for i in range(n):
+            mask = torch.arange(6) < 2 + i % 4
+            writer.add(latents=torch.randn(4, 8, 8, generator=gen), text_tokens=torch.arange(6) * mask,
+                       attn_mask=mask, short_text_tokens=torch.arange(6) * mask, short_attn_mask=mask,
+                       text_features=torch.randn(6, 5, generator=gen), short_text_features=torch.randn(6, 5))
+    write_manifest(out_dir, spec, per_shard)
+    return spec
+
+
+@pytest.mark.parametrize(
+    "mutate, field, words",
+    [
+        (lambda s: s.pop("text_features"), "text_features", "missing key"),
+        (lambda s: s.update(text_features=s["text_features"].float()), "text_features", "dtype"),
+        (lambda s: s.update(short_text_features=s["short_text_features"][:, :4]), "short_text_features", "shape"),
+        (lambda s: s["text_features"].__setitem__((3, 1), float("inf")), "text_features", "NaN or Inf"),
+        (lambda s: s["text_feature_offsets"].__setitem__(2, 3), "text_feature_offsets", "record 1"),
+        (lambda s: s["attn_mask"].__setitem__((0, 5), True), "text_feature_offsets", "record 0's features"),
+        (lambda s: s.update(short_text_feature_offsets=s["short_text_feature_offsets"][:-1]),
+         "short_text_feature_offsets", "shape"),
+    ],
+)
+def test_each_bad_feature_field_gives_a_clear_error(tmp_path, mutate, field, words):
+    write_feature_dataset(tmp_path)
+    assert validate(tmp_path) == []
+    path = rewrite(tmp_path, mutate)
+    errors = validate(tmp_path)
+    assert [(e.file, e.field) for e in errors] == [(str(path), field)] and words in errors[0].problem
+
+
+def test_features_hold_only_the_real_tokens(tmp_path):
+    write_feature_dataset(tmp_path, n=8)
+    shard = torch.load(tmp_path / "shard-00000.pt", weights_only=True)
+    lengths = [2 + i % 4 for i in range(8)]
+    assert shard["text_features"].shape == (sum(lengths), 5)  # no padded rows on disk
+    assert shard["text_feature_offsets"].tolist() == [sum(lengths[:i]) for i in range(9)]
+
+
+def test_validate_checks_the_encoder_identity(tmp_path, capsys):
+    from data.features import weights_sha256
+
+    write_feature_dataset(tmp_path / "data")
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "t5"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    assert validate_main([str(tmp_path / "data"), "--text-encoder", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "'acme/encoder' (revision 0123abc)" in err and f"'sha256:{weights_sha256(folder)}'" in err
+    assert validate_main([str(tmp_path / "data")]) == 0
+    assert "text features of acme/encoder" in capsys.readouterr().out
+    # The hash covers every weight and config file by name, size and bytes, in name order.
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, data in (("config.json", b'{"model_type": "t5"}'), ("model.safetensors", b"weights")):
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    assert weights_sha256(folder) == digest.hexdigest()
+
+
+def test_a_bucketed_manifest_counts_and_checks_its_buckets(tmp_path):
+    buckets = {"8x4": dict(size=[8, 4], latent_shape=[4, 8, 4]), "4x8": dict(size=[4, 8], latent_shape=[4, 4, 8])}
+    spec = DatasetSpec(**dict(TEXT_SPEC, short_captions=False), buckets=buckets)
+    mask = torch.arange(6) < 3
+    for name, n in (("8x4", 5), ("4x8", 3)):
+        with ShardWriter(tmp_path, spec, records_per_shard=4, prefix=f"shard+{name}", bucket=name) as writer:
+            for _ in range(n):
+                writer.add(latents=torch.zeros(spec.latent_shape_of(name)), text_tokens=torch.arange(6) * mask,
+                           attn_mask=mask)
+    manifest = write_manifest(tmp_path, spec, 4)
+    assert manifest["buckets"] == {"8x4": 5, "4x8": 3}
+    assert sorted((e["file"], e["bucket"], e["records"]) for e in manifest["shards"]) == [
+        ("shard+4x8-00000.pt", "4x8", 3), ("shard+8x4-00000.pt", "8x4", 4), ("shard+8x4-00001.pt", "8x4", 1)]
+    assert validate(tmp_path) == []
+    edit_manifest(tmp_path, lambda m: m["shards"][1].update(bucket="4x8"))  # an 8x4 shard, filed under 4x8
+    errors = validate(tmp_path)
+    assert [(e.field, "shape" in e.problem) for e in errors] == [("latents", True)]
+    edit_manifest(tmp_path, lambda m: m["shards"][0].update(bucket="9x9"))
+    with pytest.raises(ShardError, match=r"shards\[0\]\.bucket: '9x9' is not one of"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="not one of the dataset's"):
+        ShardWriter(tmp_path, spec, bucket="9x9")

@@ -102,6 +102,38 @@ def test_trainer_logs_it_on_cadence_and_in_the_summary(embedded_data, tmp_path):
             assert val_rows[1][key.replace("val/", f"{prefix}/")] == pytest.approx(value, rel=1e-5)
 
 
+def test_trainer_validation_on_bucketed_feature_shards(embedded_data, tmp_path):
+    """Stage 4's path: the held-out records come with their stored encoder states, each batch of one bucket, and
+    the logged loss equals the one computed alone from the final checkpoint with the trainer's conditioning."""
+    import json
+
+    from core import checkpoint
+    from core.conditioning import FeatureConditioning
+    from data.shards import read_manifest
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    held = embedded_data / "synthetic-40-buckets" / "shards-text"
+    cfg = stage_config(4, embedded_data, tmp_path, "train.max_steps=1", "train.init_from=null", "device=cpu",
+                       "train.eval.every=1", f"train.eval.data={held}", "train.eval.samples=12",
+                       "train.eval.batch_size=4", "train.eval.bins=2")
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "val/loss" in r][-1]
+    batches = read_held_out(held, 12, 4, text_features=True)
+    assert len({tuple(b["latents"].shape[-2:]) for b in batches}) > 1  # more than one bucket among the held batches
+    assert all("text_features" in b for b in batches)
+    state = checkpoint.load(summary["checkpoint"])
+    model = checkpoint.model_from_state(state, "ema")
+    spec = read_manifest(held)[1]
+    conditioning = FeatureConditioning(spec.text_features, spec.tokenizer, 0.0)
+    objective = RectifiedFlow.from_config(state["config"]["train"]["timesteps"], cfg.train.prediction,
+                                          model.config.base_grid, model.config.patch)
+    alone = ValidationLoss.from_shards(held, conditioning, objective, 12, 4, text_features=True, bins=2,
+                                       seed=cfg.seed)
+    assert logged["val/loss"] == pytest.approx(alone(model)["val/loss"], rel=1e-5)
+
+
 def test_trainer_refuses_held_out_data_of_another_kind(embedded_data, tmp_path):
     from tests.stages import stage_config
     from trainer.loop import ConfigError, train

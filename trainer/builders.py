@@ -5,14 +5,16 @@ tokenizer), so the model's input fields are filled from it and every configured 
 it is an error naming the key, before any compute is spent.
 """
 
+import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core.conditioning import ClassConditioning, TextConditioning
+from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models import ModelConfig, model_config
 from models.config import default_conditioning
@@ -52,7 +54,8 @@ def check_vae(cfg: DictConfig, spec: DatasetSpec, data_path: str) -> None:
 
 
 def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device, model_dtype):
-    """ClassConditioning for labels data, TextConditioning (with the frozen encoder) for captions."""
+    """ClassConditioning for labels data; for captions FeatureConditioning when the shards' stored encoder states
+    are used (no encoder loaded for training), else TextConditioning with the frozen encoder."""
     wants_text = model_conditioning(cfg) == "text"
     if wants_text != (spec.kind == "text"):
         raise ConfigError(
@@ -73,6 +76,12 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
             f"{spec.tokenizer['max_length']} tokens; set text_encoder.max_length={spec.tokenizer['max_length']}"
         )
     tokenizer = configured_tokenizer(cfg, spec)
+    if uses_text_features(cfg, spec):
+        check_feature_encoder(cfg, spec, enc_cfg)
+        # Previews (rank 0 only) encode their prompts with it, on the CPU, and drop it again.
+        load = functools.partial(FrozenTextEncoder.from_config, enc_cfg, device="cpu")
+        return FeatureConditioning(spec.text_features, spec.tokenizer, t.caption_dropout, model_dtype, tokenizer,
+                                   load)
     encoder = FrozenTextEncoder.from_config(enc_cfg, device=device)
     vocab = encoder.encoder.get_input_embeddings().num_embeddings
     if int(spec.tokenizer["vocab_size"]) > vocab:
@@ -81,6 +90,52 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
             f"{encoder.name!r} embeds {vocab}: the tokens were made for another encoder"
         )
     return TextConditioning(encoder, spec.tokenizer, t.caption_dropout, int(t.text_cache), model_dtype, tokenizer)
+
+
+def uses_text_features(cfg: DictConfig, spec: DatasetSpec) -> bool:
+    """data.text_features: null uses the shards' stored states when they hold them, true requires them, false
+    encodes the tokens with the configured encoder."""
+    wanted = cfg.data.get("text_features")
+    if wanted and spec.text_features is None:
+        raise ConfigError(
+            f"data.text_features=true but data.path={cfg.data.path!r} holds no text features; build the shards with "
+            "data/shard_caption_example.py --text-features, or set data.text_features=null"
+        )
+    return spec.text_features is not None and wanted is not False
+
+
+def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str, Any]) -> None:
+    """The configured encoder must be the one that made the stored features (by its weights' hash, or its hub id
+    and revision; data/features.py), and as wide: checked from its files, without loading it."""
+    from data.features import check_encoder, encoder_identity
+
+    source = enc_cfg.get("name_or_path") or "the bundled MiniLM"
+    try:
+        configured = encoder_identity(enc_cfg.get("name_or_path"), enc_cfg.get("subfolder"), enc_cfg.get("revision"))
+        check_encoder(spec.text_features["encoder"], configured, str(cfg.data.path))
+    except ValueError as err:
+        raise ConfigError(
+            f"text_encoder.name_or_path={source!r}: {err}. Configure the encoder that made the features, or set "
+            "data.text_features=false to encode the tokens with this one"
+        ) from err
+    width = spec.text_features["width"]
+    if int(enc_cfg["hidden_size"]) != int(width):
+        raise ConfigError(f"text_encoder.hidden_size={enc_cfg['hidden_size']} but the stored text features in "
+                          f"{cfg.data.path} are {width} wide; set text_encoder.hidden_size={width}")
+
+
+def loader_options(cfg: DictConfig, conditioning) -> dict[str, Any]:
+    """What the loader reads besides the records' own keys: the stored text features when the conditioning uses
+    them, and data.buckets (checked against the shards' buckets)."""
+    buckets = cfg.data.get("buckets")
+    if buckets is not None:
+        buckets = list(buckets)
+        have = list(read_data_spec(cfg).buckets or [])
+        unknown = [b for b in buckets if b not in have]
+        if unknown or not buckets:
+            listed = f"the buckets {', '.join(have)}" if have else "no buckets (null trains on all its records)"
+            raise ConfigError(f"data.buckets={buckets}: {cfg.data.path} holds {listed}")
+    return dict(text_features=isinstance(conditioning, FeatureConditioning), buckets=buckets)
 
 
 def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
@@ -198,13 +253,17 @@ def build_model_config(
     m = cfg.model
     overrides = OmegaConf.to_container(m.overrides, resolve=True) or {}
     c, h, w = spec.latent_shape
-    if h != w:
-        raise ConfigError(f"{cfg.data.path}: latents are {h}x{w}; the models take square inputs")
-    derived: dict[str, Any] = dict(in_channels=c, input_size=h, conditioning=model_conditioning(cfg))
+    for _, bh, bw in spec.latent_shapes():  # a bucket the patch does not tile could not be trained on
+        if bh % m.patch or bw % m.patch:
+            raise ConfigError(f"{cfg.data.path}: latents of {bh}x{bw} are not a multiple of model.patch={m.patch}")
+    # Non-square latents (one bucket, or buckets: then latent_shape is the resolution's square) take the side of the
+    # square with their token count as the model's default size; positions are per axis anyway (models/embeddings).
+    side = h if h == w else max(m.patch, round(math.sqrt(h * w) / m.patch) * m.patch)
+    derived: dict[str, Any] = dict(in_channels=c, input_size=side, conditioning=model_conditioning(cfg))
     if isinstance(conditioning, ClassConditioning):
         derived["num_classes"] = conditioning.num_classes
     else:
-        derived |= dict(text_dim=conditioning.encoder.hidden_size, text_len=conditioning.max_length)
+        derived |= dict(text_dim=conditioning.hidden_size, text_len=conditioning.max_length)
     for key, value in derived.items():
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"model.overrides.{key}={overrides[key]} but the data/text encoder give {value}")

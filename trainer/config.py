@@ -55,6 +55,13 @@ class DataSection:
     """sha256 of every shard when a process first opens it."""
     skip_bad_shards: bool = False
     """true: warn and skip a corrupt shard instead of stopping."""
+    text_features: bool | None = None
+    """Text data: null uses the encoder states stored in the shards when they hold them (data/shard_caption_example.py
+    --text-features; the encoder is then not loaded for training, and must be the one that made them); false encodes
+    the tokens with text_encoder on every step; true requires stored states."""
+    buckets: list[str] | None = None
+    """Aspect-ratio bucketed data (data/buckets.py): train on these buckets only, 'HxW' in pixels, height first;
+    null: every bucket of the shards, each batch of one bucket, buckets drawn in proportion to their records."""
 
 
 @dataclass

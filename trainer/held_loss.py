@@ -1,7 +1,8 @@
 """The loss on fixed held batches with fixed noise and times and no dropout.
 
 Comparable within a stage (start against end) and across a stage boundary (the previous stage's EMA at its end
-against the next stage's weights at its start): summary.json's held_loss_start / held_loss_end_*.
+against the next stage's weights at its start): summary.json's held_loss_start / held_loss_end_*. With aspect-ratio
+buckets each held batch is of one bucket, drawn like the training batches (data/loader.py).
 """
 
 import torch
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from data.loader import ShardDataset, mix_seed
 from flow.rectified_flow import RectifiedFlow
+from trainer.builders import loader_options
 
 
 def held_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
@@ -25,7 +27,7 @@ class HeldLoss:
         self.batches: list[dict[str, torch.Tensor]] = []
         if cfg.train.eval_batches > 0:
             data = ShardDataset(cfg.data.path, seed=mix_seed(cfg.seed, "held"), batch_size=micro,
-                                verify_checksum=False)
+                                verify_checksum=False, **loader_options(cfg, conditioning))
             stream = iter(data)
             self.batches = [next(stream) for _ in range(cfg.train.eval_batches)]
         self.seed, self.conditioning, self.objective = cfg.seed, conditioning, objective

@@ -187,6 +187,7 @@ class Trainer:
             d.path, self.micro, self.env.rank, self.env.world_size, seed=cfg.seed, num_workers=d.num_workers,
             state=self.loader_state, short_caption_prob=d.short_caption_prob, mix_shards=d.mix_shards,
             verify_checksum=d.verify_checksum, skip_bad_shards=d.skip_bad_shards,
+            **builders.loader_options(cfg, self.conditioning),  # stored text features, data.buckets
         )
         builders.warn_if_batch_exceeds_data(cfg, self.loader.dataset, self.env.world_size)
         self.batches = iter(self.loader)
@@ -268,6 +269,8 @@ class Trainer:
             check_held_out(folder, self.spec)
             validation = ValidationLoss.from_shards(folder, self.conditioning, self.objective, e.samples,
                                                     e.batch_size, bins=e.bins, seed=cfg.seed, device=self.device,
+                                                    text_features=builders.loader_options(cfg, self.conditioning)[
+                                                        "text_features"],
                                                     autocast=self.precision.forward, ranks=ranks)
         except (ValueError, OSError) as err:
             raise ConfigError(f"train.eval.data={folder!r}: {err}") from err

@@ -23,7 +23,7 @@ class EmbeddedSample:
     key: str
     """Unique and deterministic within the dataset, e.g. 'synthetic-000123'; no dots (WebDataset splits there)."""
     image: Image.Image
-    """RGB, square, the dataset's image_size."""
+    """RGB, the dataset's image_size square (synthetic scenes built with sizes: that sample's size)."""
     caption: str
     short_caption: str
     label: int

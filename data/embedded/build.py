@@ -1,11 +1,13 @@
 """Build an embedded dataset into WebDataset tars.
 
     python -m data.embedded.build --dataset {synthetic,openmoji} --out DIR
-        [--image-size 32] [--num-samples N] [--seed 0] [--samples-per-tar 1000]
+        [--image-size 32] [--num-samples N] [--seed 0] [--samples-per-tar 1000] [--sizes HxW,HxW,...]
 
 Writes DIR/<name>-0000.tar, ... with `samples_per_tar` samples each (the last holds the rest) and then
 DIR/dataset.json. Each sample has `__key__`, `png` (RGB, image_size square), `txt` (the long caption) and
-`json` (caption, short_caption, label, label_name and the dataset's own attributes).
+`json` (caption, short_caption, label, label_name and the dataset's own attributes). With --sizes (synthetic
+only), sample i is rendered at the i-th size in turn, height first (e.g. 40x40,32x48,48x32: the aspect-ratio
+buckets of the embedded Stage 4), and dataset.json lists them.
 
 Rebuilding is reproducible: same arguments, byte-identical tars (entries carry a fixed mtime). Each tar
 is written as `<file>.tmp` and renamed when complete, and dataset.json is removed first and written
@@ -35,8 +37,8 @@ SYNTHETIC_DEFAULT_SAMPLES = 50_000
 
 def encode(sample: EmbeddedSample) -> dict[str, Any]:
     """The tar entries of one sample, already bytes so the encoding is ours and not WebDataset's default."""
-    if sample.image.mode != "RGB" or sample.image.width != sample.image.height:
-        raise ValueError(f"{sample.key}: expected a square RGB image, got {sample.image.mode} {sample.image.size}")
+    if sample.image.mode != "RGB":
+        raise ValueError(f"{sample.key}: expected an RGB image, got {sample.image.mode} {sample.image.size}")
     png = io.BytesIO()
     sample.image.save(png, format="PNG", compress_level=9)
     record = dict(
@@ -92,13 +94,17 @@ def build(
     seed: int = 0,
     samples_per_tar: int = 1000,
     progress: bool = True,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Write the tars and dataset.json into `out`; returns what dataset.json holds.
 
-    num_samples: synthetic defaults to 50,000; openmoji to every emoji that renders.
+    num_samples: synthetic defaults to 50,000; openmoji to every emoji that renders. sizes: synthetic only, the
+    (height, width) sample i is rendered at, in turn (default: all image_size squares).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if sizes and (dataset != "synthetic" or min(min(size) for size in sizes) < 8):
+        raise ValueError("sizes: synthetic scenes only, every side >= 8")
     if image_size < 8 or samples_per_tar < 1 or (num_samples is not None and num_samples < 1):
         raise ValueError("image_size must be >= 8, samples_per_tar and num_samples >= 1")
     out = Path(out)
@@ -106,8 +112,10 @@ def build(
     (out / MANIFEST).unlink(missing_ok=True)
     if dataset == "synthetic":
         count = num_samples or SYNTHETIC_DEFAULT_SAMPLES
-        samples = synthetic.iter_samples(image_size, count, seed)
+        samples = synthetic.iter_samples(image_size, count, seed, sizes)
         extra, total = synthetic.metadata(seed), count
+        if sizes:
+            extra["sizes"] = [list(size) for size in sizes]
     else:
         samples = openmoji.iter_samples(image_size, num_samples)
         # An upper bound: render failures are only known once rendered (none with OpenMoji 17's font).
@@ -148,8 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="synthetic scenes; openmoji is fixed by its files")
     parser.add_argument("--samples-per-tar", type=int, default=1000)
+    parser.add_argument("--sizes", default=None, help="synthetic: HxW,HxW,... (height first), one per sample in turn")
     args = parser.parse_args(argv)
-    manifest = build(args.dataset, args.out, args.image_size, args.num_samples, args.seed, args.samples_per_tar)
+    sizes = None
+    if args.sizes:
+        from data.buckets import parse_bucket
+
+        try:
+            sizes = [(b.height, b.width) for b in map(parse_bucket, args.sizes.split(","))]
+        except ValueError as err:
+            parser.error(f"--sizes: {err}")
+    try:
+        manifest = build(args.dataset, args.out, args.image_size, args.num_samples, args.seed, args.samples_per_tar,
+                         sizes=sizes)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_tars']} tars to {args.out}")
     return 0
 

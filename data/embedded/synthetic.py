@@ -18,6 +18,12 @@ one). `region_box` is the 3x3-grid cell holding the anchor: an analyser checks t
 lies in the cell of the position its caption names; the cells do not overlap, so no centroid matches
 two positions.
 
+Non-square images (an image size (height, width), for the aspect-ratio buckets of the embedded Stages 4-5):
+anchors and grid cells are the same fractions of each axis, and a shape's nominal diameter is the fraction of the
+shorter side, so shapes stay round and inside their quadrants and every caption stays true to the pixels. A square
+size renders exactly as before. `make_sample` draws nothing more for the size: the scene of (seed, index) is the
+same at every size.
+
 Rendering: Pillow draws at 8x the target size and `Image.reduce` averages each 8x8 block (an exact
 area filter: anti-aliased edges, no ringing, interiors keep the exact named colour). The star has five
 points and an inner radius of 0.38 of the outer one, so even a small star at 32 px has visible points
@@ -200,14 +206,25 @@ def _polygon(shape: str, cx: float, cy: float, diameter: float) -> list[tuple[fl
     raise ValueError(f"no polygon for {shape!r}")
 
 
-def render_scene(spec: SceneSpec, image_size: int = 32) -> Image.Image:
-    """The scene as an RGB image of `image_size` px, drawn supersampled and box-filtered down."""
-    side = image_size * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUNDS[spec.background])
+Size = int | tuple[int, int]
+"""An image size: a side in pixels, or (height, width)."""
+
+
+def height_width(image_size: Size) -> tuple[int, int]:
+    """(height, width) of a size."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def render_scene(spec: SceneSpec, image_size: Size = 32) -> Image.Image:
+    """The scene as an RGB image of `image_size` px (a side, or (height, width)), drawn supersampled and
+    box-filtered down."""
+    height, width = height_width(image_size)
+    canvas = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), BACKGROUNDS[spec.background])
     draw = ImageDraw.Draw(canvas)
+    side = min(height, width) * SUPERSAMPLE  # the diameter's reference: shapes stay round and in their quadrant
     for s in spec.shapes:
         ax, ay = _ANCHORS[s.position]
-        cx, cy, diameter = ax * side, ay * side, SIZES[s.size] * side
+        cx, cy, diameter = ax * (width * SUPERSAMPLE), ay * (height * SUPERSAMPLE), SIZES[s.size] * side
         fill = COLOURS[s.colour]
         if s.shape == "circle":
             r = diameter / 2
@@ -217,8 +234,9 @@ def render_scene(spec: SceneSpec, image_size: int = 32) -> Image.Image:
     return canvas.reduce(SUPERSAMPLE)
 
 
-def region_box(position: str, image_size: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1), end-exclusive pixels: the 3x3-grid cell a shape at `position` has its centroid in.
+def region_box(position: str, image_size: Size) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), end-exclusive pixels: the 3x3-grid cell a shape at `position` has its centroid in
+    (`image_size` a side, or (height, width): the grid divides each axis in thirds).
 
     Corners are the corner cells and `center` the middle one; the edge-middle cells belong to no position.
     """
@@ -231,8 +249,9 @@ def region_box(position: str, image_size: int) -> tuple[int, int, int, int]:
         r, c = row[vertical], col[horizontal]
     else:
         raise ValueError(f"unknown position {position!r}; expected one of {POSITIONS}")
-    edges = [round(k * image_size / 3) for k in range(4)]
-    return (edges[c], edges[r], edges[c + 1], edges[r + 1])
+    height, width = height_width(image_size)
+    rows, cols = [round(k * height / 3) for k in range(4)], [round(k * width / 3) for k in range(4)]
+    return (cols[c], rows[r], cols[c + 1], rows[r + 1])
 
 
 def _phrase(s: ShapeSpec) -> str:
@@ -262,7 +281,7 @@ def held_out_prompts(background: str = "gray", size: str = "large") -> list[str]
     return [caption(spec) for spec in held_out_specs(background, size)]
 
 
-def make_sample(seed: int, index: int, image_size: int) -> EmbeddedSample:
+def make_sample(seed: int, index: int, image_size: Size) -> EmbeddedSample:
     spec = spec_for_index(seed, index)
     shapes = [
         dict(colour=s.colour, shape=s.shape, position=s.position, size=s.size, rgb=list(COLOURS[s.colour]))
@@ -286,9 +305,13 @@ def make_sample(seed: int, index: int, image_size: int) -> EmbeddedSample:
     )
 
 
-def iter_samples(image_size: int, num_samples: int, seed: int = 0) -> Iterator[EmbeddedSample]:
+def iter_samples(
+    image_size: Size, num_samples: int, seed: int = 0, sizes: Sequence[Size] | None = None
+) -> Iterator[EmbeddedSample]:
+    """The dataset's samples; with `sizes`, sample i is rendered at sizes[i % len(sizes)] (the same scenes, in
+    equal shares of each size, for aspect-ratio buckets)."""
     for index in range(num_samples):
-        yield make_sample(seed, index, image_size)
+        yield make_sample(seed, index, sizes[index % len(sizes)] if sizes else image_size)
 
 
 def metadata(seed: int) -> dict:

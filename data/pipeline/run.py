@@ -2,8 +2,9 @@
 
 Resume design: one input tar is the unit of work, done or not done.
   - Tar `train_0003.tar` writes `shard-train_0003-00000.pt, -00001.pt, ...` (records_per_shard each, the
-    last partial) and then, atomically, `progress/train_0003.done.json`: its shard files, drop counts and
-    the dataset spec it was written with. Output names depend on the tar alone, never on the rank or world
+    last partial; with aspect-ratio buckets one series per bucket, `shard-train_0003+512x1024-00000.pt`) and
+    then, atomically, `progress/train_0003.done.json`: its shard files, drop counts and the dataset spec it
+    was written with. Output names depend on the tar alone, never on the rank or world
     size, so a rerun may use another --world-size.
   - On start a rank skips every tar whose marker exists and whose listed shards are all finished (`.pt` and
     sidecar `.json`, see data/shards.py). Any other tar is redone from scratch: its leftovers (finished or
@@ -24,6 +25,11 @@ writes manifest.json. Every rank tries this after its own tars, so the last rank
 
 Shard order inside a tar follows the tar: the training loader wants shuffled sources, which webdataset
 tars written by img2dataset-style tools are.
+
+Text features (`text_features=True`, an encoder given): each kept caption, long and short, is encoded once by
+the frozen encoder, and its states go into the shards beside the tokens (data/features.py). Memory: each shard
+writer holds at most `buffer_bytes` / (number of buckets) of records before it appends them to disk
+(data/shards.py), so a rank's peak does not grow with records_per_shard.
 """
 
 import dataclasses
@@ -43,6 +49,8 @@ from core.files import write_json_atomic
 from core.images import images_to_tensor
 from core.tokenizer import TextTokenizer
 from core.vae import ImageAutoencoder
+from data.buckets import Bucket, buckets_as_json
+from data.features import encoder_identity, features_record
 from data.pipeline.captioners import Captioner, derive_short
 from data.pipeline.sources import (
     DropCounts,
@@ -54,7 +62,7 @@ from data.pipeline.sources import (
     prepare_sample,
     split_for_rank,
 )
-from data.shards import MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_manifest
+from data.shards import BUFFER_BYTES, MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_manifest
 
 log = logging.getLogger(__name__)
 PROGRESS_DIR = "progress"
@@ -89,6 +97,14 @@ class PipelineConfig:
     decode_workers: int = 4
     timeout: float = 60.0
     progress: bool = True
+    buckets: list[Bucket] | None = None
+    """Aspect-ratio buckets (data/buckets.py): each image goes to the nearest; None: square crops of image_size."""
+    text_features: bool = False
+    """Store the frozen encoder's states of every caption (needs an encoder passed to run_rank)."""
+    text_encoder_subfolder: str | None = None
+    """The encoder's subfolder inside its folder or hub repository, for its identity."""
+    buffer_bytes: int = BUFFER_BYTES
+    """Records a rank keeps in memory before its shard writers append them to disk (shared by the buckets)."""
 
 
 @dataclass
@@ -103,12 +119,28 @@ class RankResult:
 
 
 def build_spec(
-    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder
+    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder,
+    encoder: Any = None,
 ) -> DatasetSpec:
     text = cfg.kind == "text"
     caption_size = cfg.caption_size if captioner.needs_images else None
     if text and tokenizer is None:
         raise PipelineError("kind='text' needs a tokenizer")
+    features = None
+    if cfg.text_features:
+        if not text or encoder is None:
+            raise PipelineError("text_features needs kind='text' and a text encoder")
+        identity = encoder_identity(encoder.name, cfg.text_encoder_subfolder)
+        features = features_record(identity | dict(model_type=encoder.model_type), encoder.hidden_size,
+                                   tokenizer.max_length)
+    latent_shape = vae.latent_shape(cfg.image_size)
+    buckets = None
+    if cfg.buckets:
+        factor = cfg.image_size // latent_shape[1]
+        try:
+            buckets = buckets_as_json(cfg.buckets, latent_shape[0], factor)
+        except ValueError as err:
+            raise PipelineError(f"buckets: {err}") from err
     extra = dict(
         inputs=cfg.inputs_description or dict(num_inputs=len(cfg.inputs)),
         captioner=captioner.describe(),
@@ -116,7 +148,7 @@ def build_spec(
     )
     return DatasetSpec(
         kind=cfg.kind,
-        latent_shape=vae.latent_shape(cfg.image_size),
+        latent_shape=latent_shape,
         image_size=cfg.image_size,
         vae=dict(vae.info),
         tokenizer=tokenizer.info if text else None,
@@ -126,6 +158,8 @@ def build_spec(
         source=cfg.source,
         licence=cfg.licence,
         extra=extra,
+        buckets=buckets,
+        text_features=features,
     )
 
 
@@ -150,8 +184,10 @@ def is_done(out_dir: Path, stem: str) -> bool:
 def clean_partial(out_dir: Path, stem: str) -> list[Path]:
     """Delete every output of one tar (shards, sidecars, captions, temp files, marker) before redoing it."""
     out_dir = Path(out_dir)
-    pattern = re.compile(rf"\.?shard-{re.escape(stem)}-\d{{5}}\.(pt|json|captions\.jsonl)(\.tmp-.+)?")
-    removed = [p for p in out_dir.glob(f"*shard-{stem}-*") if pattern.fullmatch(p.name)]
+    # A bucket's series is `shard-STEM+HxW-00000.pt`: a stem never holds '+' (sources.input_stem), so no stem's
+    # files are taken for another's.
+    pattern = re.compile(rf"\.?shard-{re.escape(stem)}(\+\d+x\d+)?-\d{{5}}\.(pt|json|captions\.jsonl)(\.tmp-.+)?")
+    removed = [p for p in out_dir.glob(f"*shard-{stem}[-+]*") if pattern.fullmatch(p.name)]
     marker = marker_path(out_dir, stem)
     removed += [marker] if marker.exists() else []
     removed += list(marker.parent.glob(f".{marker.name}.tmp-*"))
@@ -167,51 +203,85 @@ def _label(meta: dict[str, Any], num_classes: int, where: str) -> int:
     return label
 
 
+@dataclass
+class Tools:
+    """What turns prepared samples into records: the captioner, the tokenizer (text), the VAE and, for stored
+    text features, the frozen encoder."""
+
+    captioner: Captioner
+    tokenizer: TextTokenizer | None
+    vae: ImageAutoencoder
+    encoder: Any = None
+
+
+class _Writers:
+    """One ShardWriter per bucket of one input tar, made when the bucket's first record comes (unbucketed: one)."""
+
+    def __init__(self, cfg: PipelineConfig, spec: DatasetSpec, stem: str):
+        self.cfg, self.spec, self.stem = cfg, spec, stem
+        self.by_bucket: dict[str | None, ShardWriter] = {}
+        self.budget = max(1, cfg.buffer_bytes // max(1, len(cfg.buckets or ())))
+
+    def __getitem__(self, bucket: Bucket | None) -> ShardWriter:
+        name = bucket.name if bucket is not None else None
+        if name not in self.by_bucket:
+            prefix = f"shard-{self.stem}" + (f"+{name}" if name else "")
+            self.by_bucket[name] = ShardWriter(self.cfg.out_dir, self.spec, self.cfg.records_per_shard, prefix,
+                                               bucket=name, buffer_bytes=self.budget)
+        return self.by_bucket[name]
+
+    def close(self) -> list[str]:
+        return sorted(p.name for w in self.by_bucket.values() for p in w.close())
+
+    def abort(self) -> None:
+        for writer in self.by_bucket.values():
+            writer.abort()
+
+
 def _write_batch(
-    batch: list[Prepared],
-    stem: str,
-    url: str,
-    writer: ShardWriter,
-    counts: DropCounts,
-    captioner: Captioner,
-    tokenizer: TextTokenizer | None,
-    vae: ImageAutoencoder,
+    batch: list[Prepared], stem: str, url: str, writers: _Writers, counts: DropCounts, tools: Tools
 ) -> None:
-    spec = writer.spec
-    pairs = captioner.caption([p.caption_image for p in batch], [p.meta for p in batch])
+    spec = writers.spec
+    pairs = tools.captioner.caption([p.caption_image for p in batch], [p.meta for p in batch])
     keep = []
     for sample, (long, short) in zip(batch, pairs, strict=True):
         if spec.kind == "text" and not long:
             counts.no_caption += 1  # an empty caption would teach the unconditional branch a random image
             continue
         keep.append((sample, long, short or (derive_short(long) if spec.short_captions else "")))
-    if not keep:
-        return
-    latents = vae.encode(images_to_tensor([s.image for s, _, _ in keep]))
-    record_keys = {}
-    if spec.kind == "text":
-        record_keys["text_tokens"], record_keys["attn_mask"] = tokenizer([long for _, long, _ in keep])
-        if spec.short_captions:
-            record_keys["short_text_tokens"], record_keys["short_attn_mask"] = tokenizer([s for _, _, s in keep])
-    for j, (sample, long, short) in enumerate(keep):
-        caption: dict[str, Any] = dict(key=sample.key, input=stem)
-        caption |= {k: v for k, v in (("caption", long), ("short_caption", short)) if v}
-        record = {k: v[j] for k, v in record_keys.items()} | {"latents": latents[j]}
-        if spec.kind == "labels":
-            caption["label"] = _label(sample.meta, spec.num_classes, f"{url} sample {sample.key}")
-            record["labels"] = torch.tensor(caption["label"], dtype=torch.int64)
-        writer.add(caption=caption, **record)
-        counts.written += 1
+    by_bucket: dict[Bucket | None, list] = {}
+    for item in keep:  # the VAE encodes images of one size at a time
+        by_bucket.setdefault(item[0].bucket, []).append(item)
+    for bucket, group in by_bucket.items():
+        latents = tools.vae.encode(images_to_tensor([s.image for s, _, _ in group]))
+        record_keys = _text_records(spec, tools, [long for _, long, _ in group], [short for _, _, short in group])
+        for j, (sample, long, short) in enumerate(group):
+            caption: dict[str, Any] = dict(key=sample.key, input=stem)
+            caption |= {k: v for k, v in (("caption", long), ("short_caption", short)) if v}
+            record = {k: v[j] for k, v in record_keys.items()} | {"latents": latents[j]}
+            if spec.kind == "labels":
+                caption["label"] = _label(sample.meta, spec.num_classes, f"{url} sample {sample.key}")
+                record["labels"] = torch.tensor(caption["label"], dtype=torch.int64)
+            writers[bucket].add(caption=caption, **record)
+            counts.written += 1
+
+
+def _text_records(spec: DatasetSpec, tools: Tools, longs: list[str], shorts: list[str]) -> dict[str, torch.Tensor]:
+    """Batched tokens and masks of the long (and short) captions, and with stored features the encoder's states."""
+    if spec.kind != "text":
+        return {}
+    keys = {}
+    keys["text_tokens"], keys["attn_mask"] = tools.tokenizer(longs)
+    if spec.short_captions:
+        keys["short_text_tokens"], keys["short_attn_mask"] = tools.tokenizer(shorts)
+    for key, (mask_key, _) in spec.feature_keys().items():
+        tokens = keys[mask_key.replace("attn_mask", "text_tokens")]
+        keys[key] = tools.encoder(tokens, keys[mask_key]).cpu()  # once per caption, never again while training
+    return keys
 
 
 def process_tar(
-    url: str,
-    cfg: PipelineConfig,
-    spec: DatasetSpec,
-    captioner: Captioner,
-    tokenizer: TextTokenizer | None,
-    vae: ImageAutoencoder,
-    bar: tqdm | None = None,
+    url: str, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None = None
 ) -> DropCounts:
     """Turn one input tar into its shards and marker (from scratch: leftovers are deleted first). Raises
     SourceError, after deleting what it wrote, when the tar cannot be read whole."""
@@ -220,7 +290,7 @@ def process_tar(
     if removed := clean_partial(cfg.out_dir, stem):
         log.info("%s: removed %d leftover files of an interrupted run", stem, len(removed))
     try:
-        counts = _write_shards(url, stem, cfg, spec, captioner, tokenizer, vae, bar)
+        counts = _write_shards(url, stem, cfg, spec, tools, bar)
     except SourceError:
         clean_partial(cfg.out_dir, stem)
         raise
@@ -228,36 +298,34 @@ def process_tar(
 
 
 def _write_shards(
-    url: str,
-    stem: str,
-    cfg: PipelineConfig,
-    spec: DatasetSpec,
-    captioner: Captioner,
-    tokenizer: TextTokenizer | None,
-    vae: ImageAutoencoder,
-    bar: tqdm | None,
+    url: str, stem: str, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None
 ) -> DropCounts:
-    writer = ShardWriter(cfg.out_dir, spec, cfg.records_per_shard, prefix=f"shard-{stem}")
+    writers = _Writers(cfg, spec, stem)
     counts = DropCounts()
-    caption_size = cfg.caption_size if captioner.needs_images else None
+    caption_size = cfg.caption_size if tools.captioner.needs_images else None
     prepare = functools.partial(
-        prepare_sample, image_size=cfg.image_size, caption_size=caption_size, min_std=cfg.min_std
+        prepare_sample, image_size=cfg.image_size, caption_size=caption_size, min_std=cfg.min_std,
+        buckets=cfg.buckets,
     )
     batch: list[Prepared] = []
-    for result in ordered_map(prepare, iter_tar_samples(url, cfg.timeout), cfg.decode_workers):
-        counts.seen += 1
-        if bar is not None:
-            bar.update(1)
-        if isinstance(result, str):
-            setattr(counts, result, getattr(counts, result) + 1)
-            continue
-        batch.append(result)
-        if len(batch) == cfg.batch_size:
-            _write_batch(batch, stem, url, writer, counts, captioner, tokenizer, vae)
-            batch = []
-    if batch:
-        _write_batch(batch, stem, url, writer, counts, captioner, tokenizer, vae)
-    shards = [p.name for p in writer.close()]
+    try:
+        for result in ordered_map(prepare, iter_tar_samples(url, cfg.timeout), cfg.decode_workers):
+            counts.seen += 1
+            if bar is not None:
+                bar.update(1)
+            if isinstance(result, str):
+                setattr(counts, result, getattr(counts, result) + 1)
+                continue
+            batch.append(result)
+            if len(batch) == cfg.batch_size:
+                _write_batch(batch, stem, url, writers, counts, tools)
+                batch = []
+        if batch:
+            _write_batch(batch, stem, url, writers, counts, tools)
+    except BaseException:
+        writers.abort()  # the raw files of unfinished shards; finished ones go with clean_partial
+        raise
+    shards = writers.close()
     marker = dict(input=url, stem=stem, shards=shards, records=counts.written, counts=dataclasses.asdict(counts))
     marker |= dict(records_per_shard=cfg.records_per_shard, spec=_as_json(spec))
     # Written last and atomically: its presence means every shard above is finished.
@@ -267,10 +335,13 @@ def _write_shards(
 
 
 def run_rank(
-    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder
+    cfg: PipelineConfig, captioner: Captioner, tokenizer: TextTokenizer | None, vae: ImageAutoencoder,
+    encoder: Any = None,
 ) -> RankResult:
-    """Process this rank's tars (skipping done ones); finalize the folder if every tar is now done."""
-    spec = build_spec(cfg, captioner, tokenizer, vae)
+    """Process this rank's tars (skipping done ones); finalize the folder if every tar is now done. `encoder`: the
+    frozen text encoder (core/text_encoder.py) whose states cfg.text_features stores."""
+    spec = build_spec(cfg, captioner, tokenizer, vae, encoder)
+    tools = Tools(captioner, tokenizer, vae, encoder)
     mine = split_for_rank(cfg.inputs, cfg.rank, cfg.world_size)
     done = {url for url in mine if is_done(cfg.out_dir, input_stem(url))}
     for url in done:  # before any work: a folder must never mix two configurations
@@ -284,7 +355,7 @@ def run_rank(
     bar = tqdm(desc=f"rank {cfg.rank}/{cfg.world_size}", unit="img", disable=not cfg.progress, mininterval=interval)
     for i, url in enumerate(todo):
         try:
-            result.counts.add(process_tar(url, cfg, spec, captioner, tokenizer, vae, bar))
+            result.counts.add(process_tar(url, cfg, spec, tools, bar))
             result.processed.append(url)
         except SourceError as err:
             log.error("%s failed, its shards are removed and a rerun redoes it: %s", input_stem(url), err)

@@ -19,6 +19,9 @@ Each image is decoded, dropped when its shorter side is below the target size (w
 VAE sees), resized with Lanczos so the shorter side is the target and centre-cropped to a square, then
 dropped when it is near a single colour: blank or flat images destabilised the reference's training.
 The captioner gets a centre crop of the same square region, at `caption_size` (larger, so a VLM sees detail).
+With aspect-ratio buckets (data/buckets.py) an image goes to the bucket nearest its aspect ratio instead, is
+dropped when it does not cover that bucket at its own size, and is resized to cover the bucket and centre-cropped
+to it; the captioner sees the same region at caption_size / image_size times the bucket.
 """
 
 import bz2
@@ -46,6 +49,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from data.buckets import Bucket, nearest_bucket
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 """Sample entries tried for the image, in this order."""
@@ -316,6 +321,8 @@ class Prepared:
     image: Image.Image
     caption_image: Image.Image | None
     meta: dict[str, Any] = field(default_factory=dict)
+    bucket: Bucket | None = None
+    """The aspect-ratio bucket the crop has the size of (None: no buckets, a square crop)."""
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -331,13 +338,18 @@ def decode_image(data: bytes) -> Image.Image:
 
 def centre_square(image: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size` (Lanczos), then crop the centre square, as the reference did."""
+    return cover_crop(image, size, size)
+
+
+def cover_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize (Lanczos) by the smallest factor that makes the image cover height x width, then crop the centre."""
     w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if (w, h) != (width, height):
+        scale = max(width / w, height / h)
+        new = (max(width, round(w * scale)), max(height, round(h * scale)))
         image = image.resize(new, Image.Resampling.LANCZOS)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        left, top = (new[0] - width) // 2, (new[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
     return image
 
 
@@ -348,7 +360,8 @@ def is_degenerate(image: Image.Image, min_std: float) -> bool:
 
 
 def prepare_sample(
-    sample: dict[str, Any], image_size: int, caption_size: int | None, min_std: float
+    sample: dict[str, Any], image_size: int, caption_size: int | None, min_std: float,
+    buckets: list[Bucket] | None = None,
 ) -> Prepared | str:
     """The filtered, cropped sample, or the name of the DropCounts field that explains why it was dropped."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -358,15 +371,18 @@ def prepare_sample(
         image = decode_image(sample[ext])
     except (OSError, ValueError, Image.DecompressionBombError):
         return "undecodable"
-    if min(image.size) < image_size:
+    bucket = nearest_bucket(image.height, image.width, buckets) if buckets else None
+    height, width = (bucket.height, bucket.width) if bucket else (image_size, image_size)
+    if image.height < height or image.width < width:  # never upsample what the VAE sees
         return "too_small"
-    crop = centre_square(image, image_size)
+    crop = cover_crop(image, height, width)
     if is_degenerate(crop, min_std):
         return "degenerate"
     caption_image = None
     if caption_size is not None:
-        # Never upsample for the VLM: below caption_size it sees the native centre square.
-        caption_image = centre_square(image, min(caption_size, min(image.size)))
+        # Never upsample for the VLM: below caption_size it sees the native region.
+        factor = min(caption_size / image_size, image.height / height, image.width / width)
+        caption_image = cover_crop(image, round(height * factor), round(width * factor))
     meta: dict[str, Any] = {"key": sample["__key__"]}
     if "txt" in sample:
         meta["txt"] = sample["txt"].decode("utf-8", errors="replace").strip()
@@ -375,7 +391,7 @@ def prepare_sample(
             meta["json"] = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta["json"] = {}
-    return Prepared(sample["__key__"], crop, caption_image, meta)
+    return Prepared(sample["__key__"], crop, caption_image, meta, bucket)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 4) -> Iterator[R]:
