@@ -59,6 +59,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from core.cli_help import HelpFormatter
+
 log = logging.getLogger(__name__)
 
 _CONVERSIONS = ("stage2_config", "ccdit_to_mmdit", "parity", "resolution_config", "state_shapes",
@@ -331,7 +333,7 @@ def _to_te(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s12 = sub.add_parser("stage1-to-stage2", help="ccDiT checkpoint -> mmDiT initialisation")
     s12.add_argument("--src", type=Path, required=True, help="Stage-1 checkpoint (.pt)")

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 
 from app.sources import add_source_flags
+from core.cli_help import HelpFormatter
 
 FORMATS = ("diffusers", "pixart", "pixart-original", "safetensors")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, required=True,
                    help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--out-dir", type=Path, required=True, help="the folder to write (created; see --force)")

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from app.sources import add_source_flags
+from core.cli_help import HelpFormatter
 
 _UI = ("Generator", "Settings", "TrajectoryWriter", "build_app", "launch_kwargs", "load_or_exit", "make_rewriter",
        "one_line", "header", "rewrite_note", "sampling_controls", "THEME", "CSS")
@@ -45,7 +46,7 @@ def __getattr__(name: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, required=True,
                    help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 from app.sources import add_source_flags
 from app.validation import BATCH
+from core.cli_help import HelpFormatter
 from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, required=True,
                    help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--prompt", action="append", help="text prompt (repeatable); text checkpoints")

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.cli_help import HelpFormatter
 from data.pipeline.sources import SourceError, list_inputs
 
 HUB_SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -58,16 +59,6 @@ def _pixel_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The docstring's examples kept as written; a flag's default shown where it has one its help does not name."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -79,7 +70,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs (one of --base-url/--num-shards or --input-glob)")
     g.add_argument("--base-url", help="tar URL template with an {i} field, e.g. 'https://host/train_{i:04d}.tar'")
     g.add_argument("--num-shards", type=int, help="number of tars the template expands to (i = 0 .. N-1)")

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 
 def validate(
     data_dir: Path, verify_checksum: bool = True, encoder: dict | None = None
@@ -66,7 +68,7 @@ def _check_encoder(data_dir: Path, spec, encoder: dict) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--no-checksum", action="store_true", help="skip the sha256 comparison (faster)")
     parser.add_argument("--text-encoder", default=None,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.cli_help import HelpFormatter
 from data.embedded.synthetic import caption, render_scene, spec_for_index
 
 REAL_SEED = 1
@@ -118,7 +119,7 @@ def report(checkpoint: Path | str, num_samples: int = 256, seed: int = 0, batch_
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m evaluation.embedded", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, required=True, help="a checkpoint of an embedded stage, or its run")
     p.add_argument("--num-samples", type=int, default=256, help="samples, and real scenes on each side")
     p.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 _SCORING = ("ATTRIBUTES", "BACKGROUND", "SIZE", "FRAME", "WRONG_RGB", "Judgement", "sample_seed", "generate_held_out",
             "judge_images", "summarise", "evaluate_compositions", "format_table", "render_grid")
 
@@ -68,7 +70,7 @@ _positive_float = _number_type(float, lambda v: v > 0, "> 0")
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI flags; `argv` lets tests parse without a process."""
     p = argparse.ArgumentParser(
-        prog="python -m evaluation.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m evaluation.evaluate", description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--model-path", type=Path, required=True,
                    help="text-conditional checkpoint written by the trainer, or its run folder (the newest)")

@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from core.cli_help import HelpFormatter
 from evaluation.ranks import ALONE, Ranks
 
 IS_SPLIT_SIZE = 5000
@@ -347,7 +348,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m evaluation.metrics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--samples", type=Path, required=True, help="ADM-layout .npz of samples (arr_0 uint8 NHWC)")
     p.add_argument("--reference", type=Path, default=None,
                    help="ADM reference .npz, a saved reference, or a folder of images (none: CLIP score only)")

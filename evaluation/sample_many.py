@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cli_help import HelpFormatter
 from core.files import write_atomic, write_json_atomic
 
 SETTINGS = "sampling.json"
@@ -234,7 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
 
     p = argparse.ArgumentParser(prog="python -m evaluation.sample_many", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, required=True, help="checkpoint, or its run folder (the newest)")
     p.add_argument("--num-samples", type=_positive, required=True)
     p.add_argument("--out-dir", type=Path, required=True)

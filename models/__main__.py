@@ -10,6 +10,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.cli_help import HelpFormatter
 from models.registry import build_model, model_config, named_models
 
 
@@ -36,7 +37,7 @@ def describe(name: str) -> tuple[str, int, float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: every named model)")
     args = parser.parse_args()
     rows = [describe(n) for n in (args.names or named_models())]

@@ -44,7 +44,7 @@ class CCDiT(DiTSkeleton):
         return CCDiTBlock(cfg)
 
     def init_conditioning(self) -> None:
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        nn.init.normal_(self.y_embed.table.weight, std=self.config.class_embed_std)
         # adaLN-Zero [peebles2023]: every block starts as the identity.
         for block in self.blocks:
             block.adaLN.zero_init()

@@ -85,7 +85,7 @@ class JointDiT(DiTSkeleton):
     def init_conditioning(self) -> None:
         nn.init.normal_(self.registers, std=0.02)
         if self.config.conditioning == "class":
-            nn.init.normal_(self.y_embed.table.weight, std=0.02)
+            nn.init.normal_(self.y_embed.table.weight, std=self.config.class_embed_std)
         for block in self.blocks:  # adaLN-Zero on both streams
             block.adaLN.zero_init()
             block.context_adaLN.zero_init()

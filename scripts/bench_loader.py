@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from core.cli_help import HelpFormatter
 from data.loader import build_loader
 from data.shards import DatasetSpec, ShardWriter, read_manifest, write_manifest
 
@@ -148,7 +149,7 @@ def rates(epochs: list[tuple[int, float]]) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="an existing shard folder (default: synthetic, in a temp dir)")
     parser.add_argument("--records", type=int, default=4096)
     parser.add_argument("--shards", type=int, default=8)

@@ -26,6 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("writer", "check", "loader", "legacy-writer", "legacy-check")
 
@@ -136,7 +138,7 @@ def run(mode: str, folder: Path, records: int, latent: tuple[int, int, int]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[2000, 4000, 8000, 16000])
     parser.add_argument("--latent", type=int, nargs=3, default=[16, 64, 64], metavar=("C", "H", "W"))
     parser.add_argument("--dir", type=Path, default=None, help="where the shards go (default: a temp dir)")

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name in the table -> the trainer's model group (configs/model/)
     "dit": ("DiT (mmDiT, cross-attention)", "mmdit"),
@@ -133,7 +135,7 @@ def samples(rows: list[dict], path: Path, seeds: int = 2) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--minutes", type=float, default=7.0, help="training wall-clock per model")
     p.add_argument("--samples-per-prompt", type=int, default=2, help="evaluation samples per held-out triple")

@@ -22,6 +22,7 @@ from bench_common import (
     print_table,
 )
 
+from core.cli_help import HelpFormatter
 from core.device import default_device
 from flow import sample, time_grid
 from models import build_model, model_config
@@ -74,7 +75,7 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="mmDiT-XL/2")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--batch", type=int, default=8)

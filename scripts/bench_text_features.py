@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "online": ["data.text_features=false", "train.text_cache=0"],
@@ -83,7 +85,7 @@ def seconds_per_step(t, warmup: int, steps: int, start: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "outputs" / "data")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)

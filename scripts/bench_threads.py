@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITORS = {
     "python": "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n",
@@ -39,7 +41,7 @@ def run_stage1(data_dir: Path, out: Path, threads: str, steps: int, log_every: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", type=Path, default=ROOT / "outputs" / "data", help="embedded shards (make data)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--log-every", type=int, default=25)

@@ -34,6 +34,7 @@ from bench_common import (
     train_step_flops,
 )
 
+from core.cli_help import HelpFormatter
 from core.device import default_device
 from flow import Uniform
 from flow.rectified_flow import RectifiedFlow
@@ -152,7 +153,7 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="mmDiT-XL/2")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides in pixels")
     ap.add_argument("--batch", type=int, default=32, help="per-GPU batch, the same for every mode")

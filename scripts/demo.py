@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = (1, 2, 3, 4, 5)
@@ -58,10 +60,13 @@ def run(cmd: list[str], log: Path | None = None, echo: bool = True) -> str:
 
 def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
     script = str(ROOT / "scripts" / "build_embedded_data.sh")
-    for sizes, kinds, samples in (("32", "labels text", samples_32), ("40 48", "text", samples_hi)):
+    # 40 and 48 px: only the aspect-ratio bucketed sets with stored features, all Stages 4-5 read (BUCKETED=only).
+    for sizes, kinds, samples, bucketed in (("32", "labels text", samples_32, "0"), ("40 48", "text", samples_hi,
+                                                                                     "only")):
         env = os.environ | dict(DATASETS="synthetic", SIZES=sizes, KINDS=kinds, SYNTHETIC_SAMPLES=str(samples),
-                                PYTHON=sys.executable)
-        print(f"\n$ DATASETS=synthetic SIZES='{sizes}' KINDS='{kinds}' {script} {data_dir}", flush=True)
+                                BUCKETED=bucketed, PYTHON=sys.executable)
+        print(f"\n$ DATASETS=synthetic SIZES='{sizes}' KINDS='{kinds}' BUCKETED={bucketed} {script} {data_dir}",
+              flush=True)
         subprocess.run([script, str(data_dir)], cwd=ROOT, env=env, check=True)
 
 
@@ -124,7 +129,7 @@ def curriculum_plot(runs: Path, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # Paths are relative to the repository root, as `make data` and the embedded configs name them (the
     # sharding pipeline records its input paths and refuses to resume under different ones).
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/demo"), help="summary, grids, evaluation")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "outputs" / "ablation" / "results.jsonl"
 
@@ -50,7 +52,7 @@ def evaluate(checkpoint: Path, out: Path, samples: int, log: Path, extra: list[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--name", help="the row's name (the lever and its setting)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5])

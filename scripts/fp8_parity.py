@@ -19,6 +19,8 @@ from pathlib import Path
 
 from bench_pixel import ensure_data, run  # scripts/ is on the path when run as a script
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def train(precision: str, args: argparse.Namespace) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--smoke", action="store_true", help="CPU, 3 steps, no TE needed: checks the script runs")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import matplotlib
 
+from core.cli_help import HelpFormatter
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
@@ -19,7 +21,7 @@ from flow import build_timestep_sampler, time_grid
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("figures/schedules.png"))
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()

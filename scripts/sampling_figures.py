@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = (
     "a large red circle in the top left on a gray background",
@@ -50,7 +52,7 @@ def newest_stage5() -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", type=Path, default=None, help="text checkpoint (default: the demo's Stage 5)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "figures")
     p.add_argument("--steps", type=int, default=24)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.cli_help import HelpFormatter
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data.embedded.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, render_scene, spec_for_index  # noqa: E402
@@ -79,7 +81,7 @@ def accuracy(model: SceneEncoder, images, targets, gen) -> dict[str, float]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--samples", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)

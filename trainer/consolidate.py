@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.cli_help import HelpFormatter
 from trainer import checkpoint
 
 
@@ -35,7 +36,7 @@ def consolidate(src: Path, weights_only: bool = False) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.consolidate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("run", type=Path, help="a run's out_dir, its checkpoints/ folder, or a step_*.dcp folder")
     parser.add_argument("--out", type=Path, required=True, help="the .pt file to write (atomically)")

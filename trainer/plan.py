@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.cli_help import HelpFormatter
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -490,7 +491,7 @@ def check_memory(cfg, world_size: int, device) -> Plan | None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.plan",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + (
             "arguments (key=value, in any order):\n"
             "  stage=N            1..5 or stageN: composes configs/stageN.yaml, as train_stageN.py does (default 5)\n"

@@ -28,6 +28,7 @@ from typing import Any
 import webdataset as wds
 from tqdm import tqdm
 
+from core.cli_help import HelpFormatter
 from data.embedded import EmbeddedSample, openmoji, synthetic
 
 DATASETS = ("synthetic", "openmoji")
@@ -147,7 +148,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--image-size", type=int, default=32)
