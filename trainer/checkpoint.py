@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from core.checkpoint import (  # noqa: F401 (the trainer's checkpoint API)
     EXTRA_STATE,
@@ -402,3 +403,21 @@ class ShardedWriter:
         os.replace(tmp, final)
         fsync_dir(final.parent)
         prune(self.ckpt_dir, self.keep)
+
+
+# ---- the metadata record ----------------------------------------------------------------------------------
+
+
+def metadata_record(cfg: DictConfig, spec, mcfg, conditioning, n_params: int, converted: int) -> dict:
+    """What every tool reads from a checkpoint to use it with no other flag (app/pipeline.py, reparameterize.py)."""
+    t = cfg.train
+    return dict(
+        model=mcfg.to_dict(), family=mcfg.family, size=mcfg.size, name=mcfg.name, stage=cfg.stage,
+        parameters=n_params, prediction=t.prediction, space="pixel" if spec.vae.get("id") == "identity" else "latent",
+        vae=dict(spec.vae, kind=cfg.vae.kind, name_or_path=cfg.vae.name_or_path, subfolder=cfg.vae.subfolder),
+        latent_shape=list(spec.latent_shape), image_size=spec.image_size,
+        text_encoder=OmegaConf.to_container(cfg.text_encoder, resolve=True) if spec.kind == "text" else None,
+        sampling=dict(steps=t.preview.steps, cfg_scale=t.preview.cfg_scale, alpha=t.preview.alpha),
+        data=str(cfg.data.path), linear_layout="torch", trained_linear_layout="te" if converted else "torch",
+        **conditioning.metadata(),
+    )

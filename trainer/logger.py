@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -145,3 +146,12 @@ class RunLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def memory_gb(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return {"train/mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux

@@ -48,11 +48,12 @@ from flow.rectified_flow import RectifiedFlow
 from models import build_model
 from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
+from trainer.cadence import CadenceEvaluation
 from trainer.ema import EMA
 from trainer.errors import ConfigError, RunStoppedError  # noqa: F401 (ConfigError: callers catch it here)
 from trainer.fast_path import apply_compile, checkpoint_blocks
 from trainer.held_loss import HeldLoss
-from trainer.logger import Progress, RunLogger
+from trainer.logger import Progress, RunLogger, memory_gb
 from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallel import Parallel
@@ -246,49 +247,10 @@ class Trainer:
         self.previewer = Previewer(cfg, self.conditioning, vae, self.model_config, self.precision, self.device) \
             if env.is_main else None
         self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.step if self.resume_from else None)
-        self.metadata = checkpoint_metadata(cfg, self.spec, self.model_config, self.conditioning, self.n_params,
-                                            self.converted)
-        self.validation, self.sample_fid = self._build_evaluation(vae)
-
-    def _build_evaluation(self, vae):
-        """The on-cadence validation loss by timestep and the optional small FID (train.eval; evaluation/), built on
-        every rank."""
-        e, env, cfg = self.cfg.train.eval, self.env, self.cfg
-        if not e.every:
-            return None, None
-        from evaluation.ranks import Ranks
-        from evaluation.sample_fid import SampleFID, feature_net
-        from evaluation.sample_many import read_captions
-        from evaluation.val_loss import ValidationLoss, check_held_out
-
-        folder, ranks = e.data or cfg.data.path, Ranks(env.rank, env.world_size, self.device)
-        if e.data is None:
-            log.warning("train.eval.data is null: the validation loss reads the training data (%s), not held-out "
-                        "records", folder)
-        try:
-            check_held_out(folder, self.spec)
-            validation = ValidationLoss.from_shards(folder, self.conditioning, self.objective, e.samples,
-                                                    e.batch_size, bins=e.bins, seed=cfg.seed, device=self.device,
-                                                    text_features=builders.loader_options(cfg, self.conditioning)[
-                                                        "text_features"],
-                                                    autocast=self.precision.forward, ranks=ranks)
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"train.eval.data={folder!r}: {err}") from err
-        if not e.fid_samples:
-            return validation, None
-        if e.fid_reference is None:
-            raise ConfigError("train.eval.fid_samples > 0 needs train.eval.fid_reference (a reference .npz or folder)")
-        p = cfg.train.preview
-        try:
-            captions = read_captions(e.fid_captions or folder) if self.spec.kind == "text" else None
-            fid = SampleFID(e.fid_samples, e.fid_reference, feature_net(e.fid_features, self.device,
-                                                                        e.inception_weights),
-                            self.conditioning, vae, self.spec.latent_shape, cfg.train.prediction,
-                            dict(steps=p.steps, cfg_scale=p.cfg_scale, alpha=p.alpha), captions, cfg.seed,
-                            e.batch_size, self.device, ranks, self.precision.forward)
-        except (ValueError, OSError, ImportError) as err:
-            raise ConfigError(f"train.eval.fid_*: {err}") from err
-        return validation, fid
+        self.metadata = checkpoint.metadata_record(cfg, self.spec, self.model_config, self.conditioning,
+                                                   self.n_params, self.converted)
+        self.evaluation = CadenceEvaluation.build(cfg, env, self.spec, self.conditioning, self.objective,
+                                                  self.precision, vae)
 
     # ---- state ------------------------------------------------------------------------------------------------
 
@@ -459,28 +421,16 @@ class Trainer:
         self.model.train()
 
     def evaluate(self, done: int, final: bool) -> None:
-        """On cadence (train.eval.every, and the last step), every rank: the validation loss of the chosen weights,
-        logged with the time it took, which the step-time figures (train/img_per_s) leave out."""
-        e = self.cfg.train.eval
-        if self.validation is None or not (final or done % e.every == 0):
+        """On cadence, every rank (trainer/cadence.py); its time is left out of the step-time figures."""
+        if self.evaluation is None:
             return
-        tic = time.perf_counter()
         self.model.eval()
-        values = {}
-        for name, weights, prefix in (("ema", self.ema.model, "val/"), ("raw", self.model, "val_raw/")):
-            if e.weights in (name, "both"):
-                values |= {prefix + k.removeprefix("val/"): v for k, v in self.validation(weights).items()}
-        if self.sample_fid is not None:
-            values |= self.sample_fid(self.ema.model)
+        values = self.evaluation(self.ema.model, self.model, done, final)
         self.model.train()
-        seconds = time.perf_counter() - tic
-        self.tic += seconds
-        values["val/seconds"] = seconds
-        self.logger.log(values, done)
-        self.extra["validation"] = dict(values, step=done)
-        first = next(k for k in values if k.endswith("/loss"))
-        log.info("step %d: %s %.4f over %d held-out records x %d times (%.1f s, not counted in img/s)", done, first,
-                 values[first], self.validation.num_samples, len(self.validation.times), seconds)
+        if values:
+            self.tic += values["val/seconds"]
+            self.logger.log(values, done)
+            self.extra["validation"] = dict(values, step=done)
 
     def save(self, done: int) -> Path:
         """One checkpoint: a file by rank 0, or a sharded folder by every rank (written in the background with
@@ -583,30 +533,6 @@ class Trainer:
             validation=self.extra.get("validation"),
             samples=str(self.out_dir / "samples"), loss_plot=str(self.out_dir / "loss.png"),
         )
-
-
-def checkpoint_metadata(cfg: DictConfig, spec, mcfg, conditioning, n_params: int, converted: int) -> dict:
-    """What every tool reads from a checkpoint to use it with no other flag (app/pipeline.py, reparameterize.py)."""
-    t = cfg.train
-    return dict(
-        model=mcfg.to_dict(), family=mcfg.family, size=mcfg.size, name=mcfg.name, stage=cfg.stage,
-        parameters=n_params, prediction=t.prediction, space="pixel" if spec.vae.get("id") == "identity" else "latent",
-        vae=dict(spec.vae, kind=cfg.vae.kind, name_or_path=cfg.vae.name_or_path, subfolder=cfg.vae.subfolder),
-        latent_shape=list(spec.latent_shape), image_size=spec.image_size,
-        text_encoder=OmegaConf.to_container(cfg.text_encoder, resolve=True) if spec.kind == "text" else None,
-        sampling=dict(steps=t.preview.steps, cfg_scale=t.preview.cfg_scale, alpha=t.preview.alpha),
-        data=str(cfg.data.path), linear_layout="torch", trained_linear_layout="te" if converted else "torch",
-        **conditioning.metadata(),
-    )
-
-
-def memory_gb(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: the CUDA allocator's on a GPU, the process's resident set on a CPU."""
-    if device.type == "cuda":
-        return {"train/mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import resource
-
-    return {"train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 def train(cfg: DictConfig) -> dict:
