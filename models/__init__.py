@@ -2,15 +2,25 @@
 MM-PixelDiT (pixel space), PixArt (diffusers' PixArt-alpha transformer); every one a
 models.base.DiffusionTransformer."""
 
-from models.base import DiffusionTransformer
-from models.ccdit import CCDiT
-from models.config import ModelConfig
-from models.joint_dit import JointDiT
-from models.linear import convert_linears, linear_backend, make_linear
-from models.mmdit import MMDiT
-from models.pixart import PixArt
-from models.pixeldit import PixelDiT
-from models.registry import FAMILIES, SIZES, build_model, model_config, named_models
+import importlib
+
+# Imported on first use (PEP 562), so `python -m models --help` answers without importing torch.
+_WHERE = {
+    "DiffusionTransformer": "models.base", "CCDiT": "models.ccdit", "ModelConfig": "models.config",
+    "JointDiT": "models.joint_dit", "convert_linears": "models.linear", "linear_backend": "models.linear",
+    "make_linear": "models.linear", "MMDiT": "models.mmdit", "PixArt": "models.pixart", "PixelDiT": "models.pixeldit",
+    "FAMILIES": "models.registry", "SIZES": "models.registry", "build_model": "models.registry",
+    "model_config": "models.registry", "named_models": "models.registry",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CCDiT",

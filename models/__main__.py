@@ -7,15 +7,13 @@ DiT's paper reports multiply-adds, so its "Gflops" are half of these).
 
 import argparse
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from core.cli_help import HelpFormatter
-from models.registry import build_model, model_config, named_models
 
 
-def example_inputs(cfg, batch: int = 1, device: str = "meta") -> dict[str, torch.Tensor]:
-    """Inputs of the right shapes for one forward at the model's default resolution."""
+def example_inputs(cfg, batch: int = 1, device: str = "meta") -> dict:
+    """Inputs of the right shapes for one forward at the model's default resolution (torch tensors)."""
+    import torch
+
     x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t = torch.full((batch,), 0.5, device=device)
     if cfg.conditioning == "class":
@@ -25,6 +23,11 @@ def example_inputs(cfg, batch: int = 1, device: str = "meta") -> dict[str, torch
 
 
 def describe(name: str) -> tuple[str, int, float, str]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.registry import build_model, model_config
+
     cfg = model_config(name)
     with torch.device("meta"):
         model = build_model(cfg)
@@ -40,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: every named model)")
     args = parser.parse_args()
+    from models.registry import named_models
+
     rows = [describe(n) for n in (args.names or named_models())]
     print(f"{'model':<18} {'params':>15} {'GFLOPs':>10}  input (batch 1)")
     for name, params, gflops, shape in rows:

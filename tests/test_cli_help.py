@@ -1,8 +1,15 @@
 """Every command line shows each flag's default in --help, once, from argparse alone (no torch import)."""
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from core.cli_help import HelpFormatter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,3 +28,20 @@ def test_defaults_shown_once_and_only_where_they_say_something():
     assert "torch device (default" not in text and "a label (default" not in text and "over (default" not in text
     assert text.count("default") == 2  # the alpha help names its own default; argparse adds none beside it
     assert "Examples:\n    x --steps 3" in parser().format_help()  # the description keeps its layout
+
+
+LAZY = [("module", "app.sample"), ("module", "app.gradio_app"), ("module", "evaluation.evaluate"),
+        ("module", "evaluation.sample_many"), ("path", "reparameterize.py"), ("module", "data.validate"),
+        ("module", "models"), ("module", "trainer.plan"), ("path", "data/shard_caption_example.py"),
+        ("path", "train_stage1.py")]
+
+
+@pytest.mark.parametrize("kind, name", LAZY, ids=[n for _, n in LAZY])
+def test_help_answers_without_importing_torch(kind, name):
+    """--help of the commands people type first prints its text (with defaults) before torch is imported."""
+    code = (f"import runpy, sys\nsys.argv = [{name!r}, '--help']\ntry:\n    runpy.run_{kind}({name!r}, "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower() or "--help" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
