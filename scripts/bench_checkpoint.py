@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def train_and_save(rank: int, args, folder: Path, results: dict) -> None:
     import torch

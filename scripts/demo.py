@@ -177,9 +177,10 @@ def main() -> None:
 
     evaluation = {}
     # Stage 3 at its 32 px; Stage 5 at its square 48 px and at one of its non-square buckets (40x56, height first).
+    non_square = ["--height", "40", "--width", "56"]
     for name, stage, samples, size in (("stage3", 3, args.eval_samples, []),
                                        ("stage5", 5, args.eval_samples_final, []),
-                                       ("stage5_40x56", 5, args.eval_samples_final, ["--height", "40", "--width", "56"])):
+                                       ("stage5_40x56", 5, args.eval_samples_final, non_square)):
         tic = time.perf_counter()
         out = args.out_dir / f"eval_{name}"
         run([py, "-m", "evaluation.evaluate", "--model-path", str(newest_checkpoint(runs / f"stage{stage}")),

@@ -14,9 +14,6 @@ whose group spans nodes is taken to run at the InfiniBand rate.
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = {
     "mmDiT-XL/2": [],

@@ -20,9 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from core.cli_help import HelpFormatter
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from data.embedded.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, render_scene, spec_for_index  # noqa: E402
 from evaluation.scene_encoder import HEADS, WEIGHTS, SceneEncoder  # noqa: E402
 
