@@ -9,7 +9,9 @@
 4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px, each from the previous stage's EMA;
 5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48x48 and 40x56 px) on
    the 40 held-out colour-shape-position combinations, and a prompt grid from the final model;
-6. writes OUT/summary.json: each stage's final checkpoint and wall time, the held-batch losses at every stage
+6. the distribution figures of Stages 1, 3 and 5 (evaluation/embedded.py: Frechet distance on the scene
+   encoder's features against held-out real scenes, with its real-vs-real floor, and the loss by timestep);
+7. writes OUT/summary.json: each stage's final checkpoint and wall time, the held-batch losses at every stage
    boundary (the previous stage's EMA at its end, the next stage's weights at its start), the
    reparameterization's parity figures and the evaluation.
 
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--samples-hi", type=int, default=2000, help="synthetic scenes at 40 and 48 px each")
     parser.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt at 32 px (Stage 3)")
     parser.add_argument("--eval-samples-final", type=int, default=1, help="images per held-out prompt, Stage 5")
+    parser.add_argument("--distribution-samples", type=int, default=128,
+                        help="samples (and real scenes) for the Frechet distance of Stages 1, 3 and 5")
     parser.add_argument("--fresh", action="store_true", help="delete previous stage outputs and start over")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every stage (after --)")
     args = parser.parse_args()
@@ -191,6 +195,17 @@ def main() -> None:
         evaluation[name]["grid"] = str(out / "grid.png")
         timings[f"eval_{name}"] = time.perf_counter() - tic
 
+    # The distribution figures of evaluation/embedded.py: the Frechet distance of the scene encoder's features
+    # against held-out real scenes (with the real-vs-real floor at the same n) and the loss by timestep.
+    distribution = {}
+    for stage in (1, 3, 5):
+        tic = time.perf_counter()
+        out = args.out_dir / f"distribution_stage{stage}.json"
+        run([py, "-m", "evaluation.embedded", "--model-path", str(newest_checkpoint(runs / f"stage{stage}")),
+             "--num-samples", str(args.distribution_samples), "--json", str(out), "--device", "cpu"], echo=False)
+        distribution[f"stage{stage}"] = json.loads(out.read_text())
+        timings[f"distribution_stage{stage}"] = time.perf_counter() - tic
+
     tic = time.perf_counter()
     grid = args.out_dir / "prompts_grid.png"
     prompt_grid(newest_checkpoint(runs / "stage5"), grid)
@@ -221,6 +236,7 @@ def main() -> None:
     }
     summary = dict(
         stages=stages, boundaries=boundaries, reparameterization_parity=parity, evaluation=evaluation,
+        distribution=distribution,
         prompt_grid=str(grid), loss_plot=str(args.out_dir / "losses.png"),
         timings_s={k: round(v, 1) for k, v in timings.items()},
         total_s=round(time.perf_counter() - started, 1),
@@ -230,6 +246,9 @@ def main() -> None:
     for name, e in evaluation.items():
         print(f"{name} held-out compositions: " + ", ".join(f"{k} {v:.2f}" for k, v in e["accuracy"].items()
                                                              if isinstance(v, float)))
+    for name, d in distribution.items():
+        print(f"{name} Frechet distance {d['frechet_distance']:.3f} (real vs real {d['frechet_distance_real']:.3f}), "
+              f"validation loss {d['validation_loss']:.4f}")
 
 
 if __name__ == "__main__":
