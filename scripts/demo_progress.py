@@ -33,15 +33,20 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("outputs/embedded"), help="the stage<N>/ run folders")
     p.add_argument("--out", type=Path, default=Path("figures/demo_progress.png"))
     p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--points", type=Path, default=None, help="redraw from this JSON of a previous run instead")
     args = p.parse_args()
 
     from core import checkpoint
 
-    offset, points = 0.0, []
+    offset, points, starts = 0.0, [], {}
+    old = json.loads(args.points.read_text()) if args.points else None
     for stage in (1, 2, 3, 4, 5):
         run = args.runs_dir / f"stage{stage}"
         times = stage_times(run)
-        if stage > 1:
+        starts[stage] = offset / 60
+        if old is not None:
+            points = old
+        elif stage > 1:
             for ckpt in checkpoint.list_checkpoints(run / "checkpoints"):
                 step = int(ckpt.stem.split("_")[-1])
                 out = args.out.parent / f"{args.out.stem}_points" / f"stage{stage}_{step}"
@@ -65,15 +70,13 @@ def main() -> None:
     minutes = [q["minutes"] for q in points]
     for key in KEYS:
         ax.plot(minutes, [q[key] for q in points], marker="o", label="all three" if key == "overall" else key)
-    for stage in (3, 4, 5):
-        first = next((q["minutes"] for q in points if q["stage"] == stage), None)
-        if first is not None:
-            ax.axvline(first, color="0.8", lw=0.8)
-            ax.text(first, 1.02, f"S{stage}", ha="center", fontsize=8, transform=ax.get_xaxis_transform())
+    for stage in (2, 3, 4, 5):  # where each stage starts
+        ax.axvline(starts[stage], color="0.8", lw=0.8)
+        ax.text(starts[stage] + 0.05, 0.97, f"S{stage}", fontsize=8, va="top", transform=ax.get_xaxis_transform())
     ax.axhline(0.25, color="0.6", ls=":", lw=0.8)
-    ax.set(xlabel="training minutes (Stage 1 included)", ylabel="held-out accuracy", ylim=(0, 1.05),
+    ax.set(xlabel="training minutes (Stage 1 included)", ylabel="held-out accuracy", ylim=(0, 1.05), xlim=(0, None),
            title="embedded curriculum: held-out compositions (shape chance 0.25)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
