@@ -61,19 +61,20 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
 
 
-def resolve(path: str | Path, what: str) -> Path:
+def resolve(path: str | Path, what: str, lister=None, is_checkpoint=None, empty: str | None = None) -> Path:
     """A checkpoint file, or a run's out_dir or its checkpoints/ folder (then its newest checkpoint).
-    FileNotFoundError names `what` (the key or flag) when there is none."""
+    FileNotFoundError names `what` (the key or flag) when there is none. The trainer passes its own `lister`,
+    `is_checkpoint` and `empty` message so that sharded folders count too (trainer/checkpoint.py)."""
     p = Path(path)
-    if p.is_file():
+    if (is_checkpoint or Path.is_file)(p):
         return p
     for folder in (p / "checkpoints", p):
-        found = list_checkpoints(folder)
+        found = (lister or list_checkpoints)(folder)
         if found:
             return found[-1]
     if p.is_dir():
-        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints/step_*.pt and no step_*.pt in it"
-                                f"{_sharded_hint(p)}")
+        raise FileNotFoundError(f"{what}={str(path)!r}: " + (empty or "a folder with no checkpoints/step_*.pt and no "
+                                                              f"step_*.pt in it{_sharded_hint(p)}"))
     raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
 
 

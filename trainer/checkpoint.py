@@ -57,6 +57,7 @@ from core.checkpoint import (  # noqa: F401 (the trainer's checkpoint API)
 from core.checkpoint import list_checkpoints as list_files
 from core.checkpoint import load as load_file
 from core.checkpoint import prune as prune_files
+from core.checkpoint import resolve as resolve_file
 from core.files import fsync_dir
 
 _SHARDED = re.compile(r"^step_(\d+)\.dcp$")
@@ -101,16 +102,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 def resolve(path: str | Path, what: str) -> Path:
     """A checkpoint (file or sharded folder), or a run's out_dir or its checkpoints/ folder (then its newest)."""
-    p = Path(path)
-    if p.is_file() or is_sharded(p):
-        return p
-    for folder in (p / "checkpoints", p):
-        found = list_checkpoints(folder)
-        if found:
-            return found[-1]
-    if p.is_dir():
-        raise FileNotFoundError(f"{what}={str(path)!r}: a folder with no checkpoints (step_*.pt or step_*.dcp) in it")
-    raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
+    return resolve_file(path, what, lister=list_checkpoints, is_checkpoint=lambda p: p.is_file() or is_sharded(p),
+                        empty="a folder with no checkpoints (step_*.pt or step_*.dcp) in it")
 
 
 def load(path: Path) -> dict:
