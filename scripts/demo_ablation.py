@@ -4,6 +4,7 @@ compositions, one row of results per run (outputs/ablation/results.jsonl; `--tab
     python scripts/demo_ablation.py --name base --seed 0                      # the committed demo config
     python scripts/demo_ablation.py --name lr2e-3 --seed 0 -- optim.lr=2e-3   # an override for every stage
     python scripts/demo_ablation.py --name s1-1200 --set 1:train.max_steps=1200 --stages 1 2 3
+    python scripts/demo_ablation.py --name objects --mix 1:objects --mix 2:single --mix 3:single
     python scripts/demo_ablation.py --table
 
 The embedded data must exist (`make data`, or a previous `make demo`). Each run trains the named stages in order
@@ -11,11 +12,15 @@ The embedded data must exist (`make data`, or a previous `make demo`). Each run 
 the last text stage it trained (and Stage 3, when it trained further) with `python -m evaluation.evaluate` on the 40
 held-out compositions. A row records the overrides, each stage's steps, wall minutes and held losses, and the
 accuracies. Wall minutes are only comparable between runs made alone on the same machine.
+
+`--mix STAGE:MIX` trains that stage on synthetic scenes of another mix (data/embedded/synthetic.py: MIXES, with
+overrides such as 'objects,jitter=0.05'), built on first use under DATA_DIR/mixes/ at the stage's size (and buckets).
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +50,30 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
+STAGE_DATA = {  # stage: (image size, shard kind, aspect-ratio buckets), as configs/experiment_stage/embedded/
+    1: (32, "labels", None), 2: (32, "text", None), 3: (32, "text", None),
+    4: (40, "text", "40x40,32x48,48x32"), 5: (48, "text", "48x48,40x56,56x40"),
+}
+
+
+def mix_data(data_dir: Path, mix: str, stage: int, samples: int, log: Path) -> Path:
+    """The shards of `mix` at `stage`'s size, kind and buckets, built once under data_dir/mixes/."""
+    size, kind, buckets = STAGE_DATA[stage]
+    slug = re.sub(r"[^a-z0-9.]+", "-", mix.lower()).strip("-")
+    root = data_dir / "mixes" / f"{slug}-{size}{'-buckets' if buckets else ''}-n{samples}"
+    if not (root / "tars" / "dataset.json").is_file():
+        run([sys.executable, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(root / "tars"),
+             "--image-size", str(size), "--num-samples", str(samples), "--mix", mix,
+             *(["--sizes", buckets] if buckets else [])], log)
+    shards = root / f"shards-{kind}"
+    if not (shards / "manifest.json").is_file():
+        run([sys.executable, "data/shard_caption_example.py", "--input-glob", str(root / "tars" / "*.tar"),
+             "--out-dir", str(shards), "--captioner", "tar", "--vae", "identity", "--image-size", str(size),
+             "--kind", kind, "--max-length", "32", "--quiet",
+             *(["--buckets", buckets, "--text-features"] if buckets else [])], log)
+    return shards
+
+
 def evaluate(checkpoint: Path, out: Path, samples: int, log: Path, extra: list[str]) -> dict:
     run([sys.executable, "-m", "evaluation.evaluate", "--model-path", str(checkpoint), "--samples-per-prompt",
          str(samples), "--json", str(out / "eval.json"), "--out-dir", str(out), "--device", "cpu", *extra], log)
@@ -58,6 +87,10 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--set", action="append", default=[], metavar="N:key=value", help="an override for stage N")
     p.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
+    p.add_argument("--mix", action="append", default=[], metavar="N:MIX",
+                   help="train stage N on synthetic scenes of MIX (built on first use)")
+    p.add_argument("--mix-samples", type=int, default=0,
+                   help="scenes in a --mix data set (default: 8000 at 32 px, 2000 at 40/48 px, as make demo)")
     p.add_argument("--eval-samples", type=int, default=2)
     p.add_argument("--eval-args", default="", help="extra evaluation.evaluate flags, e.g. '--cfg-scale 4'")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
@@ -77,9 +110,15 @@ def main() -> None:
     for item in args.set:
         stage, _, override = item.partition(":")
         per_stage.setdefault(int(stage), []).append(override)
+    for item in args.mix:
+        stage, _, mix = item.partition(":")
+        samples = args.mix_samples or (8000 if STAGE_DATA[int(stage)][0] == 32 else 2000)
+        shards = mix_data(args.data_dir.resolve(), mix, int(stage), samples, log)
+        per_stage.setdefault(int(stage), []).append(f"data.path={shards}")
     common = ["experiment=embedded", f"embedded_data={args.data_dir}", f"runs_dir={runs}", f"seed={args.seed}",
               *args.overrides]
-    row = dict(name=args.name, seed=args.seed, overrides=args.overrides, per_stage=per_stage, stages={})
+    row = dict(name=args.name, seed=args.seed, overrides=args.overrides, per_stage=per_stage, mixes=args.mix,
+               stages={})
     started = time.perf_counter()
     for stage in args.stages:
         if stage == 2:

@@ -96,16 +96,21 @@ def build(
     samples_per_tar: int = 1000,
     progress: bool = True,
     sizes: list[tuple[int, int]] | None = None,
+    mix: str = "scenes",
 ) -> dict[str, Any]:
     """Write the tars and dataset.json into `out`; returns what dataset.json holds.
 
     num_samples: synthetic defaults to 50,000; openmoji to every emoji that renders. sizes: synthetic only, the
-    (height, width) sample i is rendered at, in turn (default: all image_size squares).
+    (height, width) sample i is rendered at, in turn (default: all image_size squares). mix: synthetic only, which
+    scenes it draws (synthetic.parse_mix: a name of synthetic.MIXES with optional field overrides).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if sizes and (dataset != "synthetic" or min(min(size) for size in sizes) < 8):
         raise ValueError("sizes: synthetic scenes only, every side >= 8")
+    if mix != "scenes" and dataset != "synthetic":
+        raise ValueError("mix: synthetic scenes only")
+    scene_mix = synthetic.parse_mix(mix) if dataset == "synthetic" else None
     if image_size < 8 or samples_per_tar < 1 or (num_samples is not None and num_samples < 1):
         raise ValueError("image_size must be >= 8, samples_per_tar and num_samples >= 1")
     out = Path(out)
@@ -113,8 +118,8 @@ def build(
     (out / MANIFEST).unlink(missing_ok=True)
     if dataset == "synthetic":
         count = num_samples or SYNTHETIC_DEFAULT_SAMPLES
-        samples = synthetic.iter_samples(image_size, count, seed, sizes)
-        extra, total = synthetic.metadata(seed), count
+        samples = synthetic.iter_samples(image_size, count, seed, sizes, scene_mix)
+        extra, total = synthetic.metadata(seed, scene_mix), count
         if sizes:
             extra["sizes"] = [list(size) for size in sizes]
     else:
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="synthetic scenes; openmoji is fixed by its files")
     parser.add_argument("--samples-per-tar", type=int, default=1000)
     parser.add_argument("--sizes", default=None, help="synthetic: HxW,HxW,... (height first), one per sample in turn")
+    parser.add_argument("--mix", default="scenes", help="synthetic: which scenes to draw, a name of synthetic.MIXES "
+                        "(scenes, single, objects) with optional overrides, e.g. 'objects,jitter=0.05'")
     args = parser.parse_args(argv)
     sizes = None
     if args.sizes:
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--sizes: {err}")
     try:
         manifest = build(args.dataset, args.out, args.image_size, args.num_samples, args.seed, args.samples_per_tar,
-                         sizes=sizes)
+                         sizes=sizes, mix=args.mix)
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_tars']} tars to {args.out}")

@@ -35,6 +35,14 @@ Captions, one grammar throughout (shapes listed in the position order above; the
     a small red circle in the top left and a large blue square in the bottom right on a white background
     short: "red circle, top left" / "red circle, top left; blue square, bottom right"
 
+Mixes (`MIXES`, chosen with `--mix` when building): which scenes a dataset draws, so each stage of the embedded
+curriculum gets data for its own job (PixArt-alpha's curriculum [chen2023pixartalpha]; README, "The embedded demo"):
+
+    scenes   one shape (60%) at any of the five positions, or two in two corners; small or large; the default
+    single   one shape at any of the five positions; the sizes and backgrounds of the mix's fields
+    objects  one `huge` shape (diameter 0.62) at the centre, optionally jittered: class-conditional pretraining on
+             object-centric images, where the label is true to most of the pixels
+
 Held-out combinations (`HELD_OUT`): the 40 (colour, shape, position) triples with
 (colour index + 2 * shape index + 3 * position index) % 4 == 0. They never appear in a generated scene,
 alone or as either shape of a pair, at any size or on any background. Because 3 is invertible mod 4 and
@@ -46,7 +54,7 @@ the colours span two full periods of 4, every (shape, position) pair keeps 6 of 
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -75,7 +83,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
 CORNERS: tuple[str, ...] = POSITIONS[:4]
-SIZES: dict[str, float] = {"small": 0.30, "large": 0.42}
+SIZES: dict[str, float] = {"small": 0.30, "large": 0.42, "huge": 0.62}
+"""Nominal diameters as fractions of the shorter side. `huge` is only drawn centred (the `objects` mix): at 0.62 a
+corner shape would leave its quadrant."""
 MIN_CONTRAST = 110.0
 """Smallest RGB distance between a shape colour and a background it may be drawn on."""
 SUPERSAMPLE = 8
@@ -118,6 +128,8 @@ class ShapeSpec:
     shape: str
     position: str
     size: str = "large"
+    offset: tuple[float, float] = (0.0, 0.0)
+    """(x, y) shift of the centroid from its anchor, in fractions of the side (the `objects` mix's jitter)."""
 
     def __post_init__(self) -> None:
         for value, allowed in ((self.colour, COLOURS), (self.shape, SHAPES), (self.position, POSITIONS)):
@@ -125,6 +137,8 @@ class ShapeSpec:
                 raise ValueError(f"{value!r} is not one of {list(allowed)}")
         if self.size not in SIZES:
             raise ValueError(f"size {self.size!r} is not one of {list(SIZES)}")
+        if self.size == "huge" and self.position != "center":
+            raise ValueError("a huge shape is drawn at the center only (it would leave a corner's quadrant)")
 
     @property
     def triple(self) -> tuple[str, str, str]:
@@ -165,29 +179,84 @@ def _pick(rng: UniformSource, options: Sequence[str]) -> str:
     return options[min(int(rng.random() * len(options)), len(options) - 1)]
 
 
-def _sample_shape(rng: UniformSource, position: str) -> ShapeSpec:
+@dataclass(frozen=True)
+class SceneMix:
+    """Which scenes a dataset draws (`MIXES`; the module docstring says what each is for). The default draws exactly
+    the scenes it always has: a rebuild of an existing dataset stays byte-identical."""
+
+    two_shape_probability: float = TWO_SHAPE_PROBABILITY
+    positions: tuple[str, ...] = POSITIONS
+    sizes: tuple[str, ...] = ("small", "large")
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    jitter: float = 0.0
+    """Largest shift of a shape from its anchor on each axis, as a fraction of that axis (uniform)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.two_shape_probability <= 1.0 or not 0.0 <= self.jitter <= 0.1:
+            raise ValueError("two_shape_probability must lie in [0, 1] and jitter in [0, 0.1]")
+        for values, allowed, what in ((self.positions, POSITIONS, "positions"), (self.sizes, SIZES, "sizes"),
+                                      (self.backgrounds, BACKGROUNDS, "backgrounds")):
+            unknown = [v for v in values if v not in allowed]
+            if not values or unknown:
+                raise ValueError(f"{what}: {unknown or 'none'} not among {list(allowed)}")
+        if self.two_shape_probability and ("huge" in self.sizes or not set(CORNERS) <= set(self.positions)):
+            raise ValueError("two-shape scenes need the four corners and no huge size")
+        if "huge" in self.sizes and set(self.positions) != {"center"}:
+            raise ValueError("a huge shape is drawn at the center only (it would leave a corner's quadrant)")
+
+
+MIXES: dict[str, SceneMix] = {
+    "scenes": SceneMix(),
+    "single": SceneMix(two_shape_probability=0.0, sizes=("large",)),
+    "objects": SceneMix(two_shape_probability=0.0, positions=("center",), sizes=("huge",)),
+}
+
+
+def parse_mix(text: str) -> SceneMix:
+    """A mix by name, with fields overridden: "objects", "single,backgrounds=gray", "objects,jitter=0.05";
+    tuple fields take values separated by '+' ("sizes=small+large", "backgrounds=gray+light blue")."""
+    name, *settings = [part.strip() for part in text.split(",")]
+    if name not in MIXES:
+        raise ValueError(f"unknown mix {name!r}; expected one of {list(MIXES)}")
+    fields = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in SceneMix.__dataclass_fields__:
+            raise ValueError(f"mix setting {setting!r}: expected key=value with key one of "
+                             f"{list(SceneMix.__dataclass_fields__)}")
+        fields[key] = tuple(value.split("+")) if isinstance(getattr(MIXES[name], key), tuple) else float(value)
+    return replace(MIXES[name], **fields)
+
+
+def _sample_shape(rng: UniformSource, position: str, mix: SceneMix) -> ShapeSpec:
     while True:  # rejection keeps the distribution uniform over the allowed triples
         colour, shape = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
         if (colour, shape, position) not in HELD_OUT:
-            return ShapeSpec(colour, shape, position, _pick(rng, list(SIZES)))
+            size = _pick(rng, mix.sizes)
+            offset = (0.0, 0.0)
+            if mix.jitter:
+                offset = ((2 * rng.random() - 1) * mix.jitter, (2 * rng.random() - 1) * mix.jitter)
+            return ShapeSpec(colour, shape, position, size, offset)
 
 
-def sample_spec(rng: UniformSource) -> SceneSpec:
-    """A random scene that contains no held-out triple; deterministic given the generator's state."""
-    if rng.random() < TWO_SHAPE_PROBABILITY:
+def sample_spec(rng: UniformSource, mix: SceneMix = MIXES["scenes"]) -> SceneSpec:
+    """A random scene of `mix` that contains no held-out triple; deterministic given the generator's state."""
+    if rng.random() < mix.two_shape_probability:
         first = _pick(rng, CORNERS)
         second = _pick(rng, [p for p in CORNERS if p != first])
         positions = sorted((first, second), key=POSITIONS.index)
     else:
-        positions = [_pick(rng, POSITIONS)]
-    shapes = tuple(_sample_shape(rng, p) for p in positions)
-    backgrounds = [b for b in BACKGROUNDS if all(contrasts(s.colour, b) for s in shapes)]
+        positions = [_pick(rng, mix.positions)]
+    shapes = tuple(_sample_shape(rng, p, mix) for p in positions)
+    backgrounds = [b for b in mix.backgrounds if all(contrasts(s.colour, b) for s in shapes)]
+    if not backgrounds:  # a mix with few backgrounds: redraw the scene (only such mixes reach here)
+        return sample_spec(rng, mix)
     return SceneSpec(shapes, _pick(rng, backgrounds))
 
 
-def spec_for_index(seed: int, index: int) -> SceneSpec:
+def spec_for_index(seed: int, index: int, mix: SceneMix = MIXES["scenes"]) -> SceneSpec:
     """Sample `index` of the dataset built with `seed`: its own generator, so it does not depend on others."""
-    return sample_spec(np.random.default_rng([seed, index]))
+    return sample_spec(np.random.default_rng([seed, index]), mix)
 
 
 def _polygon(shape: str, cx: float, cy: float, diameter: float) -> list[tuple[float, float]]:
@@ -224,6 +293,7 @@ def render_scene(spec: SceneSpec, image_size: Size = 32) -> Image.Image:
     side = min(height, width) * SUPERSAMPLE  # the diameter's reference: shapes stay round and in their quadrant
     for s in spec.shapes:
         ax, ay = _ANCHORS[s.position]
+        ax, ay = ax + s.offset[0], ay + s.offset[1]
         cx, cy, diameter = ax * (width * SUPERSAMPLE), ay * (height * SUPERSAMPLE), SIZES[s.size] * side
         fill = COLOURS[s.colour]
         if s.shape == "circle":
@@ -281,8 +351,8 @@ def held_out_prompts(background: str = "gray", size: str = "large") -> list[str]
     return [caption(spec) for spec in held_out_specs(background, size)]
 
 
-def make_sample(seed: int, index: int, image_size: Size) -> EmbeddedSample:
-    spec = spec_for_index(seed, index)
+def make_sample(seed: int, index: int, image_size: Size, mix: SceneMix = MIXES["scenes"]) -> EmbeddedSample:
+    spec = spec_for_index(seed, index, mix)
     shapes = [
         dict(colour=s.colour, shape=s.shape, position=s.position, size=s.size, rgb=list(COLOURS[s.colour]))
         for s in spec.shapes
@@ -306,17 +376,19 @@ def make_sample(seed: int, index: int, image_size: Size) -> EmbeddedSample:
 
 
 def iter_samples(
-    image_size: Size, num_samples: int, seed: int = 0, sizes: Sequence[Size] | None = None
+    image_size: Size, num_samples: int, seed: int = 0, sizes: Sequence[Size] | None = None,
+    mix: SceneMix = MIXES["scenes"],
 ) -> Iterator[EmbeddedSample]:
     """The dataset's samples; with `sizes`, sample i is rendered at sizes[i % len(sizes)] (the same scenes, in
     equal shares of each size, for aspect-ratio buckets)."""
     for index in range(num_samples):
-        yield make_sample(seed, index, sizes[index % len(sizes)] if sizes else image_size)
+        yield make_sample(seed, index, sizes[index % len(sizes)] if sizes else image_size, mix)
 
 
-def metadata(seed: int) -> dict:
+def metadata(seed: int, mix: SceneMix = MIXES["scenes"]) -> dict:
     """What dataset.json records besides the common fields."""
     return dict(
+        mix=asdict(mix),
         licence="CC0-1.0",
         source="procedurally generated by data/embedded/synthetic.py",
         class_names=list(SHAPES),
