@@ -81,8 +81,9 @@ class ModelConfig:
     text_pad_multiple: int = 1
     """mmdit / jointdit (and the pixel families on them): pad the text-side sequence, mmDiT's keys [null; text]
     or JointDiT's context [registers; context], with masked positions to a multiple of this. Transformer
-    Engine's FP8 GEMMs need the rows of a layer's input (batch x sequence) divisible by 16 (8 for some
-    recipes); padding each sample's sequence makes that hold for any micro-batch. 1: no padding."""
+    Engine's FP8 GEMMs need the rows of a layer's input (batch x sequence) divisible by the recipe's multiple (16, or
+    32 for MXFP8: trainer/precision.py); padding each sample's sequence makes that hold for any micro-batch.
+    1: no padding."""
     pos_embed: Literal["sincos", "learned"] = "sincos"
     """Absolute positions added to the patch tokens: the fixed 2-D sin-cos table, or a learnable table that
     starts from it and is resized (bicubic) for grids other than base_grid."""

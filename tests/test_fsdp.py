@@ -174,24 +174,24 @@ def test_a_sharded_run_starts_the_next_stage(embedded_data, tmp_path):
 
 
 def test_fp8_scaling_state_goes_through_a_sharded_checkpoint(embedded_data, tmp_path, monkeypatch):
-    """te.Linear (the CPU stand-in, tests/te_standin.py) under FSDP2: the sharded checkpoint keeps the weights in
-    the plain layout and the scaling state beside them (meta.pt), a resume into FP8 continues each layer's state
-    (its forward count goes on), and the consolidated file is what every consumer reads."""
-    import json
-
+    """te.Linear (the CPU stand-in, tests/te_standin.py) under FSDP2 with delayed scaling, the one recipe with a
+    scaling state: the sharded checkpoint keeps the weights in the plain layout and the scaling state beside them
+    (meta.pt), a resume into FP8 that opted in to TE's unpickling continues each layer's state (its forward count goes
+    on), and the consolidated file is what every consumer reads."""
     from tests import te_standin
 
     te_standin.install(monkeypatch)
-    args = ("precision=fp8", "precision.fuse_wgrad_accumulation=false", "device=cpu", "train.batch_size=16",
-            "train.parallel=fsdp", "train.eval_batches=0")
+    monkeypatch.setenv(te_standin.UNSAFE_PICKLE_ENV, "1")
+    args = ("precision=fp8", "precision.fp8_recipe=delayed", "precision.fuse_wgrad_accumulation=false", "device=cpu",
+            "train.batch_size=16", "train.parallel=fsdp", "train.eval_batches=0")
     first = train(stage_config(1, embedded_data, tmp_path, *args, "train.max_steps=2"))
     saved = consolidate(Path(first["checkpoint"]))
     assert not [k for k in saved["model"] if k.endswith("_extra_state")]
-    calls = {k: json.loads(bytes(v.tolist()))["calls"] for k, v in saved["te_extra_state"]["model"].items()}
+    calls = {k: te_standin.saved_forwards(v) for k, v in saved["te_extra_state"]["model"].items()}
     assert calls and all(c > 0 for c in calls.values())
     train(stage_config(1, embedded_data, tmp_path, *args, "train.max_steps=3"))
     resumed = consolidate(newest(tmp_path))["te_extra_state"]["model"]
-    assert all(json.loads(bytes(resumed[k].tolist()))["calls"] > c for k, c in calls.items())
+    assert all(te_standin.saved_forwards(resumed[k]) > c for k, c in calls.items())
     monkeypatch.undo()
     model, _ = checkpoint.load_model(checkpoint.save_atomic(saved, tmp_path / "one.pt") or tmp_path / "one.pt")
     assert all(torch.equal(p, saved["ema"][n]) for n, p in model.state_dict().items())

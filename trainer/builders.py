@@ -20,6 +20,7 @@ from models import ModelConfig, model_config
 from models.config import default_conditioning
 from trainer import checkpoint
 from trainer.errors import ConfigError, MissingInputError
+from trainer.precision import text_pad_multiple
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +272,9 @@ def build_model_config(
     if init_model is not None and "base_grid" not in overrides:
         fields["base_grid"] = init_model.get("base_grid")
     if cfg.precision.fp8 and "text_pad_multiple" not in overrides:
-        # FP8 GEMMs need batch x rows divisible by 16: padding the caption keys (masked, so the output is the
-        # same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
-        fields["text_pad_multiple"] = 16
+        # FP8 GEMMs need batch x rows divisible by the recipe's multiple (16, MXFP8 32): padding the caption keys
+        # (masked, so the output is the same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
+        fields["text_pad_multiple"] = text_pad_multiple(cfg.precision.fp8_recipe)
     return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
 
 

@@ -188,9 +188,12 @@ class TrainSection:
     """Torch CPU threads: null (torch's default), an integer, or auto (the cores other processes leave free,
     followed as the load changes: trainer/threads.py)."""
     compile: Any = False
-    """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved."""
+    """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved.
+    With precision.fp8 it cannot trace te.Linear (TE marks its forward no_torch_dynamo): each block's graph is cut at
+    every te.Linear, and with activation_checkpointing the blocks (checkpointed by TE) run eagerly (README)."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward (memory for about 1/3 more compute)."""
+    """Recompute each block's activations in the backward (memory for about 1/3 more compute). Blocks with te.Linear
+    layers recompute through TE's checkpoint, inside the FP8 autocast (trainer/fast_path.py)."""
     parallel: str = "ddp"
     """ddp | fsdp | hsdp (trainer/parallel.py). ddp: every rank holds the whole model, gradients, AdamW and EMA.
     fsdp: FSDP2 shards them over all ranks (per block, then the root; bf16 compute parameters and fp32 reduction
@@ -272,7 +275,9 @@ class PrecisionSection:
     fp8: bool = False
     """Transformer Engine te.Linear for the large projections (needs TE and an FP8 GPU)."""
     fp8_recipe: str = "auto"
-    """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper)."""
+    """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper). Layers convert
+    where rows and features are multiples of 16 (mxfp8: 32) in every bucket; delayed's amax history is dropped on
+    resume unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (trainer/precision.py)."""
     keep_high_precision: list[str] | None = None
     """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list)."""
     fuse_wgrad_accumulation: bool = False

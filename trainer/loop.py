@@ -58,7 +58,7 @@ from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallel import Parallel
 from trainer.plots import save_loss_plot
-from trainer.precision import Precision
+from trainer.precision import Precision, loadable_extra_state
 from trainer.preemption import PreemptionFlag
 from trainer.preview import Previewer
 from trainer.run_lock import RunLock
@@ -140,7 +140,9 @@ class Trainer:
             builders.apply_initial_weights(self.model, init[0], init[1], t.init_weights)
         self.model.to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.converted = self.precision.convert(self.model, self.model_config, [tuple(self.spec.latent_shape[1:])])
+        # Every latent size a batch can have (each bucket's): TE's shape rule must hold at all of them.
+        sizes = [(h, w) for _, h, w in self.spec.latent_shapes()]
+        self.converted = self.precision.convert(self.model, self.model_config, sizes)
         self.ema = EMA(self.model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
                        start_decay=t.ema.start_decay)
         mc = self.model_config
@@ -312,11 +314,13 @@ class Trainer:
         elif self.parallel.sharded:
             sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
         else:
-            extra = state.get("te_extra_state") or {}
+            saved = state.get("te_extra_state") or {}
             model, model_extra = checkpoint.split_extra_state(state["model"])
             ema, ema_extra = checkpoint.split_extra_state(state["ema"])
-            checkpoint.load_module_state(self.model, model, model_extra | extra.get("model", {}))
-            checkpoint.load_module_state(self.ema.model, ema, ema_extra | extra.get("ema", {}))
+            extra = loadable_extra_state(dict(model=model_extra | saved.get("model", {}),
+                                              ema=ema_extra | saved.get("ema", {})), "the checkpoint")
+            checkpoint.load_module_state(self.model, model, extra["model"])
+            checkpoint.load_module_state(self.ema.model, ema, extra["ema"])
             self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
 

@@ -282,6 +282,7 @@ class Plan:
     batch_size: int
     setting: Setting
     checkpointable: bool
+    fp8_compile: str | None = None  # with precision.fp8: train.compile, whose effect the report notes
 
     def activation_row(self, s: Setting) -> Row:
         p, n = self.profile, self.tokens
@@ -366,6 +367,11 @@ class Plan:
                 alt_setting = Setting(alt, self.per_gpu_batch() // alt, False)
                 out.append(f"Or without checkpointing (no recompute, ~1/3 less compute per sample), micro-batch {alt}:")
                 out.append(f"    {alt_setting.overrides()}")
+        from trainer.fast_path import fp8_compile_note
+
+        note = fp8_compile_note(self.fp8_compile, (choice or s).checkpointing) if self.fp8_compile else None
+        if note:
+            out.append(f"{note}.")
         out.append(f"Not counted: {NOT_COUNTED}.")
         return "\n".join(out)
 
@@ -413,7 +419,7 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
                 gpu_bytes=int(gpu_bytes if gpu_bytes is not None else DEFAULT_GPU_MEMORY_GB * 1e9), gpu_label=label,
                 gpus=world_size, batch_size=int(t.batch_size),
                 setting=Setting(micro, int(t.grad_accum), bool(t.get("activation_checkpointing"))),
-                checkpointable=profile.checkpointable)
+                checkpointable=profile.checkpointable, fp8_compile=t.compile if pr.fp8 and te_available else None)
 
 
 def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: int, param_bytes: int) -> list[Row]:
