@@ -292,13 +292,21 @@ def import_checkpoint(source: str | Path, options: ImportOptions | None = None) 
 
 def is_importable(source: str | Path) -> bool:
     """Whether `train.init_from` should import `source` rather than read it as this repo's checkpoint or run folder:
-    a Hub id that is no local path, a .safetensors file, or a folder holding a model's config.json or a pipeline."""
+    a Hub id that is no local path, a .safetensors file, a .pt / .pth without this repo's metadata (PixArt's, the
+    reference's; memory-mapped, so only its small entries are read), or a folder holding a model's config.json or a
+    pipeline. A file that does not load is left to the checkpoint reader, which names what is wrong with it."""
     from core.hub import is_hub_id
 
     path = Path(source)
     if not path.exists():
         return is_hub_id(str(source))
     if path.is_file():
+        if path.suffix in WEIGHT_SUFFIXES:
+            try:
+                contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                return False
+            return isinstance(contents, dict) and not isinstance(contents.get("metadata"), dict)
         return path.suffix == ".safetensors"
     return any((path / name).is_file() for name in ("model_index.json", "config.json", "transformer/config.json"))
 

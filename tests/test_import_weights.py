@@ -501,3 +501,26 @@ def test_init_from_takes_a_diffusers_folder_and_fine_tunes_it_to_velocity(embedd
     for k, v in imp.model.items():  # one step at lr 1e-12 from the imported weights
         torch.testing.assert_close(state["model"][k], v, atol=1e-6, rtol=0)
     assert images(Path(summary["checkpoint"])).shape[0] == 1
+    from app.model_card import read_lineage
+
+    lineage = read_lineage(Path(summary["checkpoint"]))  # an export's model card names the source, not a checkpoint
+    assert len(lineage) == 1
+    assert lineage[0].note == f"from {folder} (train.init_from, imported by app/import_weights.py)"
+
+
+def test_which_init_from_sources_are_imported(tmp_path, monkeypatch):
+    """train.init_from imports a Hub id, a .safetensors file, a model folder and a foreign .pt; this repo's own
+    checkpoints and run folders are read as they always were (trainer/builders.py: read_init_checkpoint)."""
+    from app.import_weights import is_importable
+    from core.checkpoint import save_atomic
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(as_saved_by_the_reference(reference_state("ccdit")), tmp_path / "model_300.pt")
+    save_atomic(dict(model={}, ema={}, step=1, metadata=dict(model={}, conditioning="class")), tmp_path / "ours.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    pipeline_folder(tmp_path / "pipe", stock_pixart())
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert is_importable("acme/some-model") and is_importable(tmp_path / "pipe")
+    assert is_importable(tmp_path / "model_300.pt") and is_importable(tmp_path / "w.safetensors")
+    assert not is_importable(tmp_path / "ours.pt") and not is_importable(tmp_path / "run")
+    assert not is_importable("no/such/path/here")  # three parts: neither a path nor a Hub id
