@@ -379,11 +379,15 @@ def reference_forward(sd, x, t, heads, patch, base_grid, labels=None, text=None,
 
 
 def as_saved_by_the_reference(sd: dict[str, torch.Tensor]) -> dict:
-    """Its train_stage*.py's checkpoint of a compiled TE model: `_orig_mod.` keys, te.Linear `_extra_state`."""
+    """Its train_stage*.py's checkpoint of a compiled TE model (models_fp8/): `_orig_mod.` keys, and te.Linear's
+    `_extra_state` (a uint8 tensor, as tests/te_standin.py's stand-in writes it) after its linears."""
+    from tests.te_standin import StandInTELinear
+
+    extra = StandInTELinear(16, 16).get_extra_state()
     model = {f"_orig_mod.{k}": v for k, v in sd.items()}
     for k in list(sd):
         if k.endswith("_proj.weight") or k.endswith("linear1.weight") or k.endswith("adaLN2.weight"):
-            model[f"_orig_mod.{k.rsplit('.', 1)[0]}._extra_state"] = torch.zeros(7, dtype=torch.uint8)
+            model[f"_orig_mod.{k.rsplit('.', 1)[0]}._extra_state"] = extra.clone()
     return dict(model=model, model_ema={k: v + 0.01 for k, v in model.items()}, optimizer={}, step=300)
 
 
