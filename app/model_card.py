@@ -54,6 +54,10 @@ def _previous(state: dict, here: Path) -> tuple[Path | None, str]:
         how = "train.init_from"
     if not source:
         return None, ""
+    from app.import_weights import is_importable
+
+    if how == "train.init_from" and is_importable(source):  # a Hub id, a diffusers folder, PixArt's .pth ...
+        return None, f"from {source} ({how}, imported by app/import_weights.py)"
     try:
         return checkpoint.resolve(Path(source), how), f"from {source} ({how})"
     except FileNotFoundError:

@@ -192,6 +192,12 @@ def load_module_state(module: torch.nn.Module, weights: dict[str, Tensor], extra
 # ---- the metadata record ------------------------------------------------------------------------------------
 
 
+SAMPLED_PREDICTIONS = ("velocity", "x")
+"""The predictions flow/objective.py turns into a velocity (model_velocity), i.e. what a checkpoint must record to be
+sampled, exported or evaluated. A DDPM model (PixArt's epsilon) is refused with the way to fine-tune it: converting
+its output at each step would need its noise schedule mapped onto the flow's time, a sampler of its own."""
+
+
 @dataclass(frozen=True)
 class CheckpointMetadata:
     """What a checkpoint says about itself; everything a sampler, the app, the evaluation, reparameterize.py or the
@@ -203,7 +209,8 @@ class CheckpointMetadata:
     """class or text: what the model is called with (`labels=` or `text=, text_mask=`)."""
     stage: int | None = None
     prediction: str = "velocity"
-    """What the network outputs: velocity or x (flow/objective.py)."""
+    """What the network outputs: velocity or x (flow/objective.py); an imported DDPM model's `epsilon`
+    (app/import_weights.py), which no sampler here integrates until it is fine-tuned to velocity."""
     vae: dict[str, Any] = field(default_factory=lambda: {"id": "identity"})
     """The latent space: id, scale, shift, pixel_range (core/vae.py), plus the config's kind / name_or_path."""
     image_size: int | None = None
@@ -260,6 +267,14 @@ class CheckpointMetadata:
         would load and fail at the first forward, far from the cause."""
         from models.config import CONDITIONINGS, default_conditioning
 
+        if self.prediction not in SAMPLED_PREDICTIONS:
+            source = (self.extra.get("imported") or {}).get("source")
+            raise CheckpointError(
+                f"{where}: its weights predict {self.prediction!r}" + (f" (imported from {source})" if source else "")
+                + f", and this repo samples only {' or '.join(SAMPLED_PREDICTIONS)}: fine-tune it to velocity first "
+                f"(train.init_from={where.rsplit(' ', 1)[-1]} train.prediction=velocity; README, 'Fine-tune a "
+                "published model')"
+            )
         if self.family not in CONDITIONINGS:
             raise CheckpointError(f"{where}: metadata.model.family is {self.family!r}, not one of "
                                   f"{', '.join(CONDITIONINGS)}")

@@ -106,7 +106,10 @@ class ValidationLoss:
             raise ValueError("the validation loss needs at least one held-out batch")
         self.batches, self.conditioning, self.seed = batches, conditioning, seed
         self.times = bin_times(bins)
-        self.objectives = [replace(objective, timesteps=FixedTime(t), shift=None) for t in self.times]
+        # Unweighted (SD3 reports the plain loss by time): a run's train.timesteps.weighting would only rescale each
+        # bin by a constant and make runs with different weightings incomparable.
+        self.objectives = [replace(objective, timesteps=FixedTime(t), shift=None, weighting="none")
+                           for t in self.times]
         self.device, self.autocast, self.ranks = torch.device(device), autocast, ranks
         self.num_samples = sum(len(b["latents"]) for b in batches)
 

@@ -79,11 +79,45 @@ def flow_matching_loss(
     t: Float[Tensor, "b"],
     prediction: Prediction = "velocity",
     eps: float = 0.05,
+    weighting: str = "none",
 ) -> Float[Tensor, ""]:
-    """Plain MSE in velocity space. For x-prediction the output is converted first (as JiT does), so
-    the loss weighting is the same for both parameterisations. Computed in float32 for bf16 outputs."""
+    """MSE in velocity space, each sample's mean weighted by `loss_weight(weighting, t)` (none: the plain MSE).
+    For x-prediction the output is converted first (as JiT does), so the weighting means the same for both
+    parameterisations. Computed in float32 for bf16 outputs."""
     v_hat = model_velocity(raw_output.float(), x_t.float(), t.float(), prediction, eps)
-    return F.mse_loss(v_hat, velocity_target(x0.float(), x1.float()))
+    target = velocity_target(x0.float(), x1.float())
+    if weighting == "none":  # the plain MSE, computed as it always was (golden losses and exact resume rely on it)
+        return F.mse_loss(v_hat, target)
+    per_sample = (v_hat - target).square().flatten(1).mean(dim=1)
+    return (loss_weight(weighting, t.float()) * per_sample).mean()
+
+
+# ----------------------------------------------------------------------------- loss weighting
+
+LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "sigma_sqrt", "cosmap")
+SIGMA_MIN = 1e-3
+"""sigma_sqrt: the noise level sigma = 1 - t is clamped here, bounding the weight by 1e6. diffusers' SD3 scripts draw
+sigma from a 1000-entry table whose smallest entry (without shift) is 1/1000; a continuous draw can come closer."""
+
+
+def loss_weight(name: str, t: Float[Tensor, "b"]) -> Float[Tensor, "b"]:
+    """The per-sample loss weight of the SD3 scripts' weighting schemes [esser2024sd3], as diffusers names them
+    (training_utils.compute_loss_weighting_for_sd3), on the noise level sigma = 1 - t:
+
+        none        1
+        sigma_sqrt  sigma^-2 (despite the name): weights the data end heavily, where the velocity target is
+                    the noise; clamped at SIGMA_MIN
+        cosmap      2 / (pi (1 - 2 sigma + 2 sigma^2)), the density of SD3's CosMap schedule: uniform draws weighted
+                    by it train, in expectation, as CosMap draws do (CosMap below), without changing the draws
+    """
+    sigma = 1 - t
+    if name == "none":
+        return torch.ones_like(t)
+    if name == "sigma_sqrt":
+        return sigma.clamp(min=SIGMA_MIN) ** -2
+    if name == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ValueError(f"unknown loss weighting {name!r}; expected one of {LOSS_WEIGHTINGS}")
 
 
 # ----------------------------------------------------------------------------- timestep samplers
@@ -103,7 +137,9 @@ def _draw(fn: Callable, batch_size: int, generator: torch.Generator | None, devi
 
 @dataclass
 class LogitNormal:
-    """t = sigmoid(n), n ~ N(mean, std): SD3's default, concentrating training on mid times."""
+    """t = sigmoid(n), n ~ N(mean, std): SD3's default, concentrating training on mid times [esser2024sd3]. A
+    positive mean moves the draws toward data, as diffusers' `logit_mean` does (its draw indexes a table that runs
+    from noise to data); the SD3 paper writes the density on the noise level, where a positive mean means noise."""
 
     mean: float = 0.0
     std: float = 1.0
@@ -119,6 +155,40 @@ class Uniform:
 
     def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
         return _draw(torch.rand, batch_size, generator, device)
+
+
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))
+"""Mode: the scales s for which f_mode is monotone, so that its draws have a density [esser2024sd3]."""
+
+
+@dataclass
+class Mode:
+    """SD3's mode sampling [esser2024sd3]: sigma = f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U[0, 1), and
+    t = 1 - sigma. s > 0 puts more draws at mid times, s < 0 more at both ends, s = 0 is uniform. f(1 - u) =
+    1 - f(u), so the density is symmetric about 1/2 and reads the same in SD3's time (the noise level) as in ours."""
+
+    scale: float = 1.29
+
+    def __post_init__(self) -> None:
+        lo, hi = MODE_SCALE_RANGE
+        if not lo <= self.scale <= hi:  # also False for NaN
+            raise ValueError(f"mode scale {self.scale} must be in [{lo}, {hi:.4f}] (2 / (pi - 2)): outside it "
+                             "f_mode is not monotone and the draws leave [0, 1]")
+
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+        u = _draw(torch.rand, batch_size, generator, device)
+        sigma = 1 - u - self.scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return 1 - sigma
+
+
+@dataclass
+class CosMap:
+    """SD3's CosMap schedule [esser2024sd3]: sigma = 1 - 1 / (tan(pi u / 2) + 1), u ~ U[0, 1), t = 1 - sigma, whose
+    density 2 / (pi (1 - 2 sigma + 2 sigma^2)) matches a cosine schedule's log-SNR; symmetric about 1/2 as Mode's."""
+
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+        u = _draw(torch.rand, batch_size, generator, device)
+        return 1 / (torch.tan(math.pi * u / 2) + 1)
 
 
 def shift_time(t: Float[Tensor, "..."], shift: float) -> Float[Tensor, "..."]:
@@ -146,12 +216,24 @@ def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
     return math.sqrt(num_tokens / base_tokens)
 
 
+SAMPLERS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "logit_normal": (LogitNormal, ("mean", "std")),
+    "uniform": (Uniform, ()),
+    "mode": (Mode, ("scale",)),
+    "cosmap": (CosMap, ()),
+}
+"""Timestep scheme name -> (its sampler, the parameters it takes)."""
+
+
 def build_timestep_sampler(name: str, shift: float | None = None, **kw) -> TimestepSampler:
-    """Build a sampler by name ("logit_normal" or "uniform"); `shift` wraps it in ResolutionShift."""
-    bases = {"logit_normal": LogitNormal, "uniform": Uniform}
-    if name not in bases:
-        raise ValueError(f"unknown timestep sampler {name!r}; expected one of {sorted(bases)}")
-    sampler = bases[name](**kw)
+    """Build a sampler by name (SAMPLERS) with its parameters; `shift` wraps it in ResolutionShift."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown timestep sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    cls, params = SAMPLERS[name]
+    unknown = sorted(set(kw) - set(params))
+    if unknown:
+        raise ValueError(f"timestep sampler {name!r} takes {list(params) or 'no parameters'}, not {unknown}")
+    sampler = cls(**kw)
     if shift is not None and shift != 1.0:
         sampler = ResolutionShift(sampler, float(shift))
     return sampler

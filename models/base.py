@@ -123,7 +123,7 @@ class DiTSkeleton(DiffusionTransformer):
             raise ValueError(f"{type(self).__name__} needs family={self.family!r}, got {cfg.family!r}")
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
-        self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
+        self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale, cfg.time_max_period)
         self.build_conditioning(cfg)  # registered here, between the embeddings and the blocks, as always
         self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None

@@ -64,6 +64,10 @@ class ModelConfig:
     """t in [0, 1] is multiplied by this before the sinusoid. The reference fed raw t, where the highest
     frequency turns one radian over the whole range and the embedding is nearly linear in t; DiT and SD3
     use a 0..1000 scale."""
+    time_max_period: float = 10_000.0
+    """The timestep sinusoid's frequencies run from 1 down to 1 / time_max_period (DiT's 10,000). The reference's
+    own sinusoid spaces them by half - 1 instead of half, which is 10000 ** (half / (half - 1)) here: set by
+    `python -m app.import_weights` for its checkpoints (models/reference_layout.py), so they compute what they did."""
     qk_norm: bool = True
     """Per-head RMSNorm on queries and keys (pixart: off, as in PixArt-alpha)."""
     num_classes: int = 1000
@@ -146,7 +150,7 @@ class ModelConfig:
             return
         fixed = {"qk_norm": (self.qk_norm, False), "rope": (self.rope, False), "pos_embed": (self.pos_embed, "sincos"),
                  "cond_dim": (self.cond_dim, PIXART_TIME_CHANNELS), "mlp_ratio": (self.mlp_ratio, 4.0),
-                 "time_scale": (self.time_scale, 1000.0)}
+                 "time_scale": (self.time_scale, 1000.0), "time_max_period": (self.time_max_period, 10_000.0)}
         for key, (value, needed) in fixed.items():
             if value != needed:
                 raise ValueError(f"model.overrides.{key}={value!r}: a pixart model is diffusers' "

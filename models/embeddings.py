@@ -30,13 +30,14 @@ def timestep_embedding(t: Float[Tensor, "b"], dim: int, max_period: float = 10_0
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoid of width `dim`. No parameters: each consumer owns the MLP it applies."""
 
-    def __init__(self, dim: int, time_scale: float):
+    def __init__(self, dim: int, time_scale: float, max_period: float = 10_000.0):
         super().__init__()
         self.dim = dim
         self.time_scale = time_scale
+        self.max_period = max_period
 
     def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b dim"]:
-        return timestep_embedding(t * self.time_scale, self.dim)
+        return timestep_embedding(t * self.time_scale, self.dim, self.max_period)
 
 
 def null_label_for(num_classes: int) -> int:

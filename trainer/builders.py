@@ -268,7 +268,7 @@ def build_model_config(
     for key, value in derived.items():
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"model.overrides.{key}={overrides[key]} but the data/text encoder give {value}")
-    fields = derived | overrides
+    fields = derived | carried_fields(init_model, m.family, set(derived) | set(overrides)) | overrides
     if init_model is not None and "base_grid" not in overrides:
         fields["base_grid"] = init_model.get("base_grid")
     if cfg.precision.fp8 and "text_pad_multiple" not in overrides:
@@ -278,10 +278,41 @@ def build_model_config(
     return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
 
 
+FUNCTION_FIELDS = ("time_scale", "time_max_period", "activation", "caption_projection", "interpolation_scale",
+                   "qk_norm", "pos_embed", "rope", "rope_theta")
+"""What a stage takes from the checkpoint it starts from or resumes (same family), unless model.overrides sets it: the
+fields that make its weights compute what they did, which no stage should change by default. The reference's ccDiT
+(raw-t sinusoid: time_scale, time_max_period) or an imported PixArt (interpolation_scale) then needs no override."""
+SHAPE_FIELDS = ("dim", "depth", "heads", "mlp_ratio", "cond_dim", "num_registers", "pixel_dim", "pixel_depth")
+"""Taken too from an imported checkpoint (app/import_weights.py), whose size need not be a named one."""
+
+
+def carried_fields(init_model: dict[str, Any] | None, family: str, fixed: set[str]) -> dict[str, Any]:
+    """The FUNCTION_FIELDS (and for an import the SHAPE_FIELDS) of the checkpoint a stage starts from, when it is the
+    same family, except the `fixed` ones (from the data or the overrides)."""
+    if not init_model or init_model.get("family") != family:
+        return {}
+    imported = bool((init_model.get("extra") or {}).get("imported_from"))
+    names = FUNCTION_FIELDS + (SHAPE_FIELDS if imported else ())
+    return {k: init_model[k] for k in names if k in init_model and k not in fixed}
+
+
 def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
-    """train.init_from, loaded once (an XL checkpoint is several GB): (its path, its contents) or None."""
+    """train.init_from, loaded once (an XL checkpoint is several GB): (its path, its contents) or None. A source of
+    another layout (a Hub id, a diffusers folder, a .safetensors file, PixArt's or the reference's .pth) is imported
+    in memory, as `python -m app.import_weights` would write it."""
     if cfg.train.init_from is None:
         return None
+    from app.import_weights import ImportSourceError, import_checkpoint, is_importable
+
+    source = str(cfg.train.init_from)
+    if is_importable(source):
+        try:
+            imported = import_checkpoint(source)
+        except ImportSourceError as err:
+            raise ConfigError(f"train.init_from={source!r}: {err}") from None
+        log.info("train.init_from=%s: imported (%s)", source, imported["metadata"]["imported"]["layout"])
+        return Path(source), imported
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
     return src, checkpoint.load(src)
 

@@ -67,13 +67,21 @@ class DataSection:
 @dataclass
 class TimestepsSection:
     name: str = "logit_normal"
-    """logit_normal | uniform (flow/objective.py)."""
+    """How training times are drawn (flow/objective.py), by the SD3 scripts' names [esser2024sd3]: logit_normal
+    (t = sigmoid(N(mean, std)), the default: most draws at mid times) | uniform | mode (mode_scale > 0 favours mid
+    times, < 0 the ends) | cosmap (the density of a cosine schedule's log-SNR)."""
     mean: float = 0.0
-    """logit-normal: mean of the normal whose sigmoid is t."""
+    """logit_normal: mean of the normal whose sigmoid is t; > 0 moves draws toward data (t = 1), as diffusers'
+    logit_mean."""
     std: float = 1.0
-    """logit-normal: its standard deviation."""
+    """logit_normal: its standard deviation."""
+    mode_scale: float = 1.29
+    """mode: SD3's scale s, in [-1, 2 / (pi - 2) = 1.75]; 0 is uniform; 1.29 is diffusers' default."""
     shift: Any = None
     """SD3 resolution shift: null or 1 none; a number; auto = sqrt(tokens / base_grid^2) for each batch's grid."""
+    weighting: str = "none"
+    """Loss weight by time (flow/objective.py loss_weight), as diffusers' SD3 scripts name them: none | sigma_sqrt
+    (sigma^-2, sigma = 1 - t: weights the data end) | cosmap (CosMap's density as a weight on the draws)."""
 
 
 @dataclass
@@ -364,6 +372,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.preview.alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "train.timesteps.std": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "train.timesteps.mean": (_finite, "a finite number"),
+    "train.timesteps.name": (lambda v: v in ("logit_normal", "uniform", "mode", "cosmap"),
+                             "logit_normal, uniform, mode or cosmap"),
+    "train.timesteps.mode_scale": (lambda v: _finite(v) and -1 <= v <= 2 / (math.pi - 2),
+                                   "a number in [-1, 2 / (pi - 2) = 1.7519] (f_mode monotone)"),
+    "train.timesteps.weighting": (lambda v: v in ("none", "sigma_sqrt", "cosmap"), "none, sigma_sqrt or cosmap"),
     "optim.lr": (lambda v: _finite(v) and 0 < v <= 1, "a finite number in (0, 1]"),
     "optim.eps": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
     "optim.weight_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
