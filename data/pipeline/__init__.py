@@ -1,4 +1,4 @@
-"""Shard a WebDataset of images into latent shards: caption, tokenize, VAE-encode (CLI: data/shard_caption_example.py).
+"""Shard a WebDataset of images into latent shards: caption, tokenize, VAE-encode (CLI: data/make_shards.py).
 
     sources     input tars (URL template or glob), rank split, decoding, size and flat-image filters, crops
     captioners  VLLMCaptioner, OpenAICompatibleCaptioner, TarCaptioner: caption(images, metas) -> [(long, short)]
