@@ -24,7 +24,7 @@ KEY=VALUE, as you will train it) and refuses, before any image is read, flags wh
 
     # 1024 px aspect-ratio buckets (PixArt-alpha's table), SD3 latents, T5Gemma features stored, on a GPU node
     python data/make_shards.py --input-glob '/data/raw/*.tar' --out-dir shards-1024/ --for-stage 5 \\
-        --buckets pixart --records-per-shard 10000
+        --buckets pixart --text-features --records-per-shard 10000
 
     # once every rank is done (the last rank to finish also does this by itself)
     python data/make_shards.py --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ --finalize

@@ -302,3 +302,19 @@ def test_the_readme_folder_command_trains(folder, tmp_path):
     summary = train(stage_config(2, tmp_path, tmp_path / "run", f"data.path={out}", "train.init_from=null",
                                  "train.max_steps=1"))
     assert summary["steps"] == 1
+
+
+def test_a_cell_with_only_a_path_is_decoded_by_datasets(folder, tmp_path):
+    """An Image cell without bytes (a dataset of local files) goes through datasets' own decoder, then the same
+    filters and crop as any image; a path that is no image counts as undecodable."""
+    from data.pipeline import inputs, sources
+
+    columns = inputs.Columns()
+    sample = inputs.row_sample({"image": {"bytes": None, "path": str(folder / "a" / "img_00.png")},
+                                "text": caption(0)}, "000000000", columns)
+    prepared = sources.prepare_sample(sample, 32, None, 0.02)
+    got = torch.from_numpy(np.asarray(prepared.image).copy()).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert torch.equal(got.bfloat16(), expected_latents(0)) and prepared.meta["txt"] == caption(0)
+    (tmp_path / "not-an-image.png").write_text("hello")
+    bad = inputs.row_sample({"image": {"bytes": None, "path": str(tmp_path / "not-an-image.png")}}, "1", columns)
+    assert sources.prepare_sample(bad, 32, None, 0.02) == "undecodable"

@@ -12,7 +12,6 @@ them against configs/stage2.yaml as composed).
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from core.hub import BUNDLED_TOKENIZER
@@ -157,6 +156,3 @@ def refusal(needs: StageNeeds, problems: list[str]) -> str:
             + ". Change the flags (or leave them out: they default to the stage's), or name the stage's own "
             "overrides with --stage-override KEY=VALUE")
 
-
-def path_or_none(value: Any) -> str | None:
-    return None if value is None else str(Path(value)) if Path(str(value)).exists() else str(value)
