@@ -217,14 +217,15 @@ def _apply_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if args.vae == "sd3":
         args.vae_path = args.vae_path or REFERENCE["vae_path"]
         args.vae_subfolder = args.vae_subfolder or REFERENCE["vae_subfolder"]
-    stage_encoder = needs.text_encoder if needs is not None else REFERENCE["tokenizer"]
     if args.text_encoder is not None and not args.text_features:
         parser.error("--text-encoder is read with --text-features only")
-    if args.text_features and args.text_encoder is None:
-        args.text_encoder, args.text_encoder_subfolder = stage_encoder, (
-            args.text_encoder_subfolder or (needs.text_encoder_subfolder if needs is not None else None))
+    # The tokenizer is --tokenizer, else a --text-encoder's own, else the stage's (which may differ from its
+    # encoder's id: text_encoder.tokenizer), else the reference's.
     stage_tokenizer = needs.tokenizer if needs is not None else REFERENCE["tokenizer"]
-    args.tokenizer = args.tokenizer or (args.text_encoder if args.text_features else None) or stage_tokenizer
+    args.tokenizer = args.tokenizer or args.text_encoder or stage_tokenizer
+    if args.text_features and args.text_encoder is None:
+        args.text_encoder = needs.text_encoder if needs is not None else REFERENCE["tokenizer"]
+        args.text_encoder_subfolder = args.text_encoder_subfolder or (needs.text_encoder_subfolder if needs else None)
     if is_bundled(args.text_encoder):
         args.text_encoder = None  # FrozenTextEncoder's name for the bundled MiniLM
     return needs

@@ -145,3 +145,19 @@ def test_the_sbatch_job_checks_its_stage_before_any_work(tmp_path):
     refused = job(EXTRA_ARGS="--max-length 32")
     assert refused.returncode == 2 and "--max-length 32: the stage's text_encoder.max_length is 120" in refused.stderr
     assert job(FOR_STAGE="").returncode != 0
+
+
+def test_the_stages_own_tokenizer_is_the_default_beside_its_encoder(tmp_path):
+    """A stage whose text_encoder.tokenizer is not its encoder's id: the sharder's default tokenizer is the stage's
+    tokenizer, not the encoder's (and the check passes)."""
+    import shutil
+
+    from core.tokenizer import default_tokenizer_path
+
+    tok = tmp_path / "tok"
+    shutil.copytree(default_tokenizer_path(), tok)
+    overrides = ["experiment=embedded", "text_encoder.name_or_path=google/t5gemma-xl-xl-ul2",
+                 f"text_encoder.tokenizer={tok}"]
+    args, _, needs = parse(["--input-glob", TARS, "--out-dir", "x", "--for-stage", "4",
+                            *(a for o in overrides for a in ("--stage-override", o))])
+    assert args.text_features and args.text_encoder == "google/t5gemma-xl-xl-ul2" and args.tokenizer == str(tok)
