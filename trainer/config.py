@@ -56,7 +56,7 @@ class DataSection:
     skip_bad_shards: bool = False
     """true: warn and skip a corrupt shard instead of stopping."""
     text_features: bool | None = None
-    """Text data: null uses the encoder states stored in the shards when they hold them (data/shard_caption_example.py
+    """Text data: null uses the encoder states stored in the shards when they hold them (data/make_shards.py
     --text-features; the encoder is then not loaded for training, and must be the one that made them); false encodes
     the tokens with text_encoder on every step; true requires stored states."""
     buckets: list[str] | None = None
