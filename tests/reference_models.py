@@ -344,6 +344,17 @@ def pixel_forward(w: Weights, cfg, x: Tensor, t: Tensor, **cond: Tensor) -> Tens
     return out.reshape(b, gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(b, channels, height, width)
 
 
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter of `model` (float64) drawn afresh, in name order: weights at 1/sqrt(fan-in), vectors at 0.5.
+    adaLN-Zero leaves gates, heads and modulation tables at zero, where they would hide most of the network."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        fan_in = p[0].numel() if p.dim() == 4 else p.shape[-1]
+        std = fan_in**-0.5 if p.dim() >= 2 else 0.5
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
 def forward(state: Weights, cfg, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
     """The float64 prediction of the model with ModelConfig `cfg` and state_dict `state` at x [b, C, H, W], t [b]."""
     w = {k: v.double() for k, v in state.items()}

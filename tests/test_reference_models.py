@@ -49,19 +49,9 @@ def config(case: str, **changes) -> ModelConfig:
     return ModelConfig(**SMALL | CASES[case] | dict(time_scale=10.0) | changes)
 
 
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter drawn afresh in float64 (weights at 1/sqrt(fan-in), vectors at 0.5), in name order."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        fan_in = p[0].numel() if p.dim() == 4 else p.shape[-1]
-        std = fan_in**-0.5 if p.dim() >= 2 else 0.5
-        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
-
-
 def float64_model(cfg: ModelConfig) -> torch.nn.Module:
     model = build_model(cfg).double().eval()
-    randomize(model)
+    ref.randomize(model)
     assert all(p.ne(0).all() for p in model.parameters())  # no gate, head or table left closed
     return model
 
