@@ -273,6 +273,9 @@ def test_cpu_offload_moves_each_part_in_turn_and_changes_no_pixel(stage1_checkpo
     assert pipe.to("cpu") is pipe and pipe.device.type == "cpu" and pipe.dtype == torch.float32
     kwargs = dict(class_labels=[1, 2], num_inference_steps=3)
     plain = pipe(generator=torch.manual_seed(0), output_type="pt", **kwargs).images
+    # The two labels, and another seed, give other pixels (the fixture is not gray): the equality below can fail.
+    assert not torch.equal(plain[0], plain[1])
+    assert not torch.equal(plain, pipe(generator=torch.manual_seed(1), output_type="pt", **kwargs).images)
     pipe.enable_model_cpu_offload(device="cpu")
     moves = []
     for name in ("transformer", "vae"):

@@ -114,10 +114,18 @@ def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_pat
     assert np.array_equal(a5, direct)  # PNG all the way: the browser sees the pipeline's pixels
 
 
-def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, tmp_path):
+def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, text_pipe, tmp_path):
     gallery, *_, status = client(text_app, tmp_path).predict(
         prompt=PROMPT, steps=2, guidance_scale=2.5, alpha=1.5, guidance_start=0.1, seed=11, num_images=2,
         api_name="/generate")
+    # Each setting the line carries changes these pixels (the fixture is not gray): a line that lost one would not
+    # reproduce them.
+    chosen = dict(prompts=[PROMPT], seeds=[11], steps=2, cfg_scale=2.5, alpha=1.5, cfg_interval=(0.1, 1.0))
+    first = images(gallery)[0]
+    assert np.array_equal(first, text_pipe.generate(**chosen).numpy()[0])
+    for change in (dict(seeds=[12]), dict(prompts=["a small blue star in the center"]), dict(cfg_scale=1.0),
+                   dict(alpha=1.0), dict(cfg_interval=(0.0, 1.0))):
+        assert not np.array_equal(first, text_pipe.generate(**chosen | change).numpy()[0]), change
     argv = shlex.split(status.split("```")[1])[2:]  # after "python app/sample.py"
     argv[argv.index("--out-dir") + 1] = str(tmp_path / "cli")
     sample_main(argv)
@@ -225,6 +233,9 @@ def test_class_app_draws_the_chosen_class(class_app, class_pipe, tmp_path):
     (image,) = images(gallery)
     assert image.shape == (32, 32, 3) and seed == 4 and "--class-label 1" in status
     assert np.array_equal(image, class_pipe.generate(labels=[1], seeds=[4], steps=2).numpy()[0])
+    # Another class or another seed is another image (the fixture is not gray), so the line above can fail.
+    assert not np.array_equal(image, class_pipe.generate(labels=[2], seeds=[4], steps=2).numpy()[0])
+    assert not np.array_equal(image, class_pipe.generate(labels=[1], seeds=[5], steps=2).numpy()[0])
     names = class_pipe.conditioning.class_names
     with pytest.raises(AppError, match=rf"Class must be one of 0..{len(names) - 1} \(0: {names[0]}"):
         c.predict(class_label=len(names), steps=2, api_name="/generate")

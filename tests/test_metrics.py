@@ -141,7 +141,13 @@ def test_clip_score_matches_an_independent_computation():
                            return_tensors="pt", padding=True)
         out = model(**inputs)
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
-    assert got == pytest.approx(max(100 * float(cos.mean()), 0.0), rel=1e-4, abs=1e-4)
+    expected = 100 * float(cos.mean())
+    # Neither side may be CLIPScore's floor of 0 (a mean cosine below 0 scores 0), or 0 == 0 would pass.
+    assert expected > 10 and got > 10
+    assert got == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # the floor itself: text embeddings turned around score exactly 0
+        model.text_projection.weight.neg_()
+    assert metrics.clip_score(images, captions, lambda: (metrics.ProjectedCLIP(model), processor)) == 0.0
 
 
 def _samples_npz(path, images, **small):
