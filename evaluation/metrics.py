@@ -443,24 +443,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_output(path: Path | None, flag: str) -> None:
-    """An output file the run writes at its end, checked at its start: not a folder, not below a file, in a
-    folder this process may write (created when missing)."""
-    import os
-
-    if path is None:
-        return
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: a folder; give a file name")
-    ancestor = path.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {ancestor} is not writable")
-
-
 def loaded_clip(name: str) -> Callable[[], tuple[torch.nn.Module, Any]]:
     """The CLIP of --clip-model loaded now (before any feature is extracted), as torchmetrics' factory."""
     try:
@@ -475,6 +457,7 @@ def loaded_clip(name: str) -> Callable[[], tuple[torch.nn.Module, Any]]:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from core.files import write_json_atomic
+    from core.writable import writable_file
     from evaluation.features import InceptionFeatures
     from evaluation.npz import read_npz
     from evaluation.ranks import join, leave
@@ -482,8 +465,9 @@ def main(argv=None) -> dict | None:
     ranks = join(args.device)
     try:
         try:
-            check_output(args.json, "--json")
-            check_output(args.save_reference, "--save-reference")
+            for flag, path in (("--json", args.json), ("--save-reference", args.save_reference)):
+                if path is not None:  # written at the end: checked at the start
+                    writable_file(path, f"{flag} {path}")
             samples = read_npz(args.samples, "--samples")
             if "arr_0" not in samples:
                 raise ValueError(f"--samples {args.samples}: no arr_0 (the images)")

@@ -337,11 +337,13 @@ def main(argv=None) -> Path:
     from app.pipeline import CheckpointError, load_pipeline, resolve_checkpoint
     from app.sources import sources_from_args
     from app.validation import BATCH, RequestError
+    from core.writable import writable_folder
     from evaluation.ranks import join, leave
 
     ranks = join(args.device)
     try:
         try:
+            writable_folder(args.out_dir, f"--out-dir {args.out_dir}")
             model_path = resolve_checkpoint(args.model_path)
             limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
             pipe = load_pipeline(model_path, weights=args.weights, device=ranks.device,

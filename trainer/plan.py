@@ -584,9 +584,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hydra.errors import HydraException
 
+    from trainer.config import check_keys
+
     try:
         cfg = compose(stage, overrides)
-    except HydraException as err:
+        check_keys(cfg)  # a `+key` the schema does not have would otherwise be planned as if absent
+    except (HydraException, ValueError) as err:
         print(f"trainer.plan: {err}", file=sys.stderr)
         return 2
     import torch
