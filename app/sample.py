@@ -108,8 +108,13 @@ def main(argv=None) -> None:
     from app.sources import sources_from_args
     from app.validation import CLI, RequestError, check_number
     from core.images import save_grid
+    from core.writable import writable_folder
 
     apply_bucket(args)
+    try:
+        writable_folder(args.out_dir, f"--out-dir {args.out_dir}")  # before any image is drawn
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     try:
         limits = limits_from_args(args)
         pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)

@@ -240,6 +240,7 @@ class CheckpointMetadata:
         record = cls(**{k: v for k, v in meta.items() if k in names},
                      extra={k: v for k, v in meta.items() if k not in names})
         record.check(where)
+        record.check_prediction(where)
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,6 +290,15 @@ class CheckpointMetadata:
             )
 
 
+    def check_prediction(self, where: str) -> None:
+        """metadata.prediction says how the sampler reads the network's output: one of flow/objective.py's."""
+        from flow.objective import PREDICTIONS
+
+        if self.prediction not in PREDICTIONS:
+            raise CheckpointError(f"{where}: metadata.prediction is {str(self.prediction)[:80]!r}, not one of "
+                                  f"{', '.join(PREDICTIONS)}: the checkpoint was altered or is damaged")
+
+
 def read_metadata(state: dict, where: str) -> CheckpointMetadata:
     return CheckpointMetadata.from_dict(state.get("metadata"), where)
 
@@ -296,16 +306,37 @@ def read_metadata(state: dict, where: str) -> CheckpointMetadata:
 # ---- rebuilding a model -------------------------------------------------------------------------------------
 
 
-def model_from_state(state: dict, weights: str = "ema"):
+def model_from_state(state: dict, weights: str = "ema", where: str = "the checkpoint"):
     """The model a loaded checkpoint's metadata describes, with its `ema` or `raw` weights (plain layout, so an
-    FP8-trained checkpoint loads too), in eval mode."""
+    FP8-trained checkpoint loads too), in eval mode. metadata.model is checked first on the meta device: a valid
+    config whose parameters have exactly the shapes of the weights the file holds, so an altered record can
+    neither fail deep inside a model's constructor nor allocate more than the file's own tensors (CheckpointError
+    naming `where`)."""
     from models import ModelConfig, build_model
 
     meta = state.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError("the checkpoint has no metadata.model; not written by this repository")
-    model = build_model(ModelConfig(**meta["model"]))
-    model.load_state_dict(model_weights(state, weights))
+        raise CheckpointError(f"{where} has no metadata.model; not written by this repository")
+    tensors = model_weights(state, weights)
+    try:
+        config = ModelConfig(**meta["model"])
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200]  # one line, whatever the constructor's checker printed
+        raise CheckpointError(f"{where}: metadata.model is not a model this repository builds ({type(err).__name__}: "
+                              f"{reason}); the checkpoint was altered or is damaged") from None
+    held = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if held != expected:
+        missing, unexpected = sorted(expected.keys() - held.keys()), sorted(held.keys() - expected.keys())
+        shaped = sorted(k for k in expected.keys() & held.keys() if expected[k] != held[k])
+        name = str(meta.get("name", config.family))[:80]
+        raise CheckpointError(f"{where}: metadata.model ({name}) does not describe the {weights} weights it holds: "
+                              f"{len(missing)} missing (first {missing[:2]}), "
+                              f"{len(unexpected)} unexpected ({unexpected[:2]}), {len(shaped)} of another shape "
+                              f"({shaped[:2]}); the checkpoint was altered or is damaged")
+    model = build_model(config)
+    model.load_state_dict(tensors)
     return model.eval().requires_grad_(False)
 
 
@@ -318,4 +349,4 @@ def load_model(path: Path, weights: str = "ema"):
     meta = state.get("metadata")
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
-    return model_from_state(state, weights), meta
+    return model_from_state(state, weights, str(path)), meta

@@ -27,7 +27,16 @@ from trainer.activation_memory import (
     measure_step,
 )
 from trainer.fast_path import checkpoint_blocks
-from trainer.plan import MemoryPlanError, Setting, check_memory, compose, data_shape, make_plan, state_bytes
+from trainer.plan import (
+    MemoryPlanError,
+    Setting,
+    check_memory,
+    compose,
+    data_shape,
+    largest_divisor_at_most,
+    make_plan,
+    state_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp32"]
@@ -208,6 +217,45 @@ def test_chosen_micro_batch_fits_and_the_next_larger_does_not():
     assert checked >= 4
     roomy = replace(plan, gpu_bytes=10**15).choice()
     assert (roomy.micro, roomy.grad_accum, roomy.checkpointing) == (per_gpu, 1, False)
+
+
+def test_largest_divisor_at_most_is_the_brute_force_one():
+    for n in range(1, 200):
+        for cap in range(1, n + 2):
+            assert largest_divisor_at_most(n, cap) == max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def test_a_huge_batch_is_planned_in_bounded_time():
+    """train.batch_size=10**12 on 8 GPUs: 1.25e11 = 2^9 x 5^12 per GPU. The old search tried every integer up to
+    it (hours); the choice must come at once and be the largest divisor that fits, the divisors listed from the
+    factorisation (an independent reference)."""
+    import signal
+
+    plan = make_plan(compose(1, [*SMALL, "train.batch_size=1000000000000", "train.grad_accum=1"]), 8)
+    per_gpu = plan.per_gpu_batch()
+    assert per_gpu == 2**9 * 5**12
+    divisors = sorted(2**a * 5**b for a in range(10) for b in range(13))
+
+    def too_slow(*_):
+        raise TimeoutError("the planner's divisor search did not finish in 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        choice = plan.choice()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert per_gpu % choice.micro == 0 and plan.fits_with(choice)
+    bigger = divisors[divisors.index(choice.micro) + 1]
+    assert not plan.fits_with(Setting(bigger, per_gpu // bigger, choice.checkpointing))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e300"])
+def test_gpu_memory_must_be_a_finite_positive_number(value):
+    result = _run("stage=1", *SMALL, f"+gpu_memory_gb={value}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"+gpu_memory_gb={value}: expected a positive, finite number of GB" in result.stderr
 
 
 def test_pixel_families_are_planned_without_checkpointing():

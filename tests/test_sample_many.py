@@ -125,3 +125,62 @@ def test_cli_refuses_captions_for_a_class_checkpoint(stage1_checkpoint, tmp_path
     with pytest.raises(SystemExit, match="class-conditional: --captions and --caption-shards are for text"):
         sm.main(["--model-path", str(stage1_checkpoint), "--num-samples", "2", "--out-dir", str(tmp_path / "o"),
                  "--captions", str(tmp_path / "c.txt"), "--device", "cpu"])
+
+
+# ---- parts it cannot vouch for (issue 25, item 7) ------------------------------------------------------------
+
+
+def test_without_sampling_json_a_rerun_with_another_seed_redraws_every_part(class_pipe, stage1_checkpoint, tmp_path,
+                                                                             capsys):
+    """Each part records its plan's hash: with sampling.json gone, another seed's run finds the old parts foreign,
+    names them, and draws its own (the reference: the same plan drawn in an empty folder)."""
+    sm.run(class_pipe, _plan(stage1_checkpoint, seed=3), tmp_path / "a", Ranks(), progress=False)
+    (tmp_path / "a" / sm.SETTINGS).unlink()
+    other = _plan(stage1_checkpoint, seed=4)
+    sm.run(class_pipe, other, tmp_path / "a", Ranks(), progress=False)
+    err = capsys.readouterr().err
+    assert f"{sm.part_path(tmp_path / 'a', 0)}: drawn with other settings" in err
+    sm.run(class_pipe, other, tmp_path / "fresh", Ranks(), progress=False)
+    np.testing.assert_array_equal(read_npz(tmp_path / "a" / sm.SAMPLES, "s")["arr_0"],
+                                  read_npz(tmp_path / "fresh" / sm.SAMPLES, "s")["arr_0"])
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["drawn_now"] == 3
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+    """One byte of the images changed, the size kept: only the zip's CRC shows it."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _foreign(path):
+    """Another part's file (its indices) under this part's name."""
+    path.write_bytes(path.with_name("part-000000.npz").read_bytes())
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _foreign], ids=["truncated", "flipped", "other-indices"])
+def test_a_damaged_part_is_named_and_drawn_again(class_pipe, stage1_checkpoint, tmp_path, capsys, damage):
+    plan = _plan(stage1_checkpoint)
+    sm.run(class_pipe, plan, tmp_path, Ranks(), progress=False)
+    first = read_npz(tmp_path / sm.SAMPLES, "s")["arr_0"].copy()
+    part = sm.part_path(tmp_path, 1)
+    damage(part)
+    sm.run(class_pipe, plan, tmp_path, Ranks(), progress=False)
+    err = capsys.readouterr().err
+    assert f"{part}: " in err and "drawing it again" in err and part.with_name(part.name + ".rejected").is_file()
+    assert json.loads((tmp_path / "samples.json").read_text())["drawn_now"] == 1
+    np.testing.assert_array_equal(read_npz(tmp_path / sm.SAMPLES, "s")["arr_0"], first)
+
+
+def test_an_unreadable_sampling_json_or_a_file_as_out_dir_is_named(class_pipe, stage1_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / sm.SETTINGS).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'out' / sm.SETTINGS} is unreadable"):
+        sm.run(class_pipe, _plan(stage1_checkpoint), tmp_path / "out", Ranks(), progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        sm.run(class_pipe, _plan(stage1_checkpoint), tmp_path / "file", Ranks(), progress=False)

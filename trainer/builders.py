@@ -190,11 +190,7 @@ def read_resume_checkpoint(path: Path | None, cfg: DictConfig) -> dict[str, Any]
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as err:
-        older = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
-        good = next((p for p in reversed(older) if _loads(p)), None)
-        offer = (f"; the newest readable one is {good}: resume from it with train.resume={good}, or move {path} "
-                 "away" if good else "; no other checkpoint there loads: train.resume=never starts over")
-        raise checkpoint.CheckpointError(f"train.resume={cfg.train.resume}: {err}{offer}") from None
+        raise unreadable_resume(path, cfg, err) from None
     for key in ("model", "ema", "optimizer", "scheduler", "step", "history", "loader", "rng", "metadata"):
         if key not in state:
             raise checkpoint.CheckpointError(
@@ -202,6 +198,16 @@ def read_resume_checkpoint(path: Path | None, cfg: DictConfig) -> dict[str, Any]
                 "from reparameterize.py? start from it with train.init_from)"
             )
     return state
+
+
+def unreadable_resume(path: Path, cfg: DictConfig, err: checkpoint.CheckpointError) -> checkpoint.CheckpointError:
+    """The error for a resume checkpoint that cannot be read, whether opening it failed or (a sharded one damaged
+    where its sizes do not show it) reading its tensors did: it offers the newest readable checkpoint beside it."""
+    older = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
+    good = next((p for p in reversed(older) if _loads(p)), None)
+    offer = (f"; the newest readable one is {good}: resume from it with train.resume={good}, or move {path} "
+             "away" if good else "; no other checkpoint there loads: train.resume=never starts over")
+    return checkpoint.CheckpointError(f"train.resume={cfg.train.resume}: {err}{offer}")
 
 
 def _loads(path: Path) -> bool:

@@ -331,6 +331,38 @@ class RunConfig:
 ConfigStore.instance().store(name="schema", node=RunConfig)
 
 
+# ---- keys ---------------------------------------------------------------------------------------------------
+
+
+def check_keys(cfg: DictConfig, schema: type = RunConfig, prefix: str = "") -> None:
+    """ConfigError naming the first key the schema does not have, with the closest known key. OmegaConf refuses
+    a misspelt key on its own, but Hydra's `+key=value` adds one to the composed config, where nothing would
+    read it: `+train.bach_size=64` would train with the default batch. model.overrides, a free-form dictionary,
+    takes the fields of models/config.py:ModelConfig."""
+    from models.config import ModelConfig
+
+    known = {f.name: f for f in fields(schema)}
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(_unknown(f"{prefix}{key}", known, prefix, "`train_stageN.py --help` lists every key"))
+        kind = known[key].default_factory() if callable(known[key].default_factory) else None  # type: ignore[misc]
+        if is_dataclass(kind) and isinstance(cfg[key], DictConfig):
+            check_keys(cfg[key], type(kind), f"{prefix}{key}.")
+    if schema is ModelSection and isinstance(cfg.get("overrides"), DictConfig):
+        model_fields = {f.name: f for f in fields(ModelConfig)}
+        for key in cfg.overrides:
+            if key not in model_fields:
+                raise ConfigError(_unknown(f"{prefix}overrides.{key}", model_fields, f"{prefix}overrides.",
+                                           "models/config.py:ModelConfig has the fields it takes"))
+
+
+def _unknown(key: str, known, prefix: str, where: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.removeprefix(prefix), list(known), n=1)
+    return f"{key}: not a key of the config{f'; did you mean {prefix}{close[0]}?' if close else ''} ({where})"
+
+
 # ---- ranges -------------------------------------------------------------------------------------------------
 
 def _finite(v) -> bool:

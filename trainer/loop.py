@@ -214,7 +214,10 @@ class Trainer:
         self._build_optimizer()
         self.writer = self._checkpoint_writer()
         if self.pending_state is not None:
-            self._load_tensors(self.pending_state)
+            try:
+                self._load_tensors(self.pending_state)
+            except checkpoint.CheckpointError as err:  # a sharded folder damaged where its sizes do not show it
+                raise builders.unreadable_resume(self.resume_from, self.cfg, err) from None
             self._follow_config_schedule()
             self.pending_state = None
 

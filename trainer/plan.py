@@ -317,12 +317,18 @@ class Plan:
         return self.batch_size // self.gpus
 
     def largest_micro(self, checkpointing: bool) -> int | None:
-        """The largest micro-batch dividing the per-GPU batch that fits, or None."""
+        """The largest micro-batch dividing the per-GPU batch that fits, or None. Memory grows with the micro-batch,
+        so the largest that fits is found by bisection, then the largest divisor below it: a few dozen plans and
+        at most sqrt(per-GPU batch) divisions, whatever train.batch_size is."""
         per_gpu = self.per_gpu_batch()
-        for micro in sorted((d for d in range(1, per_gpu + 1) if per_gpu % d == 0), reverse=True):
-            if self.fits_with(Setting(micro, per_gpu // micro, checkpointing)):
-                return micro
-        return None
+        fits = lambda micro: self.fits_with(Setting(micro, per_gpu // micro, checkpointing))  # noqa: E731
+        if per_gpu < 1 or not fits(1):
+            return None
+        low, high = 1, per_gpu  # fits(low); the answer is in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return largest_divisor_at_most(per_gpu, low)
 
     def choice(self) -> Setting | None:
         """Checkpointing off if the configured micro-batch fits without it, else on (where the family can be
@@ -374,6 +380,23 @@ class Plan:
             out.append(f"{note}.")
         out.append(f"Not counted: {NOT_COUNTED}.")
         return "\n".join(out)
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of n that is <= cap (cap >= 1), in O(min(cap, sqrt n)) divisions: the divisors above
+    sqrt(n) are n // i for the divisors i below it, the larger the smaller i is."""
+    if cap >= n:
+        return n
+    root = math.isqrt(n)
+    if cap <= root:
+        return next(d for d in range(cap, 0, -1) if n % d == 0)
+    small = 1
+    for i in range(1, root + 1):
+        if n % i == 0:
+            if n // i <= cap:
+                return n // i
+            small = i
+    return small
 
 
 def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str | None = None,
@@ -534,8 +557,8 @@ def split_arguments(args: list[str]) -> tuple[int, int, float | None, list[str]]
                 memory = float(value)
             except ValueError:
                 memory = -1.0
-            if memory <= 0:
-                raise ValueError(f"{arg}: expected a positive number of GB")
+            if not (math.isfinite(memory) and 0 < memory <= 1e6):  # nan passes `<= 0`; inf overflows int()
+                raise ValueError(f"{arg}: expected a positive, finite number of GB (at most 1e6)")
         else:
             overrides.append(arg)
     return stage, gpus, memory, overrides
@@ -567,9 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hydra.errors import HydraException
 
+    from trainer.config import check_keys
+
     try:
         cfg = compose(stage, overrides)
-    except HydraException as err:
+        check_keys(cfg)  # a `+key` the schema does not have would otherwise be planned as if absent
+    except (HydraException, ValueError) as err:
         print(f"trainer.plan: {err}", file=sys.stderr)
         return 2
     import torch
