@@ -11,6 +11,7 @@ import torch
 from tests.stages import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench_train.py", "bench_sample.py"])
 def test_bench_script_smoke(script):
     proc = subprocess.run([sys.executable, f"scripts/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True,
@@ -24,6 +25,7 @@ def test_bench_script_smoke(script):
             assert "n/a | n/a | n/a" not in line, line  # a measured row has its figures
 
 
+@pytest.mark.slow
 def test_fp8_parity_smoke_runs_the_trainer_twice(embedded_data, tmp_path):
     """On a CPU both runs fall back to nn.Linear (fp8 logs why), so the same seed gives the same loss."""
     proc = subprocess.run([sys.executable, "scripts/fp8_parity.py", "--smoke", "--data-dir", str(embedded_data),

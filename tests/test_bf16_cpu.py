@@ -69,6 +69,7 @@ def _flat(grads: dict) -> torch.Tensor:
 
 # torch's CPU rms_norm warns that a bf16 input with an fp32 weight takes its unfused kernel: autocast leaves the
 # q/k norms' weights fp32 (the master weights), which is the point here.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
 @pytest.mark.parametrize("stage", [1, 2], ids=["class-ccdit", "text-mmdit"])
 def test_bf16_on_cpu_computes_in_bf16_over_fp32_weights(embedded_data, tmp_path, stage):

@@ -47,6 +47,7 @@ def test_fp8_checkpoint_is_saved_in_the_plain_layout_with_the_scaling_state_besi
     assert sum(p.numel() for p in plain.parameters()) == sum(v.numel() for v in state["ema"].values())
 
 
+@pytest.mark.slow
 def test_resume_into_fp8_restores_the_scaling_state_and_into_bf16_just_loads(fp8_stage1, embedded_data, monkeypatch):
     out, state, _ = fp8_stage1
     saved_calls = {k: bytes(v.tolist()) for k, v in state["te_extra_state"]["model"].items()}
@@ -69,6 +70,7 @@ def test_resume_into_fp8_restores_the_scaling_state_and_into_bf16_just_loads(fp8
     assert final["step"] == 5 and "te_extra_state" not in final
 
 
+@pytest.mark.slow
 def test_every_consumer_takes_an_fp8_checkpoint(fp8_stage1, embedded_data, tmp_path, monkeypatch):
     out, _, summary = fp8_stage1
     monkeypatch.undo()  # the consumers run without TE
@@ -93,6 +95,7 @@ def test_every_consumer_takes_an_fp8_checkpoint(fp8_stage1, embedded_data, tmp_p
     assert again["steps"] == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_inline_extra_state_still_loads(fp8_stage1, embedded_data, tmp_path):
     """Older FP8 runs (and `reparameterize.py to-te`) kept `_extra_state` inside `model` / `ema`."""
     _, state, _ = fp8_stage1
@@ -111,6 +114,7 @@ def test_a_checkpoint_with_inline_extra_state_still_loads(fp8_stage1, embedded_d
     assert init["steps"] == 1
 
 
+@pytest.mark.slow
 def test_text_stage_at_micro_batch_10_meets_the_shape_rule(embedded_data, tmp_path, monkeypatch, caplog):
     """Cross-attention keys are batch x (captions + null token) rows, 10 x 33 here: an FP8 run pads the caption
     keys to a multiple of 16 (masked), so the key/value projection converts too, and every converted layer runs

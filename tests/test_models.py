@@ -153,6 +153,7 @@ def test_xl_parameter_counts_match_references_within_3_percent(name, overrides, 
     assert min(abs(n - r) / r for r in references) <= 0.03, f"{name}: {n:,} params vs {references}"
 
 
+@pytest.mark.slow
 def test_every_named_model_runs_a_meta_forward():
     """`python -m models` must be able to describe every entry of its table."""
     from models.__main__ import describe

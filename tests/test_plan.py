@@ -210,6 +210,7 @@ def test_chosen_micro_batch_fits_and_the_next_larger_does_not():
     assert (roomy.micro, roomy.grad_accum, roomy.checkpointing) == (per_gpu, 1, False)
 
 
+@pytest.mark.slow
 def test_pixel_families_are_planned_without_checkpointing():
     """trainer/fast_path.py cannot checkpoint PixelDiT (no `model.blocks`): the planner shrinks the micro-batch."""
     cfg = compose(2, ["model=pixeldit", "model.size=debug", "data.image_size=64", "vae=identity",

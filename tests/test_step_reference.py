@@ -217,6 +217,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("grad_accum", "clip"), list(CASES.values()), ids=list(CASES))
 def test_steps_equal_the_hand_written_step(embedded_data, tmp_path, grad_accum, clip):
     trainer, batches, initial = run_trainer(embedded_data, tmp_path, grad_accum, clip)
