@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint models data clean browser
+.PHONY: demo test test-fast lint models data clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# The whole suite (CI runs this: .ci/run); the 15 slowest tests are listed at the end, so a slow newcomer shows.
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The edit-test loop: every test not marked slow or gpu (README, "Tests").
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # The Gradio app's browser test drives a headless Chromium. Installed here where this user may (root with apt-get,
 # as in CI); elsewhere the test is skipped with the command to run (README, "Tests").

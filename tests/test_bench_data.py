@@ -10,6 +10,7 @@ import pytest
 from tests.stages import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, rows", [("bench_memory.py", 2), ("bench_text_features.py", 3)])
 def test_data_bench_script_smoke(script, rows):
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's packages first

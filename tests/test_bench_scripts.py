@@ -11,6 +11,7 @@ import torch
 from tests.stages import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench_train.py", "bench_sample.py"])
 def test_bench_script_smoke(script):
     proc = subprocess.run([sys.executable, f"scripts/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True,
@@ -24,6 +25,7 @@ def test_bench_script_smoke(script):
             assert "n/a | n/a | n/a" not in line, line  # a measured row has its figures
 
 
+@pytest.mark.slow
 def test_fp8_parity_script_smoke(embedded_data, tmp_path):
     """A smoke test of scripts/fp8_parity.py, not of FP8 parity: on a CPU both arms fall back to fp32 nn.Linear (the
     fp8 arm logs why), so the script runs the trainer twice, compares the two runs and reports a 0.00% difference.

@@ -36,6 +36,7 @@ LAZY = [("module", "app.sample"), ("module", "app.gradio_app"), ("module", "eval
         ("path", "train_stage1.py")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, name", LAZY, ids=[n for _, n in LAZY])
 def test_help_answers_without_importing_torch(kind, name):
     """--help of the commands people type first prints its text (with defaults) before torch is imported."""

@@ -160,6 +160,7 @@ def test_class_checkpoint_pipeline_equals_the_cli(stage1_checkpoint, tmp_path):
     assert np.abs(want[0] - want[1]).max() > 1  # the comparison can fail: another seed is another image
 
 
+@pytest.mark.slow
 def test_text_checkpoint_pipeline_equals_the_cli(text_chain, tmp_path):
     text_chain = perturbed(text_chain, tmp_path / "ckpt.pt")
     cli = cli_images(text_chain, tmp_path / "cli", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "3")
@@ -174,6 +175,7 @@ def test_text_checkpoint_pipeline_equals_the_cli(text_chain, tmp_path):
     assert np.abs(got - want).max() <= 1 and np.abs(want[0] - want[1]).max() > 1
 
 
+@pytest.mark.slow
 def test_latent_checkpoint_pipeline_equals_the_cli(latent_checkpoint, tmp_path):
     ckpt, vae = latent_checkpoint
     ckpt = perturbed(ckpt, tmp_path / "ckpt.pt")
@@ -188,6 +190,7 @@ def test_latent_checkpoint_pipeline_equals_the_cli(latent_checkpoint, tmp_path):
     assert np.abs(got[0] - got[1]).max() > 1 and got[0].std() > 1  # seeds matter; decoded, not flat
 
 
+@pytest.mark.slow
 def test_pixart_export_loads_in_stock_diffusers_and_samples_like_the_cli(pixart_checkpoint, tmp_path):
     pixart_checkpoint = perturbed(pixart_checkpoint, tmp_path / "ckpt.pt")
     export_main(["--model-path", str(pixart_checkpoint), "--out-dir", str(tmp_path / "x"), "--format", "pixart",
@@ -205,6 +208,7 @@ def test_pixart_export_loads_in_stock_diffusers_and_samples_like_the_cli(pixart_
     assert np.abs(got[0] - cli["prompt_00_seed_2"]).max() <= 1 and np.abs(got[0] - got[1]).max() > 1
 
 
+@pytest.mark.slow
 def test_pixart_original_layout_and_plain_safetensors(pixart_checkpoint, tmp_path):
     export_main(["--model-path", str(pixart_checkpoint), "--out-dir", str(tmp_path / "o"), "--format",
                  "pixart-original"])

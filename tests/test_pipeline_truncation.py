@@ -81,6 +81,7 @@ def clean(tars, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_every_cut_of_a_tar_on_disk_is_refused_or_complete(tars, clean, tmp_path):
     data = tars[0].read_bytes()
     end = archive_end(data)

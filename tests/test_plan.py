@@ -258,6 +258,7 @@ def test_gpu_memory_must_be_a_finite_positive_number(value):
     assert f"+gpu_memory_gb={value}: expected a positive, finite number of GB" in result.stderr
 
 
+@pytest.mark.slow
 def test_pixel_families_are_planned_without_checkpointing():
     """trainer/fast_path.py cannot checkpoint PixelDiT (no `model.blocks`): the planner shrinks the micro-batch."""
     cfg = compose(2, ["model=pixeldit", "model.size=debug", "data.image_size=64", "vae=identity",

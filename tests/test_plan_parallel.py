@@ -69,6 +69,7 @@ def test_step_traffic_is_the_ring_cost_worked_by_hand():
     assert step_traffic(p, "hsdp", 16, 8, 1, 2) == dict(all_gather=3500, reduce_scatter=3500, all_reduce=500)
 
 
+@pytest.mark.slow
 def test_cli_plans_hsdp_over_the_node_size_it_is_given():
     proc = subprocess.run([sys.executable, "-m", "trainer.plan", "stage=1", *SMALL, "train.parallel=hsdp", "+gpus=8",
                            "+gpus_per_node=4"], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -279,7 +279,10 @@ class TextEncoderSection:
 @dataclass
 class PrecisionSection:
     compute: str = "bf16"
-    """bf16 | fp32. bf16 autocast runs on CUDA only; on a CPU the run stays fp32 and says so."""
+    """bf16 | fp32. bf16 autocast runs on CUDA; on a CPU the run stays fp32 and says so, unless bf16_on_cpu."""
+    bf16_on_cpu: bool = False
+    """compute=bf16 on a CPU: autocast there too (bf16 compute, fp32 master weights and loss) instead of fp32. Off
+    by default (bf16 speed on a CPU depends on its bf16 instructions); the tests use it to run the bf16 path."""
     fp8: bool = False
     """Transformer Engine te.Linear for the large projections (needs TE and an FP8 GPU)."""
     fp8_recipe: str = "auto"

@@ -1,6 +1,10 @@
 """Precision from outside the model: bf16 autocast on CUDA (fp32 master weights), and Transformer Engine FP8
 for the large projections when asked for and possible (models/linear.py converts the layers).
 
+On a CPU, precision.compute=bf16 computes in fp32 unless precision.bf16_on_cpu=true: CPU autocast supports bf16
+too, but whether it pays depends on the CPU's bf16 instructions, so a CPU run keeps fp32 unless asked. With the flag
+a CPU runs the CUDA path (bf16 autocast over fp32 master weights, an fp32 loss): the tests run it without a GPU.
+
 TE's shape rule, per recipe (tests/te_standin.py cites TE's source for each part). An FP8 GEMM needs the product of
 its input's leading dimensions (the rows: batch x tokens) and the layer's feature sizes to be multiples of
 `FP8_MULTIPLE[recipe]`: 16 for per-tensor scaling (current, delayed; TE's forward asks rows % 8, and Hopper's TN-only
@@ -132,9 +136,11 @@ class Precision:
         if cfg.compute not in ("bf16", "fp32"):
             raise ValueError(f"precision.compute={cfg.compute!r}: expected bf16 or fp32")
         self.device = device
-        self.bf16 = cfg.compute == "bf16" and device.type == "cuda"
+        self.bf16 = cfg.compute == "bf16" and (device.type == "cuda" or
+                                               (device.type == "cpu" and bool(cfg.get("bf16_on_cpu", False))))
         if cfg.compute == "bf16" and not self.bf16:
-            log.info("precision.compute=bf16: autocast runs on CUDA only; this %s run computes in fp32", device.type)
+            log.info("precision.compute=bf16: autocast runs on CUDA (on a CPU with precision.bf16_on_cpu=true); this "
+                     "%s run computes in fp32", device.type)
         self.fp8, self.recipe_name, self.recipe = bool(cfg.fp8), cfg.fp8_recipe, None
         keep = cfg.get("keep_high_precision")
         self.keep_high_precision = tuple(KEEP_HIGH_PRECISION if keep is None else keep)
@@ -172,7 +178,7 @@ class Precision:
     def forward(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         if self.bf16:
-            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
         if self.recipe is not None:
             stack.enter_context(fp8_context(self.recipe))
         return stack
