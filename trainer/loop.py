@@ -124,7 +124,7 @@ class Trainer:
         if saved_rng is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
-            checkpoint.restore_rng_states(saved_rng)
+            checkpoint.restore_rng_states(saved_rng, self.device)
 
     # ---- building ---------------------------------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What each rank holds of its own: the loader's position (steps x micro-batches x micro-batch) and RNGs."""
         samples = self.step * self.cfg.train.grad_accum * self.micro
-        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states())
+        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states(self.device))
 
     def sharded_state(self) -> tuple[dict, dict, dict]:
         """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
