@@ -16,9 +16,11 @@ micro-batches (with the loader's matching split: data/loader.py gives slot s = r
 Host syncs. A step's decisions are taken without reading a value back from the device where that is safe:
 the skip of a non-finite step follows the global gradient norm (after the DDP all-reduce it is the same number on
 every rank, so no collective is needed), taken on the device by the fused AdamW kernel (`found_inf`) and the EMA;
-losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
-(train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU default)
-has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+the batch is copied without blocking (the loader pins it on CUDA) and the dropout draws stay on the device.
+Losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
+(`sync`: train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU
+default) has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+tests/test_host_syncs.py fails on any other read-back in `train_step`.
 
 Resume keeps what a run has learnt and where it is (weights, EMA, optimizer moments, step, loss history, data
 position, RNG states) and takes the schedule from the config it is resumed with: learning rate, warmup, decay and
@@ -331,7 +333,7 @@ class Trainer:
             batch = next(self.batches)
             gen = step_generator(self.cfg.seed, step, env.rank * t.grad_accum + m, self.device)
             with self.parallel.micro_batch(self.forward_model, last=m == t.grad_accum - 1):
-                x1 = batch["latents"].to(device=self.device, dtype=torch.float32)
+                x1 = batch["latents"].to(self.device, non_blocking=True).float()  # pinned: the host goes on
                 cond = self.conditioning.from_batch(batch, gen, self.device)  # dropout draws come first from gen
                 with self.precision.forward():
                     loss = self.objective.loss(self.forward_model, x1, cond, gen)
