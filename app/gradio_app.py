@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from app.precision import add_fp32_flag
 from app.sources import add_source_flags
 from core.cli_help import HelpFormatter
 
@@ -51,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_fp32_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")

@@ -326,7 +326,7 @@ def load_or_exit(args: argparse.Namespace) -> Pipeline:
     (A file torch cannot read comes back from app/pipeline.py without torch's own advice, which for a file that
     is no plain checkpoint is to load it with weights_only=False: that would run code from the file.)"""
     try:
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args))
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), fp32=args.fp32)
         item = dict(prompts=["a test"]) if pipe.is_text else dict(labels=[0])
         pipe.generate(**item, seeds=[0], steps=1, cfg_scale=1.0)
     except CheckpointError as err:

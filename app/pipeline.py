@@ -64,6 +64,13 @@ def read_metadata(path: Path | str) -> tuple[dict[str, Any], checkpoint.Checkpoi
     return state, checkpoint.read_metadata(state, f"--model-path {path}")
 
 
+def run_sampler(model: torch.nn.Module, noise: Tensor, cond: dict, uncond: dict | None, **settings) -> Tensor:
+    """flow.sample as every front end runs it, and scripts/bench_sample.py times it: the model in the dtype of its
+    weights (app/precision.py: bf16 on CUDA), fed inputs of that dtype, the ODE state in float32."""
+    dtype = next(model.parameters()).dtype
+    return sample(model, noise, cond, uncond, model_dtype=None if dtype == torch.float32 else dtype, **settings)
+
+
 @dataclass
 class Pipeline:
     model: torch.nn.Module
@@ -74,6 +81,18 @@ class Pipeline:
     device: torch.device
     limits: checks.Limits = checks.BATCH
     """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-pixel-steps."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's dtype (app/precision.py)."""
+        return next(self.model.parameters()).dtype
+
+    def autocast(self):
+        """A context for running `model` on float32 inputs elsewhere (a validation loss): bf16 autocast for a bf16
+        model, nothing for a float32 one."""
+        from contextlib import nullcontext
+
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, self.dtype)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -208,7 +227,7 @@ class Pipeline:
         seeds = checks.check_seeds(names.seed, seeds, limits)
         checks.check_budget(names, limits.budget(self.device), h, w, settings.steps, n)
         size = (h // self.vae_factor, w // self.vae_factor)
-        out = sample(
+        out = run_sampler(
             self.model,
             self.noise(seeds, size),
             self._condition(items),
@@ -300,10 +319,13 @@ def load_pipeline(
     device: str | torch.device | None = None,
     sources: Sources | None = None,
     limits: checks.Limits | None = None,
+    fp32: bool = False,
 ) -> Pipeline:
     """Build the model a checkpoint describes (a file, a run folder or its checkpoints/ folder: the newest), with
     its `ema` or `raw` weights, and what it conditions on. `sources`: the user's own text encoder, tokenizer or VAE
-    and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH)."""
+    and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH). The model
+    is bfloat16 on CUDA and float32 on a CPU or with `fp32` (app/precision.py)."""
+    from app.precision import inference_dtype
     from core.vae import autoencoder_for
 
     if weights not in ("ema", "raw"):
@@ -313,7 +335,7 @@ def load_pipeline(
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
-    model = checkpoint.model_from_state(state, weights, f"--model-path {path}").to(device)
+    model = checkpoint.model_from_state(state, weights, f"--model-path {path}").to(device, inference_dtype(device, fp32))
     del state
     if meta.conditioning == "text":
         conditioning = _text_conditioning(path, meta, plan, sources, device)

@@ -22,6 +22,7 @@ and --vae load them from a folder instead, and only --trust-remote-code lets an 
 import argparse
 from pathlib import Path
 
+from app.precision import add_fp32_flag
 from app.sources import add_source_flags
 from app.validation import BATCH
 from core.cli_help import HelpFormatter
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its resolution) and exit")
     p.add_argument("--gif", action="store_true", help="also write each sample's denoising trajectory as a GIF")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_fp32_flag(p)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--max-prompt-chars", type=int, default=BATCH.prompt_chars, help="longest prompt, in characters")
     p.add_argument("--max-pixel-steps", type=int, default=None,
@@ -117,7 +119,8 @@ def main(argv=None) -> None:
         raise SystemExit(str(err)) from None
     try:
         limits = limits_from_args(args)
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits,
+                             fp32=args.fp32)
     except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
     if args.list_buckets:

@@ -251,8 +251,9 @@ class FrozenTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"]) -> Float[Tensor, "b l d"]:
         device = self.device
-        mask = mask.to(device=device, dtype=torch.bool)
-        # Shards store int32 ids; embedding lookups and some position code want int64.
-        out = self.encoder(input_ids=tokens.to(device=device, dtype=torch.long), attention_mask=mask.long())
+        # Copied as they are (a loader's pinned batch: the host goes on), converted on the device. Shards store
+        # int32 ids; embedding lookups and some position code want int64.
+        mask = mask.to(device, non_blocking=True).bool()
+        out = self.encoder(input_ids=tokens.to(device, non_blocking=True).long(), attention_mask=mask.long())
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden.masked_fill(~mask[..., None], 0.0)

@@ -1,5 +1,7 @@
 """Which slice of an evaluation this process does, under torchrun or alone, and how the slices meet again.
 
+`rounds` pads a rank's slice so that every rank runs as many forwards (a sharded model needs it).
+
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is rank 0 of 1 and no process group is made.
 (trainer/distributed.py reads the same variables for training; evaluation/ may not import trainer/, and the
 trainer hands its own rank and world size in through `Ranks(...)`.) A tensor is gathered to every rank with
@@ -36,6 +38,14 @@ class Ranks:
     def mine(self, count: int) -> range:
         """The items of `count` this rank takes: every world_size-th one, starting at its rank."""
         return range(self.rank, count, self.world_size)
+
+    def rounds(self, count: int) -> list[int | None]:
+        """`mine(count)`, then None up to ceil(count / world_size), the most any rank takes: every rank runs as
+        many rounds. A sharded model's forward is a collective (FSDP2 all-gathers each block's weights), so a rank
+        that ran fewer forwards than the others would leave them waiting forever; at a None a rank runs a
+        stand-in forward and drops its result."""
+        items: list[int | None] = list(self.mine(count))
+        return items + [None] * (-(-count // self.world_size) - len(items))
 
     def sum(self, values: Tensor) -> Tensor:
         """Sum over ranks (a float64 copy on the collective's device; unchanged values alone)."""

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.precision import add_fp32_flag
 from core.cli_help import HelpFormatter
 from core.files import write_atomic, write_json_atomic
 
@@ -60,6 +61,8 @@ class Plan:
     weights: str
     labels: str
     captions_from: str | None
+    dtype: str = "float32"
+    """The transformer's (app/precision.py): bf16 and fp32 samples differ in their last bits."""
 
     @property
     def num_parts(self) -> int:
@@ -119,6 +122,7 @@ def check_settings(out_dir: Path, plan: Plan) -> None:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
+        saved = {"dtype": "float32"} | saved  # runs from before the dtype was recorded: fp32
     except (OSError, ValueError) as err:
         raise ValueError(f"--out-dir {out_dir}: {path} is unreadable ({err}); remove it (every part records its own "
                          "settings, so none is reused wrongly) or use another --out-dir") from None
@@ -322,6 +326,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--caption-shards", type=Path, help="text checkpoints: a held-out shard folder's captions")
     p.add_argument("--png", action="store_true", help="also write every sample as DIR/png/NNNNNN.png")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; rank r takes GPU r)")
+    add_fp32_flag(p)
     p.add_argument("--max-pixel-steps", type=_positive, default=None,
                    help="budget of height x width x steps x images per generate() call (app/validation.py)")
     from app.sources import add_source_flags
@@ -347,7 +352,7 @@ def main(argv=None) -> Path:
             model_path = resolve_checkpoint(args.model_path)
             limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
             pipe = load_pipeline(model_path, weights=args.weights, device=ranks.device,
-                                 sources=sources_from_args(args), limits=limits)
+                                 sources=sources_from_args(args), limits=limits, fp32=args.fp32)
             source = args.captions or args.caption_shards
             if source is not None and not pipe.is_text:
                 raise ValueError(f"--model-path {model_path} is class-conditional: --captions and --caption-shards "
@@ -357,7 +362,8 @@ def main(argv=None) -> Path:
             raise SystemExit(str(err)) from err
         plan = Plan(str(model_path.resolve()), args.num_samples, args.batch_size, args.seed, args.steps,
                     args.cfg_scale, tuple(args.cfg_interval), args.alpha, args.method, args.weights,
-                    args.labels if not pipe.is_text else "captions", str(source) if pipe.is_text else None)
+                    args.labels if not pipe.is_text else "captions", str(source) if pipe.is_text else None,
+                    str(pipe.dtype).removeprefix("torch."))
         try:
             target = run(pipe, plan, args.out_dir, ranks, png=args.png, captions=captions,
                          progress=sys.stderr.isatty())

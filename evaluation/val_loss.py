@@ -11,7 +11,8 @@ The objective is flow/rectified_flow.py's RectifiedFlow with its time sampler re
 path, the prediction type and the loss are exactly the training ones. Held-out batch i (records i*B ... of the
 folder, unshuffled) draws its noise from a generator seeded by (seed, i), the same noise at every time and every
 evaluation. Batches are dealt round-robin over the ranks and the sums are reduced, so the value does not depend on
-the number of ranks; it depends on the records, the batch size and the seed, which a run keeps fixed.
+the number of ranks; it depends on the records, the batch size and the seed, which a run keeps fixed. Every rank
+runs as many forwards (evaluation/ranks.py: Ranks.rounds), as a sharded model needs.
 """
 
 from collections.abc import Callable
@@ -127,14 +128,16 @@ class ValidationLoss:
     def sums(self, model: torch.nn.Module) -> Float[Tensor, "bins"]:
         """This rank's sum over its batches of (loss x batch size) per time."""
         totals = torch.zeros(len(self.times), dtype=torch.float64)
-        for i in self.ranks.mine(len(self.batches)):
-            batch = self.batches[i]
+        for i in self.ranks.rounds(len(self.batches)):
+            # A rank with fewer batches than others runs one record of batch 0 and drops it (Ranks.rounds).
+            batch = self.batches[i] if i is not None else {k: v[:1] for k, v in self.batches[0].items()}
             x1 = batch["latents"].to(self.device, torch.float32)
             cond = self.conditioning.from_batch(batch, None, self.device)  # no generator: no dropout
             for k, objective in enumerate(self.objectives):
                 with self.autocast():
-                    loss = objective.loss(model, x1, cond, self.generator(i))  # the same noise at every time
-                totals[k] += float(loss) * len(x1)
+                    loss = objective.loss(model, x1, cond, self.generator(i or 0))  # the same noise at every time
+                if i is not None:
+                    totals[k] += float(loss) * len(x1)
         return totals
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:

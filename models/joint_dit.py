@@ -44,7 +44,7 @@ class JointDiTBlock(nn.Module):
         self,
         x: Float[Tensor, "b n d"],
         context: Float[Tensor, "b m d"],
-        context_mask: Bool[Tensor, "b m"],
+        context_mask: Bool[Tensor, "b m"] | None,
         t_emb: Float[Tensor, "b cond"],
         rope: Tensor | None = None,
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b m d"]]:
@@ -96,37 +96,42 @@ class JointDiT(DiTSkeleton):
         text: Float[Tensor, "b l e"] | None = None,
         text_mask: Bool[Tensor, "b l"] | None = None,
         labels: Int[Tensor, "b"] | None = None,
-    ) -> tuple[Float[Tensor, "b cond"], tuple[Tensor, Tensor, Tensor]]:
+    ) -> tuple[Float[Tensor, "b cond"], tuple[Tensor, Tensor | None, Tensor]]:
         """The modulation vector c (sinusoid(t), plus the class embedding) and the joint context
-        [registers; caption tokens or the class token] with its mask."""
+        [registers; caption tokens or the class token] with its mask: None when nothing is masked (the class
+        token, unpadded), so that attention runs without one (models/attention.py)."""
         b, c = t_emb.shape[0], t_emb
         if self.config.conditioning == "class":
             y = self.y_embed(labels)
             c = c + y
-            tokens, token_mask = y[:, None], torch.ones(b, 1, dtype=torch.bool, device=t_emb.device)
+            tokens, token_mask = y[:, None], None
         else:
             tokens, token_mask = text, text_mask.bool()
         tokens, token_mask = self.embed_context(tokens, token_mask)
         context = torch.cat([self.registers.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+        if token_mask is None:
+            return c, (context, None, c)
         mask = torch.cat([token_mask.new_ones(b, self.config.num_registers), token_mask], dim=1)
         return c, (context, mask, c)
 
     def embed_context(
-        self, tokens: Float[Tensor, "b l e"], mask: Bool[Tensor, "b l"]
-    ) -> tuple[Float[Tensor, "b m d"], Bool[Tensor, "b m"]]:
+        self, tokens: Float[Tensor, "b l e"], mask: Bool[Tensor, "b l"] | None
+    ) -> tuple[Float[Tensor, "b m d"], Bool[Tensor, "b m"] | None]:
         """The context stream's tokens. With text_pad_multiple > 1, padded with masked rows so that the joint
         context [registers; tokens] is a multiple of it long, and the embedding's GEMM sees a multiple too
-        (it runs on the tokens padded further, and the extra rows are cut)."""
+        (it runs on the tokens padded further, and the extra rows are cut). `mask` None: every token visible."""
         multiple, registers = self.config.text_pad_multiple, self.config.num_registers
         if multiple == 1:
             return self.context_embed(tokens), mask
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         rows = padded_length(registers + tokens.shape[1], multiple) - registers
         tokens, mask = pad_sequence(tokens, mask, padded_length(rows, multiple))
         return self.context_embed(tokens)[:, :rows], mask[:, :rows]
 
     def run_block(
-        self, block: JointDiTBlock, h: Tensor, state: tuple[Tensor, Tensor, Tensor], rope: Tensor | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        self, block: JointDiTBlock, h: Tensor, state: tuple[Tensor, Tensor | None, Tensor], rope: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
         context, mask, c = state
         h, context = block(h, context, mask, c, rope)
         return h, (context, mask, c)

@@ -4,10 +4,12 @@ a plain loop over diffusers' PixArtTransformer2DModel at the same width, depth, 
     python scripts/bench_sample.py                       # mmDiT-XL/2, 256 and 512 px, batch 8, guidance 4.5
     python scripts/bench_sample.py --smoke               # tiny model, 2 steps, on a CPU: does it still run
 
-Both sides run the transformer in bf16 with fp32 ODE state and batch the conditional and unconditional halves
-into one forward per step (2 x batch). The VAE decode and the text encoder are not timed (they are the same
-for both and not the transformer's cost). Modes: ours (flow.sample, eager), ours-graphs (flow.sample with
-cuda_graphs=True: torch.compile reduce-overhead), diffusers (our Euler loop over its transformer, eager).
+Ours is timed on the path the CLI, the app and the evaluation take: the weights in app/precision.py's dtype
+(bf16 on CUDA, float32 with --fp32 or on a CPU) and app/pipeline.py's run_sampler, the call Pipeline.generate
+makes (fp32 ODE state). Diffusers' transformer runs in the same dtype. Both batch the conditional and
+unconditional halves into one forward per step (2 x batch). The VAE decode and the text encoder are not timed
+(they are the same for both and not the transformer's cost). Modes: ours (eager), ours-graphs (cuda_graphs=True:
+torch.compile reduce-overhead), diffusers (our Euler loop over its transformer, eager).
 Random weights and encoder states: throughput does not depend on what the model learnt.
 """
 
@@ -22,9 +24,11 @@ from bench_common import (
     print_table,
 )
 
+from app.pipeline import run_sampler
+from app.precision import add_fp32_flag, inference_dtype
 from core.cli_help import HelpFormatter
 from core.device import default_device
-from flow import sample, time_grid
+from flow import time_grid
 from models import build_model, model_config
 
 MODES = ("ours", "ours-graphs", "diffusers")
@@ -48,10 +52,11 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
     latent = 16 if args.smoke else px // 8
     cfg = model_config("mmDiT-debug/4", input_size=latent) if args.smoke else model_config(
         args.model, input_size=latent, text_len=args.text_len)
-    row = dict(mode=mode, px=px, model=cfg.name, batch=args.batch, steps=args.steps, cfg_scale=args.cfg_scale)
+    row = dict(mode=mode, px=px, model=cfg.name, batch=args.batch, steps=args.steps, cfg_scale=args.cfg_scale,
+               dtype=str(inference_dtype(device, args.fp32)).removeprefix("torch."))
     if mode == "ours-graphs" and device.type != "cuda":
         return row | dict(note="skipped: CUDA graphs need a CUDA device")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = inference_dtype(device, args.fp32)
     b = args.batch
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(b, cfg.in_channels, latent, latent, generator=gen, device=device)
@@ -68,8 +73,8 @@ def bench(mode: str, px: int, args, device: torch.device) -> dict:
         model = build_model(cfg).to(device, dtype).eval()
         cond = dict(text=text, text_mask=mask)
         uncond = dict(text=torch.zeros_like(text[:1]), text_mask=torch.zeros_like(mask[:1]))
-        run = lambda: sample(model, x0, cond, uncond, steps=args.steps, cfg_scale=args.cfg_scale,
-                             model_dtype=dtype, cuda_graphs=mode == "ours-graphs")
+        run = lambda: run_sampler(model, x0, cond, uncond, steps=args.steps, cfg_scale=args.cfg_scale,
+                                  cuda_graphs=mode == "ours-graphs")
     sec = median_seconds(run, args.warmup, args.repeats, device)
     return row | dict(batch_s=sec, img_s=b / sec)
 
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches (compilation and graph capture)")
     ap.add_argument("--repeats", type=int, default=5, help="timed batches; the median is reported")
+    add_fp32_flag(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script runs (CPU is fine)")
     args = ap.parse_args()
     if args.smoke:
@@ -95,8 +101,8 @@ def main() -> None:
     for r in rows:
         base = next((d for d in rows if d["px"] == r["px"] and d["mode"] == "diffusers" and "img_s" in d), None)
         r["vs_diffusers"] = r["img_s"] / base["img_s"] if base and "img_s" in r else None
-    print_table(rows, ["mode", "px", "model", "batch", "steps", "cfg_scale", "batch_s", "img_s", "vs_diffusers",
-                       "note"])
+    print_table(rows, ["mode", "px", "model", "dtype", "batch", "steps", "cfg_scale", "batch_s", "img_s",
+                       "vs_diffusers", "note"])
 
 
 if __name__ == "__main__":

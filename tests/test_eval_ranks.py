@@ -45,6 +45,14 @@ def _torchrun(args: list[str]) -> None:
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+def test_every_rank_runs_as_many_rounds_as_the_busiest():
+    from evaluation.ranks import Ranks
+
+    assert [Ranks(r, 3).rounds(4) for r in range(3)] == [[0, 3], [1, None], [2, None]]
+    assert [Ranks(r, 3).rounds(2) for r in range(3)] == [[0], [1], [None]]
+    assert Ranks().rounds(3) == [0, 1, 2] and Ranks(1, 2).rounds(0) == []
+
+
 @pytest.mark.slow
 def test_gather_extract_and_validation_loss_over_two_ranks(tmp_path):
     from core.conditioning import ClassConditioning

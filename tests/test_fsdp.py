@@ -200,6 +200,74 @@ def test_fp8_scaling_state_goes_through_a_sharded_checkpoint(embedded_data, tmp_
     assert all(torch.equal(p, saved["ema"][n]) for n, p in model.state_dict().items())
 
 
+# ---- evaluation on cadence ----------------------------------------------------------------------------------
+
+
+def run_or_kill(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """`cmd` to the end, or, past `timeout` seconds (a collective that never completes), every process it started
+    killed and the test failed with what the ranks had printed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in process_tree(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no end after {timeout} s (a collective some rank never joined?):\n{out[-2000:]}\n{err[-4000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-3000:]}\n{err[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_evaluation_on_cadence_over_3_fsdp_ranks_with_batches_that_do_not_divide(embedded_data, tmp_path):
+    """A sharded forward is a collective (FSDP2 all-gathers each block's weights), so every rank must run as many
+    forwards as the others. 3 ranks, 4 held-out batches (8 records in batches of 2: 2, 1 and 1 per rank) and a FID
+    of 7 samples in batches of 2 (ranks hold 3, 2 and 2 samples: 2, 1 and 1 batches): the ranks with fewer
+    batches run a stand-in whose result is dropped. The run ends (it used to hang), and what it logs equals one
+    process evaluating the consolidated checkpoint alone (the reference: no ranks, no stand-ins)."""
+    import numpy as np
+
+    from app.pipeline import load_pipeline
+    from evaluation.embedded import real_scenes
+    from evaluation.metrics import extract, fit_gaussian, frechet_distance
+    from evaluation.sample_many import class_label
+    from evaluation.scene_encoder import load_scene_encoder
+    from evaluation.val_loss import ValidationLoss
+    from flow.rectified_flow import RectifiedFlow
+
+    real, _, _ = real_scenes(12, 32)
+    np.savez(tmp_path / "ref.npz", arr_0=real)
+    held, out = embedded_data / "synthetic-32" / "shards-labels", tmp_path / "run"
+    run_or_kill(torchrun(3, "train_stage1.py", *stage1_args(
+        embedded_data, out, "train.max_steps=2", "train.batch_size=6", "train.parallel=fsdp", "train.eval.every=2",
+        f"train.eval.data={held}", "train.eval.samples=8", "train.eval.batch_size=2", "train.eval.bins=2",
+        "train.eval.fid_samples=7", f"train.eval.fid_reference={tmp_path / 'ref.npz'}",
+        "train.eval.fid_features=scene", "train.eval_batches=0")), timeout=240)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in rows if "val/loss" in r)
+
+    single = tmp_path / "final.pt"
+    assert consolidate_main([str(newest(out)), "--out", str(single)]) == 0
+    state = checkpoint.load(single)
+    pipe = load_pipeline(single, device="cpu")
+    objective = RectifiedFlow.from_config(state["config"]["train"]["timesteps"], "x", pipe.model.config.base_grid,
+                                          pipe.model.config.patch)
+    alone = ValidationLoss.from_shards(held, pipe.conditioning, objective, 8, 2, bins=2, seed=state["config"]["seed"])
+    assert len(alone.batches) == 4
+    for key, value in alone(pipe.model).items():
+        assert logged[key] == pytest.approx(value, rel=1e-5), key
+
+    p = state["config"]["train"]["preview"]
+    seed = state["config"]["seed"]
+    images = pipe.generate(labels=[class_label(seed, i, 4, "uniform") for i in range(7)],
+                           seeds=[seed + i for i in range(7)], steps=p["steps"], cfg_scale=p["cfg_scale"],
+                           alpha=p["alpha"]).numpy()
+    encoder = load_scene_encoder()
+    expected = frechet_distance(fit_gaussian(extract(images, encoder)["pool"]),
+                                fit_gaussian(extract(real, encoder)["pool"]))
+    assert logged["fid/fid"] == pytest.approx(expected, rel=1e-4)
+
+
 # ---- resharding ---------------------------------------------------------------------------------------------
 
 

@@ -284,6 +284,57 @@ def test_data_shape_from_the_manifest_or_from_image_size(tmp_path):
         data_shape(compose(2, ["data.image_size=260"]))
 
 
+def test_the_plan_of_non_square_data_is_the_model_the_trainer_trains(tmp_path):
+    """Unbucketed 32x48 latents, which the trainer takes (one forward of the model it builds, below): the plan
+    (and check_memory, which the trainer runs on CUDA before anything else) describes that model at that size,
+    its parameters and its (32 / 4) x (48 / 4) = 96 tokens a sample, instead of refusing non-square data."""
+    from core.conditioning import ClassConditioning
+    from models import build_model
+    from trainer import builders
+
+    spec = DatasetSpec(kind="labels", latent_shape=(3, 32, 48), image_size=48, vae={"id": "identity"}, num_classes=4)
+    write_manifest(tmp_path, spec, records_per_shard=10)
+    cfg = compose(1, [*SMALL, f"data.path={tmp_path}", "train.batch_size=8"])
+    plan = check_memory(cfg, 1, torch.device("cpu"))
+    model = build_model(builders.build_model_config(cfg, spec, ClassConditioning(4, None, 0.1), None))
+    out = model(torch.zeros(2, 3, 32, 48), torch.rand(2), labels=torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, 32, 48)
+    assert plan.tokens == 96 and "3x32x48 latents (96 tokens)" in plan.title
+    assert plan.state_rows[0].bytes == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_stored_text_features_keep_the_encoder_off_the_gpu(embedded_data, tmp_path):
+    """Stage 4 on bucketed shards with stored text features: the trainer builds no encoder for the step (its
+    conditioning reads the stored states; previews load one on the CPU), so the plan counts none; with
+    data.text_features=false the trainer loads it on the device, and the plan counts its parameters (the loaded
+    encoder's) in the configured dtype.
+    The activations are planned at the largest bucket the run trains on (40x40: 100 tokens at patch 4; 32x48 and
+    48x32 hold 96)."""
+    from core.conditioning import FeatureConditioning
+    from tests.stages import stage_config
+    from trainer import builders
+
+    cfg = stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null")
+    spec = builders.read_data_spec(cfg)
+    conditioning = builders.build_conditioning(cfg, spec, torch.device("cpu"), torch.float32)
+    assert isinstance(conditioning, FeatureConditioning) and conditioning.encoder is None
+    plan = make_plan(cfg, 1)
+    encoder = next(r for r in plan.rows() if r.name.startswith("text encoder"))
+    assert encoder.bytes == 0 and "not on the GPU" in encoder.how
+    assert plan.tokens == 100 and "the largest of 3 buckets" in plan.title
+    wide = make_plan(stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
+                                  "data.buckets=[32x48,48x32]"), 1)  # the buckets the run trains on: 96 tokens
+    assert wide.tokens == 96 and "the largest of 2 buckets" in wide.title
+
+    encoding = stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
+                            "data.text_features=false")
+    online = builders.build_conditioning(encoding, spec, torch.device("cpu"), torch.float32)
+    parameters = sum(p.numel() for p in online.encoder.parameters())
+    counted = next(r for r in make_plan(encoding, 1).rows() if r.name.startswith("text encoder"))
+    dtype = getattr(torch, encoding.text_encoder.dtype or "bfloat16")  # null: bf16 on CUDA
+    assert counted.bytes == dtype.itemsize * parameters
+
+
 @pytest.mark.slow
 def test_the_reference_stage_defaults_fit_an_80_gb_gpu_by_the_plan():
     for stage in range(1, 6):

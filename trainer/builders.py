@@ -249,6 +249,13 @@ def warn_if_batch_exceeds_data(cfg: DictConfig, dataset, world_size: int) -> Non
                     cfg.train.batch_size, cfg.data.path, dataset.num_records)
 
 
+def model_input_size(height: int, width: int, patch: int) -> int:
+    """The model's input_size for latents of height x width. Non-square latents (one bucket, or buckets: then the
+    manifest's latent_shape is the resolution's square) take the side of the square with their token count as the
+    model's default size; positions are per axis anyway (models/embeddings)."""
+    return height if height == width else max(patch, round(math.sqrt(height * width) / patch) * patch)
+
+
 def build_model_config(
     cfg: DictConfig, spec: DatasetSpec, conditioning, init_model: dict[str, Any] | None
 ) -> ModelConfig:
@@ -263,10 +270,8 @@ def build_model_config(
     for _, bh, bw in spec.latent_shapes():  # a bucket the patch does not tile could not be trained on
         if bh % m.patch or bw % m.patch:
             raise ConfigError(f"{cfg.data.path}: latents of {bh}x{bw} are not a multiple of model.patch={m.patch}")
-    # Non-square latents (one bucket, or buckets: then latent_shape is the resolution's square) take the side of the
-    # square with their token count as the model's default size; positions are per axis anyway (models/embeddings).
-    side = h if h == w else max(m.patch, round(math.sqrt(h * w) / m.patch) * m.patch)
-    derived: dict[str, Any] = dict(in_channels=c, input_size=side, conditioning=model_conditioning(cfg))
+    derived: dict[str, Any] = dict(in_channels=c, input_size=model_input_size(h, w, m.patch),
+                                   conditioning=model_conditioning(cfg))
     if isinstance(conditioning, ClassConditioning):
         derived["num_classes"] = conditioning.num_classes
     else:

@@ -27,6 +27,7 @@ under any train.parallel resumes on M ranks under any other. `python -m trainer.
 form, the same dict a DDP run saves (`read_full` + `optimizer_by_index`).
 """
 
+import logging
 import os
 import pickle
 import random
@@ -63,6 +64,7 @@ from core.checkpoint import prune as prune_files
 from core.checkpoint import resolve as resolve_file
 from core.files import fsync_dir
 
+log = logging.getLogger(__name__)
 _SHARDED = re.compile(r"^step_(\d+)\.dcp$")
 _PARTIAL = re.compile(r"^\.step_(\d+)\.dcp\.partial$")
 META = "meta.pt"
@@ -128,25 +130,50 @@ def prune(ckpt_dir: Path, keep: int, writing: Path | None = None) -> None:
 # ---- the global RNG states ----------------------------------------------------------------------------------
 
 
-def rng_states() -> dict[str, Any]:
-    """Global RNG states: the loop draws from its own generators, but code it calls may use these."""
+def rng_states(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Global RNG states: the loop draws from its own generators, but code it calls may use these. With CUDA, the
+    state of `device`'s generator (None: the current CUDA device's, when there is one), that device's only: a rank
+    runs on one GPU, and its checkpoint must resume where other GPUs, or fewer, are visible (a state per visible
+    device, torch.cuda.get_rng_state_all, could not be restored on fewer: set_rng_state_all indexes them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # numpy's key array as a tensor: checkpoints load with weights_only=True, which refuses numpy objects.
     numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
                        gauss=gauss)
     states = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_state)
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    device = _cuda_device(device)
+    if device is not None:
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def restore_rng_states(states: dict[str, Any]) -> None:
+def restore_rng_states(states: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """`rng_states`' states back, the CUDA one into `device`'s generator (None: the current CUDA device's).
+    Checkpoints written before kept one CUDA state per visible device (a list): the entry at `device`'s index is
+    restored, or none when the saving run saw fewer devices (the loop's own draws never depend on it)."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     n = states["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    device, cuda = _cuda_device(device), states.get("cuda")
+    if device is None or cuda is None:
+        return
+    if isinstance(cuda, list | tuple):
+        if device.index >= len(cuda):
+            log.warning("the checkpoint holds CUDA RNG states of %d devices, none for %s: its global CUDA RNG "
+                        "stays as this run seeded it", len(cuda), device)
+            return
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def _cuda_device(device: torch.device | str | None) -> torch.device | None:
+    """The CUDA device whose RNG a run keeps, with its index; None for a CPU run."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 # ---- the data position on another world size -----------------------------------------------------------------

@@ -221,7 +221,8 @@ class TrainSection:
     max_bad_steps: int = 10
     """Consecutive steps with a non-finite gradient before the run stops."""
     text_cache: int = 0
-    """Text stages: keep the frozen encoder's output for up to this many distinct captions."""
+    """Text stages: keep the frozen encoder's output for up to this many distinct captions (on the host: for CPU
+    runs with repeating captions; on CUDA it reads encoded rows back each step)."""
     timesteps: TimestepsSection = field(default_factory=TimestepsSection)
     ema: EMASection = field(default_factory=EMASection)
     preview: PreviewSection = field(default_factory=PreviewSection)

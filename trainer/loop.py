@@ -16,9 +16,11 @@ micro-batches (with the loader's matching split: data/loader.py gives slot s = r
 Host syncs. A step's decisions are taken without reading a value back from the device where that is safe:
 the skip of a non-finite step follows the global gradient norm (after the DDP all-reduce it is the same number on
 every rank, so no collective is needed), taken on the device by the fused AdamW kernel (`found_inf`) and the EMA;
-losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
-(train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU default)
-has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+the batch is copied without blocking (the loader pins it on CUDA) and the dropout draws stay on the device.
+Losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
+(`sync`: train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU
+default) has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+tests/test_host_syncs.py fails on any other read-back in `train_step`.
 
 Resume keeps what a run has learnt and where it is (weights, EMA, optimizer moments, step, loss history, data
 position, RNG states) and takes the schedule from the config it is resumed with: learning rate, warmup, decay and
@@ -124,7 +126,7 @@ class Trainer:
         if saved_rng is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
-            checkpoint.restore_rng_states(saved_rng)
+            checkpoint.restore_rng_states(saved_rng, self.device)
 
     # ---- building ---------------------------------------------------------------------------------------------
 
@@ -286,7 +288,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What each rank holds of its own: the loader's position (steps x micro-batches x micro-batch) and RNGs."""
         samples = self.step * self.cfg.train.grad_accum * self.micro
-        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states())
+        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states(self.device))
 
     def sharded_state(self) -> tuple[dict, dict, dict]:
         """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
@@ -338,7 +340,7 @@ class Trainer:
             batch = next(self.batches)
             gen = step_generator(self.cfg.seed, step, env.rank * t.grad_accum + m, self.device)
             with self.parallel.micro_batch(self.forward_model, last=m == t.grad_accum - 1):
-                x1 = batch["latents"].to(device=self.device, dtype=torch.float32)
+                x1 = batch["latents"].to(self.device, non_blocking=True).float()  # pinned: the host goes on
                 cond = self.conditioning.from_batch(batch, gen, self.device)  # dropout draws come first from gen
                 with self.precision.forward():
                     loss = self.objective.loss(self.forward_model, x1, cond, gen)

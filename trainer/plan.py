@@ -5,7 +5,8 @@
 It composes the stage's config as train_stageN.py does (so every override is accepted and an unknown key fails
 with Hydra's message), builds the DiT on the meta device, counts the per-GPU bytes of parameters, gradients,
 optimizer and EMA in closed form, measures the saved activations per sample on the CPU as a GPU would hold them
-(trainer/activation_memory.py), adds the frozen text encoder, the VAE and a fixed allowance, and prints a table
+(trainer/activation_memory.py) at the data's largest bucket, adds the frozen text encoder (none with stored text
+features: the step reads them from the shards), the VAE and a fixed allowance, and prints a table
 and the settings it would choose: activation checkpointing off when the configured micro-batch fits without it,
 else on; the largest micro-batch that fits; the train.grad_accum that keeps train.batch_size.
 
@@ -149,10 +150,19 @@ class DataShape:
     kind: str | None = None  # labels | text, when a manifest says
     text_len: int | None = None
     num_classes: int | None = None
+    sizes: tuple[tuple[int, int], ...] = ()
+    """The latent (height, width) of every bucket the run trains on (data.buckets, or all the manifest lists);
+    empty without buckets: latent_shape's."""
+    text_features: bool = False
+    """The shards store the text encoder's states (data/features.py)."""
+
+    def latent_sizes(self) -> tuple[tuple[int, int], ...]:
+        return self.sizes or (tuple(self.latent_shape[1:]),)
 
 
 def data_shape(cfg) -> DataShape:
-    """The latent shape from data.path's manifest.json when it is a shard folder, else from data.image_size."""
+    """The latent shape from data.path's manifest.json when it is a shard folder (with its buckets and whether it
+    stores text features), else from data.image_size."""
     from omegaconf import OmegaConf
 
     from data.shards import ShardError, read_manifest
@@ -164,7 +174,11 @@ def data_shape(cfg) -> DataShape:
         except ShardError as err:
             raise ValueError(f"data.path={path!r}: {err}") from err
         text_len = spec.tokenizer["max_length"] if spec.tokenizer else None
-        return DataShape(tuple(spec.latent_shape), f"{path}/manifest.json", spec.kind, text_len, spec.num_classes)
+        chosen = cfg.data.get("buckets")
+        sizes = tuple(tuple(b["latent_shape"][1:]) for name, b in (spec.buckets or {}).items()
+                      if chosen is None or name in chosen)
+        return DataShape(tuple(spec.latent_shape), f"{path}/manifest.json", spec.kind, text_len, spec.num_classes,
+                         sizes, spec.text_features is not None)
     size = cfg.data.get("image_size")
     where = "???" if path is None else repr(path)
     if size is None:
@@ -185,13 +199,11 @@ def plan_model_config(cfg, data: DataShape):
     from omegaconf import OmegaConf
 
     from models import model_config
-    from trainer.builders import model_conditioning
+    from trainer.builders import model_conditioning, model_input_size
 
     m = cfg.model
     c, h, w = data.latent_shape
-    if h != w:
-        raise ValueError(f"{data.source}: latents are {h}x{w}; the models take square inputs")
-    fields = dict(in_channels=c, input_size=h, conditioning=model_conditioning(cfg))
+    fields = dict(in_channels=c, input_size=model_input_size(h, w, m.patch), conditioning=model_conditioning(cfg))
     if fields["conditioning"] == "class":
         if data.num_classes:
             fields["num_classes"] = data.num_classes
@@ -431,14 +443,18 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     if t.get("activation_checkpointing") and not profile.checkpointable:
         raise ValueError(f"train.activation_checkpointing=true: trainer/fast_path.py checkpoints `model.blocks`, "
                          f"which model.family={mcfg.family} does not have; set it to false")
-    tokens = (mcfg.input_size // mcfg.patch) ** 2
-    c, h, w = data.latent_shape
+    # The step's peak is at the data's largest token count (a bucket may hold more tokens than the square).
+    h, w = max(data.latent_sizes(), key=lambda hw: (hw[0] // mcfg.patch) * (hw[1] // mcfg.patch))
+    tokens = (h // mcfg.patch) * (w // mcfg.patch)
+    c = data.latent_shape[0]
+    buckets = f", the largest of {len(data.sizes)} buckets" if data.sizes else ""
     precision = "bf16 autocast, fp32 master weights" if bf16 else "fp32"
     title = (f"Memory plan, stage {cfg.stage}: {mcfg.name}, {params:,} parameters; {c}x{h}x{w} latents ({tokens} "
-             f"tokens) from {data.source}; {_gpus(world_size, degree, cfg.train.get('parallel', 'ddp'))}; "
+             f"tokens{buckets}) from {data.source}; {_gpus(world_size, degree, cfg.train.get('parallel', 'ddp'))}; "
              f"{precision}{'; fp8' if pr.fp8 else ''}")
     label = gpu_label or f"{DEFAULT_GPU_MEMORY_GB:g} GB (default; +gpu_memory_gb=...)"
-    return Plan(title=title, state_rows=state_rows, frozen_rows=frozen_rows(cfg, mcfg), profile=profile, tokens=tokens,
+    return Plan(title=title, state_rows=state_rows, frozen_rows=frozen_rows(cfg, mcfg, data), profile=profile,
+                tokens=tokens,
                 gpu_bytes=int(gpu_bytes if gpu_bytes is not None else DEFAULT_GPU_MEMORY_GB * 1e9), gpu_label=label,
                 gpus=world_size, batch_size=int(t.batch_size),
                 setting=Setting(micro, int(t.grad_accum), bool(t.get("activation_checkpointing"))),
@@ -469,8 +485,10 @@ def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: i
     return rows
 
 
-def frozen_rows(cfg, mcfg) -> list[Row]:
-    """The frozen text encoder (text stages) and the VAE rank 0 decodes previews with."""
+def frozen_rows(cfg, mcfg, data: DataShape | None = None) -> list[Row]:
+    """The frozen text encoder (text stages that encode their captions; with stored text features the step reads
+    the shards' states and previews load the encoder on the CPU, trainer/builders.py) and the VAE rank 0 decodes
+    previews with."""
     import torch
     from omegaconf import OmegaConf
 
@@ -478,11 +496,15 @@ def frozen_rows(cfg, mcfg) -> list[Row]:
     if mcfg.conditioning == "text":
         enc = OmegaConf.to_container(cfg.text_encoder, resolve=True)
         dtype = getattr(torch, enc.get("dtype") or "bfloat16")  # from_config's dtype on CUDA; null is bf16 there
-        count, source = text_encoder_parameters(enc)
         name = enc.get("name_or_path") or "bundled MiniLM"
-        how = f"{name}, {count:,} x {dtype.itemsize} B" if count else f"{name}: NOT COUNTED"
-        rows.append(Row(f"text encoder (frozen, {str(dtype).removeprefix('torch.')})", (count or 0) * dtype.itemsize,
-                        how, source))
+        if data is not None and data.text_features and cfg.data.get("text_features") is not False:
+            rows.append(Row("text encoder", 0, f"{name}: not on the GPU (the shards' stored text features; previews "
+                            "encode their prompts on the CPU)", "data.text_features=false would load it"))
+        else:
+            count, source = text_encoder_parameters(enc)
+            how = f"{name}, {count:,} x {dtype.itemsize} B" if count else f"{name}: NOT COUNTED"
+            rows.append(Row(f"text encoder (frozen, {str(dtype).removeprefix('torch.')})",
+                            (count or 0) * dtype.itemsize, how, source))
     if cfg.vae.kind in VAE_PARAMETERS:
         count, source = VAE_PARAMETERS[cfg.vae.kind]
         rows.append(Row("VAE (rank 0 only: previews; bfloat16)", 2 * count, f"{cfg.vae.kind}, {count:,} x 2 B", source))
