@@ -335,7 +335,8 @@ def load_pipeline(
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
-    model = checkpoint.model_from_state(state, weights, f"--model-path {path}").to(device, inference_dtype(device, fp32))
+    model = checkpoint.model_from_state(state, weights, f"--model-path {path}")
+    model = model.to(device, inference_dtype(device, fp32))
     del state
     if meta.conditioning == "text":
         conditioning = _text_conditioning(path, meta, plan, sources, device)
