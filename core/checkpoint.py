@@ -192,10 +192,10 @@ def load_module_state(module: torch.nn.Module, weights: dict[str, Tensor], extra
 # ---- the metadata record ------------------------------------------------------------------------------------
 
 
-SAMPLED_PREDICTIONS = ("velocity", "x")
-"""The predictions flow/objective.py turns into a velocity (model_velocity), i.e. what a checkpoint must record to be
-sampled, exported or evaluated. A DDPM model (PixArt's epsilon) is refused with the way to fine-tune it: converting
-its output at each step would need its noise schedule mapped onto the flow's time, a sampler of its own."""
+DDPM_PREDICTION = "epsilon"
+"""What an imported DDPM model (PixArt) records. It is refused for sampling, export and evaluation with the way to
+fine-tune it: converting its output at each step would need its noise schedule mapped onto the flow's time, a sampler
+of its own. Every other prediction must be one flow/objective.py turns into a velocity (PREDICTIONS)."""
 
 
 @dataclass(frozen=True)
@@ -239,8 +239,8 @@ class CheckpointMetadata:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         record = cls(**{k: v for k, v in meta.items() if k in names},
                      extra={k: v for k, v in meta.items() if k not in names})
-        record.check(where)
         record.check_prediction(where)
+        record.check(where)
         return record
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,14 +268,6 @@ class CheckpointMetadata:
         would load and fail at the first forward, far from the cause."""
         from models.config import CONDITIONINGS, default_conditioning
 
-        if self.prediction not in SAMPLED_PREDICTIONS:
-            source = (self.extra.get("imported") or {}).get("source")
-            raise CheckpointError(
-                f"{where}: its weights predict {self.prediction!r}" + (f" (imported from {source})" if source else "")
-                + f", and this repo samples only {' or '.join(SAMPLED_PREDICTIONS)}: fine-tune it to velocity first "
-                f"(train.init_from={where.rsplit(' ', 1)[-1]} train.prediction=velocity; README, 'Fine-tune a "
-                "published model')"
-            )
         if self.family not in CONDITIONINGS:
             raise CheckpointError(f"{where}: metadata.model.family is {self.family!r}, not one of "
                                   f"{', '.join(CONDITIONINGS)}")
@@ -291,12 +283,22 @@ class CheckpointMetadata:
 
 
     def check_prediction(self, where: str) -> None:
-        """metadata.prediction says how the sampler reads the network's output: one of flow/objective.py's."""
+        """metadata.prediction says how the sampler reads the network's output: one of flow/objective.py's, or an
+        imported DDPM model's epsilon, refused with the way to fine-tune it."""
         from flow.objective import PREDICTIONS
 
-        if self.prediction not in PREDICTIONS:
-            raise CheckpointError(f"{where}: metadata.prediction is {str(self.prediction)[:80]!r}, not one of "
-                                  f"{', '.join(PREDICTIONS)}: the checkpoint was altered or is damaged")
+        if self.prediction in PREDICTIONS:
+            return
+        if self.prediction == DDPM_PREDICTION:
+            source = (self.extra.get("imported") or {}).get("source")
+            raise CheckpointError(
+                f"{where}: its weights predict {self.prediction!r}" + (f" (imported from {source})" if source else "")
+                + f", and this repo samples only {' or '.join(PREDICTIONS)}: fine-tune it to velocity first "
+                f"(train.init_from={where.rsplit(' ', 1)[-1]} train.prediction=velocity; README, 'Fine-tune a "
+                "published model')"
+            )
+        raise CheckpointError(f"{where}: metadata.prediction is {str(self.prediction)[:80]!r}, not one of "
+                              f"{', '.join(PREDICTIONS)}: the checkpoint was altered or is damaged")
 
 
 def read_metadata(state: dict, where: str) -> CheckpointMetadata:
