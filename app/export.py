@@ -19,11 +19,11 @@ built from what the checkpoint and its run recorded, app/model_card.py):
     safetensors      the state dict as it is (model.safetensors, the checkpoint's own names) and config.json
 
 The text encoder, tokenizer and VAE load from where the checkpoint says (hub ids or the bundled MiniLM), or from the
---text-encoder / --tokenizer / --vae folders (app/sources.py). Every flag is checked before anything is read or
-written (--out-dir, --eval-report, the --push-to-hub id). The folder is written under a temporary name beside
---out-dir and renamed into place when complete. An export leaves a marker in its folder (.rfdit-export.json, the
-files it wrote): --force replaces an existing --out-dir only when that marker says an earlier export wrote it and it
-holds nothing else, and never the folder holding the checkpoint or the working directory; any other folder is
+--text-encoder / --tokenizer / --vae folders (app/sources.py). Every flag is checked before the model loads or
+anything is written (--out-dir, --eval-report, the --push-to-hub id). The folder is written under a temporary name
+beside --out-dir and renamed into place when complete. An export leaves a marker in its folder (.rfdit-export.json,
+the files it wrote): --force replaces an existing --out-dir only when that marker says an earlier export wrote it
+and it holds nothing else, and never the folder holding the checkpoint or the working directory; any other folder is
 refused, --force or not. Nothing is uploaded unless --push-to-hub is given; the token comes from the environment
 (HF_TOKEN) or a saved `hf auth login`.
 """
