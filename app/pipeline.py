@@ -232,6 +232,8 @@ class Pipeline:
             raise checks.RequestError(f"{len(seeds)} seeds for {n} images")
         seeds = checks.check_seeds(names.seed, seeds, limits)
         self.check_budget(names, limits, h, w, settings.steps, n, settings.method, settings.cfg_scale)
+        if cuda_graphs and limits.time_limit is not None:
+            raise checks.RequestError(f"{names.time_limit} cannot stop a replay of CUDA graphs: drop one of the two")
         size = (h // self.vae_factor, w // self.vae_factor)
         with checks.time_limit(self.model, limits.time_limit, names.time_limit):
             out = sample(

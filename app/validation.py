@@ -278,13 +278,20 @@ def check_budget(names: Names, limits: Limits, device, height: int, width: int, 
 def time_limit(model: Any, seconds: float | None, name: str) -> Iterator[None]:
     """Stop the block's sampling once it has run `seconds` (None: never): a forward pre-hook on `model` raises
     RequestTimeout at the first evaluation past the limit. A thread cannot be stopped from outside, so the sampler
-    is stopped from inside, at most one evaluation late; the budget bounds what one evaluation costs."""
+    is stopped from inside, at most one evaluation late; the budget bounds what one evaluation costs. On a GPU the
+    hook first waits for the work already queued: the host would otherwise queue every step before the clock saw
+    any of them run (only guidance's interval test reads a value back each step)."""
     if seconds is None or not hasattr(model, "register_forward_pre_hook"):
         yield
         return
     start = time.monotonic()
 
     def check(module, args):
+        first = args[0] if args else None
+        if getattr(first, "is_cuda", False):
+            import torch
+
+            torch.cuda.current_stream(first.device).synchronize()
         elapsed = time.monotonic() - start
         if elapsed > seconds:
             raise RequestTimeout(f"stopped after {elapsed:.1f} s, past the time limit of {seconds:g} s ({name}): "

@@ -180,6 +180,40 @@ def test_a_request_past_its_time_limit_stops_at_the_next_evaluation(stage1_check
         handle.remove()
 
 
+@pytest.mark.gpu
+def test_the_time_limit_counts_the_gpus_work_not_the_hosts_queueing(stage1_checkpoint):
+    """Unguided (no value read back per step), the host could queue every step before any ran; each evaluation
+    here also queues 0.1 s of GPU spinning (torch.cuda._sleep), so 100 steps are 10 s of GPU work that the limit
+    of 0.5 s must stop within a few evaluations."""
+    from dataclasses import replace
+
+    import torch
+
+    from app.pipeline import load_pipeline
+    from app.validation import BATCH, RequestTimeout
+
+    pipe = load_pipeline(stage1_checkpoint, device="cuda")
+    ends = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ends[0].record()
+    torch.cuda._sleep(1_000_000)
+    ends[1].record()
+    torch.cuda.synchronize()
+    cycles = int(1_000_000 * 100 / ends[0].elapsed_time(ends[1]))  # 0.1 s of spinning (elapsed_time: ms)
+    calls = []
+
+    def spin(module, args) -> None:
+        calls.append(1)
+        torch.cuda._sleep(cycles)
+
+    handle = pipe.model.register_forward_pre_hook(spin)
+    try:
+        with pytest.raises(RequestTimeout):
+            pipe.generate(labels=[0], steps=100, cfg_scale=1.0, limits=replace(BATCH, time_limit=0.5))
+        assert len(calls) <= 10
+    finally:
+        handle.remove()
+
+
 def test_pipeline_generate_checks_its_arguments(stage1_checkpoint):
     from dataclasses import replace
 
@@ -195,6 +229,8 @@ def test_pipeline_generate_checks_its_arguments(stage1_checkpoint):
         (dict(prompts=["a cat"]), "class-conditional checkpoint: pass labels="),
         (dict(labels=[0], limits=replace(BATCH, pixel_steps=32 * 32 - 1)),
          r"32x32 pixels x 1 step x 1 image = 1,024 pixel-steps, over the cap of 1,023: .*\(Limits.pixel_steps raises"),
+        (dict(labels=[0], cuda_graphs=True, limits=replace(BATCH, time_limit=60.0)),
+         r"Limits.time_limit cannot stop a replay of CUDA graphs"),
     ]:
         with pytest.raises(RequestError, match=message):
             pipe.generate(steps=1, **kwargs)
