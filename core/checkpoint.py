@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from core.files import TEMP, host, write_atomic
+from core.sampling import sampling_problem
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 EXTRA_STATE = "_extra_state"
@@ -74,7 +75,7 @@ def resolve(path: str | Path, what: str, lister=None, is_checkpoint=None, empty:
             return found[-1]
     if p.is_dir():
         raise FileNotFoundError(f"{what}={str(path)!r}: " + (empty or "a folder with no checkpoints/step_*.pt and no "
-                                                              f"step_*.pt in it{_sharded_hint(p)}"))
+                                                              f"step_*.pt in it{sharded_hint(p)}"))
     raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
 
 
@@ -88,7 +89,7 @@ def load(path: Path) -> dict:
     advice is never passed on."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"cannot load checkpoint {path}: no such file{_sharded_hint(path)}")
+        raise CheckpointError(f"cannot load checkpoint {path}: no such file{sharded_hint(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
@@ -103,7 +104,7 @@ def load(path: Path) -> dict:
     return state
 
 
-def _sharded_hint(path: Path) -> str:
+def sharded_hint(path: Path) -> str:
     """What to do with a run's sharded checkpoints (step_*.dcp folders), which no tool but the trainer reads."""
     found = [path] if path.suffix == ".dcp" and path.is_dir() else [
         *path.glob("step_*.dcp"), *path.glob("checkpoints/step_*.dcp")] if path.is_dir() else []
@@ -280,6 +281,9 @@ class CheckpointMetadata:
                 f"{where}: a {self.family} model takes {expected} conditioning, but {', '.join(problems)}; an "
                 "initialisation from reparameterize.py? Train it first (train.init_from=<that file>)"
             )
+        problem = sampling_problem(self.sampling, "metadata.sampling")
+        if problem:  # the samplers start from these: a bad one would reach every request that leaves it unset
+            raise CheckpointError(f"{where}: {problem} (the file is damaged or was edited)")
 
 
     def check_prediction(self, where: str) -> None:

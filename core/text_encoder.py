@@ -2,7 +2,9 @@
 
 `FrozenTextEncoder` is deliberately NOT a submodule of the DiT. The trainer owns it as a separate object,
 so the encoder's weights (2B parameters for T5Gemma) never enter the DiT's state_dict, its checkpoints, its
-EMA, its optimiser or its DDP/FSDP wrapping; checkpoints record only `FrozenTextEncoder.info`.
+EMA, its optimiser or its DDP/FSDP wrapping; checkpoints record only `FrozenTextEncoder.info`, which holds the
+weights' portable identity (`encoder_identity`, below), so a sampler can tell another encoder from the one trained
+with.
 
 Three kinds of checkpoint, told apart from the config alone (one `AutoConfig.from_pretrained`, which
 downloads nothing more than `config.json`):
@@ -23,6 +25,7 @@ garbage into the DiT even if a kernel mishandles a fully masked row.
 
 import copy
 import gc
+import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -34,7 +37,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from core.device import default_device
-from core.hub import DTYPES
+from core.hub import BUNDLED_NAME, BUNDLED_TOKENIZER, DTYPES, is_bundled, is_hub_id
+
+BUNDLED_ENCODER = BUNDLED_TOKENIZER
+"""The bundled MiniLM's portable id: the package ships its tokenizer and its encoder together."""
 
 
 def default_text_encoder_path() -> str:
@@ -114,6 +120,97 @@ def _load_error(name_or_path: str, offline: bool, err: Exception) -> OSError:
     )
 
 
+# ---- identity: which encoder, by its weights ----------------------------------------------------------------
+#
+# An encoder is recorded as a tokenizer is (core/tokenizer.py), by a portable identity, never a local path: `id`
+# (the bundled MiniLM's package id, a hub id, or `sha256:<hash>` for a local folder), `revision` (a hub commit),
+# `sha256` (over its weight and config files) and `subfolder`. Checkpoints keep it in metadata.text_encoder_info
+# (FrozenTextEncoder.info), shard manifests with their stored features (data/features.py); the samplers and the
+# trainer compare it with the encoder they load (`same_encoder`).
+
+
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
+"""The files that decide an encoder's output: those present are hashed for its identity."""
+
+
+def weights_sha256(folder: Path | str) -> str | None:
+    """sha256 over the WEIGHT_PATTERNS files of `folder`, in name order, each fed as its name, a NUL, its length in
+    bytes, a NUL, then its bytes (read in chunks: a T5-XXL is 9 GB); None when the folder holds none."""
+    folder = Path(folder)
+    names = sorted({p.name for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        path = folder / name
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_snapshot(name: str, subfolder: str | None, revision: str | None) -> Path | None:
+    """The cached snapshot folder (or its subfolder) of a hub encoder, if a load put it in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    found = try_to_load_from_cache(name, f"{prefix}config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def encoder_identity(
+    name_or_path: str | Path | None, subfolder: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
+    """The portable record of a text encoder (module docstring), never a local path; computed from its files
+    without loading it. None is the bundled MiniLM."""
+    text = str(name_or_path) if name_or_path is not None else BUNDLED_ENCODER
+    if is_bundled(text):
+        folder = Path(default_text_encoder_path())
+        ident = dict(id=BUNDLED_ENCODER, name=BUNDLED_NAME, revision=None, sha256=weights_sha256(folder))
+    elif Path(text).is_dir():
+        folder = Path(text) / (subfolder or "")
+        digest = weights_sha256(folder)
+        if digest is None:
+            raise ValueError(f"text encoder folder {folder} holds none of {', '.join(WEIGHT_PATTERNS)}")
+        ident = dict(id=f"sha256:{digest}", name=Path(text).resolve().name, revision=None, sha256=digest)
+    elif is_hub_id(text):
+        snapshot = _hub_snapshot(text, subfolder, revision)
+        # The snapshot folder is named by its commit (one level up from a subfolder): the revision actually read.
+        commit = (snapshot.parent if subfolder else snapshot).name if snapshot is not None else revision
+        digest = weights_sha256(snapshot) if snapshot is not None else None
+        ident = dict(id=text, name=text, revision=commit, sha256=digest)
+    else:
+        raise ValueError(f"text encoder {text!r} is neither a local folder nor a hub id (owner/name)")
+    return ident | dict(subfolder=subfolder)
+
+
+def describe_encoder(ident: dict[str, Any]) -> str:
+    """An encoder record in a few words, for messages."""
+    parts = [f"revision {ident['revision']}"] if ident.get("revision") else []
+    parts += [f"sha256 {ident['sha256'][:12]}"] if ident.get("sha256") else []
+    parts += [f"subfolder {ident['subfolder']}"] if ident.get("subfolder") else []
+    return repr(ident.get("id")) + (f" ({', '.join(parts)})" if parts else "")
+
+
+def same_encoder(recorded: dict[str, Any], configured: dict[str, Any]) -> bool:
+    """Same weight files (sha256) means the same encoder whatever the ids; without a hash on both sides, the same
+    id, subfolder and revision (a missing revision on either side matches any)."""
+    if recorded.get("sha256") and configured.get("sha256"):
+        return recorded["sha256"] == configured["sha256"]
+    revisions = recorded.get("revision"), configured.get("revision")
+    return (recorded.get("id") == configured.get("id") and recorded.get("subfolder") == configured.get("subfolder")
+            and (None in revisions or revisions[0] == revisions[1]))
+
+
+def check_encoder(recorded: dict[str, Any], configured: dict[str, Any], where: str) -> None:
+    """ValueError naming both when the configured encoder's identity is not the one the features were made with."""
+    if not same_encoder(recorded, configured):
+        raise ValueError(f"the text features in {where} were made by the encoder {describe_encoder(recorded)}, but "
+                         f"the configured one is {describe_encoder(configured)}")
+
+
 class FrozenTextEncoder(nn.Module):
     """A frozen Hugging Face text encoder: `forward(tokens, mask)` -> last hidden state [b, l, d].
 
@@ -121,11 +218,14 @@ class FrozenTextEncoder(nn.Module):
     cannot switch dropout back on. Keep it out of the DiT's module tree (see the module docstring).
     """
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, name: str, kind: str, model_type: str):
+    def __init__(self, encoder: nn.Module, hidden_size: int, name: str, kind: str, model_type: str,
+                 identity: dict[str, Any] | None = None):
+        """`identity`: the weights' portable identity (encoder_identity); `from_pretrained` computes it."""
         super().__init__()
         self.encoder = encoder
         self._hidden_size = int(hidden_size)
         self.name, self.kind, self.model_type = name, kind, model_type
+        self.identity = dict(identity) if identity is not None else None
         self.requires_grad_(False)
         super().train(False)
 
@@ -199,7 +299,9 @@ class FrozenTextEncoder(nn.Module):
             gc.collect()
         elif encoder is None:
             encoder = AutoModel.from_pretrained(name, config=config, **load_kwargs)
-        return cls(encoder.to(device), _hidden_size(config), name, kind, model_type)
+        # The files just loaded (a hub id's are in the local cache now), hashed: what checkpoints record.
+        identity = encoder_identity(name, subfolder, revision)
+        return cls(encoder.to(device), _hidden_size(config), name, kind, model_type, identity)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device | None = None) -> "FrozenTextEncoder":
@@ -235,9 +337,9 @@ class FrozenTextEncoder(nn.Module):
 
     @property
     def info(self) -> dict[str, Any]:
-        """Checkpoint metadata: which encoder produced the DiT's conditioning."""
-        return dict(
-            id=self.name,
+        """Checkpoint metadata (metadata.text_encoder_info): which encoder produced the DiT's conditioning, by its
+        portable identity (id, name, revision, sha256, subfolder: encoder_identity) when known, and how it ran."""
+        return (self.identity or dict(id=self.name)) | dict(
             hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."),
             model_type=self.model_type,

@@ -171,15 +171,55 @@ def test_the_handler_shares_the_clis_checks(text_pipe):
     from app.gradio_app import Generator
     from app.validation import Limits, RequestError
 
-    handlers = Generator(text_pipe, None, Limits(pixel_steps=32 * 32 * 20 * 3 - 1), None)
+    tflop = text_pipe.evaluation_flops(32, 32) * 2 * 20 * 3 / 1e12  # guided: two evaluations a step
+    handlers = Generator(text_pipe, None, Limits(tflop=tflop * (1 - 1e-9)), None)
     controls = dict(steps=20, guidance_scale=4.0, guidance_start=0.0, guidance_end=1.0, alpha=1.0, solver="euler",
                     seed=0, randomize_seed=False, num_images=3, show_trajectory=False)
     with pytest.raises(RequestError, match="Guidance scale must be between 0.0 and 20.0, got nan"):
         handlers.settings(**controls | dict(guidance_scale=float("nan")))
-    budget = rf"32x32 pixels x 20 steps x 3 images = {32 * 32 * 20 * 3:,} pixel-steps.*\(the app's --max-pixel-steps"
+    budget = r"32x32 pixels x 20 euler steps x 3 images with guidance = .* TFLOP.*\(the app's --max-tflop raises it"
     with pytest.raises(RequestError, match=budget):
         handlers.settings(**controls)
     assert handlers.settings(**controls | dict(num_images=2)).seeds == [0, 1]
+    assert handlers.settings(**controls | dict(guidance_scale=1.0)).num_images == 3  # unguided: half the cost
+
+
+def test_a_request_past_the_time_limit_frees_the_worker(text_pipe, stage2_checkpoint, tmp_path):
+    """A request that runs past --time-limit stops at its next model evaluation and the app's one worker takes
+    the next request. Each evaluation is slowed to 0.2 s: 50 steps would hold the worker for 10 s."""
+    import time
+
+    from app.validation import Limits
+
+    calls = []
+
+    def slowly(module, args) -> None:
+        calls.append(1)
+        time.sleep(0.2)
+
+    slow = text_pipe.model.register_forward_pre_hook(slowly)
+    demo = build_app(text_pipe, source=stage2_checkpoint, limits=Limits(time_limit=0.5))
+    try:
+        c = client(serve(demo, stage2_checkpoint), tmp_path)
+        with pytest.raises(AppError, match=r"past the time limit of 0.5 s \(the app's --time-limit\)"):
+            c.predict(prompt=PROMPT, steps=50, seed=0, api_name="/generate")
+        assert 1 <= len(calls) <= 4  # stopped at the first evaluation after 0.5 s
+        calls.clear()
+        gallery, *_ = c.predict(prompt=PROMPT, steps=1, guidance_scale=1.0, seed=0, api_name="/generate")
+        assert len(images(gallery)) == 1 and len(calls) == 1
+    finally:
+        slow.remove()
+        demo.close()
+
+
+def test_the_app_takes_no_uploads(plain_text_app, tmp_path):
+    """The app takes no files, so Gradio's upload route refuses any (max_file_size); without it Gradio stores
+    whatever is posted."""
+    import httpx
+
+    files = {"files": ("big.bin", b"x" * 4096, "application/octet-stream")}
+    response = httpx.post(f"{plain_text_app}gradio_api/upload", files=files, timeout=60)
+    assert response.status_code == 413, (response.status_code, response.text[:200])
 
 
 def test_randomised_seed_is_reported(text_app, tmp_path):
@@ -292,7 +332,9 @@ def test_default_bind_is_loopback_and_share_is_off():
 @pytest.mark.parametrize(
     "argv, flag",
     [(["--rewrite-endpoint", "http://x/v1"], "--rewrite-model"), (["--port", "0"], "--port"),
-     (["--max-prompt-chars", "0"], "--max-prompt-chars"), (["--max-pixel-steps", "0"], "--max-pixel-steps")],
+     (["--max-prompt-chars", "0"], "--max-prompt-chars"), (["--max-tflop", "0"], "--max-tflop"),
+     (["--max-tflop", "nan"], "--max-tflop"), (["--time-limit", "0"], "--time-limit"),
+     (["--time-limit", "inf"], "--time-limit")],
 )
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):

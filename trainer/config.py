@@ -369,6 +369,15 @@ def _unknown(key: str, known, prefix: str, where: str) -> str:
 
 # ---- ranges -------------------------------------------------------------------------------------------------
 
+def _sampling_default(key: str, v) -> bool:
+    """Within core/checkpoint.py's SAMPLING_CAPS: the preview settings become the checkpoint's sampling defaults,
+    which every sampler refuses outside them."""
+    from core.sampling import SAMPLING_CAPS
+
+    lo, hi = SAMPLING_CAPS[key]
+    return lo <= v <= hi
+
+
 def _finite(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -402,10 +411,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.ema.start_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     "train.ema.every": (lambda v: v >= 1, ">= 1"),
     "train.ema.warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "train.preview.steps": (lambda v: 1 <= v <= 1000, "1..1000"),
+    "train.preview.steps": (lambda v: _sampling_default("steps", v), "1..1000 (the samplers' caps)"),
     "train.preview.rows": (lambda v: v >= 1, ">= 1"),
-    "train.preview.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "train.preview.alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.preview.cfg_scale": (lambda v: _sampling_default("cfg_scale", v), "0..100 (the samplers' caps)"),
+    "train.preview.alpha": (lambda v: _sampling_default("alpha", v), "0.01..100 (the samplers' caps)"),
     "train.timesteps.std": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "train.timesteps.mean": (_finite, "a finite number"),
     "train.timesteps.name": (lambda v: v in ("logit_normal", "uniform", "mode", "cosmap"),
