@@ -3,7 +3,7 @@
     flow = RectifiedFlow(LogitNormal(0, 1), prediction="x", shift="auto", base_tokens=64, patch=4)
     loss = flow.loss(model, x1, cond, generator)
 
-`loss` is the whole sequence a training step (and the held-out loss, and scripts/bench_train.py) runs; nobody
+`loss` is the whole sequence a training step (and the held-out loss, and scripts/bench/train.py) runs; nobody
 writes it out again. The order of the random draws is part of the contract exact resume relies on: every draw of
 a micro-batch comes from one generator seeded by (seed, step, virtual rank) (trainer/loop.py), and the objective
 takes, after any dropout draws the conditioning made from the same generator,

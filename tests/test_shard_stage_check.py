@@ -137,8 +137,8 @@ def test_the_sbatch_job_checks_its_stage_before_any_work(tmp_path):
                 FOR_STAGE="2", PYTHON=sys.executable, HF_HUB_OFFLINE="1")
 
     def job(**extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "scripts/shard_array.sbatch"], cwd=ROOT, env=env | extra, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(["bash", "scripts/slurm/shard_array.sbatch"], cwd=ROOT, env=env | extra,
+                              capture_output=True, text=True, timeout=300)
 
     ok = job()
     assert ok.returncode == 2 and "--input-glob '/nonexistent/*.tar' matches no files" in ok.stderr, ok.stderr

@@ -1,6 +1,6 @@
 """How long the training loop stalls for a sharded checkpoint, with and without asynchronous saving, on the CPU.
 
-    python scripts/bench_checkpoint.py [--ranks 2] [--dim 768] [--depth 12] [--steps 24] [--every 6] [--smoke]
+    python -m scripts.bench.checkpoint [--ranks 2] [--dim 768] [--depth 12] [--steps 24] [--every 6] [--smoke]
 
 `--ranks` gloo processes train an mmDiT (random inputs, FSDP2 through trainer/parallel.py, AdamW) and save a
 sharded checkpoint every `--every` steps through trainer/checkpoint.py's ShardedWriter, once synchronously

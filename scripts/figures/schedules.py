@@ -1,6 +1,6 @@
 """Plot the training-time timestep densities and the sampling grids warped by alpha.
 
-    python scripts/plot_schedules.py --out figures/schedules.png
+    python -m scripts.figures.schedules --out figures/schedules.png
 
 Left: histograms of t (1 = data) drawn by the samplers in flow/objective.py. Right: where 24 sampling
 steps land for several alpha (alpha > 1 spends more of them near noise, t = 0).
