@@ -61,7 +61,7 @@ def test_for_stage_takes_its_defaults_from_the_stage(stage):
 
 
 def test_the_sbatch_job_leaves_tokenizer_and_captioner_to_the_stage_and_the_input():
-    command = (ROOT / "scripts" / "shard_array.sbatch").read_text().split("\nexec ", 1)[1]
+    command = (ROOT / "scripts" / "slurm" / "shard_array.sbatch").read_text().split("\nexec ", 1)[1]
     assert re.findall(r"--captioner \S+", command) == ['--captioner "${CAPTIONER:-auto}"']
     assert re.findall(r"--tokenizer \S+", command) == ['--tokenizer "$TOKENIZER"}']  # only when TOKENIZER is set
 
