@@ -7,6 +7,7 @@
     checkpoint.py     reading and atomically writing checkpoints, their typed metadata record, linear layouts
     images.py         images people look at: uint8 conversion, grids
     files.py          atomic file writes
+    ranks.py          which rank this process is under torchrun, the collectives training and evaluation share
     device.py         the default device
 
 It imports models/ and flow/ and nothing of trainer/, data/, app/ or evaluation/, so every one of those can

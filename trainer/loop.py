@@ -79,7 +79,7 @@ def step_generator(seed: int, step: int | str, virtual_rank: int, device: torch.
 class Trainer:
     """A stage's run: built from the config (and the checkpoint it resumes or starts from), then `fit()`."""
 
-    def __init__(self, cfg: DictConfig, env: distributed.Distributed):
+    def __init__(self, cfg: DictConfig, env: distributed.Ranks):
         self.cfg, self.env, t = cfg, env, cfg.train
         self.threads = ThreadGovernor(t.num_threads)
         self.device, self.out_dir = env.device, Path(t.out_dir)

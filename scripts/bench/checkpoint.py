@@ -23,13 +23,13 @@ def train_and_save(rank: int, args, folder: Path, results: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from core.ranks import Ranks
     from models import build_model, model_config
     from trainer import checkpoint
-    from trainer.distributed import Distributed
     from trainer.optim import build_optimizer
     from trainer.parallel import Parallel
 
-    env = Distributed(rank, rank, args.ranks, torch.device("cpu"))
+    env = Ranks(rank, args.ranks, torch.device("cpu"))
     cfg = model_config("mmDiT-B/2", dim=args.dim, depth=args.depth, heads=max(1, args.dim // 64), in_channels=4,
                        input_size=16, text_dim=64, text_len=8, conditioning="text")
     torch.manual_seed(0)
