@@ -46,8 +46,10 @@ class RectifiedFlow:
     prediction: Prediction = "velocity"
     """What the network outputs: the velocity x1 - x0, or the clean data x1 (JiT), converted before the loss."""
     shift: Shift = None
-    """SD3's resolution shift: None or 1 none; a number; "auto" = sqrt(tokens / base_tokens) for each batch's
-    own token grid (so every aspect-ratio bucket gets its own)."""
+    """SD3's resolution shift [esser2024sd3], the one place it is applied to training times: None or 1 none; a
+    number; "auto" = sqrt(tokens / base_tokens) for each batch's own token grid (so every aspect-ratio bucket gets
+    its own). A shift > 1 moves the draws toward noise: at a higher resolution more pixels average the noise out,
+    so an image stays recognisable at larger noise levels."""
     base_tokens: int = 256
     """Tokens of the base grid the shift is measured against (base_grid ** 2)."""
     patch: int = 1
