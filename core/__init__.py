@@ -2,6 +2,7 @@
 
     text_encoder.py   the frozen text encoder (token ids -> hidden states)
     tokenizer.py      the tokenizer and its portable identity; which hub ids and paths a loader may take
+    identity.py       the portable identity of a tokenizer's or a text encoder's files (bundled, folder, hub id)
     vae.py            the image autoencoders (pixel space, SD3's VAE) and the pixel convention at their interface
     conditioning.py   class labels or captions -> the model's keyword inputs, the null condition, dropout
     checkpoint.py     reading and atomically writing checkpoints, their typed metadata record, linear layouts
