@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The five-stage curriculum on the embedded data, evaluation and grids: outputs/demo/summary.json (~20 min).
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m scripts.demo
 
 # The whole suite (CI runs this: .ci/run); the 15 slowest tests are listed at the end, so a slow newcomer shows.
 test: $(STAMP) browser
@@ -42,9 +42,9 @@ browser:
 	fi
 
 # What every embedded stage reads (experiment=embedded), as latent shards under outputs/data: what `make demo` builds.
-# scripts/build_embedded_data.sh builds other sets too (its header: DATASETS, SIZES, KINDS).
+# scripts/tools/build_embedded_data.sh builds other sets too (its header: DATASETS, SIZES, KINDS).
 data: $(STAMP)
-	scripts/build_embedded_data.sh outputs/data
+	scripts/tools/build_embedded_data.sh outputs/data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

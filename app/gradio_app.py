@@ -1,8 +1,8 @@
 """A browser front end for a trained checkpoint (Gradio): a prompt or a class in, images out.
 
-    python app/gradio_app.py --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt
-    python app/gradio_app.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt --port 7861
-    python app/gradio_app.py --model-path ckpt.pt --rewrite-endpoint http://localhost:8000/v1 \\
+    python -m app.gradio_app --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt
+    python -m app.gradio_app --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt --port 7861
+    python -m app.gradio_app --model-path ckpt.pt --rewrite-endpoint http://localhost:8000/v1 \\
         --rewrite-model Qwen/Qwen3-VL-2B-Instruct
 
 The checkpoint decides the mode: a class picker for a class-conditional (Stage 1) checkpoint, a prompt box

@@ -67,7 +67,7 @@ def read_metadata(path: Path | str) -> tuple[dict[str, Any], checkpoint.Checkpoi
 
 
 def run_sampler(model: torch.nn.Module, noise: Tensor, cond: dict, uncond: dict | None, **settings) -> Tensor:
-    """flow.sample as every front end runs it, and scripts/bench_sample.py times it: the model in the dtype of its
+    """flow.sample as every front end runs it, and scripts/bench/sample.py times it: the model in the dtype of its
     weights (app/precision.py: bf16 on CUDA), fed inputs of that dtype, the ODE state in float32."""
     dtype = next(model.parameters()).dtype
     return sample(model, noise, cond, uncond, model_dtype=None if dtype == torch.float32 else dtype, **settings)

@@ -1,8 +1,8 @@
 """Sample images from a training checkpoint; model, stage, resolution, VAE and text encoder come from its metadata.
 
-    python app/sample.py --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt \\
+    python -m app.sample --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt \\
         --prompt "a large red circle in the top left on a gray background" --seed 0 --out-dir outputs/samples
-    python app/sample.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt \\
+    python -m app.sample --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt \\
         --class-label 0 --class-label 3 --num-samples 4 --seed 0 --out-dir outputs/samples
 
 --bucket HxW (height first) draws at one of the aspect-ratio buckets, --list-buckets prints the checkpoint's.

@@ -25,7 +25,6 @@ garbage into the DiT even if a kernel mishandles a fully masked row.
 
 import copy
 import gc
-import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -37,7 +36,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from core.device import default_device
-from core.hub import BUNDLED_NAME, BUNDLED_TOKENIZER, DTYPES, is_bundled, is_hub_id
+from core.hub import BUNDLED_TOKENIZER, DTYPES
+from core.identity import files_sha256, source_identity
 
 BUNDLED_ENCODER = BUNDLED_TOKENIZER
 """The bundled MiniLM's portable id: the package ships its tokenizer and its encoder together."""
@@ -135,54 +135,17 @@ WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "
 
 
 def weights_sha256(folder: Path | str) -> str | None:
-    """sha256 over the WEIGHT_PATTERNS files of `folder`, in name order, each fed as its name, a NUL, its length in
-    bytes, a NUL, then its bytes (read in chunks: a T5-XXL is 9 GB); None when the folder holds none."""
-    folder = Path(folder)
-    names = sorted({p.name for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    if not names:
-        return None
-    digest = hashlib.sha256()
-    for name in names:
-        path = folder / name
-        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _hub_snapshot(name: str, subfolder: str | None, revision: str | None) -> Path | None:
-    """The cached snapshot folder (or its subfolder) of a hub encoder, if a load put it in the local cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    prefix = f"{subfolder}/" if subfolder else ""
-    found = try_to_load_from_cache(name, f"{prefix}config.json", revision=revision)
-    return Path(found).parent if isinstance(found, str) else None
+    """sha256 over the WEIGHT_PATTERNS files of `folder` (core/identity.py: files_sha256); None when it holds none."""
+    return files_sha256(folder, WEIGHT_PATTERNS)
 
 
 def encoder_identity(
     name_or_path: str | Path | None, subfolder: str | None = None, revision: str | None = None
 ) -> dict[str, Any]:
     """The portable record of a text encoder (module docstring), never a local path; computed from its files
-    without loading it. None is the bundled MiniLM."""
+    without loading it (core/identity.py, hashing WEIGHT_PATTERNS). None is the bundled MiniLM."""
     text = str(name_or_path) if name_or_path is not None else BUNDLED_ENCODER
-    if is_bundled(text):
-        folder = Path(default_text_encoder_path())
-        ident = dict(id=BUNDLED_ENCODER, name=BUNDLED_NAME, revision=None, sha256=weights_sha256(folder))
-    elif Path(text).is_dir():
-        folder = Path(text) / (subfolder or "")
-        digest = weights_sha256(folder)
-        if digest is None:
-            raise ValueError(f"text encoder folder {folder} holds none of {', '.join(WEIGHT_PATTERNS)}")
-        ident = dict(id=f"sha256:{digest}", name=Path(text).resolve().name, revision=None, sha256=digest)
-    elif is_hub_id(text):
-        snapshot = _hub_snapshot(text, subfolder, revision)
-        # The snapshot folder is named by its commit (one level up from a subfolder): the revision actually read.
-        commit = (snapshot.parent if subfolder else snapshot).name if snapshot is not None else revision
-        digest = weights_sha256(snapshot) if snapshot is not None else None
-        ident = dict(id=text, name=text, revision=commit, sha256=digest)
-    else:
-        raise ValueError(f"text encoder {text!r} is neither a local folder nor a hub id (owner/name)")
+    ident = source_identity(text, "text encoder", WEIGHT_PATTERNS, ("config.json",), revision, subfolder)
     return ident | dict(subfolder=subfolder)
 
 

@@ -65,7 +65,7 @@ most mix_shards shards per pool. The pages a mapping has read stay resident, and
 until they are released (with the kernel's read-around, several times the bytes asked for), so after each
 shard's part of a batch its mapped pages are released (`madvise(MADV_DONTNEED)`: the pages are clean, and stay
 in the page cache for the next read). The loader's resident set then does not grow with the shard
-(scripts/bench_memory.py); where madvise is missing it grows up to the mapped shards' size, which the kernel can
+(scripts/bench/memory.py); where madvise is missing it grows up to the mapped shards' size, which the kernel can
 still drop under pressure.
 
 Validation. A shard is checked by `load_shard` when a process first opens it (the checks of

@@ -10,24 +10,24 @@ Defaults are the reference stages' (T5Gemma's tokenizer and 120 tokens, SD3 late
 the input when it has them, else a VLM). --for-stage N takes them from configs/stageN.yaml (plus --stage-override
 KEY=VALUE, as you will train it) and refuses, before any image is read, flags whose shards that stage would refuse.
 
-    # one rank of eight, VLM captions in process, for the reference Stage 2 (SLURM: scripts/shard_array.sbatch)
-    python data/make_shards.py --base-url 'https://host/train_{i:04d}.tar' --num-shards 100 --out-dir shards/ \\
+    # one rank of eight, VLM captions in process, for the reference Stage 2 (SLURM: scripts/slurm/shard_array.sbatch)
+    python -m data.make_shards --base-url 'https://host/train_{i:04d}.tar' --num-shards 100 --out-dir shards/ \\
         --for-stage 2 --rank 0 --world-size 8 --captioner vllm --vlm-model Qwen/Qwen3-VL-2B-Instruct
 
     # your own folder of images and captions, for the embedded Stage 2 on a CPU (pixel space, MiniLM)
-    python data/make_shards.py --image-dir my_images/ --out-dir shards/ --for-stage 2 \\
+    python -m data.make_shards --image-dir my_images/ --out-dir shards/ --for-stage 2 \\
         --stage-override experiment=embedded
 
     # a Hub dataset, streamed, its 'caption' column as the captions
-    python data/make_shards.py --dataset owner/name --streaming --caption-column caption --out-dir shards/ \\
+    python -m data.make_shards --dataset owner/name --streaming --caption-column caption --out-dir shards/ \\
         --for-stage 2
 
     # 1024 px aspect-ratio buckets (PixArt-alpha's table), SD3 latents, T5Gemma features stored, on a GPU node
-    python data/make_shards.py --input-glob '/data/raw/*.tar' --out-dir shards-1024/ --for-stage 5 \\
+    python -m data.make_shards --input-glob '/data/raw/*.tar' --out-dir shards-1024/ --for-stage 5 \\
         --buckets pixart --text-features --records-per-shard 10000
 
     # once every rank is done (the last rank to finish also does this by itself)
-    python data/make_shards.py --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ --finalize
+    python -m data.make_shards --input-glob 'embedded/synthetic-*.tar' --out-dir shards/ --finalize
 
 Rerunning the same command resumes: input units already done are skipped, interrupted ones are redone
 (data/pipeline/run.py explains the design). An input that cannot be read whole (a tar cut short on disk or in

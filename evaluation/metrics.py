@@ -48,7 +48,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from core.cli_help import HelpFormatter
-from evaluation.ranks import ALONE, Ranks
+from core.ranks import ALONE, Ranks
 
 IS_SPLIT_SIZE = 5000
 NEIGHBOURS = 3
@@ -457,10 +457,10 @@ def loaded_clip(name: str) -> Callable[[], tuple[torch.nn.Module, Any]]:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from core.files import write_json_atomic
+    from core.ranks import join, leave
     from core.writable import writable_file
     from evaluation.features import InceptionFeatures
     from evaluation.npz import read_npz
-    from evaluation.ranks import join, leave
 
     ranks = join(args.device)
     try:

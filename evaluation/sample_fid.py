@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.ranks import ALONE, Ranks
 from evaluation.metrics import fit_gaussian, frechet_distance, load_reference
-from evaluation.ranks import ALONE, Ranks
 from evaluation.sample_many import class_label
 
 
@@ -82,7 +82,7 @@ class SampleFID:
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         mine, pools = list(self.ranks.mine(self.n)), []
         # Every rank samples as many batches as rank 0, which has the most (a sharded model's forward is a
-        # collective: evaluation/ranks.py, Ranks.rounds); a rank with fewer draws a stand-in of one and drops it.
+        # collective: core/ranks.py, Ranks.rounds); a rank with fewer draws a stand-in of one and drops it.
         most = len(self.ranks.rounds(self.n))
         for start in range(0, most, self.batch_size):
             indices = mine[start : start + self.batch_size]

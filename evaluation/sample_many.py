@@ -342,8 +342,8 @@ def main(argv=None) -> Path:
     from app.pipeline import CheckpointError, load_pipeline, resolve_checkpoint
     from app.sources import sources_from_args
     from app.validation import BATCH, RequestError
+    from core.ranks import join, leave
     from core.writable import writable_folder
-    from evaluation.ranks import join, leave
 
     ranks = join(args.device)
     try:

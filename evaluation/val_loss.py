@@ -12,7 +12,7 @@ path, the prediction type and the loss are exactly the training ones. Held-out b
 folder, unshuffled) draws its noise from a generator seeded by (seed, i), the same noise at every time and every
 evaluation. Batches are dealt round-robin over the ranks and the sums are reduced, so the value does not depend on
 the number of ranks; it depends on the records, the batch size and the seed, which a run keeps fixed. Every rank
-runs as many forwards (evaluation/ranks.py: Ranks.rounds), as a sharded model needs.
+runs as many forwards (core/ranks.py: Ranks.rounds), as a sharded model needs.
 """
 
 from collections.abc import Callable
@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from core.ranks import ALONE, Ranks
 from data.loader import ShardDataset, mix_seed
-from evaluation.ranks import ALONE, Ranks
 from flow.rectified_flow import RectifiedFlow
 
 DEFAULT_BINS = 8

@@ -199,18 +199,6 @@ def shift_time(t: Float[Tensor, "..."], shift: float) -> Float[Tensor, "..."]:
     return t / (t + shift * (1 - t))
 
 
-@dataclass
-class ResolutionShift:
-    """Wraps a base sampler and shifts its draws toward noise (shift > 1), because at higher
-    resolution more pixels average out noise, so images stay recognisable at larger noise levels."""
-
-    base: TimestepSampler
-    shift: float
-
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
-        return shift_time(self.base(batch_size, generator=generator, device=device), self.shift)
-
-
 def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
     """SD3's shift factor alpha = sqrt(m / n) for m tokens relative to a base of n tokens."""
     return math.sqrt(num_tokens / base_tokens)
@@ -225,15 +213,13 @@ SAMPLERS: dict[str, tuple[type, tuple[str, ...]]] = {
 """Timestep scheme name -> (its sampler, the parameters it takes)."""
 
 
-def build_timestep_sampler(name: str, shift: float | None = None, **kw) -> TimestepSampler:
-    """Build a sampler by name (SAMPLERS) with its parameters; `shift` wraps it in ResolutionShift."""
+def build_timestep_sampler(name: str, **kw) -> TimestepSampler:
+    """Build a sampler by name (SAMPLERS) with its parameters. The resolution shift is RectifiedFlow's, applied to
+    each batch's draws at its own token count (flow/rectified_flow.py), not a property of the sampler."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown timestep sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     cls, params = SAMPLERS[name]
     unknown = sorted(set(kw) - set(params))
     if unknown:
         raise ValueError(f"timestep sampler {name!r} takes {list(params) or 'no parameters'}, not {unknown}")
-    sampler = cls(**kw)
-    if shift is not None and shift != 1.0:
-        sampler = ResolutionShift(sampler, float(shift))
-    return sampler
+    return cls(**kw)

@@ -3,7 +3,7 @@
     flow = RectifiedFlow(LogitNormal(0, 1), prediction="x", shift="auto", base_tokens=64, patch=4)
     loss = flow.loss(model, x1, cond, generator)
 
-`loss` is the whole sequence a training step (and the held-out loss, and scripts/bench_train.py) runs; nobody
+`loss` is the whole sequence a training step (and the held-out loss, and scripts/bench/train.py) runs; nobody
 writes it out again. The order of the random draws is part of the contract exact resume relies on: every draw of
 a micro-batch comes from one generator seeded by (seed, step, virtual rank) (trainer/loop.py), and the objective
 takes, after any dropout draws the conditioning made from the same generator,
@@ -46,8 +46,10 @@ class RectifiedFlow:
     prediction: Prediction = "velocity"
     """What the network outputs: the velocity x1 - x0, or the clean data x1 (JiT), converted before the loss."""
     shift: Shift = None
-    """SD3's resolution shift: None or 1 none; a number; "auto" = sqrt(tokens / base_tokens) for each batch's
-    own token grid (so every aspect-ratio bucket gets its own)."""
+    """SD3's resolution shift [esser2024sd3], the one place it is applied to training times: None or 1 none; a
+    number; "auto" = sqrt(tokens / base_tokens) for each batch's own token grid (so every aspect-ratio bucket gets
+    its own). A shift > 1 moves the draws toward noise: at a higher resolution more pixels average the noise out,
+    so an image stays recognisable at larger noise levels."""
     base_tokens: int = 256
     """Tokens of the base grid the shift is measured against (base_grid ** 2)."""
     patch: int = 1

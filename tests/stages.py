@@ -28,7 +28,7 @@ TINY = [
 
 
 def build_embedded_data(root: Path) -> Path:
-    """The synthetic datasets of the embedded stages under `root`, laid out as scripts/build_embedded_data.sh
+    """The synthetic datasets of the embedded stages under `root`, laid out as scripts/tools/build_embedded_data.sh
     lays them out (so `embedded_data=root` points the stage configs at them)."""
     for size, kinds, samples in DATASETS:
         tars = root / f"synthetic-{size}" / "tars"

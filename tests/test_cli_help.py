@@ -32,7 +32,7 @@ def test_defaults_shown_once_and_only_where_they_say_something():
 
 LAZY = [("module", "app.sample"), ("module", "app.gradio_app"), ("module", "evaluation.evaluate"),
         ("module", "evaluation.sample_many"), ("path", "reparameterize.py"), ("module", "data.validate"),
-        ("module", "models"), ("module", "trainer.plan"), ("path", "data/make_shards.py"),
+        ("module", "models"), ("module", "planner"), ("module", "data.make_shards"),
         ("path", "train_stage1.py")]
 
 

@@ -101,16 +101,16 @@ def test_the_missing_data_hint_names_make_data(tmp_path):
 
 @pytest.mark.slow
 def test_make_data_builds_what_every_embedded_stage_reads(tmp_path):
-    """The Makefile's data target runs scripts/build_embedded_data.sh with no environment; run here with fewer
+    """The Makefile's data target runs scripts/tools/build_embedded_data.sh with no environment; run here with fewer
     scenes, every embedded stage's data.path then holds a dataset its trainer takes (tokenizer, VAE, features)."""
     from trainer import builders
 
     recipe = (ROOT / "Makefile").read_text().split("\ndata:", 1)[1].split("\n\n", 1)[0]
-    assert recipe.strip().splitlines()[-1].strip() == "scripts/build_embedded_data.sh outputs/data"
+    assert recipe.strip().splitlines()[-1].strip() == "scripts/tools/build_embedded_data.sh outputs/data"
     env = {k: v for k, v in os.environ.items() if k not in ("DATASETS", "SIZES", "KINDS", "BUCKETED")}
     env |= dict(SYNTHETIC_SAMPLES="48", BUCKETED_SAMPLES="24", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["scripts/build_embedded_data.sh", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(["scripts/tools/build_embedded_data.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/shards-*"))
     assert built == ["synthetic-32/shards-labels", "synthetic-32/shards-text", "synthetic-40-buckets/shards-text",

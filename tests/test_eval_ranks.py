@@ -15,7 +15,7 @@ from tests.stages import ROOT
 WORKER = """
 import sys, torch
 from evaluation.metrics import extract
-from evaluation.ranks import join, leave
+from core.ranks import join, leave
 from evaluation.val_loss import ValidationLoss
 from core.conditioning import ClassConditioning
 from flow.objective import Uniform
@@ -46,7 +46,7 @@ def _torchrun(args: list[str]) -> None:
 
 
 def test_every_rank_runs_as_many_rounds_as_the_busiest():
-    from evaluation.ranks import Ranks
+    from core.ranks import Ranks
 
     assert [Ranks(r, 3).rounds(4) for r in range(3)] == [[0, 3], [1, None], [2, None]]
     assert [Ranks(r, 3).rounds(2) for r in range(3)] == [[0], [1], [None]]

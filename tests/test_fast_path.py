@@ -337,7 +337,7 @@ def test_compile_with_fp8_says_what_it_compiles(checkpointing, monkeypatch, capl
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_memory_plan_says_what_compile_does_with_fp8(checkpointing):
-    from trainer.plan import compose, make_plan
+    from planner.plan import compose, make_plan
 
     small = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp8",
              "precision.compute=bf16", "train.compile=block", f"train.activation_checkpointing={checkpointing}"]

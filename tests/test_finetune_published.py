@@ -45,8 +45,8 @@ def test_from_a_hub_id_to_an_imported_checkpoint_a_fine_tune_a_grid_and_a_diffus
     meta = load(checkpoint)["metadata"]
     assert meta["prediction"] == "velocity" and meta["model"]["caption_projection"] is True
 
-    # 3. a sampled grid: python app/sample.py --model-path runs/sigma-ft --prompt ... --out-dir samples
-    run("app/sample.py", "--model-path", str(tmp_path / "runs" / "sigma-ft"), "--prompt", "a red circle",
+    # 3. a sampled grid: python -m app.sample --model-path runs/sigma-ft --prompt ... --out-dir samples
+    run("-m", "app.sample", "--model-path", str(tmp_path / "runs" / "sigma-ft"), "--prompt", "a red circle",
         "--prompt", "a blue square", "--steps", "3", "--out-dir", str(tmp_path / "samples"), env=env)
     assert list((tmp_path / "samples").glob("*.png"))
 

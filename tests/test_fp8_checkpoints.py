@@ -143,8 +143,8 @@ def test_every_consumer_takes_an_fp8_checkpoint(fp8_stage1, embedded_data, tmp_p
     pipe = load_pipeline(ckpt, device="cpu")
     images = pipe.generate(labels=[0, 1], seeds=[0, 1], steps=2)
     assert images.shape == (2, 32, 32, 3)
-    proc = subprocess.run([sys.executable, "app/sample.py", "--model-path", ckpt, "--class-label", "0", "--steps", "2",
-                           "--out-dir", str(tmp_path / "samples")], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "app.sample", "--model-path", ckpt, "--class-label", "0", "--steps",
+                           "2", "--out-dir", str(tmp_path / "samples")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # reparameterize.py, and the next stage through train.init_from.

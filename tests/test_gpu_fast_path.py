@@ -1,6 +1,6 @@
 """The compiled fast path on a GPU (`pytest -m gpu`): a short per-block compiled training run matches eager,
 and CUDA-graph sampling matches eager sampling (its bf16 case also runs eagerly on the CPU, not marked `gpu`).
-FP8 vs bf16 loss parity over 500 steps is scripts/fp8_parity.py (minutes of GPU time, not a unit test)."""
+FP8 vs bf16 loss parity over 500 steps is scripts/bench/fp8_parity.py (minutes of GPU time, not a unit test)."""
 
 import pytest
 import torch

@@ -11,7 +11,8 @@ import torch
 import flow.rectified_flow as objective
 from tests.stages import stage_config
 from trainer import checkpoint
-from trainer.loop import micro_batch_size, resolve_resume, train
+from trainer.builders import micro_batch_size
+from trainer.loop import resolve_resume, train
 
 CPU = "device=cpu"  # the bitwise comparisons below are CPU promises
 

@@ -1,4 +1,4 @@
-"""The memory planner (trainer/plan.py) and its activation measurement (trainer/activation_memory.py): byte counts
+"""The memory planner (planner/plan.py) and its activation measurement (planner/activation_memory.py): byte counts
 against closed forms and hand counts, the FlashAttention stand-in against SDPA, the affine scaling, checkpointing
 against torch.utils.checkpoint itself, the planner's choice, and the command line."""
 
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.shards import DatasetSpec, write_manifest
 from models import model_config
-from trainer.activation_memory import (
+from planner.activation_memory import (
     GpuKernels,
     SavedBytes,
     _blank_model,
@@ -26,8 +26,7 @@ from trainer.activation_memory import (
     measure_profile,
     measure_step,
 )
-from trainer.fast_path import checkpoint_blocks
-from trainer.plan import (
+from planner.plan import (
     MemoryPlanError,
     Setting,
     check_memory,
@@ -37,13 +36,14 @@ from trainer.plan import (
     make_plan,
     state_bytes,
 )
+from trainer.fast_path import checkpoint_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp32"]
 """Overrides that make a real stage config a debug model on 32 px pixels: a plan in well under a second."""
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "planner", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -357,7 +357,7 @@ def test_check_memory_raises_with_the_table_and_the_keys_to_change():
 
 
 def test_help_answers_without_importing_torch():
-    code = ("import sys\nfrom trainer.plan import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom planner.plan import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(json.dumps('torch' in sys.modules))")
     result = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)

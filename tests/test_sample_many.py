@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from app.pipeline import load_pipeline
+from core.ranks import Ranks
 from evaluation import sample_many as sm
 from evaluation.npz import read_npz
-from evaluation.ranks import Ranks
 
 
 def _plan(path, n=10, batch=4, **kw) -> sm.Plan:

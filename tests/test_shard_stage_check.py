@@ -61,7 +61,7 @@ def test_for_stage_takes_its_defaults_from_the_stage(stage):
 
 
 def test_the_sbatch_job_leaves_tokenizer_and_captioner_to_the_stage_and_the_input():
-    command = (ROOT / "scripts" / "shard_array.sbatch").read_text().split("\nexec ", 1)[1]
+    command = (ROOT / "scripts" / "slurm" / "shard_array.sbatch").read_text().split("\nexec ", 1)[1]
     assert re.findall(r"--captioner \S+", command) == ['--captioner "${CAPTIONER:-auto}"']
     assert re.findall(r"--tokenizer \S+", command) == ['--tokenizer "$TOKENIZER"}']  # only when TOKENIZER is set
 
@@ -137,8 +137,8 @@ def test_the_sbatch_job_checks_its_stage_before_any_work(tmp_path):
                 FOR_STAGE="2", PYTHON=sys.executable, HF_HUB_OFFLINE="1")
 
     def job(**extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "scripts/shard_array.sbatch"], cwd=ROOT, env=env | extra, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(["bash", "scripts/slurm/shard_array.sbatch"], cwd=ROOT, env=env | extra,
+                              capture_output=True, text=True, timeout=300)
 
     ok = job()
     assert ok.returncode == 2 and "--input-glob '/nonexistent/*.tar' matches no files" in ok.stderr, ok.stderr

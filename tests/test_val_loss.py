@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.conditioning import ClassConditioning
-from evaluation.ranks import Ranks
+from core.ranks import Ranks
 from evaluation.val_loss import ValidationLoss, bin_times, read_held_out, time_key
 from flow.objective import LogitNormal
 from flow.rectified_flow import RectifiedFlow

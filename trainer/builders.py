@@ -34,6 +34,17 @@ def model_conditioning(cfg: DictConfig) -> str:
     return cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
 
 
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Samples per rank per forward: train.batch_size over the ranks and train.grad_accum (the trainer and the
+    memory planner split it the same way)."""
+    if grad_accum < 1 or batch_size % (world_size * grad_accum):
+        raise ConfigError(
+            f"train.batch_size={batch_size} must split evenly over {world_size} ranks x train.grad_accum="
+            f"{grad_accum} micro-batches"
+        )
+    return batch_size // (world_size * grad_accum)
+
+
 def read_data_spec(cfg: DictConfig) -> DatasetSpec:
     path = Path(cfg.data.path)
     try:

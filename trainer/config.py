@@ -43,7 +43,7 @@ class DataSection:
     path: str = MISSING
     """Shard folder with manifest.json (data/README.md), e.g. /scratch/me/shards/imagenet1k-256."""
     image_size: int | None = None
-    """Pixels of the images the shards hold: python -m trainer.plan sizes the run from it before the data exists
+    """Pixels of the images the shards hold: python -m planner sizes the run from it before the data exists
     (the manifest rules once it does)."""
     num_workers: int = 4
     """DataLoader workers per rank (0: in the training process)."""
@@ -217,7 +217,7 @@ class TrainSection:
     """sharded: write checkpoints in a background thread (dcp.async_save): the loop waits only for the copy to
     host memory, and the previous save finishes before the next starts."""
     memory_check: bool = True
-    """On CUDA, plan the memory first (python -m trainer.plan) and stop if the run cannot fit."""
+    """On CUDA, plan the memory first (python -m planner) and stop if the run cannot fit."""
     max_bad_steps: int = 10
     """Consecutive steps with a non-finite gradient before the run stops."""
     text_cache: int = 0
@@ -321,7 +321,7 @@ class RunConfig:
     runs_dir: str = "outputs"
     """Where the stages' run folders live: stage N writes runs_dir/stageN and starts from runs_dir/stage(N-1)."""
     embedded_data: str | None = None
-    """experiment=embedded: where scripts/build_embedded_data.sh wrote the embedded shards."""
+    """experiment=embedded: where scripts/tools/build_embedded_data.sh wrote the embedded shards."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)

@@ -111,7 +111,7 @@ def fp8_compile_note(how, checkpointing: bool) -> str | None:
     return (f"train.compile={how} with FP8: torch.compile does not trace te.Linear (Transformer Engine marks its "
             "forward no_torch_dynamo), so each block's graph is cut at every te.Linear; what it compiles is the "
             "norms, modulation, attention and activations between them. Whether that beats eager FP8 or compiled "
-            "bf16 is unmeasured: time it with scripts/bench_train.py")
+            "bf16 is unmeasured: time it with scripts/bench/train.py")
 
 
 def apply_compile(model: nn.Module, how) -> nn.Module:

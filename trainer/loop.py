@@ -76,27 +76,18 @@ def step_generator(seed: int, step: int | str, virtual_rank: int, device: torch.
     return gen
 
 
-def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
-    if grad_accum < 1 or batch_size % (world_size * grad_accum):
-        raise ConfigError(
-            f"train.batch_size={batch_size} must split evenly over {world_size} ranks x train.grad_accum="
-            f"{grad_accum} micro-batches"
-        )
-    return batch_size // (world_size * grad_accum)
-
-
 class Trainer:
     """A stage's run: built from the config (and the checkpoint it resumes or starts from), then `fit()`."""
 
-    def __init__(self, cfg: DictConfig, env: distributed.Distributed):
+    def __init__(self, cfg: DictConfig, env: distributed.Ranks):
         self.cfg, self.env, t = cfg, env, cfg.train
         self.threads = ThreadGovernor(t.num_threads)
         self.device, self.out_dir = env.device, Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.micro = micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
+        self.micro = builders.micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
         self.precision = Precision(cfg.precision, self.device)
         if self.device.type == "cuda":  # before anything large is allocated: a run that cannot fit stops here
-            from trainer.plan import check_memory
+            from planner.plan import check_memory
 
             check_memory(cfg, env.world_size, self.device)
         self.spec = builders.read_data_spec(cfg)

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.distributed import Distributed, device_mesh
+from core.ranks import Ranks
+from trainer.distributed import device_mesh
 from trainer.errors import ConfigError
 from trainer.fast_path import blocks_of, compile_choice
 
@@ -78,7 +79,7 @@ class Parallel:
     """train.parallel for one run: wraps the model for training, shards the EMA, and answers the loop's
     questions (is this micro-batch's gradient reduced, what is the global norm, where are the whole weights)."""
 
-    def __init__(self, mode: str, env: Distributed, bf16: bool, shard_size: int | None = None):
+    def __init__(self, mode: str, env: Ranks, bf16: bool, shard_size: int | None = None):
         self.mode, self.env, self.bf16 = parallel_choice(mode), env, bf16
         self.mesh = device_mesh(env, mode, shard_size) if self.sharded else None
 

@@ -3,9 +3,9 @@
 run's final loss (trainer summary: mean of the last 50 steps) must be within 1% of the bf16 run's. Needs a CUDA
 GPU with FP8 (sm_89+) and Transformer Engine; exits 1 when parity fails, 2 when it cannot run.
 
-    python scripts/fp8_parity.py                                  # Stage 2 embedded config, 500 steps
-    python scripts/fp8_parity.py --steps 500 model.overrides.dim=768 model.overrides.depth=12   # a wider model
-    python scripts/fp8_parity.py --smoke                          # CPU, 3 steps: both runs fall back to nn.Linear
+    python -m scripts.bench.fp8_parity                                  # Stage 2 embedded config, 500 steps
+    python -m scripts.bench.fp8_parity --steps 500 model.overrides.dim=768 model.overrides.depth=12   # a wider model
+    python -m scripts.bench.fp8_parity --smoke                          # CPU, 3 steps: both runs fall back to nn.Linear
 
 Both runs rest on the trainer's determinism (trainer/loop.py: every draw seeded by seed, step and rank), so they
 see identical batches, noise and times; positional arguments go to both runs as Hydra overrides. The data is
@@ -17,11 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from bench_pixel import ensure_data, run  # scripts/ is on the path when run as a script
-
 from core.cli_help import HelpFormatter
+from scripts.bench.pixel import ensure_data, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train(precision: str, args: argparse.Namespace) -> float:

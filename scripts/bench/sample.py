@@ -1,8 +1,8 @@
 """Sampling throughput: images/s of 20-step Euler with classifier-free guidance, our sampler and model against
 a plain loop over diffusers' PixArtTransformer2DModel at the same width, depth, heads and text length.
 
-    python scripts/bench_sample.py                       # mmDiT-XL/2, 256 and 512 px, batch 8, guidance 4.5
-    python scripts/bench_sample.py --smoke               # tiny model, 2 steps, on a CPU: does it still run
+    python -m scripts.bench.sample                       # mmDiT-XL/2, 256 and 512 px, batch 8, guidance 4.5
+    python -m scripts.bench.sample --smoke               # tiny model, 2 steps, on a CPU: does it still run
 
 Ours is timed on the path the CLI, the app and the evaluation take: the weights in app/precision.py's dtype
 (bf16 on CUDA, float32 with --fp32 or on a CPU) and app/pipeline.py's run_sampler, the call Pipeline.generate
@@ -16,13 +16,6 @@ Random weights and encoder states: throughput does not depend on what the model 
 import argparse
 
 import torch
-from bench_common import (
-    environment,
-    median_seconds,
-    pixart_forward,
-    pixart_transformer,
-    print_table,
-)
 
 from app.pipeline import run_sampler
 from app.precision import add_fp32_flag, inference_dtype
@@ -30,6 +23,13 @@ from core.cli_help import HelpFormatter
 from core.device import default_device
 from flow import time_grid
 from models import build_model, model_config
+from scripts.bench.common import (
+    environment,
+    median_seconds,
+    pixart_forward,
+    pixart_transformer,
+    print_table,
+)
 
 MODES = ("ours", "ours-graphs", "diffusers")
 

@@ -1,6 +1,6 @@
 """Throughput of the shard loader against a raw read of the same shards.
 
-    python scripts/bench_loader.py [--data-dir DIR] [--records 4096] [--shards 8] [--batch-size 64]
+    python -m scripts.bench.loader [--data-dir DIR] [--records 4096] [--shards 8] [--batch-size 64]
                                    [--epochs 6] [--workers 0 2] [--mix-shards 4 1]
 
 Without --data-dir it writes a synthetic text dataset of realistic record size (16x32x32 bf16 latents,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the embedded datasets (offline) into latent shards: WebDataset tars first, then the same sharding pipeline
 # real data goes through (data/make_shards.py), with captions from the tars, the identity VAE and the bundled MiniLM.
-#   scripts/build_embedded_data.sh [OUT_DIR]   (default outputs/data; what `make data` runs)
+#   scripts/tools/build_embedded_data.sh [OUT_DIR]   (default outputs/data; what `make data` runs)
 # With no environment set it builds exactly what `experiment=embedded` reads, at the sizes `make demo` uses:
 #   OUT/synthetic-32/shards-labels, shards-text   Stages 1-3 (SYNTHETIC_SAMPLES scenes, default 8000)
 #   OUT/synthetic-40-buckets/shards-text          Stage 4: 40x40, 32x48, 48x32 (BUCKETS_40), MiniLM states stored
@@ -12,7 +12,7 @@
 # BUCKETED (1; 0 skips the bucketed sets, only builds them alone). Square sets at 40 or 48 px are built only when
 # BUCKETED=0. Reruns skip what is done (both steps resume).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/data}
 PY=${PYTHON:-.venv/bin/python}
 BUCKETED_SAMPLES=${BUCKETED_SAMPLES:-${SYNTHETIC_SAMPLES:-2000}}
@@ -44,7 +44,7 @@ for_stage() {  # dataset size kind: the embedded stage that reads this square se
 shards() {  # dataset size kind
   local dir="$OUT/$1-$2" stage
   stage=$(for_stage "$1" "$2" "$3")
-  "$PY" data/make_shards.py --input-glob "$dir/tars/*.tar" --out-dir "$dir/shards-$3" \
+  "$PY" -m data.make_shards --input-glob "$dir/tars/*.tar" --out-dir "$dir/shards-$3" \
     --captioner given --vae identity --image-size "$2" --kind "$3" --tokenizer "$MINILM" --max-length 32 --quiet \
     ${stage:+--for-stage "$stage" --stage-override experiment=embedded}
   "$PY" -m data.validate --no-checksum "$dir/shards-$3"
@@ -58,7 +58,7 @@ bucketed() {  # size buckets num-samples stage: synthetic scenes at the buckets'
   fi
   [ -f "$dir/tars/dataset.json" ] || "$PY" -m data.embedded.build --dataset synthetic --out "$dir/tars" \
     --image-size "$1" --num-samples "$3" --sizes "$2"
-  "$PY" data/make_shards.py --input-glob "$dir/tars/*.tar" --out-dir "$dir/shards-text" \
+  "$PY" -m data.make_shards --input-glob "$dir/tars/*.tar" --out-dir "$dir/shards-text" \
     --captioner given --vae identity --image-size "$1" --buckets "$2" --text-features --text-encoder "$MINILM" \
     --max-length 32 --quiet --for-stage "$4" --stage-override experiment=embedded
   "$PY" -m data.validate --no-checksum "$dir/shards-text"

@@ -1,6 +1,6 @@
 """Step time of the embedded Stage 1 alone and next to a competing CPU-bound process, for thread settings.
 
-    python scripts/bench_threads.py [--data-dir outputs/data] [--steps 150] [--settings 2 auto]
+    python -m scripts.bench.threads [--data-dir outputs/data] [--steps 150] [--settings 2 auto]
 
 On a machine with few cores, a torch run with one intra-op thread per core slows down many times when another
 process takes a core: every parallel region waits for the thread whose core is taken. `train.num_threads=auto`
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPETITORS = {
     "python": "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n",
     # one-thread torch matmuls: another training-like process

@@ -1,4 +1,4 @@
-"""Shared by scripts/bench_train.py and scripts/bench_sample.py: the GPU's dense bf16 peak, the analytic FLOPs
+"""Shared by scripts/bench/train.py and scripts/bench/sample.py: the GPU's dense bf16 peak, the analytic FLOPs
 of an mmDiT step, diffusers' PixArt transformer at our width, depth and heads, and the printed table."""
 
 import datetime

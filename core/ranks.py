@@ -1,11 +1,10 @@
-"""Which slice of an evaluation this process does, under torchrun or alone, and how the slices meet again.
+"""Which rank this process is, under torchrun or alone, and the collectives training and evaluation share.
 
-`rounds` pads a rank's slice so that every rank runs as many forwards (a sharded model needs it).
-
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is rank 0 of 1 and no process group is made.
-(trainer/distributed.py reads the same variables for training; evaluation/ may not import trainer/, and the
-trainer hands its own rank and world size in through `Ranks(...)`.) A tensor is gathered to every rank with
-`gather_rows`, whose rows may differ in number between ranks.
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/PORT); without them `join` makes this rank 0 of 1
+and no process group, unless one is asked for (FSDP2 needs a mesh even on one rank: then a group of one over an
+in-memory store). The backend follows the device: NCCL on CUDA, gloo on the CPU. The trainer adds its mesh and its
+logging on top (trainer/distributed.py); evaluation splits its work with `mine` and `rounds` and gathers the
+results with `gather_rows`, whose rows may differ in number between ranks.
 """
 
 import datetime
@@ -29,11 +28,27 @@ class Ranks:
 
     @property
     def enabled(self) -> bool:
+        """Whether collectives run: more than one rank, and a process group to run them in. A `Ranks(r, n)` built
+        without one (a test's slice of the work) computes its share and leaves every reduction to the caller."""
         return self.world_size > 1 and dist.is_initialized()
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def all_reduce_sum(self, values: Tensor) -> Tensor:
+        """Sum a small tensor over ranks in place, on its own device (the training step's flags and losses: no copy,
+        no host sync); unchanged in a single process."""
+        if self.enabled:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Sum over ranks as a float64 copy on the CPU (evaluation's counts and sums; unchanged values alone)."""
+        out = values.detach().double().to(self._comm_device())
+        if self.enabled:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.cpu()
 
     def mine(self, count: int) -> range:
         """The items of `count` this rank takes: every world_size-th one, starting at its rank."""
@@ -46,13 +61,6 @@ class Ranks:
         stand-in forward and drops its result."""
         items: list[int | None] = list(self.mine(count))
         return items + [None] * (-(-count // self.world_size) - len(items))
-
-    def sum(self, values: Tensor) -> Tensor:
-        """Sum over ranks (a float64 copy on the collective's device; unchanged values alone)."""
-        out = values.detach().double().to(self._comm_device())
-        if self.enabled:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.cpu()
 
     def gather_rows(self, rows: Tensor) -> Tensor:
         """Every rank's `rows` ([n_r, ...], n_r may differ), concatenated in rank order, on every rank (CPU)."""
@@ -80,9 +88,9 @@ ALONE = Ranks()
 """One process: rank 0 of 1 on the CPU."""
 
 
-def join(device: str | None = None, timeout_minutes: int = 60) -> Ranks:
-    """This process's place under torchrun (joining its process group), or rank 0 of 1. `device`: cuda, cpu or
-    None (CUDA when present); a rank takes GPU LOCAL_RANK."""
+def join(device: str | None = None, timeout_minutes: int = 60, need_group: bool = False) -> Ranks:
+    """This process's place under torchrun, joining its process group (or rank 0 of 1 alone; with `need_group`,
+    a group of one even then). `device`: cuda, cpu or None (CUDA when present); a rank takes GPU LOCAL_RANK."""
     env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     for name, value in env.items():
         if value is not None and not value.isdigit():
@@ -90,12 +98,15 @@ def join(device: str | None = None, timeout_minutes: int = 60) -> Ranks:
     rank, local, world = (int(env[k] or d) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this machine has no CUDA device")
+        raise ValueError("device=cuda, but this machine has no CUDA device")
     dev = torch.device("cuda", local) if cuda else torch.device(device or "cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    if (world > 1 or need_group) and not dist.is_initialized():
+        # Without torchrun's MASTER_ADDR there is nobody to meet: a one-rank group over an in-memory store.
+        alone = {} if "MASTER_ADDR" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=dev if cuda else None, **alone)
     return Ranks(rank, world, dev)
 
 

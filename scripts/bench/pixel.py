@@ -1,7 +1,7 @@
 """DiT, MM-DiT, PixelDiT and MM-PixelDiT trained for the same CPU wall-clock time on the embedded captions.
 
-    python scripts/bench_pixel.py                      # 4 x 7 min of training, then evaluation (~33 min)
-    python scripts/bench_pixel.py --minutes 1 --samples-per-prompt 1 --models dit pixeldit   # a quick look
+    python -m scripts.bench.pixel                      # 4 x 7 min of training, then evaluation (~33 min)
+    python -m scripts.bench.pixel --minutes 1 --samples-per-prompt 1 --models dit pixeldit   # a quick look
 
 Every model starts from scratch on the 32 px synthetic scenes with captions (the Stage 2 embedded config:
 width 128, depth 6, patch 4, batch 32, x-prediction), differing only in `model=`: the semantic stream is an
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = {  # name in the table -> the trainer's model group (configs/model/)
     "dit": ("DiT (mmDiT, cross-attention)", "mmdit"),
     "mmdit": ("MM-DiT (JointDiT, joint attention)", "jointdit"),
@@ -55,7 +55,8 @@ def ensure_data(data_dir: Path) -> None:
         return
     env = os.environ | dict(DATASETS="synthetic", SIZES="32", KINDS="text", SYNTHETIC_SAMPLES="20000",
                             PYTHON=sys.executable)
-    subprocess.run([str(ROOT / "scripts" / "build_embedded_data.sh"), str(data_dir)], cwd=ROOT, env=env, check=True)
+    script = ROOT / "scripts" / "tools" / "build_embedded_data.sh"
+    subprocess.run([str(script), str(data_dir)], cwd=ROOT, env=env, check=True)
 
 
 def train_and_evaluate(key: str, args: argparse.Namespace) -> dict:

@@ -1,6 +1,6 @@
 """Peak memory of the shard writer, the shard check and the loader against the size of the shard.
 
-    python scripts/bench_memory.py [--records 2000 4000 8000 16000] [--latent 16 64 64] [--dir DIR] [--smoke]
+    python -m scripts.bench.memory [--records 2000 4000 8000 16000] [--latent 16 64 64] [--dir DIR] [--smoke]
 
 Each measurement runs in a fresh process (so its peak is its own) on one shard of --records records of --latent
 bf16 latents with labels (16x64x64: 128 KiB a record, the records of 512 px SD3 latents): `writer` streams the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODES = ("writer", "check", "loader", "legacy-writer", "legacy-check")
 
 
@@ -127,11 +127,10 @@ def measure(mode: str, folder: Path, records: int, latent: tuple[int, int, int])
 
 
 def run(mode: str, folder: Path, records: int, latent: tuple[int, int, int]) -> dict:
-    cmd = [sys.executable, __file__, "--measure", mode, "--dir", str(folder), "--records", str(records),
-           "--latent", *map(str, latent)]
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "scripts.bench.memory", "--measure", mode, "--dir", str(folder), "--records",
+           str(records), "--latent", *map(str, latent)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{mode} at {records} records failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,10 +1,10 @@
 """Ablations of the embedded curriculum: run a variant of `make demo`'s stages and score it on the held-out
 compositions, one row of results per run (outputs/ablation/results.jsonl; `--table` prints them as markdown).
 
-    python scripts/demo_ablation.py --name base --seed 0                      # the committed demo config
-    python scripts/demo_ablation.py --name lr2e-3 --seed 0 -- optim.lr=2e-3   # an override for every stage
-    python scripts/demo_ablation.py --name s1-1200 --set 1:train.max_steps=1200 --stages 1 2 3
-    python scripts/demo_ablation.py --table
+    python -m scripts.demo.ablation --name base --seed 0                      # the committed demo config
+    python -m scripts.demo.ablation --name lr2e-3 --seed 0 -- optim.lr=2e-3   # an override for every stage
+    python -m scripts.demo.ablation --name s1-1200 --set 1:train.max_steps=1200 --stages 1 2 3
+    python -m scripts.demo.ablation --table
 
 The embedded data must exist (`make data`, or a previous `make demo`). Each run trains the named stages in order
 (Stage 2 from Stage 1's EMA through reparameterize.py, later stages from the previous run folder), then evaluates
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "outputs" / "ablation" / "results.jsonl"
 
 

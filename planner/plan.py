@@ -1,11 +1,11 @@
 """Memory planner: what one GPU holds for a training configuration, before anything is launched.
 
-    python -m trainer.plan [stage=N] [any override a training command takes] [+gpus=8] [+gpu_memory_gb=80]
+    python -m planner [stage=N] [any override a training command takes] [+gpus=8] [+gpu_memory_gb=80]
 
 It composes the stage's config as train_stageN.py does (so every override is accepted and an unknown key fails
 with Hydra's message), builds the DiT on the meta device, counts the per-GPU bytes of parameters, gradients,
 optimizer and EMA in closed form, measures the saved activations per sample on the CPU as a GPU would hold them
-(trainer/activation_memory.py) at the data's largest bucket, adds the frozen text encoder (none with stored text
+(planner/activation_memory.py) at the data's largest bucket, adds the frozen text encoder (none with stored text
 features: the step reads them from the shards), the VAE and a fixed allowance, and prints a table
 and the settings it would choose: activation checkpointing off when the configured micro-batch fits without it,
 else on; the largest micro-batch that fits; the train.grad_accum that keeps train.batch_size.
@@ -17,7 +17,7 @@ train.parallel decides the shard group (`shard_degree`): 1 for ddp, every GPU fo
 +gpus_per_node, default 8) for hsdp. Sharded, parameters, gradients, optimizer and EMA are divided by it
 (`state_bytes`), DDP's buckets go, and FSDP's unsharded working copies come in (`fsdp_working_bytes`).
 `step_traffic` is the bytes one GPU sends per optimizer step for each mode, from the ring algorithms' costs
-[patarasuk2009]; docs/SCALING.md (scripts/scaling.py) turns them into time against NVLink and InfiniBand.
+[patarasuk2009]; docs/SCALING.md (scripts/figures/scaling.py) turns them into time against NVLink and InfiniBand.
 """
 
 import argparse
@@ -31,7 +31,7 @@ from core.cli_help import HelpFormatter
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
-    from trainer.activation_memory import ActivationProfile
+    from planner.activation_memory import ActivationProfile
 
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -419,8 +419,8 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
 
     from models import build_model
     from models.linear import KEEP_HIGH_PRECISION, fp8_filter, plan_conversion
-    from trainer.activation_memory import measure_profile
-    from trainer.loop import micro_batch_size
+    from planner.activation_memory import measure_profile
+    from trainer.builders import micro_batch_size
 
     t = cfg.train
     micro = micro_batch_size(int(t.batch_size), world_size, int(t.grad_accum))
@@ -481,7 +481,7 @@ def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: i
         rows.append(Row("FSDP unsharded working copies", fsdp_working_bytes(root, largest, param_bytes),
                         f"root {root:,} + 2 blocks of {largest:,} parameters x {param_bytes} B, 2 blocks' gradients "
                         f"x ({param_bytes} + 4) B", "an estimate from FSDP2's all-gather / reduce-scatter scheme "
-                        "(trainer/plan.py: fsdp_working_bytes), not a measurement"))
+                        "(planner/plan.py: fsdp_working_bytes), not a measurement"))
     return rows
 
 
@@ -541,7 +541,7 @@ def check_memory(cfg, world_size: int, device) -> Plan | None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.plan",
+        prog="python -m planner",
         formatter_class=HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + (
             "arguments (key=value, in any order):\n"
@@ -552,9 +552,9 @@ def _parser() -> argparse.ArgumentParser:
             f"                     one, else {DEFAULT_GPU_MEMORY_GB:g})\n"
             "  any other          a Hydra override, as for training: train.batch_size=10240 experiment=embedded ...\n\n"
             f"Adds a fixed {ALLOWANCE_GIB:g} GiB allowance for the CUDA context and workspaces.\n"
-            "examples:\n  python -m trainer.plan stage=2\n"
-            "  python -m trainer.plan stage=2 train.batch_size=10240 +gpus=8 +gpu_memory_gb=141\n"
-            "  python -m trainer.plan stage=2 train.parallel=hsdp +gpus=64 +gpus_per_node=8"),
+            "examples:\n  python -m planner stage=2\n"
+            "  python -m planner stage=2 train.batch_size=10240 +gpus=8 +gpu_memory_gb=141\n"
+            "  python -m planner stage=2 train.parallel=hsdp +gpus=64 +gpus_per_node=8"),
     )
     parser.add_argument("words", nargs="*", metavar="key=value", help="stage=N, +gpus=G, +gpu_memory_gb=M, overrides")
     return parser
@@ -603,12 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         if gpus_per_node is not None and gpus_per_node < 1:
             raise ValueError
     except ValueError:
-        print(f"trainer.plan: {per_node[-1]}: expected a whole number of GPUs >= 1", file=sys.stderr)
+        print(f"planner: {per_node[-1]}: expected a whole number of GPUs >= 1", file=sys.stderr)
         return 2
     try:
         stage, gpus, memory, overrides = split_arguments(words)
     except ValueError as err:
-        print(f"trainer.plan: {err}", file=sys.stderr)
+        print(f"planner: {err}", file=sys.stderr)
         return 2
     from hydra.errors import HydraException
 
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(stage, overrides)
         check_keys(cfg)  # a `+key` the schema does not have would otherwise be planned as if absent
     except (HydraException, ValueError) as err:
-        print(f"trainer.plan: {err}", file=sys.stderr)
+        print(f"planner: {err}", file=sys.stderr)
         return 2
     import torch
 
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(cfg, gpus, gpu_bytes, label, gpus_per_node=gpus_per_node)
     except ValueError as err:
-        print(f"trainer.plan: {err}", file=sys.stderr)
+        print(f"planner: {err}", file=sys.stderr)
         return 2
     print(plan.report())
     return 0 if plan.choice() is not None else 1
@@ -653,6 +653,3 @@ def _mib(value: float) -> str:
 def _gib(value: float) -> str:
     return f"{value / GIB:.2f}"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Saved-activation bytes of one training micro-batch, measured on the CPU as a GPU would hold them.
 
 What a step holds between its forward and its backward is what autograd saves. `measure_profile` counts it:
-the configured model, at its real width, runs the loop's forward and loss (trainer/loop.py:flow_loss) at two
+the configured model, at its real width, runs the loop's forward and loss (flow/rectified_flow.py:loss) at two
 small token counts and two batches under `torch.autograd.graph.saved_tensors_hooks`, and every saved tensor's
 storage is counted once (q, k, v as views of one qkv output, the six chunks of a modulation vector and the bf16
 copy of a weight used twice each share one storage). Parameters are not counted: they have their own row.

@@ -1,9 +1,9 @@
 """Training throughput of mmDiT against diffusers' PixArtTransformer2DModel at the same width, depth, heads,
 text length and batch: img/s, tokens/s, MFU against the GPU's dense bf16 peak, peak memory.
 
-    python scripts/bench_train.py                              # mmDiT-XL/2 at 256 and 512 px, every mode
-    python scripts/bench_train.py --sizes 256 --batch 64 --modes eager compiled diffusers
-    python scripts/bench_train.py --smoke                      # tiny model, 2 steps, on a CPU: does it still run
+    python -m scripts.bench.train                              # mmDiT-XL/2 at 256 and 512 px, every mode
+    python -m scripts.bench.train --sizes 256 --batch 64 --modes eager compiled diffusers
+    python -m scripts.bench.train --smoke                      # tiny model, 2 steps, on a CPU: does it still run
 
 One step = forward, rectified-flow MSE, backward, fused AdamW step, under bf16 autocast with fp32 master
 weights (the trainer's precision). Modes:
@@ -14,8 +14,8 @@ weights (the trainer's precision). Modes:
   diffusers      PixArtTransformer2DModel, eager
   diffusers-compiled  the same, torch.compile per transformer block
 Synthetic inputs (random latents and encoder states, full masks): the data loader is benchmarked apart
-(scripts/bench_loader.py). Latents are 16 x (px/8) x (px/8), the SD3 VAE's. MFU counts our analytic FLOPs
-(scripts/bench_common.py) for our modes and the same count for diffusers' (its extra caption projection,
+(scripts/bench/loader.py). Latents are 16 x (px/8) x (px/8), the SD3 VAE's. MFU counts our analytic FLOPs
+(scripts/bench/common.py) for our modes and the same count for diffusers' (its extra caption projection,
 2·L·e·d + 2·L·d·d per image, is added), over the median step time.
 """
 
@@ -23,7 +23,13 @@ import argparse
 import sys
 
 import torch
-from bench_common import (
+
+from core.cli_help import HelpFormatter
+from core.device import default_device
+from flow import Uniform
+from flow.rectified_flow import RectifiedFlow
+from models import build_model, model_config
+from scripts.bench.common import (
     environment,
     median_seconds,
     mmdit_forward_flops,
@@ -33,12 +39,6 @@ from bench_common import (
     print_table,
     train_step_flops,
 )
-
-from core.cli_help import HelpFormatter
-from core.device import default_device
-from flow import Uniform
-from flow.rectified_flow import RectifiedFlow
-from models import build_model, model_config
 from trainer.fast_path import apply_compile
 from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer

@@ -1,13 +1,13 @@
-"""The README's sampling figures, drawn by the sampling CLI (app/sample.py) from a demo checkpoint.
+"""The README's sampling figures, drawn by the sampling CLI (python -m app.sample) from a demo checkpoint.
 
-    python scripts/sampling_figures.py                       # the newest Stage 5 checkpoint of `make demo`
-    python scripts/sampling_figures.py --model-path CKPT --out-dir figures
+    python -m scripts.figures.sampling                       # the newest Stage 5 checkpoint of `make demo`
+    python -m scripts.figures.sampling --model-path CKPT --out-dir figures
 
 figures/sampling_prompts.png: a row per prompt, four seeds each, at the checkpoint's own settings.
 figures/sampling_ablation.png: guidance scale (rows) against the time-grid warp alpha (columns), each cell the
 CLI's grid for the same two prompts and two seeds, so only the setting changes across cells.
 
-Every image comes out of a `python app/sample.py ...` run (printed before it runs), so each can be redrawn from
+Every image comes out of a `python -m app.sample ...` run (printed before it runs), so each can be redrawn from
 the command line alone.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = (
     "a large red circle in the top left on a gray background",
     "a large blue triangle in the center on a gray background",
@@ -34,10 +34,10 @@ ALPHAS = (1.0, 1.75, 3.0)
 
 
 def sample(model_path: Path, prompts: tuple[str, ...], out_dir: Path, *extra: str) -> Path:
-    cmd = [sys.executable, "app/sample.py", "--model-path", str(model_path), "--out-dir", str(out_dir), *extra]
+    cmd = [sys.executable, "-m", "app.sample", "--model-path", str(model_path), "--out-dir", str(out_dir), *extra]
     for prompt in prompts:
         cmd += ["--prompt", prompt]
-    print("$ " + " ".join(f"'{c}'" if " " in c else c for c in cmd[1:]), flush=True)
+    print("$ python " + " ".join(f"'{c}'" if " " in c else c for c in cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return out_dir / "grid.png"
 

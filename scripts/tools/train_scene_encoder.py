@@ -1,7 +1,7 @@
 """Train the synthetic scenes' encoder (evaluation/scene_encoder.py) on the renderer's own images and write
 evaluation/scene_encoder.safetensors, the feature net of the embedded default's Frechet distance.
 
-    .venv/bin/python scripts/train_scene_encoder.py [--samples 8000] [--epochs 5] [--out PATH]
+    python -m scripts.tools.train_scene_encoder [--samples 8000] [--epochs 5] [--out PATH]
 
 Scenes come from data/embedded/synthetic.py with seed 2 (the embedded training data uses seed 0, the embedded
 evaluation's real scenes seed 1), drawn at 32, 40 and 48 px, every image with a little pixel noise and a third of
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
         print(f"epoch {epoch + 1}/{args.epochs}: loss {float(loss.detach()):.4f}", file=sys.stderr, flush=True)
     model.eval()
     acc = accuracy(model, test_images, test_targets, torch.Generator().manual_seed(2))
-    info = dict(command=" ".join(["python scripts/train_scene_encoder.py", *(argv or sys.argv[1:])]),
+    info = dict(command=" ".join(["python -m scripts.tools.train_scene_encoder", *(argv or sys.argv[1:])]),
                 samples=args.samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 train_seed=TRAIN_SEED, test_seed=TEST_SEED, test_accuracy=acc,
                 seconds=round(time.perf_counter() - tic, 1), render_seconds=round(rendered, 1),

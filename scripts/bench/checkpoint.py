@@ -1,6 +1,6 @@
 """How long the training loop stalls for a sharded checkpoint, with and without asynchronous saving, on the CPU.
 
-    python scripts/bench_checkpoint.py [--ranks 2] [--dim 768] [--depth 12] [--steps 24] [--every 6] [--smoke]
+    python -m scripts.bench.checkpoint [--ranks 2] [--dim 768] [--depth 12] [--steps 24] [--every 6] [--smoke]
 
 `--ranks` gloo processes train an mmDiT (random inputs, FSDP2 through trainer/parallel.py, AdamW) and save a
 sharded checkpoint every `--every` steps through trainer/checkpoint.py's ShardedWriter, once synchronously
@@ -23,13 +23,13 @@ def train_and_save(rank: int, args, folder: Path, results: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from core.ranks import Ranks
     from models import build_model, model_config
     from trainer import checkpoint
-    from trainer.distributed import Distributed
     from trainer.optim import build_optimizer
     from trainer.parallel import Parallel
 
-    env = Distributed(rank, rank, args.ranks, torch.device("cpu"))
+    env = Ranks(rank, args.ranks, torch.device("cpu"))
     cfg = model_config("mmDiT-B/2", dim=args.dim, depth=args.depth, heads=max(1, args.dim // 64), in_channels=4,
                        input_size=16, text_dim=64, text_len=8, conditioning="text")
     torch.manual_seed(0)

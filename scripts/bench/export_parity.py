@@ -1,6 +1,6 @@
 """A checkpoint exported for diffusers samples the pixels app/sample.py samples: the parity figures, printed.
 
-    python scripts/export_parity.py [--model-path outputs/embedded/stage5] [--out-dir outputs/export_parity]
+    python -m scripts.bench.export_parity [--model-path outputs/embedded/stage5] [--out-dir outputs/export_parity]
 
 Exports the checkpoint (`python -m app.export --format diffusers`), draws two prompts with N seeds each
 once through `app/sample.py` and once through `RFDiTPipeline.from_pretrained` on the exported folder (each with the

@@ -1,8 +1,8 @@
 """The embedded five-stage demo (`make demo`): the whole curriculum on a CPU in about 20 minutes.
 
-    python scripts/demo.py [--out-dir outputs/demo] [--fresh]
+    python -m scripts.demo [--out-dir outputs/demo] [--fresh]
 
-1. builds the embedded synthetic scenes as shards (scripts/build_embedded_data.sh): 32 px with labels and
+1. builds the embedded synthetic scenes as shards (scripts/tools/build_embedded_data.sh): 32 px with labels and
    captions; at 40 and 48 px, three aspect-ratio buckets each with captions and their stored MiniLM features;
 2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded);
 3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 STAGES = (1, 2, 3, 4, 5)
 PROMPTS = (  # the README grid: four held-out compositions, then four seen in training
@@ -62,7 +62,7 @@ def run(cmd: list[str], log: Path | None = None, echo: bool = True) -> str:
 
 
 def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
-    script = str(ROOT / "scripts" / "build_embedded_data.sh")
+    script = str(ROOT / "scripts" / "tools" / "build_embedded_data.sh")
     # 40 and 48 px: only the aspect-ratio bucketed sets with stored features, all Stages 4-5 read (BUCKETED=only).
     for sizes, kinds, samples, bucketed in (("32", "labels text", samples_32, "0"), ("40 48", "text", samples_hi,
                                                                                      "only")):

@@ -1,6 +1,7 @@
 """What a Stage-1 (class-conditional) checkpoint of the embedded curriculum knows about shapes.
 
-    python scripts/stage1_probe.py CKPT [--per-class 16] [--cfg-scale 3] [--data DATA_DIR/synthetic-32/shards-labels]
+    python -m scripts.demo.stage1_probe CKPT [--per-class 16] [--cfg-scale 3]
+                                        [--data DATA_DIR/synthetic-32/shards-labels]
 
 * shape accuracy: `--per-class` samples of each of the four shape classes (seeds 0, 1, ...), read by the pixel
   analyser (evaluation/analyse.py, the one the held-out evaluation uses); per class, their mean, and the share of

@@ -1,10 +1,10 @@
 """The tables of docs/SCALING.md: per-GPU memory from the planner and per-step communication from its traffic
 model, for mmDiT-XL/2 and a 2B and an 8B mmDiT, at 8, 64 and 512 GPUs, under ddp, fsdp and hsdp.
 
-    python scripts/scaling.py [--gpus 8 64 512] [--batch 10240] [--mfu 0.4] [--gpu-memory-gb 80]
+    python -m scripts.figures.scaling [--gpus 8 64 512] [--batch 10240] [--mfu 0.4] [--gpu-memory-gb 80]
 
-Everything is computed, nothing is measured on a GPU: memory is trainer/plan.py's (activations measured on the
-CPU as a GPU holds them), traffic is trainer/plan.py's step_traffic (ring costs), compute is the forward FLOPs of
+Everything is computed, nothing is measured on a GPU: memory is planner/plan.py's (activations measured on the
+CPU as a GPU holds them), traffic is planner/plan.py's step_traffic (ring costs), compute is the forward FLOPs of
 one sample counted by torch.utils.flop_counter on the meta device (plus the frozen text encoder's 2 x parameters
 x tokens), times 3 for forward and backward (4 with activation checkpointing), at --mfu of the GPU's dense bf16
 peak. Bandwidths are the datasheets' (bib.bib: nvidia2023h100, nvidia2023dgxh100): NVLink 4 at 450 GB/s per
@@ -50,8 +50,7 @@ def row(name: str, overrides: list[str], gpus: int, mode: str, batch: int, gpu_b
     from omegaconf import OmegaConf
 
     from models import build_model
-    from trainer.fast_path import blocks_of
-    from trainer.plan import (
+    from planner.plan import (
         compose,
         data_shape,
         make_plan,
@@ -60,6 +59,7 @@ def row(name: str, overrides: list[str], gpus: int, mode: str, batch: int, gpu_b
         step_traffic,
         text_encoder_parameters,
     )
+    from trainer.fast_path import blocks_of
 
     cfg = compose(2, [*overrides, f"train.parallel={mode}", f"train.batch_size={batch}", "train.grad_accum=1"])
     mcfg = plan_model_config(cfg, data_shape(cfg))
@@ -87,7 +87,7 @@ def row(name: str, overrides: list[str], gpus: int, mode: str, batch: int, gpu_b
 def _setting(plan, force_checkpointing: bool = False):
     """The fastest setting that fits: the largest micro-batch without checkpointing, else with it (None: none);
     with `force_checkpointing`, the largest with it."""
-    from trainer.plan import Setting
+    from planner.plan import Setting
 
     for checkpointing in (True,) if force_checkpointing else (False, True):
         micro = plan.largest_micro(checkpointing)

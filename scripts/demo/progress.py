@@ -1,6 +1,6 @@
 """Held-out accuracy against training time for one run of the embedded curriculum (the README's demo figure).
 
-    python scripts/demo_progress.py [--runs-dir outputs/embedded] [--out figures/demo_progress.png]
+    python -m scripts.demo.progress [--runs-dir outputs/embedded] [--out figures/demo_progress.png]
 
 Scores every checkpoint the text stages (2-5) kept (`make demo` keeps them all: train.keep_checkpoints in
 configs/experiment/embedded.yaml) with `python -m evaluation.evaluate` on the 40 held-out compositions, and plots
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.cli_help import HelpFormatter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("colour", "shape", "position", "overall")
 
 
