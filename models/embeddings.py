@@ -153,6 +153,11 @@ class PatchEmbed(nn.Module):
         return tokens + pos.to(tokens.dtype)
 
 
+def token_grid(size: Sequence[int], patch: int) -> tuple[int, int]:
+    """(rows, columns) of the patch tokens over an input whose last two sizes are `size`: x.shape or (H, W)."""
+    return size[-2] // patch, size[-1] // patch
+
+
 def unpatchify(
     tokens: Float[Tensor, "b n pc"], patch: int, channels: int, grid_h: int, grid_w: int
 ) -> Float[Tensor, "b c H W"]:
