@@ -139,7 +139,7 @@ def _previous(state: dict, here: Path) -> tuple[Path | None, str]:
         return None, ""
     from app.import_weights import is_importable
 
-    if how == "train.init_from" and is_importable(source):  # a Hub id, a diffusers folder, PixArt's .pth ...
+    if how == "train.init_from" and isinstance(source, str) and is_importable(source):  # a Hub id, PixArt .pth ...
         return None, f"from {one_line(source)} ({how}, imported by app/import_weights.py)"
     path = _recorded_path(source)
     if path is None:

@@ -56,8 +56,9 @@ def test_a_cuda_pipeline_samples_in_bf16_and_stays_within_bf16_precision_of_fp32
     """load_pipeline on (fake) CUDA: bf16 weights, bf16 inputs to every forward, float32 back to the ODE; --fp32's
     pipeline float32 throughout. Their images differ (bf16 really ran) by no more than bf16's precision allows:
     latents in [-1, 1] to 0..255, 4 Euler steps of a model of depth 2, each output rounded to 8 significant bits
-    (2^-8 of a unit value is 1/3 of a level): at most 4 levels anywhere and 1 on average, where a model run in
-    float16-free float32 agrees to 0."""
+    (2^-8 of a unit value is 1/3 of a level), and guidance 2 forming v_u + 2 (v_c - v_u), whose rounding error is up to
+    3 times one forward's: at most 12 levels anywhere and 1 on average, where a model run in float32 agrees to 0.
+    (Measured on the shared perturbed fixture: 6 and 0.86.)"""
     inputs = []
 
     def spy(module, args, kwargs):
@@ -77,7 +78,7 @@ def test_a_cuda_pipeline_samples_in_bf16_and_stays_within_bf16_precision_of_fp32
     again = load_pipeline(busy_checkpoint, device="cpu").generate(**request).int()
     assert torch.equal(again, high)  # the CPU samples in float32, as --fp32 does on CUDA
     diff = (low - high).abs()
-    assert diff.max() > 0 and diff.max() <= 4 and diff.float().mean() <= 1.0, (diff.max(), diff.float().mean())
+    assert diff.max() > 0 and diff.max() <= 12 and diff.float().mean() <= 1.0, (diff.max(), diff.float().mean())
 
 
 @pytest.mark.parametrize("module, required", [

@@ -44,7 +44,7 @@ def test_the_readme_marks_the_blocks_users_copy():
     """At least the sampling commands, the export command and the snippet that loads an export are marked, in
     languages the test can run."""
     code = "\n".join(code for _, code, _ in BLOCKS)
-    assert "app/sample.py" in code and "-m app.export" in code and "RFDiTPipeline.from_pretrained" in code
+    assert "-m app.sample" in code and "-m app.export" in code and "RFDiTPipeline.from_pretrained" in code
     assert all(language in RUNNERS for language, _, _ in BLOCKS), [language for language, _, _ in BLOCKS]
 
 
