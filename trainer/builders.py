@@ -287,7 +287,7 @@ def build_model_config(
         # (masked, so the output is the same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
         fields["text_pad_multiple"] = text_pad_multiple(cfg.precision.fp8_recipe)
     try:
-        return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
+        return model_config(**dict(family=m.family, size=m.size, patch=m.patch) | fields)
     except ValueError as err:  # a value the family cannot take (pixart's cond_dim ...): the message names the key
         raise ConfigError(f"model={m.family}: {err}") from None
 

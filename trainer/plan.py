@@ -211,7 +211,7 @@ def plan_model_config(cfg, data: DataShape):
         fields |= dict(text_dim=int(cfg.text_encoder.hidden_size),
                        text_len=int(data.text_len or cfg.text_encoder.max_length))
     overrides = OmegaConf.to_container(m.overrides, resolve=True) or {}
-    return model_config(f"{m.family}-{m.size}/{m.patch}", **(fields | overrides))
+    return model_config(**dict(family=m.family, size=m.size, patch=m.patch) | fields | overrides)
 
 
 def text_encoder_parameters(enc: dict) -> tuple[int | None, str]:
