@@ -31,7 +31,7 @@ ARCHITECTURE_FIELDS = ("family", "conditioning", "dim", "depth", "heads", "patch
 
 def model_conditioning(cfg: DictConfig) -> str:
     """class or text: model.conditioning, or the family's default (models/config.py)."""
-    return cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
+    return cfg.model.conditioning or default_conditioning(cfg.model.family)
 
 
 def read_data_spec(cfg: DictConfig) -> DatasetSpec:
@@ -96,7 +96,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 def uses_text_features(cfg: DictConfig, spec: DatasetSpec) -> bool:
     """data.text_features: null uses the shards' stored states when they hold them, true requires them, false
     encodes the tokens with the configured encoder."""
-    wanted = cfg.data.get("text_features")
+    wanted = cfg.data.text_features
     if wanted and spec.text_features is None:
         raise ConfigError(
             f"data.text_features=true but data.path={cfg.data.path!r} holds no text features; build the shards with "
@@ -110,9 +110,9 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
     and revision; data/features.py), and as wide: checked from its files, without loading it."""
     from data.features import check_encoder, encoder_identity
 
-    source = enc_cfg.get("name_or_path") or "the bundled MiniLM"
-    try:
-        configured = encoder_identity(enc_cfg.get("name_or_path"), enc_cfg.get("subfolder"), enc_cfg.get("revision"))
+    source = enc_cfg["name_or_path"] or "the bundled MiniLM"
+    try:  # the schema has no revision: the encoder is loaded at the hub's default, and so identified
+        configured = encoder_identity(enc_cfg["name_or_path"], enc_cfg["subfolder"])
         check_encoder(spec.text_features["encoder"], configured, str(cfg.data.path))
     except ValueError as err:
         raise ConfigError(
@@ -128,7 +128,7 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
 def loader_options(cfg: DictConfig, conditioning) -> dict[str, Any]:
     """What the loader reads besides the records' own keys: the stored text features when the conditioning uses
     them, and data.buckets (checked against the shards' buckets)."""
-    buckets = cfg.data.get("buckets")
+    buckets = cfg.data.buckets
     if buckets is not None:
         buckets = list(buckets)
         have = list(read_data_spec(cfg).buckets or [])
@@ -145,7 +145,7 @@ def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
     from core.tokenizer import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
 
     enc = cfg.text_encoder
-    source = enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER
+    source = enc.tokenizer or enc.name_or_path or BUNDLED_TOKENIZER
     try:
         tokenizer = TextTokenizer(source, int(spec.tokenizer["max_length"]))
         check_tokenizer(spec.tokenizer, tokenizer)
@@ -337,7 +337,7 @@ def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
     """train.init_from must hold weights of the stage `starts_from` names, or of this stage (reparameterize.py's
     conversion for it, or a restart of it), when the config names one and the checkpoint records its stage."""
     recorded = (state.get("metadata") or {}).get("stage")
-    if cfg.get("starts_from") is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
+    if cfg.starts_from is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
         return
     raise ConfigError(
         f"train.init_from={str(src)!r} holds Stage {recorded} weights, but Stage {cfg.stage} starts from Stage "

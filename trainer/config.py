@@ -352,7 +352,7 @@ def check_keys(cfg: DictConfig, schema: type = RunConfig, prefix: str = "") -> N
         kind = known[key].default_factory() if callable(known[key].default_factory) else None  # type: ignore[misc]
         if is_dataclass(kind) and isinstance(cfg[key], DictConfig):
             check_keys(cfg[key], type(kind), f"{prefix}{key}.")
-    if schema is ModelSection and isinstance(cfg.get("overrides"), DictConfig):
+    if schema is ModelSection and isinstance(cfg.overrides, DictConfig):
         model_fields = {f.name: f for f in fields(ModelConfig)}
         for key in cfg.overrides:
             if key not in model_fields:

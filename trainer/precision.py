@@ -137,15 +137,15 @@ class Precision:
             raise ValueError(f"precision.compute={cfg.compute!r}: expected bf16 or fp32")
         self.device = device
         self.bf16 = cfg.compute == "bf16" and (device.type == "cuda" or
-                                               (device.type == "cpu" and bool(cfg.get("bf16_on_cpu", False))))
+                                               (device.type == "cpu" and cfg.bf16_on_cpu))
         if cfg.compute == "bf16" and not self.bf16:
             log.info("precision.compute=bf16: autocast runs on CUDA (on a CPU with precision.bf16_on_cpu=true); this "
                      "%s run computes in fp32", device.type)
         self.fp8, self.recipe_name, self.recipe = bool(cfg.fp8), cfg.fp8_recipe, None
-        keep = cfg.get("keep_high_precision")
+        keep = cfg.keep_high_precision
         self.keep_high_precision = tuple(KEEP_HIGH_PRECISION if keep is None else keep)
         # Only te.Linear accumulates into main_grad; with no TE layers converted this changes nothing.
-        self.fuse_wgrad_accumulation = bool(cfg.get("fuse_wgrad_accumulation", False))
+        self.fuse_wgrad_accumulation = cfg.fuse_wgrad_accumulation
 
     def convert(self, model: nn.Module, model_config=None, sizes: Sequence[tuple[int, int]] = ()) -> int:
         """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many. Only layers whose
