@@ -348,9 +348,7 @@ def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
-    key = checkpoint.WEIGHTS.get(which)
-    if key is None:
-        raise ConfigError(f"train.init_weights={which!r}: expected ema or raw")
+    key = checkpoint.WEIGHTS[which]
     weights = state.get(key)
     if weights is None:
         raise ConfigError(f"train.init_from={str(src)!r} holds no '{key}' weights")

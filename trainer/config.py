@@ -424,25 +424,38 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.mix_shards": (lambda v: v >= 1, ">= 1"),
     "precision.compute": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+    "precision.fp8_recipe": (lambda v: v in ("auto", "mxfp8", "current", "delayed"), "auto, mxfp8, current or delayed"),
     "train.parallel": (lambda v: v in ("ddp", "fsdp", "hsdp"), "ddp, fsdp or hsdp"),
     "train.hsdp_shard_size": (lambda v: v is None or v >= 1, "null or >= 1"),
     "train.checkpoint_format": (lambda v: v in (None, "file", "sharded"), "null, file or sharded"),
 }
-"""What each key must be, beyond its type."""
+"""What each key must be, beyond its type: the one statement of each rule. `check_ranges` applies them all when a
+run (or a plan) starts, so a bad value stops it with one line naming the key before anything is built; the classes
+that take one of these values on its own, and that tests and scripts build without a run config (Precision,
+Parallel, the FP8 recipe), apply the same rule through `check_value`. A rule that needs another value (a divisor
+of the world size, async checkpoints only when sharded) stays where both are known. The layers below the trainer
+(flow/, data/, evaluation/) check their own arguments, as libraries must: they also take these values from a
+checkpoint's record or from their own command lines, and do not import the trainer."""
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming `key` when `value` breaks its rule in RANGES."""
+    ok, requirement = RANGES[key]
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={value!r}: expected {requirement}")
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """ConfigError naming the first key whose value is out of its range (RANGES)."""
-    for key, (ok, requirement) in RANGES.items():
+    """ConfigError naming the first key whose value breaks its rule (RANGES)."""
+    for key in RANGES:
         value = cfg
         for part in key.split("."):
             value = value[part]
-        try:
-            good = bool(ok(value))
-        except TypeError:
-            good = False
-        if not good:
-            raise ConfigError(f"{key}={value!r}: expected {requirement}")
+        check_value(key, value)
 
 
 # ---- documentation ------------------------------------------------------------------------------------------

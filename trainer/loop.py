@@ -238,9 +238,7 @@ class Trainer:
         """train.checkpoint_format: a ShardedWriter for sharded checkpoints, None for one file by rank 0."""
         t = self.cfg.train
         fmt = t.checkpoint_format or ("sharded" if self.parallel.sharded else "file")
-        if fmt not in ("file", "sharded"):
-            raise ConfigError(f"train.checkpoint_format={fmt!r}: expected file, sharded or null")
-        if t.async_checkpoint and fmt != "sharded":
+        if t.async_checkpoint and fmt != "sharded":  # two keys (and the mode): checked here, where all are known
             raise ConfigError("train.async_checkpoint=true writes sharded checkpoints only: set "
                               "train.checkpoint_format=sharded (or train.async_checkpoint=false)")
         if fmt == "file":

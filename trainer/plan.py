@@ -101,8 +101,6 @@ def shard_degree(cfg, world_size: int, gpus_per_node: int | None = None) -> int:
         return 1
     if mode == "fsdp":
         return world_size
-    if mode != "hsdp":
-        raise ValueError(f"train.parallel={mode!r}: expected ddp, fsdp or hsdp")
     size = cfg.train.hsdp_shard_size or min(gpus_per_node or DEFAULT_GPUS_PER_NODE, world_size)
     if world_size % size:
         raise ValueError(f"train.hsdp_shard_size={size} does not divide {world_size} GPUs")
@@ -612,11 +610,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hydra.errors import HydraException
 
-    from trainer.config import check_keys
+    from trainer.config import check_keys, check_ranges
 
     try:
         cfg = compose(stage, overrides)
         check_keys(cfg)  # a `+key` the schema does not have would otherwise be planned as if absent
+        check_ranges(cfg)
     except (HydraException, ValueError) as err:
         print(f"trainer.plan: {err}", file=sys.stderr)
         return 2
