@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
-from models import ModelConfig, model_config
-from models.config import default_conditioning
+from models.config import ModelConfig, default_conditioning
+from models.registry import model_config
 from trainer import checkpoint
 from trainer.errors import ConfigError, MissingInputError
 from trainer.precision import text_pad_multiple

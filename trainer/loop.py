@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
-from models import build_model
+from models.registry import build_model
 from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
 from trainer.cadence import CadenceEvaluation
