@@ -96,14 +96,12 @@ def state_bytes(parameters: int, fused_wgrad: int = 0, world_size: int = 1, shar
 
 def shard_degree(cfg, world_size: int, gpus_per_node: int | None = None) -> int:
     """How many GPUs share one copy of the training state under train.parallel (see the module docstring)."""
-    mode = cfg.train.get("parallel", "ddp")
+    mode = cfg.train.parallel
     if mode == "ddp":
         return 1
     if mode == "fsdp":
         return world_size
-    if mode != "hsdp":
-        raise ValueError(f"train.parallel={mode!r}: expected ddp, fsdp or hsdp")
-    size = cfg.train.get("hsdp_shard_size") or min(gpus_per_node or DEFAULT_GPUS_PER_NODE, world_size)
+    size = cfg.train.hsdp_shard_size or min(gpus_per_node or DEFAULT_GPUS_PER_NODE, world_size)
     if world_size % size:
         raise ValueError(f"train.hsdp_shard_size={size} does not divide {world_size} GPUs")
     return int(size)
@@ -174,12 +172,12 @@ def data_shape(cfg) -> DataShape:
         except ShardError as err:
             raise ValueError(f"data.path={path!r}: {err}") from err
         text_len = spec.tokenizer["max_length"] if spec.tokenizer else None
-        chosen = cfg.data.get("buckets")
+        chosen = cfg.data.buckets
         sizes = tuple(tuple(b["latent_shape"][1:]) for name, b in (spec.buckets or {}).items()
                       if chosen is None or name in chosen)
         return DataShape(tuple(spec.latent_shape), f"{path}/manifest.json", spec.kind, text_len, spec.num_classes,
                          sizes, spec.text_features is not None)
-    size = cfg.data.get("image_size")
+    size = cfg.data.image_size
     where = "???" if path is None else repr(path)
     if size is None:
         raise ValueError(f"no data shape: data.path={where} is not a shard folder with manifest.json and "
@@ -211,7 +209,7 @@ def plan_model_config(cfg, data: DataShape):
         fields |= dict(text_dim=int(cfg.text_encoder.hidden_size),
                        text_len=int(data.text_len or cfg.text_encoder.max_length))
     overrides = OmegaConf.to_container(m.overrides, resolve=True) or {}
-    return model_config(f"{m.family}-{m.size}/{m.patch}", **(fields | overrides))
+    return model_config(**dict(family=m.family, size=m.size, patch=m.patch) | fields | overrides)
 
 
 def text_encoder_parameters(enc: dict) -> tuple[int | None, str]:
@@ -219,16 +217,16 @@ def text_encoder_parameters(enc: dict) -> tuple[int | None, str]:
     MiniLM, a folder, the Hugging Face cache), else the table; (None, why) when unknown."""
     from core.text_encoder import default_text_encoder_path
 
-    name = enc.get("name_or_path")
+    name = enc["name_or_path"]
     if name is None:
-        return _encoder_parameters(default_text_encoder_path(), enc.get("subfolder")), \
+        return _encoder_parameters(default_text_encoder_path(), enc["subfolder"]), \
             "the bundled MiniLM's config, built on the meta device"
     if Path(name).is_dir():
-        return _encoder_parameters(name, enc.get("subfolder")), f"{name}'s config, built on the meta device"
+        return _encoder_parameters(name, enc["subfolder"]), f"{name}'s config, built on the meta device"
     if name in TEXT_ENCODER_PARAMETERS:
         return TEXT_ENCODER_PARAMETERS[name]
     try:
-        return _encoder_parameters(name, enc.get("subfolder")), "its config in the Hugging Face cache, on meta"
+        return _encoder_parameters(name, enc["subfolder"]), "its config in the Hugging Face cache, on meta"
     except (OSError, ValueError):  # not cached, or a model type transformers does not know
         return None, f"{name}: not in the plan's table nor in the local Hugging Face cache; NOT COUNTED"
 
@@ -431,8 +429,8 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     params = sum(p.numel() for p in model.parameters())
     fused = 0
     pr = cfg.precision
-    if pr.fp8 and pr.get("fuse_wgrad_accumulation") and te_available:
-        keep = pr.get("keep_high_precision")
+    if pr.fp8 and pr.fuse_wgrad_accumulation and te_available:
+        keep = pr.keep_high_precision
         chosen, _ = plan_conversion(model, fp8_filter(KEEP_HIGH_PRECISION if keep is None else keep))
         fused = sum(layer.weight.numel() for _, layer in chosen)
     degree = shard_degree(cfg, world_size, gpus_per_node)
@@ -440,7 +438,7 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     bf16 = pr.compute == "bf16"
     state_rows = _state_rows(model, params, fused, state, degree, 2 if bf16 else 4)
     profile = measure_profile(mcfg, bf16=bf16, prediction=t.prediction)
-    if t.get("activation_checkpointing") and not profile.checkpointable:
+    if t.activation_checkpointing and not profile.checkpointable:
         raise ValueError(f"train.activation_checkpointing=true: trainer/fast_path.py checkpoints `model.blocks`, "
                          f"which model.family={mcfg.family} does not have; set it to false")
     # The step's peak is at the data's largest token count (a bucket may hold more tokens than the square).
@@ -450,14 +448,14 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     buckets = f", the largest of {len(data.sizes)} buckets" if data.sizes else ""
     precision = "bf16 autocast, fp32 master weights" if bf16 else "fp32"
     title = (f"Memory plan, stage {cfg.stage}: {mcfg.name}, {params:,} parameters; {c}x{h}x{w} latents ({tokens} "
-             f"tokens{buckets}) from {data.source}; {_gpus(world_size, degree, cfg.train.get('parallel', 'ddp'))}; "
+             f"tokens{buckets}) from {data.source}; {_gpus(world_size, degree, t.parallel)}; "
              f"{precision}{'; fp8' if pr.fp8 else ''}")
     label = gpu_label or f"{DEFAULT_GPU_MEMORY_GB:g} GB (default; +gpu_memory_gb=...)"
     return Plan(title=title, state_rows=state_rows, frozen_rows=frozen_rows(cfg, mcfg, data), profile=profile,
                 tokens=tokens,
                 gpu_bytes=int(gpu_bytes if gpu_bytes is not None else DEFAULT_GPU_MEMORY_GB * 1e9), gpu_label=label,
                 gpus=world_size, batch_size=int(t.batch_size),
-                setting=Setting(micro, int(t.grad_accum), bool(t.get("activation_checkpointing"))),
+                setting=Setting(micro, int(t.grad_accum), t.activation_checkpointing),
                 checkpointable=profile.checkpointable, fp8_compile=t.compile if pr.fp8 and te_available else None)
 
 
@@ -495,9 +493,9 @@ def frozen_rows(cfg, mcfg, data: DataShape | None = None) -> list[Row]:
     rows = []
     if mcfg.conditioning == "text":
         enc = OmegaConf.to_container(cfg.text_encoder, resolve=True)
-        dtype = getattr(torch, enc.get("dtype") or "bfloat16")  # from_config's dtype on CUDA; null is bf16 there
-        name = enc.get("name_or_path") or "bundled MiniLM"
-        if data is not None and data.text_features and cfg.data.get("text_features") is not False:
+        dtype = getattr(torch, enc["dtype"])  # from_config's dtype on CUDA
+        name = enc["name_or_path"] or "bundled MiniLM"
+        if data is not None and data.text_features and cfg.data.text_features is not False:
             rows.append(Row("text encoder", 0, f"{name}: not on the GPU (the shards' stored text features; previews "
                             "encode their prompts on the CPU)", "data.text_features=false would load it"))
         else:
@@ -516,7 +514,7 @@ def frozen_rows(cfg, mcfg, data: DataShape | None = None) -> list[Row]:
 def check_memory(cfg, world_size: int, device) -> Plan | None:
     """The plan of the configured run on `device` (its memory on CUDA). Raises MemoryPlanError when the run cannot
     fit; returns None without planning when train.memory_check is false."""
-    if not cfg.train.get("memory_check", True):
+    if not cfg.train.memory_check:
         return None
     import torch
 
@@ -612,11 +610,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hydra.errors import HydraException
 
-    from trainer.config import check_keys
+    from trainer.config import check_keys, check_ranges
 
     try:
         cfg = compose(stage, overrides)
         check_keys(cfg)  # a `+key` the schema does not have would otherwise be planned as if absent
+        check_ranges(cfg)
     except (HydraException, ValueError) as err:
         print(f"planner: {err}", file=sys.stderr)
         return 2

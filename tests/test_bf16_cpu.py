@@ -109,7 +109,9 @@ def test_bf16_on_cpu_computes_in_bf16_over_fp32_weights(embedded_data, tmp_path,
 def test_bf16_stays_fp32_on_a_cpu_unless_asked(caplog):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(dict(compute="bf16", fp8=False, fp8_recipe="auto"))
+    from trainer.config import PrecisionSection
+
+    cfg = OmegaConf.structured(PrecisionSection(compute="bf16", fp8=False))
     with caplog.at_level("INFO", logger="trainer.precision"):
         default = Precision(cfg, torch.device("cpu"))
     assert not default.bf16 and default.model_dtype == torch.float32

@@ -18,6 +18,7 @@ from tests.helpers import randomize_zero_inits, text_inputs
 from tests.model_golden import CASES, SMALL, case_inputs
 from tests.stages import stage_config
 from trainer import checkpoint
+from trainer.config import PrecisionSection
 from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice, fp8_compile_note
 from trainer.loop import train
 from trainer.precision import Precision
@@ -104,14 +105,15 @@ def test_conversion_plan_names_kinds_and_follows_the_keep_list():
 
 
 def test_precision_reads_the_keep_list_and_fuse_flag(caplog):
-    cfg = OmegaConf.load("configs/precision/fp8.yaml")
+    cfg = OmegaConf.merge(PrecisionSection, OmegaConf.load("configs/precision/fp8.yaml"))
     p = Precision(cfg, torch.device("cpu"))
     assert p.keep_high_precision == ("adaLN", "t_block", "final", "embed") and p.fuse_wgrad_accumulation
     with caplog.at_level(logging.INFO, logger="models.linear"):
         assert p.convert(build_model("mmDiT-debug/4")) == 0  # no CUDA: nothing converted, one warning
     assert "no CUDA device" in caplog.text
     for name in ("bf16", "fp32"):
-        assert not Precision(OmegaConf.load(f"configs/precision/{name}.yaml"), torch.device("cpu")).fp8
+        assert not Precision(OmegaConf.merge(PrecisionSection, OmegaConf.load(f"configs/precision/{name}.yaml")),
+                             torch.device("cpu")).fp8
 
 
 def test_fused_wgrad_needs_te():
@@ -236,7 +238,8 @@ FP8_CASE = dict(family="mmdit", conditioning="text", dim=64, depth=2, heads=2, c
 def _fp8_model(recipe: str, monkeypatch):
     """FP8_CASE with its large linears converted to the stand-in's te.Linear, and the Precision that runs it."""
     te_standin.install(monkeypatch, (10, 0) if recipe == "mxfp8" else (9, 0))
-    precision = Precision(OmegaConf.create(dict(compute="fp32", fp8=True, fp8_recipe=recipe)), torch.device("cpu"))
+    precision = Precision(OmegaConf.structured(PrecisionSection(compute="fp32", fp8=True, fp8_recipe=recipe)),
+                          torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(ModelConfig(**FP8_CASE))
     randomize_zero_inits(model, std=0.1)

@@ -190,6 +190,25 @@ def test_the_recipes_multiples_and_caption_padding():
         text_pad_multiple("e5m2")
 
 
+def test_a_misspelt_recipe_stops_a_run_before_it_starts():
+    """precision.fp8_recipe is checked at the door with every other key (trainer/config.py RANGES), fp8 on or off, by
+    the rule text_pad_multiple applies: TE's recipes are MXFP8 block, current and delayed scaling (and auto)."""
+    from omegaconf import OmegaConf
+
+    from trainer.config import RunConfig, check_ranges
+    from trainer.errors import ConfigError
+
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.stage = 1
+    for fp8 in (False, True):
+        cfg.precision.fp8, cfg.precision.fp8_recipe = fp8, "e5m2"
+        with pytest.raises(ConfigError, match=re.escape("precision.fp8_recipe='e5m2': expected auto, mxfp8, current")):
+            check_ranges(cfg)
+    for name in ("auto", "mxfp8", "current", "delayed"):
+        cfg.precision.fp8_recipe = name
+        check_ranges(cfg)
+
+
 def test_auto_picks_mxfp8_on_blackwell_and_current_scaling_on_hopper(monkeypatch):
     for capability, name in ((HOPPER, "current"), ((8, 9), "current"), (BLACKWELL, "mxfp8"), ((12, 0), "mxfp8")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)

@@ -155,6 +155,20 @@ def test_xl_parameter_counts_are_the_references(name, overrides, expected):
     assert n == expected, f"{name}: {n:,} parameters, the reference {expected:,}"
 
 
+def test_a_model_config_from_keyword_fields_is_the_named_size():
+    """The trainer passes model.family, size and patch as fields (no name string formatted to be parsed back): they
+    pick DiT's XL (width 1152, depth 28, 16 heads [peebles2023]) whose ccDiT-XL/2 has DiT-XL/2's parameter count."""
+    cfg = model_config(family="ccdit", size="XL", patch=2, num_classes=1000)
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.patch, cfg.name) == (1152, 28, 16, 2, "ccDiT-XL/2")
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_model(cfg).parameters()) == 680_995_584
+    assert model_config(family="MMDiT", size="xl", patch=4, in_channels=3) == model_config("mmDiT-XL/4", in_channels=3)
+    with pytest.raises(ValueError, match="unknown model size 'XXL'"):
+        model_config(family="mmdit", size="XXL", patch=2)
+    with pytest.raises(TypeError, match="family, size and patch"):
+        model_config(family="mmdit", size="XL")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", named_models())
 def test_every_named_model_runs_a_meta_forward(name):

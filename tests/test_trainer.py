@@ -172,14 +172,15 @@ def test_wandb_mode_follows_the_api_key(monkeypatch, tmp_path):
 def test_precision_falls_back_to_fp32_off_cuda(caplog):
     from omegaconf import OmegaConf
 
+    from trainer.config import PrecisionSection
     from trainer.precision import Precision
 
     with caplog.at_level("INFO"):
-        p = Precision(OmegaConf.create(dict(compute="bf16", fp8=True, fp8_recipe="auto")), torch.device("cpu"))
+        p = Precision(OmegaConf.structured(PrecisionSection(compute="bf16", fp8=True)), torch.device("cpu"))
         model = torch.nn.Sequential(torch.nn.Linear(32, 32))
         assert p.convert(model) == 0 and type(model[0]) is torch.nn.Linear
     assert p.model_dtype == torch.float32 and "fp32" in caplog.text and "nn.Linear" in caplog.text
     with p.forward():
         assert not torch.is_autocast_enabled()
     with pytest.raises(ValueError, match="precision.compute='fp16'"):
-        Precision(OmegaConf.create(dict(compute="fp16", fp8=False, fp8_recipe="auto")), torch.device("cpu"))
+        Precision(OmegaConf.structured(PrecisionSection(compute="fp16", fp8=False)), torch.device("cpu"))

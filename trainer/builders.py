@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
-from models import ModelConfig, model_config
-from models.config import default_conditioning
+from models.config import ModelConfig, default_conditioning
+from models.registry import model_config
 from trainer import checkpoint
 from trainer.errors import ConfigError, MissingInputError
 from trainer.precision import text_pad_multiple
@@ -31,7 +31,7 @@ ARCHITECTURE_FIELDS = ("family", "conditioning", "dim", "depth", "heads", "patch
 
 def model_conditioning(cfg: DictConfig) -> str:
     """class or text: model.conditioning, or the family's default (models/config.py)."""
-    return cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
+    return cfg.model.conditioning or default_conditioning(cfg.model.family)
 
 
 def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
@@ -107,7 +107,7 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 def uses_text_features(cfg: DictConfig, spec: DatasetSpec) -> bool:
     """data.text_features: null uses the shards' stored states when they hold them, true requires them, false
     encodes the tokens with the configured encoder."""
-    wanted = cfg.data.get("text_features")
+    wanted = cfg.data.text_features
     if wanted and spec.text_features is None:
         raise ConfigError(
             f"data.text_features=true but data.path={cfg.data.path!r} holds no text features; build the shards with "
@@ -121,9 +121,9 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
     and revision; data/features.py), and as wide: checked from its files, without loading it."""
     from data.features import check_encoder, encoder_identity
 
-    source = enc_cfg.get("name_or_path") or "the bundled MiniLM"
-    try:
-        configured = encoder_identity(enc_cfg.get("name_or_path"), enc_cfg.get("subfolder"), enc_cfg.get("revision"))
+    source = enc_cfg["name_or_path"] or "the bundled MiniLM"
+    try:  # the schema has no revision: the encoder is loaded at the hub's default, and so identified
+        configured = encoder_identity(enc_cfg["name_or_path"], enc_cfg["subfolder"])
         check_encoder(spec.text_features["encoder"], configured, str(cfg.data.path))
     except ValueError as err:
         raise ConfigError(
@@ -139,7 +139,7 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
 def loader_options(cfg: DictConfig, conditioning) -> dict[str, Any]:
     """What the loader reads besides the records' own keys: the stored text features when the conditioning uses
     them, and data.buckets (checked against the shards' buckets)."""
-    buckets = cfg.data.get("buckets")
+    buckets = cfg.data.buckets
     if buckets is not None:
         buckets = list(buckets)
         have = list(read_data_spec(cfg).buckets or [])
@@ -156,7 +156,7 @@ def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
     from core.tokenizer import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
 
     enc = cfg.text_encoder
-    source = enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER
+    source = enc.tokenizer or enc.name_or_path or BUNDLED_TOKENIZER
     try:
         tokenizer = TextTokenizer(source, int(spec.tokenizer["max_length"]))
         check_tokenizer(spec.tokenizer, tokenizer)
@@ -298,7 +298,7 @@ def build_model_config(
         # (masked, so the output is the same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
         fields["text_pad_multiple"] = text_pad_multiple(cfg.precision.fp8_recipe)
     try:
-        return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
+        return model_config(**dict(family=m.family, size=m.size, patch=m.patch) | fields)
     except ValueError as err:  # a value the family cannot take (pixart's cond_dim ...): the message names the key
         raise ConfigError(f"model={m.family}: {err}") from None
 
@@ -348,7 +348,7 @@ def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
     """train.init_from must hold weights of the stage `starts_from` names, or of this stage (reparameterize.py's
     conversion for it, or a restart of it), when the config names one and the checkpoint records its stage."""
     recorded = (state.get("metadata") or {}).get("stage")
-    if cfg.get("starts_from") is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
+    if cfg.starts_from is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
         return
     raise ConfigError(
         f"train.init_from={str(src)!r} holds Stage {recorded} weights, but Stage {cfg.stage} starts from Stage "
@@ -359,9 +359,7 @@ def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
-    key = checkpoint.WEIGHTS.get(which)
-    if key is None:
-        raise ConfigError(f"train.init_weights={which!r}: expected ema or raw")
+    key = checkpoint.WEIGHTS[which]
     weights = state.get(key)
     if weights is None:
         raise ConfigError(f"train.init_from={str(src)!r} holds no '{key}' weights")

@@ -2,9 +2,10 @@
 
 configs/base.yaml starts from it (`defaults: - schema`), so every YAML file and every command-line override is
 checked against these types by OmegaConf: `train.batch_size=abc` stops with the key's name before anything runs,
-and a misspelt key is refused. The docstring under each field is its documentation: `python train_stageN.py
---help` prints it next to the stage's value (trainer/cli.py). Ranges that a type cannot say (a positive learning
-rate, a probability) are checked by `check_ranges` when a run starts.
+and a misspelt key is refused. The docstring under each field is its documentation, and its only one: the YAML
+files under configs/ say what a stage or an option changes, and why. `python train_stageN.py --help` prints it next
+to the stage's value (trainer/cli.py). Ranges that a type cannot say (a positive learning rate, a probability) are
+written once, in RANGES, and checked by `check_ranges` when a run starts.
 
 Fields typed `Any` take more than one kind of value (say `train.compile`: false, true or "block"); the code that
 reads them validates them with a message naming the key.
@@ -60,8 +61,9 @@ class DataSection:
     --text-features; the encoder is then not loaded for training, and must be the one that made them); false encodes
     the tokens with text_encoder on every step; true requires stored states."""
     buckets: list[str] | None = None
-    """Aspect-ratio bucketed data (data/buckets.py): train on these buckets only, 'HxW' in pixels, height first;
-    null: every bucket of the shards, each batch of one bucket, buckets drawn in proportion to their records."""
+    """Aspect-ratio bucketed data (data/buckets.py; data/make_shards.py --buckets writes it): train on these buckets
+    only, 'HxW' in pixels, height first, e.g. [1024x1024]; null: every bucket of the shards, each batch of one
+    bucket, buckets drawn in proportion to their records."""
 
 
 @dataclass
@@ -268,7 +270,7 @@ class TextEncoderSection:
     hidden_size: int = 2048
     """Width of the last hidden state; checked against the loaded model; the DiT's text_dim."""
     max_length: int = 120
-    """Tokens per caption, as the shards were tokenized."""
+    """Tokens per caption, as the shards were tokenized (checked against their manifest)."""
     dtype: str = "bfloat16"
     """On GPU; a CPU run uses float32."""
     tokenizer: str | None = None
@@ -285,15 +287,19 @@ class PrecisionSection:
     """compute=bf16 on a CPU: autocast there too (bf16 compute, fp32 master weights and loss) instead of fp32. Off
     by default (bf16 speed on a CPU depends on its bf16 instructions); the tests use it to run the bf16 path."""
     fp8: bool = False
-    """Transformer Engine te.Linear for the large projections (needs TE and an FP8 GPU)."""
+    """Transformer Engine te.Linear for the large projections (models/linear.py; needs TE and an FP8 GPU: without
+    them the layers stay nn.Linear and one log line says why)."""
     fp8_recipe: str = "auto"
     """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper). Layers convert
     where rows and features are multiples of 16 (mxfp8: 32) in every bucket; delayed's amax history is dropped on
     resume unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (trainer/precision.py)."""
     keep_high_precision: list[str] | None = None
-    """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list)."""
+    """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list; []: every
+    linear whose sizes FP8 can take)."""
     fuse_wgrad_accumulation: bool = False
-    """fp8: te.Linear accumulates weight gradients into fp32 main_grad (trainer/main_grad.py)."""
+    """fp8, train.parallel=ddp: te.Linear accumulates weight gradients into an fp32 weight.main_grad inside its
+    wgrad GEMM; those weights have no .grad, so trainer/main_grad.py keeps them out of DDP and all-reduces
+    main_grad itself."""
 
 
 @dataclass
@@ -301,11 +307,13 @@ class WandbSection:
     mode: str = "auto"
     """auto (online with an API key, else offline) | online | offline | disabled."""
     project: str = "rfdit"
+    """The wandb project the runs log to."""
     entity: str | None = None
     """Your team, or null for your default entity."""
     name: str | None = None
     """null: stage<N>-<out_dir name>."""
     tags: list[str] = field(default_factory=list)
+    """Tags of the wandb run."""
 
 
 @dataclass
@@ -352,7 +360,7 @@ def check_keys(cfg: DictConfig, schema: type = RunConfig, prefix: str = "") -> N
         kind = known[key].default_factory() if callable(known[key].default_factory) else None  # type: ignore[misc]
         if is_dataclass(kind) and isinstance(cfg[key], DictConfig):
             check_keys(cfg[key], type(kind), f"{prefix}{key}.")
-    if schema is ModelSection and isinstance(cfg.get("overrides"), DictConfig):
+    if schema is ModelSection and isinstance(cfg.overrides, DictConfig):
         model_fields = {f.name: f for f in fields(ModelConfig)}
         for key in cfg.overrides:
             if key not in model_fields:
@@ -433,25 +441,38 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.mix_shards": (lambda v: v >= 1, ">= 1"),
     "precision.compute": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+    "precision.fp8_recipe": (lambda v: v in ("auto", "mxfp8", "current", "delayed"), "auto, mxfp8, current or delayed"),
     "train.parallel": (lambda v: v in ("ddp", "fsdp", "hsdp"), "ddp, fsdp or hsdp"),
     "train.hsdp_shard_size": (lambda v: v is None or v >= 1, "null or >= 1"),
     "train.checkpoint_format": (lambda v: v in (None, "file", "sharded"), "null, file or sharded"),
 }
-"""What each key must be, beyond its type."""
+"""What each key must be, beyond its type: the one statement of each rule. `check_ranges` applies them all when a
+run (or a plan) starts, so a bad value stops it with one line naming the key before anything is built; the classes
+that take one of these values on its own, and that tests and scripts build without a run config (Precision,
+Parallel, the FP8 recipe), apply the same rule through `check_value`. A rule that needs another value (a divisor
+of the world size, async checkpoints only when sharded) stays where both are known. The layers below the trainer
+(flow/, data/, evaluation/) check their own arguments, as libraries must: they also take these values from a
+checkpoint's record or from their own command lines, and do not import the trainer."""
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming `key` when `value` breaks its rule in RANGES."""
+    ok, requirement = RANGES[key]
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={value!r}: expected {requirement}")
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """ConfigError naming the first key whose value is out of its range (RANGES)."""
-    for key, (ok, requirement) in RANGES.items():
+    """ConfigError naming the first key whose value breaks its rule (RANGES)."""
+    for key in RANGES:
         value = cfg
         for part in key.split("."):
             value = value[part]
-        try:
-            good = bool(ok(value))
-        except TypeError:
-            good = False
-        if not good:
-            raise ConfigError(f"{key}={value!r}: expected {requirement}")
+        check_value(key, value)
 
 
 # ---- documentation ------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
-from models import build_model
+from models.registry import build_model
 from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
 from trainer.cadence import CadenceEvaluation
@@ -196,9 +196,9 @@ class Trainer:
         t, env = self.cfg.train, self.env
         # te.Linear(fuse_wgrad_accumulation) leaves .grad empty: its weights are reduced through main_grad instead.
         fused_wgrad = self.converted and self.precision.fuse_wgrad_accumulation
-        self.parallel = Parallel(t.get("parallel", "ddp"), env, self.precision.bf16, t.get("hsdp_shard_size"))
+        self.parallel = Parallel(t.parallel, env, self.precision.bf16, t.hsdp_shard_size)
         self.parallel.check(t.compile, bool(fused_wgrad))
-        if t.get("activation_checkpointing"):
+        if t.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.forward_model = apply_compile(self.model, t.compile)
         self.main_grads = MainGrads(self.model, env.world_size) if fused_wgrad else None
@@ -228,15 +228,13 @@ class Trainer:
     def _checkpoint_writer(self) -> checkpoint.ShardedWriter | None:
         """train.checkpoint_format: a ShardedWriter for sharded checkpoints, None for one file by rank 0."""
         t = self.cfg.train
-        fmt = t.get("checkpoint_format") or ("sharded" if self.parallel.sharded else "file")
-        if fmt not in ("file", "sharded"):
-            raise ConfigError(f"train.checkpoint_format={fmt!r}: expected file, sharded or null")
-        if t.get("async_checkpoint") and fmt != "sharded":
+        fmt = t.checkpoint_format or ("sharded" if self.parallel.sharded else "file")
+        if t.async_checkpoint and fmt != "sharded":  # two keys (and the mode): checked here, where all are known
             raise ConfigError("train.async_checkpoint=true writes sharded checkpoints only: set "
                               "train.checkpoint_format=sharded (or train.async_checkpoint=false)")
         if fmt == "file":
             return None
-        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, bool(t.get("async_checkpoint")))
+        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, t.async_checkpoint)
 
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
@@ -478,7 +476,7 @@ class Trainer:
         self.pending, self.last_grad_norm, self.stopped_by_signal, self.out_of_time = [], float("nan"), False, False
         self.progress = Progress(f"stage {self.cfg.stage}", self.step, t.max_steps, self.env.is_main)
         self.tic, self.seen = time.perf_counter(), 0
-        self.deadline = None if t.get("max_minutes") is None else time.perf_counter() + 60 * float(t.max_minutes)
+        self.deadline = None if t.max_minutes is None else time.perf_counter() + 60 * float(t.max_minutes)
         if self.extra.get("held_loss_start") is not None and self.step == 0:
             self.logger.log({"held/loss_start": self.extra["held_loss_start"]}, 0)
 
@@ -537,9 +535,9 @@ class Trainer:
 
 def train(cfg: DictConfig) -> dict:
     """Run one stage; returns its summary (also written to out_dir/summary.json)."""
-    env = distributed.setup(cfg.get("device"), need_group=cfg.train.get("parallel", "ddp") != "ddp")
+    env = distributed.setup(cfg.device, need_group=cfg.train.parallel != "ddp")
     try:
-        distributed.quiet_other_ranks(env, bool(cfg.train.get("log_all_ranks", False)))
+        distributed.quiet_other_ranks(env, cfg.train.log_all_ranks)
         with RunLock.for_run(Path(cfg.train.out_dir), env):
             return Trainer(cfg, env).fit()
     finally:

@@ -33,10 +33,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from models.linear import KEEP_HIGH_PRECISION, convert_linears, fp8_filter, layer_kinds, linear_backend
+from trainer.config import check_value
 
 log = logging.getLogger(__name__)
 
-FP8_RECIPES = ("auto", "mxfp8", "current", "delayed")
 FP8_MULTIPLE = {"current": 16, "delayed": 16, "mxfp8": 32}
 """Rows (batch x tokens) and feature sizes of every FP8 GEMM must be multiples of this, per recipe."""
 UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
@@ -45,8 +45,7 @@ UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 def fp8_recipe_name(name: str, device: torch.device) -> str:
     """precision.fp8_recipe with `auto` resolved for this GPU: MXFP8 block scaling on Blackwell (sm_100+), per-tensor
     current scaling on Hopper (MXFP8 needs Blackwell's tensor cores); `delayed` is TE's amax-history recipe."""
-    if name not in FP8_RECIPES:
-        raise ValueError(f"precision.fp8_recipe={name!r}: expected {', '.join(FP8_RECIPES)}")
+    check_value("precision.fp8_recipe", name)
     if name == "auto":
         return "mxfp8" if torch.cuda.get_device_capability(device)[0] >= 10 else "current"
     return name
@@ -55,8 +54,7 @@ def fp8_recipe_name(name: str, device: torch.device) -> str:
 def text_pad_multiple(name: str) -> int:
     """The caption padding an FP8 run of precision.fp8_recipe=`name` needs: the recipe's multiple, and for `auto`
     the largest one it may pick (the model config is fixed before the GPU is known and resumes on any)."""
-    if name not in FP8_RECIPES:
-        raise ValueError(f"precision.fp8_recipe={name!r}: expected {', '.join(FP8_RECIPES)}")
+    check_value("precision.fp8_recipe", name)
     return max(FP8_MULTIPLE.values()) if name == "auto" else FP8_MULTIPLE[name]
 
 
@@ -133,19 +131,18 @@ class Precision:
     """`forward()` is the context the model's forward (and loss) runs under."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        if cfg.compute not in ("bf16", "fp32"):
-            raise ValueError(f"precision.compute={cfg.compute!r}: expected bf16 or fp32")
+        check_value("precision.compute", cfg.compute)
         self.device = device
         self.bf16 = cfg.compute == "bf16" and (device.type == "cuda" or
-                                               (device.type == "cpu" and bool(cfg.get("bf16_on_cpu", False))))
+                                               (device.type == "cpu" and cfg.bf16_on_cpu))
         if cfg.compute == "bf16" and not self.bf16:
             log.info("precision.compute=bf16: autocast runs on CUDA (on a CPU with precision.bf16_on_cpu=true); this "
                      "%s run computes in fp32", device.type)
         self.fp8, self.recipe_name, self.recipe = bool(cfg.fp8), cfg.fp8_recipe, None
-        keep = cfg.get("keep_high_precision")
+        keep = cfg.keep_high_precision
         self.keep_high_precision = tuple(KEEP_HIGH_PRECISION if keep is None else keep)
         # Only te.Linear accumulates into main_grad; with no TE layers converted this changes nothing.
-        self.fuse_wgrad_accumulation = bool(cfg.get("fuse_wgrad_accumulation", False))
+        self.fuse_wgrad_accumulation = cfg.fuse_wgrad_accumulation
 
     def convert(self, model: nn.Module, model_config=None, sizes: Sequence[tuple[int, int]] = ()) -> int:
         """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many. Only layers whose

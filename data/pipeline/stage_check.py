@@ -66,15 +66,15 @@ def stage_needs(stage: int, overrides: list[str]) -> StageNeeds:
     cfg = compose_stage(stage, overrides)
     enc = cfg.text_encoder
     data = OmegaConf.to_container(cfg.data, resolve=False)  # data.path may be ??? before the shards exist
-    conditioning = cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
+    conditioning = cfg.model.conditioning or default_conditioning(cfg.model.family)
     where = f"configs/stage{stage}.yaml" + (f" with {' '.join(overrides)}" if overrides else "")
     return StageNeeds(
         stage=stage, where=where, kind="labels" if conditioning == "class" else "text",
-        tokenizer=enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER,
-        text_encoder=enc.get("name_or_path"), text_encoder_subfolder=enc.get("subfolder"),
-        max_length=int(enc.max_length), text_features=data.get("text_features"), image_size=data.get("image_size"),
-        buckets=list(data["buckets"]) if data.get("buckets") else None, vae=cfg.vae.kind,
-        vae_path=cfg.vae.get("name_or_path"), vae_subfolder=cfg.vae.get("subfolder"), patch=int(cfg.model.patch),
+        tokenizer=enc.tokenizer or enc.name_or_path or BUNDLED_TOKENIZER,
+        text_encoder=enc.name_or_path, text_encoder_subfolder=enc.subfolder,
+        max_length=int(enc.max_length), text_features=data["text_features"], image_size=data["image_size"],
+        buckets=list(data["buckets"]) if data["buckets"] else None, vae=cfg.vae.kind,
+        vae_path=cfg.vae.name_or_path, vae_subfolder=cfg.vae.subfolder, patch=int(cfg.model.patch),
     )
 
 
