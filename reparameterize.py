@@ -57,9 +57,14 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.cli_help import HelpFormatter
+
+if TYPE_CHECKING:  # torch and models load inside the functions, so `--help` answers without them
+    from torch import Tensor
+
+    from models import ModelConfig
 
 log = logging.getLogger(__name__)
 

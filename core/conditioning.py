@@ -21,7 +21,7 @@ from core.text_encoder import FrozenTextEncoder
 from models.embeddings import null_label_for
 
 
-def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, "n"]:
+def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, " n"]:
     """Which samples lose their condition: independent Bernoulli(p) draws from the step's generator, on its device
     (the batch's conditions are moved there first; reading the draws back would make the step wait)."""
     if p <= 0:

@@ -109,7 +109,7 @@ def _distances(rows: Tensor, cols: Tensor, block: int):
         yield start, torch.cdist(rows[start : start + block], cols)
 
 
-def manifold_radii(features: Float[Tensor, "n d"], k: int = NEIGHBOURS, block: int = 4096) -> Float[Tensor, "n"]:
+def manifold_radii(features: Float[Tensor, "n d"], k: int = NEIGHBOURS, block: int = 4096) -> Float[Tensor, " n"]:
     """Each point's distance to its k-th nearest neighbour in the same set (itself excluded: it is the 0th)."""
     radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
     for start, d in _distances(features, features, block):

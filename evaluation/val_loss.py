@@ -48,7 +48,7 @@ class FixedTime:
 
     t: float
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         return torch.full((batch_size,), float(self.t), device=device)
 
 
@@ -125,7 +125,7 @@ class ValidationLoss:
         return gen
 
     @torch.no_grad()
-    def sums(self, model: torch.nn.Module) -> Float[Tensor, "bins"]:
+    def sums(self, model: torch.nn.Module) -> Float[Tensor, " bins"]:
         """This rank's sum over its batches of (loss x batch size) per time."""
         totals = torch.zeros(len(self.times), dtype=torch.float64)
         for i in self.ranks.rounds(len(self.batches)):

@@ -20,13 +20,13 @@ Prediction = Literal["velocity", "x"]
 PREDICTIONS: tuple[str, ...] = ("velocity", "x")
 
 
-def _bcast(t: Float[Tensor, "b"], like: Tensor) -> Tensor:
+def _bcast(t: Float[Tensor, " b"], like: Tensor) -> Tensor:
     """Reshape per-sample times [b] to [b, 1, 1, ...] so they broadcast over `like`."""
     return t.reshape(t.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def interpolate(
-    x0: Float[Tensor, "b ..."], x1: Float[Tensor, "b ..."], t: Float[Tensor, "b"]
+    x0: Float[Tensor, "b ..."], x1: Float[Tensor, "b ..."], t: Float[Tensor, " b"]
 ) -> Float[Tensor, "b ..."]:
     """Point on the straight noise->data path: x_t = t * x1 + (1 - t) * x0."""
     tb = _bcast(t, x1)
@@ -39,7 +39,7 @@ def velocity_target(x0: Float[Tensor, "b ..."], x1: Float[Tensor, "b ..."]) -> F
 
 
 def x_to_velocity(
-    x1_hat: Float[Tensor, "b ..."], x_t: Float[Tensor, "b ..."], t: Float[Tensor, "b"], eps: float = 0.05
+    x1_hat: Float[Tensor, "b ..."], x_t: Float[Tensor, "b ..."], t: Float[Tensor, " b"], eps: float = 0.05
 ) -> Float[Tensor, "b ..."]:
     """Velocity implied by a clean-data prediction (JiT x-prediction): (x1_hat - x_t) / (1 - t).
 
@@ -50,7 +50,7 @@ def x_to_velocity(
 
 
 def velocity_to_x(
-    v: Float[Tensor, "b ..."], x_t: Float[Tensor, "b ..."], t: Float[Tensor, "b"]
+    v: Float[Tensor, "b ..."], x_t: Float[Tensor, "b ..."], t: Float[Tensor, " b"]
 ) -> Float[Tensor, "b ..."]:
     """Clean-data estimate from a velocity: follow v for the remaining time 1 - t."""
     return x_t + (1 - _bcast(t, x_t)) * v
@@ -59,7 +59,7 @@ def velocity_to_x(
 def model_velocity(
     raw_output: Float[Tensor, "b ..."],
     x_t: Float[Tensor, "b ..."],
-    t: Float[Tensor, "b"],
+    t: Float[Tensor, " b"],
     prediction: Prediction = "velocity",
     eps: float = 0.05,
 ) -> Float[Tensor, "b ..."]:
@@ -76,7 +76,7 @@ def flow_matching_loss(
     x0: Float[Tensor, "b ..."],
     x1: Float[Tensor, "b ..."],
     x_t: Float[Tensor, "b ..."],
-    t: Float[Tensor, "b"],
+    t: Float[Tensor, " b"],
     prediction: Prediction = "velocity",
     eps: float = 0.05,
     weighting: str = "none",
@@ -100,7 +100,7 @@ SIGMA_MIN = 1e-3
 sigma from a 1000-entry table whose smallest entry (without shift) is 1/1000; a continuous draw can come closer."""
 
 
-def loss_weight(name: str, t: Float[Tensor, "b"]) -> Float[Tensor, "b"]:
+def loss_weight(name: str, t: Float[Tensor, " b"]) -> Float[Tensor, " b"]:
     """The per-sample loss weight of the SD3 scripts' weighting schemes [esser2024sd3], as diffusers names them
     (training_utils.compute_loss_weighting_for_sd3), on the noise level sigma = 1 - t:
 
@@ -126,7 +126,7 @@ def loss_weight(name: str, t: Float[Tensor, "b"]) -> Float[Tensor, "b"]:
 class TimestepSampler(Protocol):
     def __call__(
         self, batch_size: int, *, generator: torch.Generator | None = None, device=None
-    ) -> Float[Tensor, "b"]: ...
+    ) -> Float[Tensor, " b"]: ...
 
 
 def _draw(fn: Callable, batch_size: int, generator: torch.Generator | None, device) -> Tensor:
@@ -144,7 +144,7 @@ class LogitNormal:
     mean: float = 0.0
     std: float = 1.0
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         n = _draw(torch.randn, batch_size, generator, device)
         return torch.sigmoid(n * self.std + self.mean)
 
@@ -153,7 +153,7 @@ class LogitNormal:
 class Uniform:
     """t ~ U[0, 1)."""
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         return _draw(torch.rand, batch_size, generator, device)
 
 
@@ -175,7 +175,7 @@ class Mode:
             raise ValueError(f"mode scale {self.scale} must be in [{lo}, {hi:.4f}] (2 / (pi - 2)): outside it "
                              "f_mode is not monotone and the draws leave [0, 1]")
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         u = _draw(torch.rand, batch_size, generator, device)
         sigma = 1 - u - self.scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         return 1 - sigma
@@ -186,7 +186,7 @@ class CosMap:
     """SD3's CosMap schedule [esser2024sd3]: sigma = 1 - 1 / (tan(pi u / 2) + 1), u ~ U[0, 1), t = 1 - sigma, whose
     density 2 / (pi (1 - 2 sigma + 2 sigma^2)) matches a cosine schedule's log-SNR; symmetric about 1/2 as Mode's."""
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         u = _draw(torch.rand, batch_size, generator, device)
         return 1 / (torch.tan(math.pi * u / 2) + 1)
 

@@ -91,7 +91,7 @@ class RectifiedFlow:
 
     def draw(
         self, x1: Float[Tensor, "b ..."], generator: torch.Generator | None
-    ) -> tuple[Float[Tensor, "b ..."], Float[Tensor, "b"]]:
+    ) -> tuple[Float[Tensor, "b ..."], Float[Tensor, " b"]]:
         """(x0, t) for a batch x1, in the documented order: the noise first, then the times."""
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
         t = self.timesteps(x1.shape[0], generator=generator, device=x1.device)

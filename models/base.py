@@ -55,12 +55,12 @@ class DiffusionTransformer(nn.Module):
     preparation; the sampler then passes the conditioning as it is)."""
 
     def forward(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], *args: Tensor, **cond: Tensor
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], *args: Tensor, **cond: Tensor
     ) -> Float[Tensor, "b c H W"]:
         tokens, modulation = self.features(x, t, **self.condition_keywords(args, cond))
         return self.head(tokens, modulation, (x.shape[-2], x.shape[-1]))
 
-    def features(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], **cond: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def head(self, tokens: Tensor, modulation: Tensor, size: tuple[int, int]) -> Tensor:

@@ -58,7 +58,7 @@ class CCDiT(DiffusionTransformer):
             self.final.zero_init()
 
     def features(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], labels: Int[Tensor, "b"]
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], labels: Int[Tensor, " b"]
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b cond"]]:
         """The last block's tokens, and c, which modulates every block and the output layer."""
         h = self.patch_embed(x)  # b n d, positions added

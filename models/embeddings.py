@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Float[Tensor, "b"], dim: int, max_period: float = 10_000.0) -> Float[Tensor, "b dim"]:
+def timestep_embedding(t: Float[Tensor, " b"], dim: int, max_period: float = 10_000.0) -> Float[Tensor, "b dim"]:
     """Sinusoidal embedding [cos | sin] of a continuous time, as in the Transformer/DiT [vaswani2017, peebles2023].
 
     Frequencies run from 1 down to 1/max_period radians per unit of `t`, so callers scale t in [0, 1]
@@ -36,7 +36,7 @@ class TimestepEmbedder(nn.Module):
         self.time_scale = time_scale
         self.max_period = max_period
 
-    def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b dim"]:
+    def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b dim"]:
         return timestep_embedding(t * self.time_scale, self.dim, self.max_period)
 
 
@@ -69,13 +69,13 @@ class LabelEmbedder(nn.Module):
     def null_label(self) -> int:
         return null_label_for(self.num_classes)
 
-    def forward(self, labels: Int[Tensor, "b"]) -> Float[Tensor, "b dim"]:
+    def forward(self, labels: Int[Tensor, " b"]) -> Float[Tensor, "b dim"]:
         return self.table(labels)
 
 
 def grid_positions(
     grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
-) -> tuple[Float[Tensor, "grid_h"], Float[Tensor, "grid_w"]]:
+) -> tuple[Float[Tensor, " grid_h"], Float[Tensor, " grid_w"]]:
     """Row and column positions (float64) of a grid_h x grid_w token grid in units of the base grid, per axis.
 
     Rows step by base_grid / grid_h and columns by base_grid / grid_w, so each axis spans [0, base_grid) whatever

@@ -99,10 +99,10 @@ class JointDiT(DiffusionTransformer):
     def features(
         self,
         x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
+        t: Float[Tensor, " b"],
         text: Float[Tensor, "b l e"] | None = None,
         text_mask: Bool[Tensor, "b l"] | None = None,
-        labels: Int[Tensor, "b"] | None = None,
+        labels: Int[Tensor, " b"] | None = None,
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b cond"]]:
         """The last block's image tokens, and c (sinusoid(t), plus the class embedding), which modulates both
         streams of every block and the output layer."""

@@ -96,7 +96,7 @@ class MMDiT(DiffusionTransformer):
     def features(
         self,
         x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
+        t: Float[Tensor, " b"],
         text: Float[Tensor, "b l e"] | None = None,
         text_mask: Bool[Tensor, "b _"] | None = None,
         text_kv: Float[Tensor, "b depth 2 h m e2"] | None = None,

@@ -98,7 +98,7 @@ class PixArtTimestep(nn.Module):
         super().__init__()
         self.time_scale = time_scale
 
-    def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b c"]:
+    def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b c"]:
         return timestep_embedding((1 - t) * self.time_scale, PIXART_TIME_CHANNELS)
 
 
@@ -228,7 +228,7 @@ class PixArt(DiffusionTransformer):
     def features(
         self,
         x: Float[Tensor, "b c H W"],
-        t: Float[Tensor, "b"],
+        t: Float[Tensor, " b"],
         text: Float[Tensor, "b l e"] | None = None,
         text_mask: Bool[Tensor, "b _"] | None = None,
         text_kv: Float[Tensor, "b depth 2 h m e2"] | None = None,

@@ -134,7 +134,7 @@ class PixelDiT(DiffusionTransformer):
         return (*self.semantic.blocks, *self.pixel_blocks)
 
     def features(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], **cond: Tensor
     ) -> tuple[Float[Tensor, "b n q d"], Float[Tensor, "b n D"]]:
         """The last pixel block's tokens (n patches of q = P*P pixels) and the semantic tokens that modulate
         the output head pixel by pixel."""
