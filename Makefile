@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint models data clean browser
+.PHONY: demo test test-fast lint models data clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml Makefile
 
 # The five-stage curriculum on the embedded data, evaluation and grids: outputs/demo/summary.json (~20 min).
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m scripts.demo
 
+# The whole suite (CI runs this: .ci/run); the 15 slowest tests are listed at the end, so a slow newcomer shows.
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The edit-test loop: every test not marked slow or gpu (README, "Tests").
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # The Gradio app's browser test drives a headless Chromium. Installed here where this user may (root with apt-get,
 # as in CI); elsewhere the test is skipped with the command to run (README, "Tests").
@@ -35,9 +41,10 @@ browser:
 		fi; \
 	fi
 
-# The embedded datasets (synthetic scenes, OpenMoji) as latent shards under outputs/data (~3 min).
+# What every embedded stage reads (experiment=embedded), as latent shards under outputs/data: what `make demo` builds.
+# scripts/tools/build_embedded_data.sh builds other sets too (its header: DATASETS, SIZES, KINDS).
 data: $(STAMP)
-	scripts/build_embedded_data.sh outputs/data
+	scripts/tools/build_embedded_data.sh outputs/data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -57,9 +57,14 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.cli_help import HelpFormatter
+
+if TYPE_CHECKING:  # torch and models load inside the functions, so `--help` answers without them
+    from torch import Tensor
+
+    from models import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +238,7 @@ def _pixart_config(cc, text_dim: int, text_len: int):
     """The stock-PixArt model (models/pixart.py) of a ccDiT's trunk: same width, depth, heads, patch and grid."""
     from models import model_config
 
-    return model_config(f"pixart-{cc.size}/{cc.patch}", dim=cc.dim, depth=cc.depth, heads=cc.heads,
+    return model_config(family="pixart", size=cc.size, patch=cc.patch, dim=cc.dim, depth=cc.depth, heads=cc.heads,
                         in_channels=cc.in_channels, input_size=cc.input_size, base_grid=cc.base_grid,
                         mlp_ratio=cc.mlp_ratio, text_dim=text_dim, text_len=text_len)
 

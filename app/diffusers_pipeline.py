@@ -21,6 +21,7 @@ image i is app/sample.py's image with seed s (tests/test_diffusers_export.py: eq
 """
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,11 +35,44 @@ from jaxtyping import Bool, Float
 from PIL import Image
 from torch import Tensor
 
+# model_index.json names this repo's transformer and VAE classes by their module, app.diffusers_models. diffusers
+# imports only its own libraries by such a name and takes any other module from sys.modules (importing a module a
+# folder names would run its code), so that module must be imported before from_pretrained: importing it here makes
+# `from app.diffusers_pipeline import RFDiTPipeline` enough, as the README shows.
+import app.diffusers_models  # noqa: F401
+from app import validation as checks
+from app.cost import EvaluationCost
 from core.images import to_uint8
+from core.sampling import sampling_problem
 from flow.sampler import guided_velocity, prepare_conditions
 
 DEFAULTS = dict(steps=24, cfg_scale=4.0, alpha=1.0)
 """app/pipeline.py's sampling defaults, for a checkpoint that recorded none."""
+
+
+def check_config(prediction: Any, pixel_range: Any, text_len: Any, class_names: Any, image_size: Any,
+                 defaults: Any) -> None:
+    """ValueError naming the model_index.json entry when what an exported folder records cannot be what
+    app.export wrote: the folder is a file anyone can edit, and these values reach every call."""
+    problem = sampling_problem(defaults, "model_index.json defaults")
+    if problem:
+        raise ValueError(problem)
+    if prediction not in ("velocity", "x"):
+        raise ValueError(f"model_index.json prediction is {_short(prediction)}, not 'velocity' or 'x'")
+    if not (isinstance(pixel_range, list | tuple) and len(pixel_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pixel_range)
+            and pixel_range[0] < pixel_range[1]):
+        raise ValueError(f"model_index.json pixel_range is {_short(pixel_range)}; two finite numbers, low first")
+    for key, value in (("text_len", text_len), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20):
+            raise ValueError(f"model_index.json {key} is {_short(value)}; a positive whole number or null")
+    if class_names is not None and not (isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)):
+        raise ValueError(f"model_index.json class_names is {_short(class_names)}; a list of names or null")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class StockPixArt:
@@ -81,12 +115,18 @@ class RFDiTPipeline(DiffusionPipeline):
         defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
+        defaults = DEFAULTS | dict(defaults or {})
+        pixel_range = list(pixel_range or (-1.0, 1.0))
+        check_config(prediction, pixel_range, text_len, class_names, image_size, defaults)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, tokenizer=tokenizer,
                               text_encoder=text_encoder)
-        self.register_to_config(prediction=prediction, pixel_range=list(pixel_range or (-1.0, 1.0)),
-                                text_len=text_len, class_names=class_names, image_size=image_size,
-                                defaults=DEFAULTS | dict(defaults or {}))
+        self.register_to_config(prediction=prediction, pixel_range=pixel_range, text_len=text_len,
+                                class_names=class_names, image_size=image_size, defaults=defaults)
         self._offload_device: torch.device | None = None
+        self.limits: checks.Limits = checks.BATCH
+        """What a call accepts (app/validation.py, as Pipeline.generate): set it to raise the budget (`tflop`),
+        bound the time (`time_limit`) or the prompt length (`prompt_chars`)."""
+        self._cost: EvaluationCost | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -140,17 +180,23 @@ class RFDiTPipeline(DiffusionPipeline):
 
     # ---- conditioning -------------------------------------------------------------------------------------
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens `prompt` takes, special tokens included and not truncated."""
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def check_prompts(self, prompts: list[Any], which: str = "prompt") -> list[str]:
+        """app/validation.py's prompt check of each (a non-empty string within the character limit and within
+        text_len tokens: refused, never cut), as the CLI and the app check theirs."""
+        length = int(self.config.text_len)
+        return [checks.check_prompt(f"{which}[{i}]", p, self.limits, self.token_count, length)
+                for i, p in enumerate(prompts)]
+
     def encode_prompt(self, prompts: list[str], device) -> dict[str, Tensor]:
         """Prompts -> {text, text_mask}: the tokenizer's ids padded to text_len, the encoder's last hidden state
         with padded positions zeroed (core/text_encoder.py). A prompt longer than text_len tokens is refused,
         as app/validation.py refuses it, rather than cut."""
         length = int(self.config.text_len)
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-            used = len(self.tokenizer(prompt)["input_ids"])
-            if used > length:
-                raise ValueError(f"prompt {prompt[:60]!r} takes {used} tokens; this model reads {length}")
+        prompts = self.check_prompts(prompts)
         ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         mask: Bool[Tensor, "b l"] = ids["attention_mask"].bool().to(device)
         with self._resident("text_encoder"):
@@ -170,25 +216,40 @@ class RFDiTPipeline(DiffusionPipeline):
             ids.append(label)
         return self.transformer.check_labels(ids, "class_labels")
 
-    def _conditions(self, prompt, negative_prompt, class_labels, repeat: int, device) -> tuple[dict, dict, int]:
-        """(cond, uncond, batch) for a text or a class checkpoint; a TypeError when the wrong one is given."""
+    def _items(self, prompt, negative_prompt, class_labels, repeat: int) -> tuple[list, list | None]:
+        """(the prompts or class ids, one per image, and the negative prompts or None), checked; a TypeError when
+        the wrong kind is given, RequestError for a value out of range."""
         if self.is_text:
             if class_labels is not None or prompt is None:
                 raise TypeError("this is a text-conditional pipeline: pass prompt=, not class_labels=")
-            prompts = [p for p in ([prompt] if isinstance(prompt, str) else list(prompt)) for _ in range(repeat)]
-            cond = self.encode_prompt(prompts, device)
+            prompts = self.check_prompts([prompt] if isinstance(prompt, str) else list(prompt))
+            prompts = [p for p in prompts for _ in range(repeat)]
             if negative_prompt is None:
-                return cond, self.net.null_condition(len(prompts), device), len(prompts)
+                return prompts, None
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != len(prompts):
                 negatives = [p for p in negatives for _ in range(repeat)]
-            return cond, self.encode_prompt(negatives, device), len(prompts)
+            if len(negatives) != len(prompts):
+                raise checks.RequestError(f"negative_prompt: {len(negatives)} prompts for {len(prompts)} images")
+            return prompts, self.check_prompts(negatives, "negative_prompt")
         if prompt is not None or negative_prompt is not None or class_labels is None:
             raise TypeError("this is a class-conditional pipeline: pass class_labels=, not a prompt")
         labels = [c for c in ([class_labels] if isinstance(class_labels, int | str) else list(class_labels))
                   for _ in range(repeat)]
-        ids = torch.tensor(self.get_label_ids(labels), dtype=torch.long, device=device)
-        return dict(labels=ids), self.net.null_condition(len(labels), device), len(labels)
+        try:
+            return self.get_label_ids(labels), None
+        except ValueError as err:
+            raise checks.RequestError(str(err)) from None
+
+    def _conditions(self, items: list, negatives: list | None, device) -> tuple[dict, dict]:
+        """(cond, uncond) of checked items (`_items`)."""
+        if not self.is_text:
+            ids = torch.tensor(items, dtype=torch.long, device=device)
+            return dict(labels=ids), self.net.null_condition(len(items), device)
+        cond = self.encode_prompt(items, device)
+        if negatives is None:
+            return cond, self.net.null_condition(len(items), device)
+        return cond, self.encode_prompt(negatives, device)
 
     # ---- sampling -----------------------------------------------------------------------------------------
 
@@ -227,17 +288,30 @@ class RFDiTPipeline(DiffusionPipeline):
         """Images for `prompt` (text) or `class_labels` (class). Steps and guidance default to the checkpoint's;
         height and width (pixels, multiples of patch x VAE factor) to its training size. Returns
         ImagePipelineOutput(images=...): PIL images, a [b, h, w, 3] float array in [0, 1] ("np") or a
-        [b, 3, h, w] tensor in [0, 1] ("pt")."""
+        [b, 3, h, w] tensor in [0, 1] ("pt").
+
+        Checked first, as the CLI and the app check theirs (app/validation.py, against `self.limits` widened to the
+        checkpoint's defaults): finite steps and guidance in range, prompts non-empty and within the tokenizer's
+        length, labels in range, sizes positive multiples of the model's unit, the cost within the budget; the
+        time limit while drawing. RequestError (a ValueError) names the argument."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        d = self.config.defaults
-        steps = int(d["steps"] if num_inference_steps is None else num_inference_steps)
-        scale = float(d["cfg_scale"] if guidance_scale is None else guidance_scale)
+        names, d = checks.DIFFUSERS, self.config.defaults
+        limits = self.limits.covering(d)
+        settings = checks.check_settings(
+            names, limits, d["steps"] if num_inference_steps is None else num_inference_steps,
+            d["cfg_scale"] if guidance_scale is None else guidance_scale, (0.0, 1.0), d["alpha"], "euler")
+        repeat = checks.check_number("num_images_per_prompt=", num_images_per_prompt, limits.num_images, integer=True)
+        items, negatives = self._items(prompt, negative_prompt, class_labels, repeat)
+        n = checks.check_count(names.num_images, len(items), limits)
+        h, w = self._size(height, width)
         device = self._execution_device
-        cond, uncond, n = self._conditions(prompt, negative_prompt, class_labels, num_images_per_prompt, device)
-        x = self._initial_latents(n, height, width, generator, latents, device)
-        with self._resident("transformer"):
-            x = self._denoise(x, cond, uncond, steps, scale, device)
+        checks.check_budget(names, limits, device, h, w, settings.steps, n, "euler", settings.cfg_scale != 1.0,
+                            self.evaluation_flops(h, w))
+        cond, uncond = self._conditions(items, negatives, device)
+        x = self._initial_latents(n, h, w, generator, latents, device)
+        with self._resident("transformer"), checks.time_limit(self.transformer, limits.time_limit, names.time_limit):
+            x = self._denoise(x, cond, uncond, settings.steps, settings.cfg_scale, device)
         images = self.decode(x)
         if output_type == "pt":
             out: Any = images.cpu()
@@ -254,16 +328,42 @@ class RFDiTPipeline(DiffusionPipeline):
             return int(cfg.in_channels), int(cfg.patch_size), int(cfg.sample_size)
         return int(cfg.in_channels), int(cfg.patch), int(cfg.input_size)
 
-    def _initial_latents(self, n: int, height, width, generator, latents, device) -> Tensor:
-        """The starting noise [n, c, h, w] in float32: `latents`, or drawn by diffusers' randn_tensor (one
-        generator per image draws each image's noise alone, as app/sample.py's seeds do)."""
-        channels, patch, side = self._input_geometry()
+    def _size(self, height, width) -> tuple[int, int]:
+        """(height, width) in pixels: None is the trained size, anything else a positive multiple of the unit."""
+        _, patch, side = self._input_geometry()
         size = int(self.config.image_size or side * self.vae_scale_factor)
-        h, w = height or size, width or size
-        unit = self.vae_scale_factor * patch
-        if h % unit or w % unit:
-            raise ValueError(f"height and width must be multiples of {unit} pixels (patch x VAE factor), "
-                             f"got {h} x {w}")
+        detail = f"patch {patch} x VAE factor {self.vae_scale_factor}"
+        return checks.check_size(checks.DIFFUSERS, height, width, self.vae_scale_factor * patch, size, detail)
+
+    def evaluation_flops(self, height: int, width: int) -> int:
+        """Floating-point operations of one transformer evaluation on one image of height x width pixels
+        (app/cost.py: counted on a weightless copy, once per size)."""
+        if self._cost is None:
+            stock = isinstance(self.transformer, PixArtTransformer2DModel)
+            config = self.transformer.config
+            channels, _, _ = self._input_geometry()
+
+            def build():
+                if stock:
+                    return PixArtTransformer2DModel.from_config(config)
+                from models import build_model
+
+                return build_model(config)
+
+            def run(model, h: int, w: int) -> None:
+                meta = torch.device("meta")
+                net = StockPixArt(model, int(self.config.text_len), int(config.caption_channels
+                                  or config.cross_attention_dim)) if stock else model
+                net(torch.zeros(1, channels, h, w, device=meta), torch.zeros(1, device=meta),
+                    **net.null_condition(1, meta))
+
+            self._cost = EvaluationCost(build, run)
+        return self._cost(height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def _initial_latents(self, n: int, h: int, w: int, generator, latents, device) -> Tensor:
+        """The starting noise [n, c, h, w] in float32 for (h, w) pixels: `latents`, or drawn by diffusers'
+        randn_tensor (one generator per image draws each image's noise alone, as app/sample.py's seeds do)."""
+        channels, _, _ = self._input_geometry()
         shape = (n, channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:

@@ -19,15 +19,19 @@ built from what the checkpoint and its run recorded, app/model_card.py):
     safetensors      the state dict as it is (model.safetensors, the checkpoint's own names) and config.json
 
 The text encoder, tokenizer and VAE load from where the checkpoint says (hub ids or the bundled MiniLM), or from the
---text-encoder / --tokenizer / --vae folders (app/sources.py). The folder is written under a temporary name and
-renamed into place; an existing --out-dir is replaced only with --force, and never when it holds the checkpoint.
-Nothing is uploaded unless --push-to-hub is given; the token comes from the environment (HF_TOKEN) or a saved
-`hf auth login`.
+--text-encoder / --tokenizer / --vae folders (app/sources.py). Every flag is checked before the model loads or
+anything is written (--out-dir, --eval-report, the --push-to-hub id). The folder is written under a temporary name
+beside --out-dir and renamed into place when complete. An export leaves a marker in its folder (.rfdit-export.json,
+the files it wrote): --force replaces an existing --out-dir only when that marker says an earlier export wrote it
+and it holds nothing else, and never the folder holding the checkpoint or the working directory; any other folder is
+refused, --force or not. Nothing is uploaded unless --push-to-hub is given; the token comes from the environment
+(HF_TOKEN) or a saved `hf auth login`.
 """
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, required=True, help="the folder to write (created; see --force)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--format", choices=FORMATS, default="diffusers")
-    p.add_argument("--force", action="store_true", help="replace an existing --out-dir")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out-dir that an earlier export wrote (and nothing else)")
     p.add_argument("--eval-report", type=Path, action="append", default=[],
                    help="an evaluation report (python -m evaluation.evaluate --json) to quote in the model card")
     p.add_argument("--license", default=None, help="the model card's licence field (default: none; see its Data)")
@@ -75,13 +80,81 @@ def check_format(fmt: str, record, where: str) -> None:
                          "has (model.overrides.caption_projection=true); use --format pixart")
 
 
+MARKER = ".rfdit-export.json"
+"""What an export writes into its folder last: that app.export wrote it, and which files (--force's warrant)."""
+WRITTEN_BY = "python -m app.export"
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """SystemExit naming the flag for what can be told before any work: --out-dir that is the working directory
+    (or holds it) or a filesystem root, a missing --eval-report, a --push-to-hub id the Hub would refuse, --public
+    without --push-to-hub."""
+    out = args.out_dir.resolve()
+    if out == out.parent or Path.cwd().resolve().is_relative_to(out):
+        raise SystemExit(f"--out-dir {args.out_dir} is the working directory or holds it: name a new folder for the "
+                         "export")
+    for report in args.eval_report:
+        if not report.is_file():
+            raise SystemExit(f"--eval-report {report}: no such file")
+    if args.public and not args.push_to_hub:
+        raise SystemExit("--public goes with --push-to-hub (it makes the uploaded repository public)")
+    if args.push_to_hub is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise SystemExit(f"--push-to-hub {args.push_to_hub!r}: not a Hub repository id (owner/name: "
+                             f"{' '.join(str(err).split())[:200]})") from None
+
+
 def check_destination(out_dir: Path, checkpoint_path: Path, force: bool) -> None:
+    """SystemExit unless `out_dir` is free, or (with `force`) an earlier export's folder: its marker says so and
+    it holds nothing the export did not write."""
     if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
         raise SystemExit(f"--out-dir {out_dir} holds the checkpoint {checkpoint_path}: replacing it would delete it")
-    if out_dir.exists() and not force:
-        raise SystemExit(f"--out-dir {out_dir} exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
+    if out_dir.is_symlink():
+        raise SystemExit(f"--out-dir {out_dir} is a symbolic link: name the folder itself")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
         raise SystemExit(f"--out-dir {out_dir} is a file, not a folder")
+    if not force:
+        raise SystemExit(f"--out-dir {out_dir} exists; pass --force to replace an earlier export there")
+    problem = not_an_export(out_dir)
+    if problem:
+        raise SystemExit(f"--out-dir {out_dir}: {problem}; --force replaces only a folder an earlier export wrote, "
+                         "as it left it: choose another --out-dir, or move this one aside yourself")
+
+
+def not_an_export(folder: Path) -> str | None:
+    """Why `folder` is not an earlier export's, as it left it (None when it is): no marker, a marker that is not
+    app.export's, or files beyond those the marker lists (a user's, or another run's)."""
+    marker = folder / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return f"it is not an earlier export's folder (no {MARKER} in it)"
+    try:
+        record = json.loads(marker.read_bytes()[: 16 << 20])
+    except (OSError, ValueError, RecursionError):
+        record = None
+    files = record.get("files") if isinstance(record, dict) and record.get("written_by") == WRITTEN_BY else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return f"its {MARKER} is not one app.export wrote"
+    extra = sorted(set(written_files(folder)) - set(files) - {MARKER})
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"it holds files the export did not write ({', '.join(extra[:3])}{more})"
+    return None
+
+
+def written_files(folder: Path) -> list[str]:
+    """Every file (and link) under `folder`, relative to it, without following links."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root).relative_to(folder)
+        out += [str(here / n) for n in names]
+        out += [str(here / d) for d in dirs if (Path(root) / d).is_symlink()]
+    return sorted(out)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
@@ -145,13 +218,12 @@ def original_arguments(cfg) -> dict[str, Any]:
 def write_format(fmt: str, pipe, folder: Path) -> str:
     """Write `fmt` into `folder`; returns the model card's usage text for it."""
     model, cfg, record = pipe.model, pipe.model.config, pipe.record
-    name = record.name
     if fmt == "safetensors":
         config = dict(model=cfg.to_dict(), metadata=record.to_dict())
         save_safetensors(model.state_dict(), folder / "model.safetensors", {"format": "pt", "rfdit": json.dumps(
             config, default=str)})
         write_json(folder / "config.json", config)
-        return USAGE["safetensors"].format(name=name)
+        return USAGE["safetensors"]
     if fmt == "pixart-original":
         from models.conversion import pixart_to_original
 
@@ -190,18 +262,20 @@ USAGE = {
     "safetensors": "```python\nfrom safetensors.torch import load_file\nfrom models import ModelConfig, build_model\n"
                    "import json\n\ncfg = json.load(open(\"config.json\"))\n"
                    "model = build_model(ModelConfig(**cfg[\"model\"]))\n"
-                   "model.load_state_dict(load_file(\"model.safetensors\"))  # {name}\n```",
+                   "model.load_state_dict(load_file(\"model.safetensors\"))\n```",
 }
 
 
 def export(args: argparse.Namespace) -> Path:
-    """Write args.format to args.out_dir (atomically: a temporary folder renamed into place); returns the folder."""
+    """Write args.format to args.out_dir (a temporary folder beside it, renamed into place when complete; an
+    earlier export there is kept until then); returns the folder."""
     from app import model_card
     from app.pipeline import CheckpointError, load_pipeline, resolve_checkpoint
     from app.sources import sources_from_args
     from core.checkpoint import read_metadata
     from core.files import host
 
+    check_flags(args)
     try:
         path = resolve_checkpoint(args.model_path)
         record = read_metadata(model_card.light_load(path), f"--model-path {path}")  # the small entries only
@@ -209,32 +283,39 @@ def export(args: argparse.Namespace) -> Path:
         raise SystemExit(str(err)) from err
     check_format(args.format, record, f"--model-path {path}")
     check_destination(args.out_dir, path, args.force)
+    try:
+        evals = model_card.evaluations(path, args.eval_report)
+    except model_card.ReportError as err:
+        raise SystemExit(str(err)) from err
     stages = model_card.read_lineage(path)
     try:
         pipe = load_pipeline(path, args.weights, "cpu", sources_from_args(args))
     except CheckpointError as err:
         raise SystemExit(str(err)) from err
-    out_dir = args.out_dir
+    out_dir = args.out_dir.resolve()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         usage = write_format(args.format, pipe, tmp)
         parameters = sum(p.numel() for p in pipe.model.parameters())
+        folder = json.dumps(args.push_to_hub or str(args.out_dir))  # a Python string literal in the card's snippet
         card = model_card.render(record, parameters, args.format, args.weights, stages,
-                                 model_card.data_sources(stages), model_card.evaluations(path, args.eval_report),
-                                 usage.replace("THIS_FOLDER", args.push_to_hub or str(out_dir)) + "\n\n"
+                                 model_card.data_sources(stages), evals,
+                                 usage.replace('"THIS_FOLDER"', folder) + "\n\n"
                                  + reproduce_command(path, args.weights, pipe), args.license)
         (tmp / "README.md").write_text(card)
+        write_json(tmp / MARKER, dict(written_by=WRITTEN_BY, format=args.format, files=written_files(tmp)))
         replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return args.out_dir
 
 
 def replace_folder(new: Path, target: Path) -> None:
-    """Move the finished `new` folder to `target`: a rename, after moving an existing `target` aside (removed once
-    the new one is in place), so `target` is always one whole export or, between two renames, absent."""
+    """Move the finished `new` folder to `target`: a rename, after moving an existing `target` (an earlier export,
+    check_destination) aside, removed once the new one is in place; so `target` is always one whole export or,
+    between two renames, absent with the earlier one beside it (`.NAME.old-HOST-PID`)."""
     old = new.with_name(new.name.replace(".tmp-", ".old-"))
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -247,9 +328,12 @@ def reproduce_command(path: Path, weights: str, pipe) -> str:
     """The app/sample.py command that draws the card's example from the training checkpoint itself."""
     what = ('--prompt "a large red circle in the top left on a gray background"' if pipe.is_text
             else "--class-label 0")
+    from app.model_card import one_line
+
     return ("The same sample from the training checkpoint (equal to the pipeline's to 1/255 with "
             "`generator=torch.manual_seed(0)`):\n\n```bash\n"
-            f"python app/sample.py --model-path {path} --weights {weights} {what} --seed 0 --out-dir samples\n```")
+            f"python app/sample.py --model-path {shlex.quote(one_line(str(path), 4096))} --weights {weights} {what} "
+            "--seed 0 --out-dir samples\n```")
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = True, api=None) -> str:

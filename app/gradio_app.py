@@ -1,8 +1,8 @@
 """A browser front end for a trained checkpoint (Gradio): a prompt or a class in, images out.
 
-    python app/gradio_app.py --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt
-    python app/gradio_app.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt --port 7861
-    python app/gradio_app.py --model-path ckpt.pt --rewrite-endpoint http://localhost:8000/v1 \\
+    python -m app.gradio_app --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt
+    python -m app.gradio_app --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt --port 7861
+    python -m app.gradio_app --model-path ckpt.pt --rewrite-endpoint http://localhost:8000/v1 \\
         --rewrite-model Qwen/Qwen3-VL-2B-Instruct
 
 The checkpoint decides the mode: a class picker for a class-conditional (Stage 1) checkpoint, a prompt box
@@ -12,7 +12,8 @@ a one-line message instead of failing in the browser. The app listens on 127.0.0
 otherwise, and makes a public gradio.live link only with --share. Image i of a request has seed `seed + i`,
 as in app/sample.py, so the CLI line the app prints under the images reproduces them. One generation runs
 at a time; a bounded queue holds the others. Every request is checked by app/validation.py, the CLI's own checks
-(with the controls' ranges, and at most --max-pixel-steps of pixels x steps x images). What the checkpoint names
+(with the controls' ranges, and a cost within --max-tflop), and stopped if it runs past --time-limit seconds, so
+no request holds the one worker for long; uploads are refused (the app takes no files). What the checkpoint names
 (text encoder, tokenizer, VAE) loads only from hub ids or the bundled MiniLM: --text-encoder, --tokenizer and
 --vae PATH load a folder instead, and only --trust-remote-code lets an encoder run its own code (app/sources.py).
 
@@ -29,6 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from app.precision import add_fp32_flag
 from app.sources import add_source_flags
 from core.cli_help import HelpFormatter
 
@@ -51,14 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint written by the trainer, or a run folder / its checkpoints/ (the newest)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_fp32_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     p.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt accepted, in characters")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the one running")
-    p.add_argument("--max-pixel-steps", type=int, default=None,
-                   help="budget of height x width x steps x images per request (default: 16,000,000 on a CPU, "
-                        "2e9 on a GPU)")
+    p.add_argument("--max-tflop", type=float, default=None,
+                   help="budget of a request in teraFLOP of the transformer: its FLOPs at the size asked x solver "
+                        "evaluations x steps x images, x 2 with guidance (default: 100 on a CPU, 20,000 on a GPU)")
+    p.add_argument("--time-limit", type=float, default=300.0,
+                   help="seconds a request may run; a longer one is stopped at its next model evaluation and the "
+                        "worker moves on")
     add_source_flags(p)
     g = p.add_argument_group("prompt rewriting (optional)")
     g.add_argument("--rewrite-endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -73,8 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-prompt-chars must be >= 1, got {args.max_prompt_chars}")
     if args.queue_size < 1:
         p.error(f"--queue-size must be >= 1, got {args.queue_size}")
-    if args.max_pixel_steps is not None and args.max_pixel_steps < 1:
-        p.error(f"--max-pixel-steps must be >= 1, got {args.max_pixel_steps}")
+    if args.max_tflop is not None and not 0 < args.max_tflop <= 1e12:  # NaN fails too
+        p.error(f"--max-tflop must be a number in (0, 1e12], got {args.max_tflop}")
+    if not 0 < args.time_limit <= 86400:
+        p.error(f"--time-limit must be a number of seconds in (0, 86400], got {args.time_limit}")
     if bool(args.rewrite_endpoint) != bool(args.rewrite_model):
         p.error("--rewrite-endpoint and --rewrite-model go together: give both or neither")
     return args
@@ -86,7 +94,7 @@ def main(argv=None) -> None:
 
     pipe = load_or_exit(args)
     demo = build_app(pipe, make_rewriter(args, pipe), args.max_prompt_chars, args.queue_size, args.model_path,
-                     Limits(pixel_steps=args.max_pixel_steps))
+                     Limits(tflop=args.max_tflop, time_limit=args.time_limit))
     # quiet, with our own lines: Gradio's would tell a CLI user to "set share=True in launch()".
     _, local_url, share_url = demo.launch(**launch_kwargs(args), quiet=True, prevent_thread_lock=True)
     public = f" and {share_url}" if share_url else " (add --share for a public link)"

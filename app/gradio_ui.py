@@ -116,7 +116,7 @@ class Generator:
         if seed + n - 1 > lim.seed[1]:
             raise RequestError(f"Seed + Number of images - 1 must be at most {lim.seed[1]}, got {seed + n - 1}")
         height, width = self.size(size)
-        checks.check_budget(APP, lim.budget(self.pipe.device), height, width, sampling.steps, n)
+        self.pipe.check_budget(APP, lim, height, width, sampling.steps, n, sampling.method, sampling.cfg_scale)
         return Settings(steps=sampling.steps, cfg_scale=sampling.cfg_scale, cfg_interval=sampling.cfg_interval,
                         alpha=sampling.alpha, method=sampling.method, seed=seed, num_images=n,
                         trajectory=bool(show_trajectory), height=height, width=width)
@@ -177,24 +177,29 @@ class Generator:
         """Sample the images. With a trajectory, the first image is drawn on its own with it and the rest
         without: a sample depends on its seed only, so the pixels are the same, and only one image's
         intermediate states are decoded."""
+        # One time limit for the whole request (both calls below), so a long one frees the app's worker.
         common = dict(steps=s.steps, cfg_scale=s.cfg_scale, alpha=s.alpha, cfg_interval=s.cfg_interval,
-                      method=s.method, names=APP, limits=self.limits, height=s.height, width=s.width)
-        seeds, start, gif = s.seeds, time.perf_counter(), None
+                      method=s.method, names=APP, limits=replace(self.limits, time_limit=None), height=s.height,
+                      width=s.width)
+        seeds, start = s.seeds, time.perf_counter()
         try:
-            if s.trajectory:
-                first, frames = self.pipe.generate(**{key: [item]}, seeds=seeds[:1], return_trajectory=True,
-                                                   **common)
-                gif = self.trajectories.write(frames[:, 0].numpy())
-                parts = [first]
-                if len(seeds) > 1:
-                    parts.append(self.pipe.generate(**{key: [item] * (len(seeds) - 1)}, seeds=seeds[1:], **common))
-                images = torch.cat(parts)
-            else:
-                images = self.pipe.generate(**{key: [item] * len(seeds)}, seeds=seeds, **common)
+            with checks.time_limit(self.pipe.model, self.limits.time_limit, APP.time_limit):
+                images, gif = self._draw(key, item, s, seeds, common)
         except ValueError as err:
             raise gr.Error(str(err)) from err
         gallery = [(image.numpy(), f"seed {seed}") for image, seed in zip(images, seeds, strict=True)]
         return gallery, gif, self.status(key, item, s, time.perf_counter() - start)
+
+    def _draw(self, key: str, item: str | int, s: Settings, seeds: list[int], common: dict[str, Any]):
+        """(images, the first image's trajectory GIF or None)."""
+        if not s.trajectory:
+            return self.pipe.generate(**{key: [item] * len(seeds)}, seeds=seeds, **common), None
+        first, frames = self.pipe.generate(**{key: [item]}, seeds=seeds[:1], return_trajectory=True, **common)
+        gif = self.trajectories.write(frames[:, 0].numpy())
+        parts = [first]
+        if len(seeds) > 1:
+            parts.append(self.pipe.generate(**{key: [item] * (len(seeds) - 1)}, seeds=seeds[1:], **common))
+        return torch.cat(parts), gif
 
     def status(self, key: str, item: str | int, s: Settings, seconds: float) -> str:
         """What was drawn, how long it took, and the app/sample.py line that draws the same pixels."""
@@ -307,11 +312,16 @@ def build_app(
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)
 
 
+MAX_UPLOAD_BYTES = 0
+"""Gradio's max_file_size: the app takes no files, so its upload route accepts none (Gradio has no limit unless
+told one)."""
+
+
 def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """What `Blocks.launch` gets: loopback unless --host, and share set explicitly, so that neither a
-    GRADIO_SHARE nor a GRADIO_SERVER_NAME in the environment opens the app to the internet unasked."""
+    GRADIO_SHARE nor a GRADIO_SERVER_NAME in the environment opens the app to the internet unasked; no uploads."""
     return dict(server_name=args.host, server_port=args.port, share=bool(args.share), show_error=True,
-                ssr_mode=False, theme=THEME, css=CSS)
+                ssr_mode=False, theme=THEME, css=CSS, max_file_size=MAX_UPLOAD_BYTES)
 
 
 def one_line(err: BaseException, limit: int = 400) -> str:
@@ -326,7 +336,7 @@ def load_or_exit(args: argparse.Namespace) -> Pipeline:
     (A file torch cannot read comes back from app/pipeline.py without torch's own advice, which for a file that
     is no plain checkpoint is to load it with weights_only=False: that would run code from the file.)"""
     try:
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args))
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), fp32=args.fp32)
         item = dict(prompts=["a test"]) if pipe.is_text else dict(labels=[0])
         pipe.generate(**item, seeds=[0], steps=1, cfg_scale=1.0)
     except CheckpointError as err:

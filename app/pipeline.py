@@ -12,7 +12,7 @@ What the metadata names is loaded only as a hub id or the bundled MiniLM, never 
 says otherwise (`Sources`, app/sources.py); every request is checked by app/validation.py before it is drawn.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from jaxtyping import UInt8
 from torch import Tensor
 
 from app import validation as checks
+from app.cost import EvaluationCost
 from app.sources import Sources, UnsafeSourceError, text_encoder_config, tokenizer_source, vae_source
 from core import checkpoint
 from core.conditioning import ClassConditioning, TextConditioning
 from core.device import default_device
+from core.hub import is_bundled, is_hub_id
 from core.images import to_uint8
 from flow import sample
-from models import ModelConfig
+from models import ModelConfig, build_model
 
 CheckpointError = checkpoint.CheckpointError
 """A file that is not a usable checkpoint of this repository; the message names it and what is wrong."""
@@ -41,7 +43,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
     except FileNotFoundError:
         if path.is_dir():
             raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt "
-                                  "in it") from None
+                                  f"in it{checkpoint.sharded_hint(path)}") from None
         raise CheckpointError(f"--model-path {path}: no such file") from None
 
 
@@ -64,6 +66,13 @@ def read_metadata(path: Path | str) -> tuple[dict[str, Any], checkpoint.Checkpoi
     return state, checkpoint.read_metadata(state, f"--model-path {path}")
 
 
+def run_sampler(model: torch.nn.Module, noise: Tensor, cond: dict, uncond: dict | None, **settings) -> Tensor:
+    """flow.sample as every front end runs it, and scripts/bench/sample.py times it: the model in the dtype of its
+    weights (app/precision.py: bf16 on CUDA), fed inputs of that dtype, the ODE state in float32."""
+    dtype = next(model.parameters()).dtype
+    return sample(model, noise, cond, uncond, model_dtype=None if dtype == torch.float32 else dtype, **settings)
+
+
 @dataclass
 class Pipeline:
     model: torch.nn.Module
@@ -73,7 +82,20 @@ class Pipeline:
     """The checkpoint's typed metadata (core/checkpoint.py)."""
     device: torch.device
     limits: checks.Limits = checks.BATCH
-    """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-pixel-steps."""
+    """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-tflop."""
+    _cost: EvaluationCost | None = field(default=None, init=False, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's dtype (app/precision.py)."""
+        return next(self.model.parameters()).dtype
+
+    def autocast(self):
+        """A context for running `model` on float32 inputs elsewhere (a validation loss): bf16 autocast for a bf16
+        model, nothing for a float32 one."""
+        from contextlib import nullcontext
+
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, self.dtype)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -117,8 +139,29 @@ class Pipeline:
         return sorted(sizes, key=lambda hw: (-hw[0] / hw[1], hw[0]))
 
     def defaults(self) -> dict[str, Any]:
-        """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha)."""
+        """Sampling settings the checkpoint's stage previewed with (steps, cfg_scale, alpha; checked against
+        core/sampling.py's caps when the checkpoint was read)."""
         return dict(steps=24, cfg_scale=4.0, alpha=1.0) | dict(self.record.sampling or {})
+
+    def evaluation_flops(self, height: int, width: int) -> int:
+        """Floating-point operations of one evaluation of the transformer on one image of height x width pixels
+        (app/cost.py: counted on a weightless copy of the model, once per size)."""
+        if self._cost is None:
+            cfg, conditioning = self.model.config, self.conditioning
+
+            def run(model, h: int, w: int) -> None:
+                meta = torch.device("meta")
+                model(torch.zeros(1, cfg.in_channels, h, w, device=meta), torch.zeros(1, device=meta),
+                      **conditioning.null(1, meta))
+
+            self._cost = EvaluationCost(lambda: build_model(cfg), run)
+        return self._cost(height // self.vae_factor, width // self.vae_factor)
+
+    def check_budget(self, names: checks.Names, limits: checks.Limits, height: int, width: int, steps: int,
+                     images: int, method: str, cfg_scale: float) -> float:
+        """app/validation.py's budget check of a request with this model's cost; returns its teraFLOP."""
+        return checks.check_budget(names, limits, self.device, height, width, steps, images, method,
+                                   cfg_scale != 1.0, self.evaluation_flops(height, width))
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens `prompt` takes with the checkpoint's tokenizer, special tokens included and not truncated.
@@ -192,7 +235,8 @@ class Pipeline:
         (flow/sampler.py); worth it for repeated calls.
 
         Everything is checked first (app/validation.py) against `limits` (default: the pipeline's), widened to
-        the checkpoint's own defaults; RequestError, a ValueError, names the setting as `names` spells it."""
+        the checkpoint's own defaults: the cost within its budget (teraFLOP), and while drawing its time limit;
+        RequestError, a ValueError, names the setting as `names` spells it (RequestTimeout when stopped)."""
         d = self.defaults()
         limits = (limits or self.limits).covering(d)
         settings = checks.check_settings(
@@ -206,22 +250,25 @@ class Pipeline:
         if len(seeds) != n:
             raise checks.RequestError(f"{len(seeds)} seeds for {n} images")
         seeds = checks.check_seeds(names.seed, seeds, limits)
-        checks.check_budget(names, limits.budget(self.device), h, w, settings.steps, n)
+        self.check_budget(names, limits, h, w, settings.steps, n, settings.method, settings.cfg_scale)
+        if cuda_graphs and limits.time_limit is not None:
+            raise checks.RequestError(f"{names.time_limit} cannot stop a replay of CUDA graphs: drop one of the two")
         size = (h // self.vae_factor, w // self.vae_factor)
-        out = sample(
-            self.model,
-            self.noise(seeds, size),
-            self._condition(items),
-            self.conditioning.null(n, self.device),
-            steps=settings.steps,
-            alpha=settings.alpha,
-            cfg_scale=settings.cfg_scale,
-            cfg_interval=settings.cfg_interval,
-            method=settings.method,
-            prediction=self.record.prediction,
-            return_trajectory=return_trajectory,
-            cuda_graphs=cuda_graphs,
-        )
+        with checks.time_limit(self.model, limits.time_limit, names.time_limit):
+            out = run_sampler(
+                self.model,
+                self.noise(seeds, size),
+                self._condition(items),
+                self.conditioning.null(n, self.device),
+                steps=settings.steps,
+                alpha=settings.alpha,
+                cfg_scale=settings.cfg_scale,
+                cfg_interval=settings.cfg_interval,
+                method=settings.method,
+                prediction=self.record.prediction,
+                return_trajectory=return_trajectory,
+                cuda_graphs=cuda_graphs,
+            )
         if return_trajectory:
             final, traj = out
             return self.to_uint8(final), torch.stack([self.to_uint8(x) for x in traj])
@@ -291,7 +338,47 @@ def _text_conditioning(path: Path, meta: checkpoint.CheckpointMetadata, plan: _P
             f"--model-path {path}: tokenizer {describe_tokenizer(tokenizer.info)} has {tokenizer.vocab_size} ids but "
             f"{which} embeds {embeds}: they do not belong together"
         )
+    if not sources.allow_other_text_encoder:
+        _check_encoder_identity(path, meta, encoder, which)
     return TextConditioning(encoder, recorded, dropout=0.0, tokenizer=tokenizer)
+
+
+def _recorded_encoder(meta: checkpoint.CheckpointMetadata) -> tuple[dict[str, Any] | None, str]:
+    """(the identity of the encoder the checkpoint trained with, the key it is under), or (None, "") when the
+    checkpoint records none that can be compared: an older record naming a local path and no hash. Stored-feature
+    runs record the encoder that made the features (metadata.text_features.encoder), others the one they ran."""
+    from core.text_encoder import BUNDLED_ENCODER
+
+    features = meta.extra.get("text_features")
+    if isinstance(features, dict) and isinstance(features.get("encoder"), dict):
+        ident, key = dict(features["encoder"]), "metadata.text_features.encoder"
+    elif isinstance(meta.text_encoder_info, dict):
+        ident, key = dict(meta.text_encoder_info), "metadata.text_encoder_info"
+    else:
+        return None, ""
+    name = ident.get("id")
+    if not isinstance(name, str):
+        return None, ""
+    if is_bundled(name):  # older records hold the bundled MiniLM's path
+        ident["id"] = BUNDLED_ENCODER
+    comparable = ident.get("sha256") or ident["id"] == BUNDLED_ENCODER or ident["id"].startswith("sha256:") \
+        or is_hub_id(ident["id"])
+    return (ident, key) if comparable else (None, "")
+
+
+def _check_encoder_identity(path: Path, meta: checkpoint.CheckpointMetadata, encoder, which: str) -> None:
+    """CheckpointError naming both encoders when the loaded one is not the one the checkpoint trained with (by
+    weights when both sides have their hash, else by id, subfolder and revision: core/text_encoder.py)."""
+    from core.text_encoder import describe_encoder, same_encoder
+
+    recorded, key = _recorded_encoder(meta)
+    if recorded is None or encoder.identity is None or same_encoder(recorded, encoder.identity):
+        return
+    raise CheckpointError(
+        f"--model-path {path}: {which} is {_one_line(describe_encoder(encoder.identity), 200)}, but the checkpoint "
+        f"was trained with {_one_line(describe_encoder(recorded), 200)} ({key}): prompts would not be encoded as in "
+        "training. Pass --text-encoder with that encoder, or --allow-other-text-encoder to sample anyway"
+    )
 
 
 def load_pipeline(
@@ -300,10 +387,13 @@ def load_pipeline(
     device: str | torch.device | None = None,
     sources: Sources | None = None,
     limits: checks.Limits | None = None,
+    fp32: bool = False,
 ) -> Pipeline:
     """Build the model a checkpoint describes (a file, a run folder or its checkpoints/ folder: the newest), with
     its `ema` or `raw` weights, and what it conditions on. `sources`: the user's own text encoder, tokenizer or VAE
-    and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH)."""
+    and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH). The model
+    is bfloat16 on CUDA and float32 on a CPU or with `fp32` (app/precision.py)."""
+    from app.precision import inference_dtype
     from core.vae import autoencoder_for
 
     if weights not in ("ema", "raw"):
@@ -313,7 +403,8 @@ def load_pipeline(
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
-    model = checkpoint.model_from_state(state, weights).to(device)
+    model = checkpoint.model_from_state(state, weights, f"--model-path {path}")
+    model = model.to(device, inference_dtype(device, fp32))
     del state
     if meta.conditioning == "text":
         conditioning = _text_conditioning(path, meta, plan, sources, device)

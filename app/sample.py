@@ -1,8 +1,8 @@
 """Sample images from a training checkpoint; model, stage, resolution, VAE and text encoder come from its metadata.
 
-    python app/sample.py --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt \\
+    python -m app.sample --model-path outputs/embedded/stage5/checkpoints/step_00000150.pt \\
         --prompt "a large red circle in the top left on a gray background" --seed 0 --out-dir outputs/samples
-    python app/sample.py --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt \\
+    python -m app.sample --model-path outputs/embedded/stage1/checkpoints/step_00000800.pt \\
         --class-label 0 --class-label 3 --num-samples 4 --seed 0 --out-dir outputs/samples
 
 --bucket HxW (height first) draws at one of the aspect-ratio buckets, --list-buckets prints the checkpoint's.
@@ -14,14 +14,17 @@ seed gives the same pixels. Steps, guidance and alpha default to what the checkp
 
 Every setting is checked by app/validation.py, as in the Gradio app, after the checkpoint is loaded (the ranges
 widen to its own defaults): finite numbers in range, sizes that are multiples of the model's patch, prompts that
-fit its tokenizer (never cut), and at most --max-pixel-steps of pixels x steps x images. The text encoder,
-tokenizer and VAE come from the hub ids the checkpoint records or the bundled MiniLM; --text-encoder, --tokenizer
-and --vae load them from a folder instead, and only --trust-remote-code lets an encoder run its own code.
+fit its tokenizer (never cut), and a cost within --max-tflop (the transformer's FLOPs at the size asked, x the
+solver's evaluations x steps x images, x 2 with guidance). The text encoder, tokenizer and VAE come from the hub ids
+the checkpoint records or the bundled MiniLM; --text-encoder, --tokenizer and --vae load them from a folder
+instead, and only --trust-remote-code lets an encoder run its own code. A text encoder whose weights are not the
+ones the checkpoint trained with is refused unless --allow-other-text-encoder.
 """
 
 import argparse
 from pathlib import Path
 
+from app.precision import add_fp32_flag
 from app.sources import add_source_flags
 from app.validation import BATCH
 from core.cli_help import HelpFormatter
@@ -52,10 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its resolution) and exit")
     p.add_argument("--gif", action="store_true", help="also write each sample's denoising trajectory as a GIF")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_fp32_flag(p)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--max-prompt-chars", type=int, default=BATCH.prompt_chars, help="longest prompt, in characters")
-    p.add_argument("--max-pixel-steps", type=int, default=None,
-                   help="budget of height x width x steps x images (default: 16,000,000 on a CPU, 2e9 on a GPU)")
+    p.add_argument("--max-tflop", type=float, default=None,
+                   help="budget of a request in teraFLOP of the transformer: its FLOPs at the size asked x solver "
+                        "evaluations x steps x images, x 2 with guidance (default: 100 on a CPU, 20,000 on a GPU)")
     add_source_flags(p)
     return p.parse_args(argv)
 
@@ -95,9 +100,8 @@ def limits_from_args(args: argparse.Namespace):
     from app.validation import check_number
 
     chars = check_number("--max-prompt-chars", args.max_prompt_chars, (1, 10**6), integer=True)
-    budget = None if args.max_pixel_steps is None else check_number("--max-pixel-steps", args.max_pixel_steps,
-                                                                     (1, 10**15), integer=True)
-    return replace(BATCH, prompt_chars=chars, pixel_steps=budget)
+    budget = None if args.max_tflop is None else check_number("--max-tflop", args.max_tflop, (1e-9, 1e12))
+    return replace(BATCH, prompt_chars=chars, tflop=budget)
 
 
 def main(argv=None) -> None:
@@ -108,11 +112,17 @@ def main(argv=None) -> None:
     from app.sources import sources_from_args
     from app.validation import CLI, RequestError, check_number
     from core.images import save_grid
+    from core.writable import writable_folder
 
     apply_bucket(args)
     try:
+        writable_folder(args.out_dir, f"--out-dir {args.out_dir}")  # before any image is drawn
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    try:
         limits = limits_from_args(args)
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits,
+                             fp32=args.fp32)
     except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
     if args.list_buckets:

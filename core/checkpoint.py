@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from core.files import TEMP, host, write_atomic
+from core.sampling import sampling_problem
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 EXTRA_STATE = "_extra_state"
@@ -74,7 +75,7 @@ def resolve(path: str | Path, what: str, lister=None, is_checkpoint=None, empty:
             return found[-1]
     if p.is_dir():
         raise FileNotFoundError(f"{what}={str(path)!r}: " + (empty or "a folder with no checkpoints/step_*.pt and no "
-                                                              f"step_*.pt in it{_sharded_hint(p)}"))
+                                                              f"step_*.pt in it{sharded_hint(p)}"))
     raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
 
 
@@ -88,7 +89,7 @@ def load(path: Path) -> dict:
     advice is never passed on."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"cannot load checkpoint {path}: no such file{_sharded_hint(path)}")
+        raise CheckpointError(f"cannot load checkpoint {path}: no such file{sharded_hint(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
@@ -103,7 +104,7 @@ def load(path: Path) -> dict:
     return state
 
 
-def _sharded_hint(path: Path) -> str:
+def sharded_hint(path: Path) -> str:
     """What to do with a run's sharded checkpoints (step_*.dcp folders), which no tool but the trainer reads."""
     found = [path] if path.suffix == ".dcp" and path.is_dir() else [
         *path.glob("step_*.dcp"), *path.glob("checkpoints/step_*.dcp")] if path.is_dir() else []
@@ -192,6 +193,12 @@ def load_module_state(module: torch.nn.Module, weights: dict[str, Tensor], extra
 # ---- the metadata record ------------------------------------------------------------------------------------
 
 
+DDPM_PREDICTION = "epsilon"
+"""What an imported DDPM model (PixArt) records. It is refused for sampling, export and evaluation with the way to
+fine-tune it: converting its output at each step would need its noise schedule mapped onto the flow's time, a sampler
+of its own. Every other prediction must be one flow/objective.py turns into a velocity (PREDICTIONS)."""
+
+
 @dataclass(frozen=True)
 class CheckpointMetadata:
     """What a checkpoint says about itself; everything a sampler, the app, the evaluation, reparameterize.py or the
@@ -203,7 +210,8 @@ class CheckpointMetadata:
     """class or text: what the model is called with (`labels=` or `text=, text_mask=`)."""
     stage: int | None = None
     prediction: str = "velocity"
-    """What the network outputs: velocity or x (flow/objective.py)."""
+    """What the network outputs: velocity or x (flow/objective.py); an imported DDPM model's `epsilon`
+    (app/import_weights.py), which no sampler here integrates until it is fine-tuned to velocity."""
     vae: dict[str, Any] = field(default_factory=lambda: {"id": "identity"})
     """The latent space: id, scale, shift, pixel_range (core/vae.py), plus the config's kind / name_or_path."""
     image_size: int | None = None
@@ -232,6 +240,7 @@ class CheckpointMetadata:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         record = cls(**{k: v for k, v in meta.items() if k in names},
                      extra={k: v for k, v in meta.items() if k not in names})
+        record.check_prediction(where)
         record.check(where)
         return record
 
@@ -272,6 +281,28 @@ class CheckpointMetadata:
                 f"{where}: a {self.family} model takes {expected} conditioning, but {', '.join(problems)}; an "
                 "initialisation from reparameterize.py? Train it first (train.init_from=<that file>)"
             )
+        problem = sampling_problem(self.sampling, "metadata.sampling")
+        if problem:  # the samplers start from these: a bad one would reach every request that leaves it unset
+            raise CheckpointError(f"{where}: {problem} (the file is damaged or was edited)")
+
+
+    def check_prediction(self, where: str) -> None:
+        """metadata.prediction says how the sampler reads the network's output: one of flow/objective.py's, or an
+        imported DDPM model's epsilon, refused with the way to fine-tune it."""
+        from flow.objective import PREDICTIONS
+
+        if self.prediction in PREDICTIONS:
+            return
+        if self.prediction == DDPM_PREDICTION:
+            source = (self.extra.get("imported") or {}).get("source")
+            raise CheckpointError(
+                f"{where}: its weights predict {self.prediction!r}" + (f" (imported from {source})" if source else "")
+                + f", and this repo samples only {' or '.join(PREDICTIONS)}: fine-tune it to velocity first "
+                f"(train.init_from={where.rsplit(' ', 1)[-1]} train.prediction=velocity; README, 'Fine-tune a "
+                "published model')"
+            )
+        raise CheckpointError(f"{where}: metadata.prediction is {str(self.prediction)[:80]!r}, not one of "
+                              f"{', '.join(PREDICTIONS)}: the checkpoint was altered or is damaged")
 
 
 def read_metadata(state: dict, where: str) -> CheckpointMetadata:
@@ -281,16 +312,37 @@ def read_metadata(state: dict, where: str) -> CheckpointMetadata:
 # ---- rebuilding a model -------------------------------------------------------------------------------------
 
 
-def model_from_state(state: dict, weights: str = "ema"):
+def model_from_state(state: dict, weights: str = "ema", where: str = "the checkpoint"):
     """The model a loaded checkpoint's metadata describes, with its `ema` or `raw` weights (plain layout, so an
-    FP8-trained checkpoint loads too), in eval mode."""
+    FP8-trained checkpoint loads too), in eval mode. metadata.model is checked first on the meta device: a valid
+    config whose parameters have exactly the shapes of the weights the file holds, so an altered record can
+    neither fail deep inside a model's constructor nor allocate more than the file's own tensors (CheckpointError
+    naming `where`)."""
     from models import ModelConfig, build_model
 
     meta = state.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError("the checkpoint has no metadata.model; not written by this repository")
-    model = build_model(ModelConfig(**meta["model"]))
-    model.load_state_dict(model_weights(state, weights))
+        raise CheckpointError(f"{where} has no metadata.model; not written by this repository")
+    tensors = model_weights(state, weights)
+    try:
+        config = ModelConfig(**meta["model"])
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:200]  # one line, whatever the constructor's checker printed
+        raise CheckpointError(f"{where}: metadata.model is not a model this repository builds ({type(err).__name__}: "
+                              f"{reason}); the checkpoint was altered or is damaged") from None
+    held = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if held != expected:
+        missing, unexpected = sorted(expected.keys() - held.keys()), sorted(held.keys() - expected.keys())
+        shaped = sorted(k for k in expected.keys() & held.keys() if expected[k] != held[k])
+        name = str(meta.get("name", config.family))[:80]
+        raise CheckpointError(f"{where}: metadata.model ({name}) does not describe the {weights} weights it holds: "
+                              f"{len(missing)} missing (first {missing[:2]}), "
+                              f"{len(unexpected)} unexpected ({unexpected[:2]}), {len(shaped)} of another shape "
+                              f"({shaped[:2]}); the checkpoint was altered or is damaged")
+    model = build_model(config)
+    model.load_state_dict(tensors)
     return model.eval().requires_grad_(False)
 
 
@@ -303,4 +355,4 @@ def load_model(path: Path, weights: str = "ema"):
     meta = state.get("metadata")
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
-    return model_from_state(state, weights), meta
+    return model_from_state(state, weights, str(path)), meta

@@ -21,11 +21,17 @@ from core.text_encoder import FrozenTextEncoder
 from models.embeddings import null_label_for
 
 
-def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, "n"]:
-    """Which samples lose their condition: independent Bernoulli(p) draws from the step's generator."""
+def drop_mask(n: int, p: float, generator: torch.Generator) -> Bool[Tensor, " n"]:
+    """Which samples lose their condition: independent Bernoulli(p) draws from the step's generator, on its device
+    (the batch's conditions are moved there first; reading the draws back would make the step wait)."""
     if p <= 0:
-        return torch.zeros(n, dtype=torch.bool)
-    return torch.rand(n, generator=generator, device=generator.device).cpu() < p
+        return torch.zeros(n, dtype=torch.bool, device=generator.device)
+    return torch.rand(n, generator=generator, device=generator.device) < p
+
+
+def to_device(tensor: Tensor, device) -> Tensor:
+    """A batch tensor on `device`, copied without making the host wait (the loader pins its batches on CUDA)."""
+    return tensor.to(device, non_blocking=True)
 
 
 class ClassConditioning:
@@ -42,11 +48,11 @@ class ClassConditioning:
         return null_label_for(self.num_classes)
 
     def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
-        """The batch's labels, with dropout when `generator` is given (training) and none otherwise."""
-        labels = batch["labels"].long()
+        """The batch's labels, with dropout when `generator` (on `device`) is given (training) and none otherwise."""
+        labels = to_device(batch["labels"], device).long()
         if generator is not None:
             labels = torch.where(drop_mask(len(labels), self.dropout, generator), self.null_label, labels)
-        return dict(labels=labels.to(device))
+        return dict(labels=labels)
 
     def from_labels(self, labels: list[int], device) -> dict[str, Tensor]:
         return dict(labels=torch.tensor(labels, dtype=torch.long, device=device))
@@ -117,26 +123,25 @@ class TextConditioning:
 
     @torch.no_grad()
     def encode(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"], device) -> dict[str, Tensor]:
-        tokens, mask = tokens.cpu(), mask.bool().cpu()
+        """Host tokens and mask (the batch's, or a tokenizer's) -> the encoder's states and the mask on `device`.
+        The encoder uploads them itself; with the cache (text_cache > 0) rows are looked up and kept on the host,
+        which reads encoded rows back: worth it on a CPU, where captions repeat; a host sync per step on CUDA."""
         if self.cache_size > 0:
-            text = self._encode_cached(tokens, mask)
+            text, mask = self._encode_cached(tokens.cpu(), mask.bool().cpu()), mask.bool()
         else:
             text = self.encoder(tokens, mask)
-        return dict(text=text.to(device=device, dtype=self.model_dtype), text_mask=mask.to(device))
+        return dict(text=text.to(device=device, dtype=self.model_dtype), text_mask=to_device(mask, device).bool())
 
     def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
-        tokens, mask = batch["text_tokens"], batch["attn_mask"].bool()
+        """Every caption encoded, then the dropped ones (`generator` on `device`) replaced by the null condition,
+        zeros with an all-False mask, on the device: encoding only the kept ones would need their indices on the
+        host (a host sync each step) to save the encoder a tenth of its batch."""
+        cond = self.encode(batch["text_tokens"], batch["attn_mask"], device)
         if generator is None:
-            return self.encode(tokens, mask, device)
-        drop = drop_mask(len(tokens), self.dropout, generator)
-        cond = self.null(len(tokens), device)
-        keep = (~drop).nonzero().flatten()
-        if len(keep):  # only the kept captions are encoded; the dropped ones stay zeros with an all-False mask
-            kept = self.encode(tokens[keep], mask[keep], device)
-            index = keep.to(device)
-            cond["text"][index] = kept["text"]
-            cond["text_mask"][index] = kept["text_mask"]
-        return cond
+            return cond
+        keep = ~drop_mask(len(cond["text"]), self.dropout, generator)
+        text = torch.where(keep[:, None, None], cond["text"], 0.0)
+        return dict(text=text, text_mask=cond["text_mask"] & keep[:, None])
 
     @property
     def tokenizer(self):
@@ -200,12 +205,12 @@ class FeatureConditioning(TextConditioning):
         return int(self.features_info["width"])
 
     def from_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None, device) -> dict[str, Tensor]:
-        text, mask = batch["text_features"], batch["attn_mask"].bool()
-        if generator is not None:
+        text, mask = to_device(batch["text_features"], device), to_device(batch["attn_mask"], device).bool()
+        if generator is not None:  # on `device`, as the batch now is
             keep = ~drop_mask(len(mask), self.dropout, generator)
             mask = mask & keep[:, None]
-            text = text * keep[:, None, None].to(text.dtype)
-        return dict(text=text.to(device=device, dtype=self.model_dtype), text_mask=mask.to(device))
+            text = torch.where(keep[:, None, None], text, 0.0)
+        return dict(text=text.to(self.model_dtype), text_mask=mask)
 
     def from_prompts(self, prompts: list[str], device) -> dict[str, Tensor]:
         if self._load_encoder is None:

@@ -2,7 +2,9 @@
 
 `FrozenTextEncoder` is deliberately NOT a submodule of the DiT. The trainer owns it as a separate object,
 so the encoder's weights (2B parameters for T5Gemma) never enter the DiT's state_dict, its checkpoints, its
-EMA, its optimiser or its DDP/FSDP wrapping; checkpoints record only `FrozenTextEncoder.info`.
+EMA, its optimiser or its DDP/FSDP wrapping; checkpoints record only `FrozenTextEncoder.info`, which holds the
+weights' portable identity (`encoder_identity`, below), so a sampler can tell another encoder from the one trained
+with.
 
 Three kinds of checkpoint, told apart from the config alone (one `AutoConfig.from_pretrained`, which
 downloads nothing more than `config.json`):
@@ -34,7 +36,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from core.device import default_device
-from core.hub import DTYPES
+from core.hub import BUNDLED_TOKENIZER, DTYPES
+from core.identity import files_sha256, source_identity
+
+BUNDLED_ENCODER = BUNDLED_TOKENIZER
+"""The bundled MiniLM's portable id: the package ships its tokenizer and its encoder together."""
 
 
 def default_text_encoder_path() -> str:
@@ -114,6 +120,60 @@ def _load_error(name_or_path: str, offline: bool, err: Exception) -> OSError:
     )
 
 
+# ---- identity: which encoder, by its weights ----------------------------------------------------------------
+#
+# An encoder is recorded as a tokenizer is (core/tokenizer.py), by a portable identity, never a local path: `id`
+# (the bundled MiniLM's package id, a hub id, or `sha256:<hash>` for a local folder), `revision` (a hub commit),
+# `sha256` (over its weight and config files) and `subfolder`. Checkpoints keep it in metadata.text_encoder_info
+# (FrozenTextEncoder.info), shard manifests with their stored features (data/features.py); the samplers and the
+# trainer compare it with the encoder they load (`same_encoder`).
+
+
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
+"""The files that decide an encoder's output: those present are hashed for its identity."""
+
+
+def weights_sha256(folder: Path | str) -> str | None:
+    """sha256 over the WEIGHT_PATTERNS files of `folder` (core/identity.py: files_sha256); None when it holds none."""
+    return files_sha256(folder, WEIGHT_PATTERNS)
+
+
+def encoder_identity(
+    name_or_path: str | Path | None, subfolder: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
+    """The portable record of a text encoder (module docstring), never a local path; computed from its files
+    without loading it (core/identity.py, hashing WEIGHT_PATTERNS). None is the bundled MiniLM."""
+    text = str(name_or_path) if name_or_path is not None else BUNDLED_ENCODER
+    ident = source_identity(text, "text encoder", WEIGHT_PATTERNS, ("config.json",), revision, subfolder)
+    return ident | dict(subfolder=subfolder)
+
+
+def describe_encoder(ident: dict[str, Any]) -> str:
+    """An encoder record in a few words, for messages."""
+    parts = [f"revision {ident['revision']}"] if ident.get("revision") else []
+    parts += [f"sha256 {ident['sha256'][:12]}"] if ident.get("sha256") else []
+    parts += [f"subfolder {ident['subfolder']}"] if ident.get("subfolder") else []
+    return repr(ident.get("id")) + (f" ({', '.join(parts)})" if parts else "")
+
+
+def same_encoder(recorded: dict[str, Any], configured: dict[str, Any]) -> bool:
+    """Same weight files (sha256) means the same encoder whatever the ids; without a hash on both sides, the same
+    id, subfolder and revision (a missing revision on either side matches any)."""
+    if recorded.get("sha256") and configured.get("sha256"):
+        return recorded["sha256"] == configured["sha256"]
+    revisions = recorded.get("revision"), configured.get("revision")
+    return (recorded.get("id") == configured.get("id") and recorded.get("subfolder") == configured.get("subfolder")
+            and (None in revisions or revisions[0] == revisions[1]))
+
+
+def check_encoder(recorded: dict[str, Any], configured: dict[str, Any], where: str) -> None:
+    """ValueError naming both when the configured encoder's identity is not the one the features were made with."""
+    if not same_encoder(recorded, configured):
+        raise ValueError(f"the text features in {where} were made by the encoder {describe_encoder(recorded)}, but "
+                         f"the configured one is {describe_encoder(configured)}")
+
+
 class FrozenTextEncoder(nn.Module):
     """A frozen Hugging Face text encoder: `forward(tokens, mask)` -> last hidden state [b, l, d].
 
@@ -121,11 +181,14 @@ class FrozenTextEncoder(nn.Module):
     cannot switch dropout back on. Keep it out of the DiT's module tree (see the module docstring).
     """
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, name: str, kind: str, model_type: str):
+    def __init__(self, encoder: nn.Module, hidden_size: int, name: str, kind: str, model_type: str,
+                 identity: dict[str, Any] | None = None):
+        """`identity`: the weights' portable identity (encoder_identity); `from_pretrained` computes it."""
         super().__init__()
         self.encoder = encoder
         self._hidden_size = int(hidden_size)
         self.name, self.kind, self.model_type = name, kind, model_type
+        self.identity = dict(identity) if identity is not None else None
         self.requires_grad_(False)
         super().train(False)
 
@@ -199,7 +262,9 @@ class FrozenTextEncoder(nn.Module):
             gc.collect()
         elif encoder is None:
             encoder = AutoModel.from_pretrained(name, config=config, **load_kwargs)
-        return cls(encoder.to(device), _hidden_size(config), name, kind, model_type)
+        # The files just loaded (a hub id's are in the local cache now), hashed: what checkpoints record.
+        identity = encoder_identity(name, subfolder, revision)
+        return cls(encoder.to(device), _hidden_size(config), name, kind, model_type, identity)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], device: str | torch.device | None = None) -> "FrozenTextEncoder":
@@ -235,9 +300,9 @@ class FrozenTextEncoder(nn.Module):
 
     @property
     def info(self) -> dict[str, Any]:
-        """Checkpoint metadata: which encoder produced the DiT's conditioning."""
-        return dict(
-            id=self.name,
+        """Checkpoint metadata (metadata.text_encoder_info): which encoder produced the DiT's conditioning, by its
+        portable identity (id, name, revision, sha256, subfolder: encoder_identity) when known, and how it ran."""
+        return (self.identity or dict(id=self.name)) | dict(
             hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."),
             model_type=self.model_type,
@@ -251,8 +316,9 @@ class FrozenTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: Int[Tensor, "b l"], mask: Bool[Tensor, "b l"]) -> Float[Tensor, "b l d"]:
         device = self.device
-        mask = mask.to(device=device, dtype=torch.bool)
-        # Shards store int32 ids; embedding lookups and some position code want int64.
-        out = self.encoder(input_ids=tokens.to(device=device, dtype=torch.long), attention_mask=mask.long())
+        # Copied as they are (a loader's pinned batch: the host goes on), converted on the device. Shards store
+        # int32 ids; embedding lookups and some position code want int64.
+        mask = mask.to(device, non_blocking=True).bool()
+        out = self.encoder(input_ids=tokens.to(device, non_blocking=True).long(), attention_mask=mask.long())
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden.masked_fill(~mask[..., None], 0.0)

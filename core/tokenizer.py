@@ -6,7 +6,6 @@ with its `revision`, or `sha256:<hash of its files>` for a local folder; `sha256
 vocabulary size and max length. `check_tokenizer` compares a recorded identity with a loaded tokenizer.
 """
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,64 +24,21 @@ from core.hub import (  # noqa: F401 (BUNDLED_* and the source helpers are part 
     is_hub_id,
     recorded_tokenizer_source,
 )
+from core.identity import source_identity
 
 TOKENIZER_FILES = (
     "added_tokens.json", "merges.txt", "sentencepiece.bpe.model", "special_tokens_map.json", "spiece.model",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
 )
 """The files that decide a tokenizer's ids: those present are hashed for its identity (data/README.md)."""
-def tokenizer_files_sha256(folder: Path | str) -> str | None:
-    """sha256 over the TOKENIZER_FILES present in `folder`, in name order, each as its name, a NUL, its length in
-    bytes, a NUL, then its bytes; None when the folder holds none of them."""
-    folder = Path(folder)
-    names = sorted(name for name in TOKENIZER_FILES if (folder / name).is_file())
-    if not names:
-        return None
-    digest = hashlib.sha256()
-    for name in names:
-        data = (folder / name).read_bytes()
-        digest.update(f"{name}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def _hub_snapshot(name: str, revision: str | None) -> Path | None:
-    """The cached snapshot folder holding a hub tokenizer's files (loading it put them there), if any."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for filename in TOKENIZER_FILES:
-        found = try_to_load_from_cache(name, filename, revision=revision)
-        if isinstance(found, str):
-            return Path(found).parent
-    return None
 
 
 def tokenizer_identity(
     name_or_path: str | Path, max_length: int, vocab_size: int, revision: str | None = None
 ) -> dict[str, Any]:
-    """The portable record of a tokenizer (data/README.md, "Tokenizer identity"), never a local path.
-
-    `id` is how a loader finds it anywhere: BUNDLED_TOKENIZER, a hub id (with `revision`), or, for a local folder,
-    `sha256:<hash>` (only the user can say where such a folder is). `sha256` hashes its files
-    (tokenizer_files_sha256); `name` is for people to read.
-    """
-    text = str(name_or_path)
-    if is_bundled(text):
-        folder = Path(default_tokenizer_path())
-        ident = dict(id=BUNDLED_TOKENIZER, name=BUNDLED_NAME, revision=None, sha256=tokenizer_files_sha256(folder))
-    elif Path(text).is_dir():
-        digest = tokenizer_files_sha256(text)
-        if digest is None:
-            raise ValueError(f"tokenizer folder {text} holds none of {', '.join(TOKENIZER_FILES)}")
-        ident = dict(id=f"sha256:{digest}", name=Path(text).resolve().name, revision=None, sha256=digest)
-    elif is_hub_id(text):
-        snapshot = _hub_snapshot(text, revision)
-        # The snapshot folder is named by its commit: the revision that was actually read.
-        commit = snapshot.name if snapshot is not None else revision
-        digest = tokenizer_files_sha256(snapshot) if snapshot is not None else None
-        ident = dict(id=text, name=text, revision=commit, sha256=digest)
-    else:
-        raise ValueError(f"tokenizer {text!r} is neither a local folder nor a hub id (owner/name)")
+    """The portable record of a tokenizer (data/README.md, "Tokenizer identity"), never a local path: core/identity.py's
+    record of its TOKENIZER_FILES, with its max length and vocabulary size."""
+    ident = source_identity(str(name_or_path), "tokenizer", TOKENIZER_FILES, TOKENIZER_FILES, revision)
     return ident | dict(max_length=int(max_length), vocab_size=int(vocab_size))
 
 

@@ -3,7 +3,7 @@
 PixArt-alpha and SANA encode every caption once, before training, instead of on every micro-batch of every rank
 [chen2023pixartalpha, xie2024sana]: a T5-XXL encoding of a 120-token caption costs about as much as the DiT's
 whole training step at 256 px, and the encoder's weights would sit in every GPU's memory. With
-`data/shard_caption_example.py --text-features` the shards hold, besides the tokens, the states of the real tokens
+`data/make_shards.py --text-features` the shards hold, besides the tokens, the states of the real tokens
 of each caption (long and short) in bfloat16, and the trainer reads them instead of loading the encoder.
 
 Layout (data/README.md): `text_features` [T, D] holds the states of every record's real tokens, record after
@@ -14,108 +14,30 @@ zero at padded positions (core/text_encoder.py). A compact layout rather than on
 caption: captions vary in length (VLM captions from a dozen to the full 120 tokens), and padding a shard to its
 longest would store up to max_length / mean length times the bytes; the offsets cost 8 bytes a record.
 
-The encoder is recorded like the tokenizer (core/tokenizer.py), by a portable identity: `id` (the bundled MiniLM's
-package id, a hub id, or `sha256:<hash>` for a local folder), `revision` (a hub commit), `sha256` (over its weight
-and config files, `weights_sha256`), `model_type` and `subfolder`; `check_encoder` compares a recorded identity
-with a configured encoder without loading its weights.
+The encoder is recorded by its portable identity (core/text_encoder.py: `encoder_identity`, the same record a
+checkpoint keeps of the encoder it trained with): `id` (the bundled MiniLM's package id, a hub id, or
+`sha256:<hash>` for a local folder), `revision` (a hub commit), `sha256` (over its weight and config files,
+`weights_sha256`) and `subfolder`; `check_encoder` compares a recorded identity with a configured encoder without
+loading its weights.
 """
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
-from core.hub import BUNDLED_NAME, BUNDLED_TOKENIZER, is_bundled, is_hub_id
-from core.tokenizer import default_tokenizer_path
+from core.text_encoder import (  # noqa: F401 (the identity lives with the encoder; data's callers import it here)
+    BUNDLED_ENCODER,
+    WEIGHT_PATTERNS,
+    check_encoder,
+    describe_encoder,
+    encoder_identity,
+    same_encoder,
+    weights_sha256,
+)
 
-BUNDLED_ENCODER = BUNDLED_TOKENIZER
-"""The bundled MiniLM's portable id: the package ships its tokenizer and its encoder together."""
 FEATURE_DTYPE = "bfloat16"
 """What features are stored as: the encoder's own dtype on a GPU, half the bytes of float32."""
 FEATURE_KEYS = {"text_features": ("attn_mask", "text_feature_offsets"),
                 "short_text_features": ("short_attn_mask", "short_text_feature_offsets")}
 """Feature key -> (the mask whose True positions it holds, its offsets key)."""
-WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                   "pytorch_model.bin.index.json")
-"""The files that decide an encoder's output: those present are hashed for its identity."""
-
-
-def weights_sha256(folder: Path | str) -> str | None:
-    """sha256 over the WEIGHT_PATTERNS files of `folder`, in name order, each fed as its name, a NUL, its length in
-    bytes, a NUL, then its bytes (read in chunks: a T5-XXL is 9 GB); None when the folder holds none."""
-    folder = Path(folder)
-    names = sorted({p.name for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    if not names:
-        return None
-    digest = hashlib.sha256()
-    for name in names:
-        path = folder / name
-        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _hub_snapshot(name: str, subfolder: str | None, revision: str | None) -> Path | None:
-    """The cached snapshot folder (or its subfolder) of a hub encoder, if a load put it in the local cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    prefix = f"{subfolder}/" if subfolder else ""
-    found = try_to_load_from_cache(name, f"{prefix}config.json", revision=revision)
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def encoder_identity(
-    name_or_path: str | Path | None, subfolder: str | None = None, revision: str | None = None
-) -> dict[str, Any]:
-    """The portable record of a text encoder (module docstring), never a local path; computed from its files
-    without loading it. None is the bundled MiniLM."""
-    text = str(name_or_path) if name_or_path is not None else BUNDLED_ENCODER
-    if is_bundled(text):
-        folder = Path(default_tokenizer_path())
-        ident = dict(id=BUNDLED_ENCODER, name=BUNDLED_NAME, revision=None, sha256=weights_sha256(folder))
-    elif Path(text).is_dir():
-        folder = Path(text) / (subfolder or "")
-        digest = weights_sha256(folder)
-        if digest is None:
-            raise ValueError(f"text encoder folder {folder} holds none of {', '.join(WEIGHT_PATTERNS)}")
-        ident = dict(id=f"sha256:{digest}", name=Path(text).resolve().name, revision=None, sha256=digest)
-    elif is_hub_id(text):
-        snapshot = _hub_snapshot(text, subfolder, revision)
-        # The snapshot folder is named by its commit (one level up from a subfolder): the revision actually read.
-        commit = (snapshot.parent if subfolder else snapshot).name if snapshot is not None else revision
-        digest = weights_sha256(snapshot) if snapshot is not None else None
-        ident = dict(id=text, name=text, revision=commit, sha256=digest)
-    else:
-        raise ValueError(f"text encoder {text!r} is neither a local folder nor a hub id (owner/name)")
-    return ident | dict(subfolder=subfolder)
-
-
-def describe_encoder(ident: dict[str, Any]) -> str:
-    """An encoder record in a few words, for messages."""
-    parts = [f"revision {ident['revision']}"] if ident.get("revision") else []
-    parts += [f"sha256 {ident['sha256'][:12]}"] if ident.get("sha256") else []
-    parts += [f"subfolder {ident['subfolder']}"] if ident.get("subfolder") else []
-    return repr(ident.get("id")) + (f" ({', '.join(parts)})" if parts else "")
-
-
-def same_encoder(recorded: dict[str, Any], configured: dict[str, Any]) -> bool:
-    """Same weight files (sha256) means the same encoder whatever the ids; without a hash on both sides, the same
-    id, subfolder and revision (a missing revision on either side matches any)."""
-    if recorded.get("sha256") and configured.get("sha256"):
-        return recorded["sha256"] == configured["sha256"]
-    revisions = recorded.get("revision"), configured.get("revision")
-    return (recorded.get("id") == configured.get("id") and recorded.get("subfolder") == configured.get("subfolder")
-            and (None in revisions or revisions[0] == revisions[1]))
-
-
-def check_encoder(recorded: dict[str, Any], configured: dict[str, Any], where: str) -> None:
-    """ValueError naming both when the configured encoder's identity is not the one the features were made with."""
-    if not same_encoder(recorded, configured):
-        raise ValueError(f"the text features in {where} were made by the encoder {describe_encoder(recorded)}, but "
-                         f"the configured one is {describe_encoder(configured)}")
-
-
 def features_record(identity: dict[str, Any], width: int, max_length: int) -> dict[str, Any]:
     """What a manifest's `spec.text_features` holds."""
     return dict(encoder=identity, width=int(width), dtype=FEATURE_DTYPE, max_length=int(max_length), layout="compact")

@@ -65,7 +65,7 @@ most mix_shards shards per pool. The pages a mapping has read stay resident, and
 until they are released (with the kernel's read-around, several times the bytes asked for), so after each
 shard's part of a batch its mapped pages are released (`madvise(MADV_DONTNEED)`: the pages are clean, and stay
 in the page cache for the next read). The loader's resident set then does not grow with the shard
-(scripts/bench_memory.py); where madvise is missing it grows up to the mapped shards' size, which the kernel can
+(scripts/bench/memory.py); where madvise is missing it grows up to the mapped shards' size, which the kernel can
 still drop under pressure.
 
 Validation. A shard is checked by `load_shard` when a process first opens it (the checks of
@@ -119,7 +119,7 @@ def _salted(salt: str | None, *parts: int | str) -> tuple[int | str, ...]:
 
 def shard_order(
     seed: int, epoch: int, num_shards: int, shuffle: bool = True, salt: str | None = None
-) -> Int[Tensor, "n"]:
+) -> Int[Tensor, " n"]:
     """The epoch's order of shard indices (of one bucket's shards, `salt` its name); a function of (seed, epoch)
     only, so equal on every rank."""
     if not shuffle:
@@ -127,7 +127,7 @@ def shard_order(
     return torch.randperm(num_shards, generator=_generator(*_salted(salt, seed, epoch, "shards")))
 
 
-def record_order(seed: int, epoch: int, shard: int, records: int, shuffle: bool = True) -> Int[Tensor, "n"]:
+def record_order(seed: int, epoch: int, shard: int, records: int, shuffle: bool = True) -> Int[Tensor, " n"]:
     """The order in which an epoch visits one shard's rows."""
     if not shuffle:
         return torch.arange(records)
@@ -136,7 +136,7 @@ def record_order(seed: int, epoch: int, shard: int, records: int, shuffle: bool 
 
 def window_order(
     seed: int, epoch: int, window: int, sizes: Sequence[int], shuffle: bool = True, salt: str | None = None
-) -> Int[Tensor, "n"]:
+) -> Int[Tensor, " n"]:
     """Window position -> position in the concatenation of the window's shards (each in record_order).
     The identity for one shard, so mix_shards=1 reproduces the shard-by-shard order exactly."""
     records = sum(sizes)
@@ -145,7 +145,7 @@ def window_order(
     return torch.randperm(records, generator=_generator(*_salted(salt, seed, epoch, window, "window")))
 
 
-def bucket_sequence(seed: int, epoch: int, batches: Sequence[int], shuffle: bool = True) -> Int[Tensor, "k"]:
+def bucket_sequence(seed: int, epoch: int, batches: Sequence[int], shuffle: bool = True) -> Int[Tensor, " k"]:
     """The bucket (index into `batches`) of each batch of an epoch: bucket b `batches[b]` times, in an order seeded
     from (seed, epoch), the same for every slot."""
     sequence = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(batches, dtype=torch.long))
@@ -185,7 +185,7 @@ def release_pages(tensors: Iterable[Tensor]) -> None:
 
 
 def scatter_features(
-    features: Float[Tensor, "t d"], offsets: Int[Tensor, "m"], rows: Int[Tensor, "n"], mask: Bool[Tensor, "n l"]
+    features: Float[Tensor, "t d"], offsets: Int[Tensor, " m"], rows: Int[Tensor, " n"], mask: Bool[Tensor, "n l"]
 ) -> Float[Tensor, "n l d"]:
     """Stored text features (data/features.py) of shard rows `rows` as a zero [n, L, D] batch holding each row's
     states at its mask's True positions: what the encoder returns for those tokens."""
@@ -197,7 +197,7 @@ def scatter_features(
     return out
 
 
-def short_caption_draws(seed: int, epoch: int, shard: int, records: int, prob: float) -> Bool[Tensor, "n"]:
+def short_caption_draws(seed: int, epoch: int, shard: int, records: int, prob: float) -> Bool[Tensor, " n"]:
     """Row i of the shard uses its short caption in this epoch. Indexed by row, not by visiting order, so
     the draw of a record does not depend on how the epoch is split or mixed, or where a run resumed."""
     if prob <= 0.0:
@@ -370,7 +370,7 @@ class ShardDataset(IterableDataset):
             )
         if text_features and self.spec.text_features is None:
             raise ValueError(f"text_features=True, but {self.data_dir} holds no text features (build it with "
-                             "data/shard_caption_example.py --text-features)")
+                             "data/make_shards.py --text-features)")
         self.entries: list[dict[str, Any]] = self.manifest["shards"]
         self.sizes = [int(e["records"]) for e in self.entries]
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.precision import add_fp32_flag
 from core.cli_help import HelpFormatter
 from data.embedded.synthetic import caption, render_scene, spec_for_index
 
@@ -77,9 +78,10 @@ def validation_batches(pipe, images: np.ndarray, captions: list[str], labels: li
 def report(checkpoint: Path | str, num_samples: int = 256, seed: int = 0, batch_size: int = 64,
            steps: int | None = None, cfg_scale: float | None = None, alpha: float | None = None,
            weights: str = "ema", bins: int = 8, device: str | None = "cpu", encoder=None,
-           pipe=None) -> dict[str, Any]:
+           pipe=None, fp32: bool = False) -> dict[str, Any]:
     """The embedded metrics of `checkpoint` (module docstring) as a JSON-ready dict. `encoder`: a feature net
-    (default: the committed scene encoder); `pipe`: an already loaded pipeline of that checkpoint."""
+    (default: the committed scene encoder); `pipe`: an already loaded pipeline of that checkpoint; `fp32`: the
+    transformer in float32 on CUDA too (app/precision.py)."""
     from app.pipeline import load_pipeline
     from evaluation.metrics import extract, fit_gaussian, frechet_distance
     from evaluation.scene_encoder import encoder_info, load_scene_encoder
@@ -89,7 +91,7 @@ def report(checkpoint: Path | str, num_samples: int = 256, seed: int = 0, batch_
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance), got {num_samples}")
-    pipe = pipe or load_pipeline(checkpoint, weights=weights, device=device)
+    pipe = pipe or load_pipeline(checkpoint, weights=weights, device=device, fp32=fp32)
     own_encoder = encoder is None
     encoder = encoder or load_scene_encoder(device="cpu")
     size = pipe.image_size
@@ -104,7 +106,7 @@ def report(checkpoint: Path | str, num_samples: int = 256, seed: int = 0, batch_
     floor = frechet_distance(fit_gaussian(extract(other, encoder, batch_size=batch_size)["pool"]), real_stats)
     objective = RectifiedFlow(Uniform(), prediction=pipe.record.prediction)  # its times are replaced by fixed ones
     val = ValidationLoss(validation_batches(pipe, real, captions, labels, batch_size), pipe.conditioning, objective,
-                         bins=bins, seed=seed, device=pipe.device)
+                         bins=bins, seed=seed, device=pipe.device, autocast=pipe.autocast)
     losses = val(pipe.model)
     return dict(
         checkpoint=str(checkpoint), weights=weights, conditioning="text" if pipe.is_text else "class",
@@ -127,6 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default="cpu")
+    add_fp32_flag(p)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from app.pipeline import CheckpointError
@@ -134,7 +137,7 @@ def main(argv=None) -> dict:
 
     try:
         out = report(args.model_path, args.num_samples, args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
-                     weights=args.weights, device=args.device)
+                     weights=args.weights, device=args.device, fp32=args.fp32)
     except (CheckpointError, RequestError, ValueError) as err:
         raise SystemExit(f"--model-path {args.model_path}: {err}") from err
     text = json.dumps(out, indent=2)

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from app.precision import add_fp32_flag
 from core.cli_help import HelpFormatter
 
 _SCORING = ("ATTRIBUTES", "BACKGROUND", "SIZE", "FRAME", "WRONG_RGB", "Judgement", "sample_seed", "generate_held_out",
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: trained)")
     p.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: trained)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_fp32_flag(p)
     p.add_argument("--out-dir", type=Path, default=None, help="write grid.png here")
     p.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--max-pixel-steps", type=_positive_int, default=None,
@@ -112,7 +114,7 @@ def main(argv=None) -> dict:
     limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
     try:
         pipe = load_pipeline(args.model_path, weights=args.weights, device=device, sources=sources_from_args(args),
-                             limits=limits)
+                             limits=limits, fp32=args.fp32)
     except ValueError as err:  # app.pipeline.CheckpointError: names the file and, for a source, the flag
         raise SystemExit(str(err)) from err
     conditioning = pipe.metadata.get("conditioning")

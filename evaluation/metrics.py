@@ -48,7 +48,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from core.cli_help import HelpFormatter
-from evaluation.ranks import ALONE, Ranks
+from core.ranks import ALONE, Ranks
 
 IS_SPLIT_SIZE = 5000
 NEIGHBOURS = 3
@@ -109,7 +109,7 @@ def _distances(rows: Tensor, cols: Tensor, block: int):
         yield start, torch.cdist(rows[start : start + block], cols)
 
 
-def manifold_radii(features: Float[Tensor, "n d"], k: int = NEIGHBOURS, block: int = 4096) -> Float[Tensor, "n"]:
+def manifold_radii(features: Float[Tensor, "n d"], k: int = NEIGHBOURS, block: int = 4096) -> Float[Tensor, " n"]:
     """Each point's distance to its k-th nearest neighbour in the same set (itself excluded: it is the 0th)."""
     radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
     for start, d in _distances(features, features, block):
@@ -188,7 +188,11 @@ def extract(images: Sequence, net, ranks: Ranks = ALONE, batch_size: int = 100, 
             parts.setdefault(key, []).append(value.float().cpu())
     if not parts:  # an empty slice still takes part in the gathers, with rows of the right width
         parts = {key: [value.float().cpu()[:0]] for key, value in net(_batch(images, 0, 1, device)).items()}
-    return {key: ranks.gather_rows(torch.cat(values)) for key, values in sorted(parts.items())}
+    feats = {key: ranks.gather_rows(torch.cat(values)) for key, values in sorted(parts.items())}
+    bad = [key for key, value in feats.items() if not torch.isfinite(value).all()]
+    if bad:  # every statistic of them would be NaN, and JSON has no NaN
+        raise ValueError(f"the feature net gave NaN or infinite {', '.join(bad)} features: no metric computed")
+    return feats
 
 
 @dataclass
@@ -203,31 +207,98 @@ class Reference:
     stats_from: str = "images"
 
 
-def _stats(arrays: dict[str, np.ndarray]) -> tuple[Gaussian | None, Gaussian | None]:
-    pool = Gaussian(arrays["mu"], arrays["sigma"]) if "mu" in arrays and "sigma" in arrays else None
-    spatial = Gaussian(arrays["mu_s"], arrays["sigma_s"]) if "mu_s" in arrays and "sigma_s" in arrays else None
+def _stats(arrays: dict[str, np.ndarray], where: str) -> tuple[Gaussian | None, Gaussian | None]:
+    pool = _gaussian(arrays, "mu", "sigma", where) if "mu" in arrays or "sigma" in arrays else None
+    spatial = _gaussian(arrays, "mu_s", "sigma_s", where) if "mu_s" in arrays or "sigma_s" in arrays else None
     return pool, spatial
 
 
+def _gaussian(arrays: dict[str, np.ndarray], mean: str, cov: str, where: str) -> Gaussian:
+    """Stored statistics, checked as a Gaussian's: a finite mean of d numbers and a finite, symmetric, positive
+    semi-definite d x d covariance (what np.cov gives, up to rounding), so the Frechet distance's matrix root is
+    real; ValueError naming the array otherwise, before any feature is extracted."""
+    if mean not in arrays or cov not in arrays:
+        raise ValueError(f"{where}: holds {mean if mean in arrays else cov} without {cov if mean in arrays else mean}")
+    mu, sigma = arrays[mean], arrays[cov]
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or mu.ndim != 1 or len(mu) == 0 \
+            or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{where}: {mean} {list(mu.shape)} and {cov} {list(sigma.shape)} are not a mean of d numbers "
+                         "and a d x d covariance")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{where}: {mean} or {cov} holds NaN or infinite values")
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-8 * scale):
+        raise ValueError(f"{where}: {cov} is not symmetric, so not a covariance")
+    lowest = float(np.linalg.eigvalsh(sigma).min())
+    if lowest < -1e-6 * scale:
+        raise ValueError(f"{where}: {cov} has a negative eigenvalue ({lowest:.3g}), so not a covariance")
+    return Gaussian(mu, sigma)
+
+
+def feature_widths(net, images: Sequence, device: str = "cpu") -> dict[str, int]:
+    """{feature name: width} of `net`, from one image: what stored statistics must match before extraction."""
+    return {k: int(v.shape[1]) for k, v in net(_batch(images, 0, 1, device)).items()}
+
+
+def check_reference_widths(reference: "Reference", widths: dict[str, int], where: str) -> None:
+    """ValueError when the reference's statistics or features are not of the feature net's widths."""
+    pairs = [("mu/sigma", reference.pool.mu.shape[0], widths.get("pool"))]
+    if reference.spatial is not None:
+        pairs.append(("mu_s/sigma_s", reference.spatial.mu.shape[0], widths.get("spatial")))
+    if reference.pool_features is not None:
+        pairs.append(("pool_features", reference.pool_features.shape[1], widths.get("pool")))
+    for name, have, want in pairs:
+        if want is not None and have != want:
+            raise ValueError(f"{where}: {name} are of {have} features, but the feature net gives {want}: statistics "
+                             "of another network (recompute them from images with this one)")
+
+
+def check_count(n: int, what: str, neighbours: int | None = NEIGHBOURS) -> None:
+    """ValueError unless `n` images are enough: 2 for a covariance (FID), more than k for precision and recall
+    (`neighbours` k; None when they are not computed)."""
+    need = 2 if neighbours is None else max(2, neighbours + 1)
+    if n < need:
+        pr = "" if neighbours is None else f" and precision and recall more than k={neighbours}"
+        raise ValueError(f"{what} holds {n} image{'s' if n != 1 else ''}: FID needs at least 2 (a covariance){pr}; "
+                         f"give at least {need}")
+
+
 def load_reference(path: Path | str, net, ranks: Ranks = ALONE, batch_size: int = 100, device: str = "cpu",
-                   recompute: bool = False, progress: bool = False) -> Reference:
-    """A reference from an ADM .npz, a saved reference (its `pool_features`), or a folder of images."""
+                   recompute: bool = False, progress: bool = False,
+                   widths: dict[str, int] | None = None) -> Reference:
+    """A reference from an ADM .npz, a saved reference (its `pool_features`), or a folder of images; everything it
+    holds is checked (counts, statistics, and, given the feature net's `widths`, their sizes) before anything is
+    extracted from its images."""
     from evaluation.npz import read_npz
 
     path = Path(path)
+    where = f"--reference {path}"
     if path.is_dir():
         images, arrays = ImageFolder(path), {}
     else:
         arrays = read_npz(path, "--reference")
         images = arrays.get("arr_0")
-    given_pool, given_spatial = (None, None) if recompute else _stats(arrays)
+    given_pool, given_spatial = (None, None) if recompute else _stats(arrays, where)
     if "pool_features" in arrays and given_pool is not None:
-        feats = torch.from_numpy(np.asarray(arrays["pool_features"], dtype=np.float32))
-        return Reference(given_pool, given_spatial, feats, str(path), len(feats), "saved")
+        feats = np.asarray(arrays["pool_features"])
+        if feats.ndim != 2 or feats.dtype.kind != "f" or not np.isfinite(feats).all():
+            raise ValueError(f"{where}: pool_features must be finite float rows [N, d], got {feats.dtype} "
+                             f"{list(feats.shape)}")
+        check_count(len(feats), f"{where} (pool_features)")
+        reference = Reference(given_pool, given_spatial, torch.from_numpy(feats.astype(np.float32)), str(path),
+                              len(feats), "saved")
+        check_reference_widths(reference, widths or {}, where)
+        return reference
     if images is None:
         if given_pool is None:
-            raise ValueError(f"--reference {path}: holds neither images (arr_0) nor statistics (mu, sigma)")
-        return Reference(given_pool, given_spatial, None, str(path), 0, "npz")
+            raise ValueError(f"{where}: holds neither images (arr_0) nor statistics (mu, sigma)")
+        reference = Reference(given_pool, given_spatial, None, str(path), 0, "npz")
+        check_reference_widths(reference, widths or {}, where)
+        return reference
+    check_count(len(images), where)
+    if given_pool is not None:
+        check_reference_widths(Reference(given_pool, given_spatial, None, str(path), 0), widths or {}, where)
     feats = extract(images, net, ranks, batch_size, device, progress)
     spatial = given_spatial or (fit_gaussian(feats["spatial"]) if "spatial" in feats else None)
     stats_from = "npz" if given_pool is not None else "images"
@@ -316,6 +387,8 @@ def evaluate(samples: dict[str, np.ndarray], reference: Reference | None, net,
     """The metrics of `samples` (arrays of an ADM .npz) on every rank's slice; the report on rank 0 (else None)."""
     s = settings
     images = samples["arr_0"]
+    if reference is not None:
+        check_count(len(images), "--samples", s.neighbours if reference.pool_features is not None else None)
     feats = extract(images, net, ranks, s.batch_size, s.device, s.progress) if reference is not None else {}
     clip_value = None
     if clip is not None and "captions" in samples:
@@ -337,6 +410,10 @@ def evaluate(samples: dict[str, np.ndarray], reference: Reference | None, net,
             report["precision"], report["recall"] = pr
     if clip_value is not None:
         report["clip_score"] = clip_value
+    bad = [k for k, v in report.items() if isinstance(v, float) and not np.isfinite(v)]
+    if bad:  # JSON has no NaN: a report holding one would be invalid, and the number means nothing
+        raise ValueError(f"the {', '.join(bad)} came out as {report[bad[0]]} (non-finite features or statistics): "
+                         "no report written")
     return report
 
 
@@ -366,42 +443,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def loaded_clip(name: str) -> Callable[[], tuple[torch.nn.Module, Any]]:
+    """The CLIP of --clip-model loaded now (before any feature is extracted), as torchmetrics' factory."""
+    try:
+        model, processor = hub_clip(name)()
+    except (OSError, ValueError, ImportError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--clip-model {name}: cannot load it ({first}); on a machine without internet fetch it "
+                         "once where there is (README), or skip the CLIP score with --no-clip") from None
+    return lambda: (model, processor)
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from core.files import write_json_atomic
+    from core.ranks import join, leave
+    from core.writable import writable_file
     from evaluation.features import InceptionFeatures
     from evaluation.npz import read_npz
-    from evaluation.ranks import join, leave
 
     ranks = join(args.device)
     try:
         try:
+            for flag, path in (("--json", args.json), ("--save-reference", args.save_reference)):
+                if path is not None:  # written at the end: checked at the start
+                    writable_file(path, f"{flag} {path}")
             samples = read_npz(args.samples, "--samples")
             if "arr_0" not in samples:
                 raise ValueError(f"--samples {args.samples}: no arr_0 (the images)")
             if args.reference is None and (args.no_clip or "captions" not in samples):
                 raise ValueError(f"--samples {args.samples}: nothing to compute without --reference (FID, sFID, IS, "
                                  "precision, recall) unless the samples carry captions (the CLIP score)")
+            if args.reference is not None:  # enough for FID and precision/recall, before any reading of the reference
+                check_count(len(samples["arr_0"]), f"--samples {args.samples}")
+            clip = loaded_clip(args.clip_model) if not args.no_clip and "captions" in samples else None
             net = InceptionFeatures(args.inception_weights).to(ranks.device) if args.reference else None
             settings = Settings(args.batch_size, str(ranks.device), progress=sys.stderr.isatty() and ranks.is_main)
             reference = None
             if args.reference is not None:
+                widths = feature_widths(net, samples["arr_0"], str(ranks.device))
                 reference = load_reference(args.reference, net, ranks, args.batch_size, str(ranks.device),
-                                           args.reference_stats == "recompute", settings.progress)
+                                           args.reference_stats == "recompute", settings.progress, widths)
                 if args.save_reference is not None and ranks.is_main:
                     save_reference(args.save_reference, reference)
+            report = evaluate(samples, reference, net, clip, ranks, settings)
         except (OSError, ValueError, ImportError) as err:
             raise SystemExit(str(err)) from err
-        clip = None if args.no_clip else hub_clip(args.clip_model)
-        report = evaluate(samples, reference, net, clip, ranks, settings)
         if report is not None:
             report |= dict(samples=str(args.samples),
                            feature_net="inception-v3-compat (torch-fidelity)" if reference is not None else None,
                            clip_model=args.clip_model if "clip_score" in report else None)
-            text = json.dumps(report, indent=2)
+            text = json.dumps(report, indent=2, allow_nan=False)
             print(text)
             if args.json is not None:
-                write_json_atomic(args.json, report)
+                try:
+                    write_json_atomic(args.json, report)
+                except OSError as err:
+                    raise SystemExit(f"--json {args.json}: {err}") from err
         return report
     finally:
         leave()

@@ -11,6 +11,7 @@ memory together; the file appears only when complete (core/files.py).
 """
 
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,8 +61,8 @@ def read_npz(path: Path | str, what: str) -> dict[str, np.ndarray]:
             if arrays["arr_0"] is None:
                 with np.load(path, allow_pickle=False) as data:
                     arrays["arr_0"] = data["arr_0"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{what} {path}: not a readable .npz ({err})") from err
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # zlib.error: damaged
+        raise ValueError(f"{what} {path}: not a readable .npz ({err})") from err  # bytes in a compressed member
     images = arrays.get("arr_0")
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
         raise ValueError(f"{what} {path}: arr_0 must be uint8 [N, H, W, 3] (ADM's layout), got {images.dtype} "

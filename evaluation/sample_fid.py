@@ -3,9 +3,10 @@ model being trained, their features gathered, one Frechet distance against a ref
 
 Sample i has noise seed `seed + i` and the label `sample_many.class_label(seed, i, ...)` (uniform at random) or
 caption `i % len(captions)`, so every evaluation of a run draws from the same noise and conditions and the curve
-moves only with the weights. The ranks take the indices round-robin; the sampler is flow/sampler.py's, with the
-run's preview settings (steps, guidance, alpha). Features: the FID Inception (evaluation/features.py) or, for the
-embedded runs, the repo's scene encoder (evaluation/scene_encoder.py), which needs no download.
+moves only with the weights. The ranks take the indices round-robin, and each samples as many batches (a sharded
+model's forward is a collective); the sampler is flow/sampler.py's, with the run's preview settings (steps,
+guidance, alpha). Features: the FID Inception (evaluation/features.py) or, for the embedded runs, the repo's scene
+encoder (evaluation/scene_encoder.py), which needs no download.
 """
 
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.ranks import ALONE, Ranks
 from evaluation.metrics import fit_gaussian, frechet_distance, load_reference
-from evaluation.ranks import ALONE, Ranks
 from evaluation.sample_many import class_label
 
 
@@ -62,24 +63,34 @@ class SampleFID:
         return cond, self.conditioning.null(n, self.device)
 
     @torch.no_grad()
-    def images(self, model: torch.nn.Module, indices: list[int]) -> np.ndarray:
-        """uint8 NHWC samples of `indices`."""
-        from core.images import to_uint8
+    def latents(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        """The sampled latents of `indices` (their noise, their conditions)."""
         from flow import sample
 
         noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(self.seed + i))
                              for i in indices]).to(self.device)
         cond, uncond = self.condition(indices)
         with self.autocast():
-            latents = sample(model, noise, cond, uncond, prediction=self.prediction, **self.sampling)
-        return to_uint8(self.vae.decode(latents.float().cpu())).numpy()
+            return sample(model, noise, cond, uncond, prediction=self.prediction, **self.sampling)
+
+    def images(self, model: torch.nn.Module, indices: list[int]) -> np.ndarray:
+        """uint8 NHWC samples of `indices`."""
+        from core.images import to_uint8
+
+        return to_uint8(self.vae.decode(self.latents(model, indices).float().cpu())).numpy()
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        mine = list(self.ranks.mine(self.n))
-        pools = []
-        for start in range(0, len(mine), self.batch_size):
-            chunk = self.images(model, mine[start : start + self.batch_size])
-            pools.append(self.features(torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device))["pool"].cpu())
+        mine, pools = list(self.ranks.mine(self.n)), []
+        # Every rank samples as many batches as rank 0, which has the most (a sharded model's forward is a
+        # collective: core/ranks.py, Ranks.rounds); a rank with fewer draws a stand-in of one and drops it.
+        most = len(self.ranks.rounds(self.n))
+        for start in range(0, most, self.batch_size):
+            indices = mine[start : start + self.batch_size]
+            if not indices:
+                self.latents(model, [0])
+                continue
+            images = self.images(model, indices)
+            pools.append(self.features(torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device))["pool"].cpu())
         if not pools:  # no index fell to this rank: rows of the right width for the gather
             pools = [self.features(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=self.device))["pool"][:0].cpu()]
         gathered = self.ranks.gather_rows(torch.cat(pools).float())

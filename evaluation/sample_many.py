@@ -14,25 +14,35 @@ batch composition can move the last bits of a pixel, as for any batched sampler)
 The indices are cut into parts of --batch-size; the parts not yet on disk are dealt round-robin over the ranks,
 each written atomically to DIR/parts/part-NNNNNN.npz (and its PNGs first, with --png, to DIR/png/NNNNNN.png). A
 killed run started again with the same flags continues where it stopped and neither regenerates nor duplicates an
-index; other flags are refused, naming the settings that differ (DIR/sampling.json records them). When every part
-is there, rank 0 writes DIR/samples.npz in the ADM layout (evaluation/npz.py: arr_0 uint8 [N, H, W, 3], arr_1 the
+index; other flags are refused, naming the settings that differ (DIR/sampling.json records them). Every part
+records the hash of the settings it was drawn with: before drawing, rank 0 reads each part on disk whole, and one
+that cannot be read (damaged), holds other indices or was drawn with other settings (sampling.json lost or
+removed) is named, moved aside to part-NNNNNN.npz.rejected and drawn again. When every part is there, rank 0
+writes DIR/samples.npz in the ADM layout (evaluation/npz.py: arr_0 uint8 [N, H, W, 3], arr_1 the
 labels, or captions) and DIR/samples.json. Sampling goes through app/pipeline.py, as the CLI and the app do
 (guidance, its interval, alpha, steps, solver, EMA or raw weights).
 """
 
 import argparse
+import hashlib
 import json
 import sys
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from app.precision import add_fp32_flag
 from core.cli_help import HelpFormatter
 from core.files import write_atomic, write_json_atomic
 
 SETTINGS = "sampling.json"
 SAMPLES = "samples.npz"
+PLAN_MEMBER = "plan"
+"""The member of every part that holds its plan's hash (Plan.digest)."""
+REJECTED = ".rejected"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class Plan:
     weights: str
     labels: str
     captions_from: str | None
+    dtype: str = "float32"
+    """The transformer's (app/precision.py): bf16 and fp32 samples differ in their last bits."""
 
     @property
     def num_parts(self) -> int:
@@ -58,6 +70,10 @@ class Plan:
 
     def indices(self, part: int) -> range:
         return range(part * self.batch_size, min((part + 1) * self.batch_size, self.num_samples))
+
+    def digest(self) -> str:
+        """sha256 of the settings, as sampling.json records them: what every part carries."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -97,10 +113,19 @@ def read_captions(path: Path) -> list[str]:
 
 def check_settings(out_dir: Path, plan: Plan) -> None:
     """Refuse to continue a run of other settings in `out_dir`, naming each setting that differs."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: a file, not a folder")
     path = out_dir / SETTINGS
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        saved = {"dtype": "float32"} | saved  # runs from before the dtype was recorded: fp32
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--out-dir {out_dir}: {path} is unreadable ({err}); remove it (every part records its own "
+                         "settings, so none is reused wrongly) or use another --out-dir") from None
     now = json.loads(json.dumps(asdict(plan)))  # tuples as lists, as saved
     differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if differ:
@@ -121,7 +146,7 @@ def draw_part(pipe, plan: Plan, part: int, captions: list[str] | None) -> dict[s
     seeds = [sample_seed(plan.seed, i) for i in idx]
     kwargs = dict(seeds=seeds, steps=plan.steps, cfg_scale=plan.cfg_scale, cfg_interval=tuple(plan.cfg_interval),
                   alpha=plan.alpha, method=plan.method, names=CLI)
-    out: dict[str, np.ndarray] = dict(index=np.asarray(idx, dtype=np.int64))
+    out: dict[str, np.ndarray] = dict(index=np.asarray(idx, dtype=np.int64), plan=np.asarray(plan.digest()))
     if pipe.is_text:
         prompts = [captions[i % len(captions)] for i in idx]
         images = pipe.generate(prompts=prompts, **kwargs)
@@ -146,12 +171,50 @@ def write_part(out_dir: Path, part: int, arrays: dict[str, np.ndarray], png: boo
 
 
 def _read_part(out_dir: Path, plan: Plan, part: int) -> dict[str, np.ndarray]:
+    """A part's arrays, read whole (zip checks each member's CRC); ValueError naming the file when it cannot be
+    read or is not this plan's part (part_problem)."""
     path = part_path(out_dir, part)
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    if arrays["index"].tolist() != list(plan.indices(part)):
-        raise ValueError(f"{path} holds indices {arrays['index'][:3].tolist()}... not part {part}'s: remove it")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
+    problem = part_problem(arrays, plan, part)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return arrays
+
+
+def part_problem(arrays: dict[str, np.ndarray], plan: Plan, part: int) -> str | None:
+    """Why a part's arrays are not part `part` of `plan`, or None."""
+    if PLAN_MEMBER not in arrays or arrays[PLAN_MEMBER].shape != () or str(arrays[PLAN_MEMBER]) != plan.digest():
+        return "drawn with other settings (its plan hash is not this run's)"
+    index, images = arrays.get("index"), arrays.get("arr_0")
+    if index is None or index.tolist() != list(plan.indices(part)):
+        return f"holds other indices than part {part}'s"
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(index) \
+            or images.shape[-1] != 3:
+        return "holds no uint8 [N, H, W, 3] images of its indices"
+    conditions = arrays.get("arr_1", arrays.get("captions"))
+    if conditions is None or len(conditions) != len(index):
+        return "holds no label or caption per index"
+    return None
+
+
+def screen_parts(out_dir: Path, plan: Plan) -> list[tuple[Path, str]]:
+    """Move aside (to part-NNNNNN.npz.rejected) every part on disk that _read_part refuses, so it counts as
+    missing and is drawn again; returns (file, why) of each."""
+    rejected = []
+    for part in range(plan.num_parts):
+        path = part_path(out_dir, part)
+        if not path.is_file():
+            continue
+        try:
+            _read_part(out_dir, plan, part)
+        except ValueError as err:
+            path.replace(path.with_name(path.name + REJECTED))
+            rejected.append((path, str(err).removeprefix(f"{path}: ")))
+    return rejected
 
 
 def assemble(out_dir: Path, plan: Plan) -> Path:
@@ -164,9 +227,14 @@ def assemble(out_dir: Path, plan: Plan) -> Path:
     first = _read_part(out_dir, plan, 0)
     small = {k: [] for k in ("arr_1", "captions") if k in first}
     for p in range(plan.num_parts):  # np.load reads only the members asked for: the labels or captions
-        with np.load(part_path(out_dir, p), allow_pickle=False) as data:
-            for k, values in small.items():
-                values.append(data[k])
+        path = part_path(out_dir, p)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                for k, values in small.items():
+                    values.append(data[k])
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+            raise ValueError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); run again to draw it "
+                             "anew") from None
     images = (_read_part(out_dir, plan, p)["arr_0"] for p in range(plan.num_parts))
     target = out_dir / SAMPLES
     write_streamed(target, (plan.num_samples, *first["arr_0"].shape[1:]), images,
@@ -201,6 +269,10 @@ def run(pipe, plan: Plan, out_dir: Path, ranks, png: bool = False, captions: lis
     ranks.barrier()
     if ranks.is_main:
         write_json_atomic(out_dir / SETTINGS, asdict(plan))
+        for path, why in screen_parts(out_dir, plan):
+            print(f"evaluation.sample_many: {path}: {why}; drawing it again (the file is kept as "
+                  f"{path.name}{REJECTED})", file=sys.stderr)
+    ranks.barrier()  # the parts rank 0 refused are gone before any rank lists what is missing
     todo = missing_parts(out_dir, plan)
     ranks.barrier()  # every rank lists the missing parts before any is written
     draw(pipe, plan, out_dir, share(todo, ranks), png, captions, progress, f"sampling (rank {ranks.rank})")
@@ -254,6 +326,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--caption-shards", type=Path, help="text checkpoints: a held-out shard folder's captions")
     p.add_argument("--png", action="store_true", help="also write every sample as DIR/png/NNNNNN.png")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; rank r takes GPU r)")
+    add_fp32_flag(p)
     p.add_argument("--max-pixel-steps", type=_positive, default=None,
                    help="budget of height x width x steps x images per generate() call (app/validation.py)")
     from app.sources import add_source_flags
@@ -269,15 +342,17 @@ def main(argv=None) -> Path:
     from app.pipeline import CheckpointError, load_pipeline, resolve_checkpoint
     from app.sources import sources_from_args
     from app.validation import BATCH, RequestError
-    from evaluation.ranks import join, leave
+    from core.ranks import join, leave
+    from core.writable import writable_folder
 
     ranks = join(args.device)
     try:
         try:
+            writable_folder(args.out_dir, f"--out-dir {args.out_dir}")
             model_path = resolve_checkpoint(args.model_path)
             limits = replace(BATCH, pixel_steps=args.max_pixel_steps)
             pipe = load_pipeline(model_path, weights=args.weights, device=ranks.device,
-                                 sources=sources_from_args(args), limits=limits)
+                                 sources=sources_from_args(args), limits=limits, fp32=args.fp32)
             source = args.captions or args.caption_shards
             if source is not None and not pipe.is_text:
                 raise ValueError(f"--model-path {model_path} is class-conditional: --captions and --caption-shards "
@@ -287,12 +362,15 @@ def main(argv=None) -> Path:
             raise SystemExit(str(err)) from err
         plan = Plan(str(model_path.resolve()), args.num_samples, args.batch_size, args.seed, args.steps,
                     args.cfg_scale, tuple(args.cfg_interval), args.alpha, args.method, args.weights,
-                    args.labels if not pipe.is_text else "captions", str(source) if pipe.is_text else None)
+                    args.labels if not pipe.is_text else "captions", str(source) if pipe.is_text else None,
+                    str(pipe.dtype).removeprefix("torch."))
         try:
             target = run(pipe, plan, args.out_dir, ranks, png=args.png, captions=captions,
                          progress=sys.stderr.isatty())
         except (RequestError, ValueError) as err:
             raise SystemExit(f"--model-path {model_path}: {err}") from err
+        except OSError as err:  # a full disk, no permission: the atomic writes left no part half-written
+            raise SystemExit(f"--out-dir {args.out_dir}: {err}") from err
         if ranks.is_main:
             print(target)
         return target

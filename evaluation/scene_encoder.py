@@ -6,7 +6,7 @@ the global average of its last convolution. It learnt those features by telling 
 (data/embedded/synthetic.py): the first shape's shape, colour and position, the background, and one shape or two.
 The committed weights (evaluation/scene_encoder.safetensors, about 1 MB) come from
 
-    python scripts/train_scene_encoder.py        # a few CPU minutes; writes the file and prints its accuracies
+    python -m scripts.tools.train_scene_encoder        # a few CPU minutes; writes the file and prints its accuracies
 
 whose settings, seed and held-out accuracies the file's safetensors metadata records. Images are resized to 32 px
 first (the renderer's shapes are the same at 32, 40 and 48 px), so one encoder serves every embedded stage.
@@ -63,7 +63,8 @@ def load_scene_encoder(path: Path | str = WEIGHTS, device: str | torch.device = 
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no scene encoder weights (python scripts/train_scene_encoder.py makes them)")
+        raise FileNotFoundError(f"{path}: no scene encoder weights (python -m scripts.tools.train_scene_encoder makes "
+                                "them)")
     model = SceneEncoder()
     model.load_state_dict(load_file(path))
     return model.to(device).eval().requires_grad_(False)

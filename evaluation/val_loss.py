@@ -11,7 +11,8 @@ The objective is flow/rectified_flow.py's RectifiedFlow with its time sampler re
 path, the prediction type and the loss are exactly the training ones. Held-out batch i (records i*B ... of the
 folder, unshuffled) draws its noise from a generator seeded by (seed, i), the same noise at every time and every
 evaluation. Batches are dealt round-robin over the ranks and the sums are reduced, so the value does not depend on
-the number of ranks; it depends on the records, the batch size and the seed, which a run keeps fixed.
+the number of ranks; it depends on the records, the batch size and the seed, which a run keeps fixed. Every rank
+runs as many forwards (core/ranks.py: Ranks.rounds), as a sharded model needs.
 """
 
 from collections.abc import Callable
@@ -23,8 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from core.ranks import ALONE, Ranks
 from data.loader import ShardDataset, mix_seed
-from evaluation.ranks import ALONE, Ranks
 from flow.rectified_flow import RectifiedFlow
 
 DEFAULT_BINS = 8
@@ -47,7 +48,7 @@ class FixedTime:
 
     t: float
 
-    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, "b"]:
+    def __call__(self, batch_size: int, *, generator=None, device=None) -> Float[Tensor, " b"]:
         return torch.full((batch_size,), float(self.t), device=device)
 
 
@@ -106,7 +107,10 @@ class ValidationLoss:
             raise ValueError("the validation loss needs at least one held-out batch")
         self.batches, self.conditioning, self.seed = batches, conditioning, seed
         self.times = bin_times(bins)
-        self.objectives = [replace(objective, timesteps=FixedTime(t), shift=None) for t in self.times]
+        # Unweighted (SD3 reports the plain loss by time): a run's train.timesteps.weighting would only rescale each
+        # bin by a constant and make runs with different weightings incomparable.
+        self.objectives = [replace(objective, timesteps=FixedTime(t), shift=None, weighting="none")
+                           for t in self.times]
         self.device, self.autocast, self.ranks = torch.device(device), autocast, ranks
         self.num_samples = sum(len(b["latents"]) for b in batches)
 
@@ -121,17 +125,19 @@ class ValidationLoss:
         return gen
 
     @torch.no_grad()
-    def sums(self, model: torch.nn.Module) -> Float[Tensor, "bins"]:
+    def sums(self, model: torch.nn.Module) -> Float[Tensor, " bins"]:
         """This rank's sum over its batches of (loss x batch size) per time."""
         totals = torch.zeros(len(self.times), dtype=torch.float64)
-        for i in self.ranks.mine(len(self.batches)):
-            batch = self.batches[i]
+        for i in self.ranks.rounds(len(self.batches)):
+            # A rank with fewer batches than others runs one record of batch 0 and drops it (Ranks.rounds).
+            batch = self.batches[i] if i is not None else {k: v[:1] for k, v in self.batches[0].items()}
             x1 = batch["latents"].to(self.device, torch.float32)
             cond = self.conditioning.from_batch(batch, None, self.device)  # no generator: no dropout
             for k, objective in enumerate(self.objectives):
                 with self.autocast():
-                    loss = objective.loss(model, x1, cond, self.generator(i))  # the same noise at every time
-                totals[k] += float(loss) * len(x1)
+                    loss = objective.loss(model, x1, cond, self.generator(i or 0))  # the same noise at every time
+                if i is not None:
+                    totals[k] += float(loss) * len(x1)
         return totals
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:

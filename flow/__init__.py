@@ -1,6 +1,7 @@
 """Rectified-flow objective and sampler (t = 0 noise, t = 1 data).
 
-    objective.py       the path, velocity and x-prediction, the loss, timestep samplers and the resolution shift
+    objective.py       the path, velocity and x-prediction, the loss and its weighting, timestep samplers, and the
+                       resolution shift's map and factor (applied in rectified_flow.py)
     rectified_flow.py  RectifiedFlow: the training objective end to end (draws, shift, path, loss)
     sampler.py         the one ODE sampler (alpha-warped grid, torchdiffeq, classifier-free guidance)
     methods.py         the solver names (no torch: command-line parsers import it)
@@ -12,9 +13,9 @@ import importlib
 
 _EXPORTS = {
     "flow.objective": (
-        "PREDICTIONS", "LogitNormal", "Prediction", "ResolutionShift", "TimestepSampler", "Uniform",
-        "build_timestep_sampler", "flow_matching_loss", "interpolate", "model_velocity", "resolution_shift",
-        "shift_time", "velocity_target", "velocity_to_x", "x_to_velocity",
+        "LOSS_WEIGHTINGS", "PREDICTIONS", "SAMPLERS", "CosMap", "LogitNormal", "Mode", "Prediction", "TimestepSampler",
+        "Uniform", "build_timestep_sampler", "flow_matching_loss", "interpolate", "loss_weight", "model_velocity",
+        "resolution_shift", "shift_time", "velocity_target", "velocity_to_x", "x_to_velocity",
     ),
     "flow.sampler": ("alpha_warp", "guided_velocity", "sample", "time_grid"),
     "flow.methods": ("ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS"),

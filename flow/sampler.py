@@ -27,7 +27,7 @@ def alpha_warp(t: Float[Tensor, "..."], alpha: float) -> Float[Tensor, "..."]:
     return shift_time(t, alpha)
 
 
-def time_grid(steps: int, alpha: float = 1.0, device=None, dtype=torch.float32) -> Float[Tensor, "n"]:
+def time_grid(steps: int, alpha: float = 1.0, device=None, dtype=torch.float32) -> Float[Tensor, " n"]:
     """steps + 1 warped times from 0 (noise) to 1 (data)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -2,6 +2,14 @@
 
 QK-norm keeps attention logits bounded when training in low precision at large width
 [dehghani2023vit22b, esser2024sd3]. Boolean masks follow SDPA's convention: True = may attend.
+
+Masks and kernels. SDPA's FlashAttention-2 kernel takes no mask at all (PyTorch's sdp_utils.cpp lists
+`check_for_attn_mask` among flash's constraints), so a mask is passed only where something is masked: never for
+self-attention, and in joint attention only for caption tokens (a class token and the registers are always
+visible). A caption's padding differs per sample and is known only on the device (reading it back would stall the
+step), so caption masks stay; with one, SDPA on CUDA takes its memory-efficient (or cuDNN) kernel, which is fused
+and accepts any mask. Packing the captions without padding (variable-length flash attention) would bring flash to
+the text models too; it is not done here.
 """
 
 import torch
@@ -131,10 +139,11 @@ class JointAttention(nn.Module):
         self,
         x: Float[Tensor, "b n d"],
         context: Float[Tensor, "b m d"],
-        context_mask: Bool[Tensor, "b m"],
+        context_mask: Bool[Tensor, "b m"] | None,
         rope: Float[Tensor, "n half"] | None = None,
     ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b m d"] | None]:
-        """`rope` rotates the image tokens only: text and registers have no place on the grid."""
+        """`rope` rotates the image tokens only: text and registers have no place on the grid. `context_mask`
+        None: every context token is visible, and SDPA gets no mask (its flash kernel may run)."""
         split = "b n (three h e) -> three b h n e"
         q, k, v = rearrange(self.qkv(x), split, three=3, h=self.heads)
         cq, ck, cv = rearrange(self.context_qkv(context), split, three=3, h=self.heads)
@@ -142,9 +151,10 @@ class JointAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         cq, ck = self.context_norm(cq, ck)
-        m = context.shape[1]
-        image_mask = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-        key_mask = torch.cat([context_mask, image_mask], dim=1)
+        m, key_mask = context.shape[1], None
+        if context_mask is not None:
+            image_mask = context_mask.new_ones(x.shape[0], x.shape[1])
+            key_mask = torch.cat([context_mask, image_mask], dim=1)
         queries = torch.cat([cq, q], dim=2) if self.context_proj is not None else q
         out = attend(queries, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), key_mask)
         if self.context_proj is None:

@@ -1,6 +1,4 @@
-"""The contract every model family implements, and the DiT skeleton that ccDiT, mmDiT and JointDiT share.
-
-`DiffusionTransformer` is what the trainer, the sampler, the fast path and the tools may rely on:
+"""The contract every model family implements: what the trainer, the sampler, the fast path and the tools rely on.
 
 * `config: ModelConfig`, enough to rebuild the model (saved with every checkpoint);
 * `blocks`: the sequence of blocks that activation checkpointing and per-block compile act on
@@ -9,37 +7,41 @@
   pixel blocks;
 * `forward(x, t, **cond)`: the velocity (or clean image) for x [b, c, H, W] at times t [b], with the
   conditioning by keyword: `labels=` [b] (class) or `text=` [b, l, e] and `text_mask=` [b, l] (text; True =
-  a real token). Positional `text, text_mask` (or `labels`) are accepted too and named by `condition_keys`;
-* `features(x, t, **cond)`: what the output head reads, (tokens, the vector or tokens that modulate it);
-  `forward` is `head(*features(...))` for every family;
+  a real token). Positional `text, text_mask` (or `labels`) are accepted too and named by `condition_keys`. It
+  checks the keywords once (`condition_keywords`) and returns `head(*features(x, t, **cond), (H, W))`;
+* `features(x, t, **cond)`: what the output head reads, (tokens, the vector or tokens that modulate it), from
+  keywords as `forward` checked them (PixelDiT calls its semantic stream's);
 * `null_condition(n, device)`: the keywords of the unconditional input for guidance: the null class, or
   zeros with an all-False text mask; `null_label` (class models) is that class's index, `check_labels` the
-  range check of user-given labels.
+  range check of user-given labels;
+* `prepared_keys` and `prepare_condition(**cond)` where a family has conditioning worth computing once for every
+  sampling step (the caption's keys and values of cross-attention: models/layers.py, prepare_captions).
 
-`DiTSkeleton` is the patch-level DiT [peebles2023] written once: patch embedding with positions, the
-sinusoidal time embedding, the block loop with 2-D RoPE, the adaLN final layer, unpatchify, and the
-initialisation preamble (xavier, then the patch conv; the family's own draws and zero inits; the output layer
-zeroed last). A family supplies only what differs: its conditioning modules (`build_conditioning`), its block
-(`make_block`), its initialisation (`init_conditioning`), how the conditioning becomes the vector the output
-layer is modulated with and what the blocks read (`condition`), and how one block is called (`run_block`).
-The order of construction is fixed here, so parameter names, their order and the initialisation's draws from
-the global RNG are those of the original per-family classes (tests/test_model_contract.py pins them).
+Each family writes its constructor, its initialisation and its `features` top to bottom in its own file, as
+DiT's models.py does [peebles2023]; what they share are modules and functions (models/embeddings.py,
+models/layers.py, models/rope.py, models/attention.py), not a skeleton to fill in. The parameter names, their
+order and the initialisation's draws from the global RNG are pinned by tests/test_model_contract.py.
 """
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.embeddings import PatchEmbed, TimestepEmbedder, check_labels, null_label_for, unpatchify
-from models.layers import FinalLayer, init_linears_xavier, init_patch_embed
-from models.rope import grid_rope
+from models.embeddings import check_labels, null_label_for
 
 CONDITION_KEYS: dict[str, tuple[str, ...]] = {"class": ("labels",), "text": ("text", "text_mask")}
 """The keywords a model takes for each conditioning, in the order positional arguments are read."""
+
+
+def family_config(cfg: ModelConfig, model: type, *families: str) -> ModelConfig:
+    """`cfg`, once its family is one of `families`: a ValueError naming the class otherwise."""
+    if cfg.family not in families:
+        raise ValueError(f"{model.__name__} needs family={' or '.join(map(repr, families))}, got {cfg.family!r}")
+    return cfg
 
 
 class DiffusionTransformer(nn.Module):
@@ -52,18 +54,18 @@ class DiffusionTransformer(nn.Module):
     """The keywords `prepare_condition` returns, which forward takes in place of condition_keys (none: no
     preparation; the sampler then passes the conditioning as it is)."""
 
-    def features(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], *args: Tensor, **cond: Tensor
+    ) -> Float[Tensor, "b c H W"]:
+        tokens, modulation = self.features(x, t, **self.condition_keywords(args, cond))
+        return self.head(tokens, modulation, (x.shape[-2], x.shape[-1]))
+
+    def features(self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], **cond: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def head(self, tokens: Tensor, modulation: Tensor, size: tuple[int, int]) -> Tensor:
         """The output layer: `features`' result -> the prediction [b, out_channels, *size]."""
         raise NotImplementedError
-
-    def forward(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], *args: Tensor, **cond: Tensor
-    ) -> Float[Tensor, "b c H W"]:
-        tokens, modulation = self.features(x, t, **self.condition_keywords(args, cond))
-        return self.head(tokens, modulation, (x.shape[-2], x.shape[-1]))
 
     @property
     def condition_keys(self) -> tuple[str, ...]:
@@ -107,78 +109,3 @@ class DiffusionTransformer(nn.Module):
         dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
         return dict(text=torch.zeros(n, cfg.text_len, cfg.text_dim, dtype=dtype, device=device),
                     text_mask=torch.zeros(n, cfg.text_len, dtype=torch.bool, device=device))
-
-
-class DiTSkeleton(DiffusionTransformer):
-    """The shared DiT: patch embed -> (time, conditioning) -> blocks -> adaLN final layer -> unpatchify.
-
-    `with_head=False` leaves out the final layer: PixelDiT uses the blocks' tokens as its semantic stream.
-    """
-
-    family: ClassVar[str]
-
-    def __init__(self, cfg: ModelConfig, with_head: bool = True):
-        super().__init__()
-        if cfg.family != self.family:
-            raise ValueError(f"{type(self).__name__} needs family={self.family!r}, got {cfg.family!r}")
-        self.config = cfg
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch, cfg.base_grid, cfg.pos_embed == "learned")
-        self.t_embed = TimestepEmbedder(cfg.cond_dim, cfg.time_scale)
-        self.build_conditioning(cfg)  # registered here, between the embeddings and the blocks, as always
-        self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch**2 * cfg.out_channels) if with_head else None
-        self.initialize_weights()
-
-    # ---- what a family supplies ---------------------------------------------------------------------------
-
-    def build_conditioning(self, cfg: ModelConfig) -> None:
-        """Register the family's conditioning modules and parameters."""
-
-    def make_block(self, cfg: ModelConfig, index: int) -> nn.Module:
-        raise NotImplementedError
-
-    def init_conditioning(self) -> None:
-        """The family's initialisation after the shared xavier pass: its own draws, then its zero inits."""
-
-    def condition(self, t_emb: Float[Tensor, "b cond"], **cond: Tensor) -> tuple[Float[Tensor, "b cond"], Any]:
-        """(the vector the final layer is modulated with, the state the blocks read) from sinusoid(t) and the
-        conditioning keywords."""
-        raise NotImplementedError
-
-    def run_block(self, block: nn.Module, h: Tensor, state: Any, rope: Tensor | None) -> tuple[Tensor, Any]:
-        """One block: (its output tokens, the state for the next block)."""
-        raise NotImplementedError
-
-    # ---- the skeleton -----------------------------------------------------------------------------------
-
-    def initialize_weights(self) -> None:
-        init_linears_xavier(self)
-        init_patch_embed(self.patch_embed.proj)
-        self.init_conditioning()
-        if self.final is not None:
-            self.final.zero_init()  # adaLN-Zero [peebles2023]: an untrained model outputs exactly zero
-
-    def features(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor
-    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b cond"]]:
-        """The last block's tokens and the vector the output layer is modulated with."""
-        cond = self.condition_keywords((), cond)
-        H, W = x.shape[-2:]
-        p = self.config.patch
-        h = self.patch_embed(x)
-        t_emb = self.t_embed(t).to(h.dtype)  # the sinusoid is fp32; follow the model dtype
-        c, state = self.condition(t_emb, **cond)
-        rope = grid_rope(self.config, H // p, W // p, x.device)
-        for block in self.blocks:
-            h, state = self.run_block(block, h, state, rope)
-        return h, c
-
-    def head(
-        self, tokens: Float[Tensor, "b n d"], modulation: Float[Tensor, "b cond"], size: tuple[int, int]
-    ) -> Float[Tensor, "b o H W"]:
-        if self.final is None:
-            raise RuntimeError(f"this {type(self).__name__} was built with_head=False (a semantic stream): "
-                               "call features()")
-        p = self.config.patch
-        return unpatchify(self.final(tokens, modulation), p, self.config.out_channels, size[0] // p, size[1] // p)
-

@@ -64,6 +64,10 @@ class ModelConfig:
     """t in [0, 1] is multiplied by this before the sinusoid. The reference fed raw t, where the highest
     frequency turns one radian over the whole range and the embedding is nearly linear in t; DiT and SD3
     use a 0..1000 scale."""
+    time_max_period: float = 10_000.0
+    """The timestep sinusoid's frequencies run from 1 down to 1 / time_max_period (DiT's 10,000). The reference's
+    own sinusoid spaces them by half - 1 instead of half, which is 10000 ** (half / (half - 1)) here: set by
+    `python -m app.import_weights` for its checkpoints (models/reference_layout.py), so they compute what they did."""
     qk_norm: bool = True
     """Per-head RMSNorm on queries and keys (pixart: off, as in PixArt-alpha)."""
     num_classes: int = 1000
@@ -81,8 +85,9 @@ class ModelConfig:
     text_pad_multiple: int = 1
     """mmdit / jointdit (and the pixel families on them): pad the text-side sequence, mmDiT's keys [null; text]
     or JointDiT's context [registers; context], with masked positions to a multiple of this. Transformer
-    Engine's FP8 GEMMs need the rows of a layer's input (batch x sequence) divisible by 16 (8 for some
-    recipes); padding each sample's sequence makes that hold for any micro-batch. 1: no padding."""
+    Engine's FP8 GEMMs need the rows of a layer's input (batch x sequence) divisible by the recipe's multiple (16, or
+    32 for MXFP8: trainer/precision.py); padding each sample's sequence makes that hold for any micro-batch.
+    1: no padding."""
     pos_embed: Literal["sincos", "learned"] = "sincos"
     """Absolute positions added to the patch tokens: the fixed 2-D sin-cos table, or a learnable table that
     starts from it and is resized (bicubic) for grids other than base_grid."""
@@ -145,7 +150,7 @@ class ModelConfig:
             return
         fixed = {"qk_norm": (self.qk_norm, False), "rope": (self.rope, False), "pos_embed": (self.pos_embed, "sincos"),
                  "cond_dim": (self.cond_dim, PIXART_TIME_CHANNELS), "mlp_ratio": (self.mlp_ratio, 4.0),
-                 "time_scale": (self.time_scale, 1000.0)}
+                 "time_scale": (self.time_scale, 1000.0), "time_max_period": (self.time_max_period, 10_000.0)}
         for key, (value, needed) in fixed.items():
             if value != needed:
                 raise ValueError(f"model.overrides.{key}={value!r}: a pixart model is diffusers' "

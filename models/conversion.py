@@ -7,6 +7,11 @@ command line around them is reparameterize.py (its docstring explains each conve
     torch_to_te_state    nn.Linear layout -> te.Linear layout
     pixart_to_diffusers  a pixart model's state as diffusers' PixArtTransformer2DModel's (pixart_diffusers_config)
     pixart_to_original   ... as the PixArt-alpha repository's .pth keys (what ComfyUI's PixArt loader reads)
+    diffusers_to_pixart  the inverse of pixart_to_diffusers (a stock PixArtTransformer2DModel's state as a pixart
+                         model's; learn_sigma's variance channels dropped)
+    original_to_diffusers  the PixArt-alpha repository's .pth keys as diffusers' (pixart_to_original's inverse, plus
+                         PixArt-alpha 1024-MS's size and aspect-ratio embedders)
+    strip_wrapper_prefixes  `_orig_mod.` (torch.compile) and `module.` (DDP) removed from a state dict's keys
     ccdit_to_pixart      Stage 1 -> a pixart model: the trunk exactly (halves of the residual stream swapped), the
                          time path exactly where the ccDiT's cond_dim divides 256, the tables exact at t* only
 """
@@ -27,7 +32,8 @@ from models.embeddings import timestep_embedding
 log = logging.getLogger("reparameterize")  # what the conversions report is reparameterize.py's output
 
 # Shapes that must agree for the trunk to carry over.
-_SHARED_FIELDS = ("dim", "depth", "heads", "patch", "in_channels", "mlp_ratio", "cond_dim", "time_scale", "qk_norm")
+_SHARED_FIELDS = ("dim", "depth", "heads", "patch", "in_channels", "mlp_ratio", "cond_dim", "time_scale",
+                  "time_max_period", "qk_norm")
 
 
 def stage2_config(cc: ModelConfig, text_dim: int, text_len: int) -> ModelConfig:
@@ -62,7 +68,7 @@ def ccdit_to_mmdit(
             out[key] = cc_state[key].clone()
 
     e_null = cc_state["y_embed.table.weight"][cc.num_classes].double()  # the null class
-    t_emb = timestep_embedding(torch.tensor([t_star * cc.time_scale]), cc.cond_dim).double()[0]
+    t_emb = timestep_embedding(torch.tensor([t_star * cc.time_scale]), cc.cond_dim, cc.time_max_period).double()[0]
 
     def bake(prefix_src: str, prefix_dst: str) -> None:
         """Copy an AdaLNModulation, folding W1 e_null into its first bias."""
@@ -211,6 +217,24 @@ def torch_to_te_state(state: dict[str, Tensor], model_with_te: nn.Module | None 
     return out
 
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+"""Prefixes a wrapper adds to every key of the state dict it is asked for: torch.compile's OptimizedModule and DDP.
+The reference saved its compiled model's state as it was, so its checkpoints carry `_orig_mod.`."""
+
+
+def strip_wrapper_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Pure function: (`state` with every leading WRAPPER_PREFIXES removed, in any order and number, the prefixes that
+    were found). Only keys that all carry a prefix are stripped of it, so a model's own `module.` names survive."""
+    found: list[str] = []
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        found.append(prefix)
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, found
+
+
 def load_state_allowing_missing_extra_state(module: nn.Module, state: dict[str, Tensor]):
     """`module.load_state_dict(state, strict=False)` that tolerates only `_extra_state` mismatches.
 
@@ -323,6 +347,72 @@ def pixart_to_original(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def diffusers_to_pixart(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Pure function: PixArtTransformer2DModel's state dict -> the pixart model `cfg` describes (pixart_to_diffusers'
+    inverse: renamed, q/k/v and k/v concatenated). A learn_sigma model's output projection also predicts the
+    variance, p*p*2C rows in (p q c) order with the noise in c < C (diffusers' pipelines keep that half): only
+    those rows are kept. Its size and aspect-ratio embedders are not read: `bake_micro_conditions` folds them in
+    first. KeyError names a missing tensor."""
+    out: dict[str, Tensor] = {}
+    for ours, theirs in _pixart_names(cfg, "diffusers").items():
+        for kind in ("weight", "bias"):
+            out[f"{ours}.{kind}"] = state[f"{theirs}.{kind}"]
+    for i in range(cfg.depth):
+        block = f"transformer_blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([state[f"{block}.attn1.{n}.{kind}"]
+                                                            for n in ("to_q", "to_k", "to_v")])
+            out[f"blocks.{i}.cross_attn.kv.{kind}"] = torch.cat([state[f"{block}.attn2.{n}.{kind}"]
+                                                                 for n in ("to_k", "to_v")])
+        out[f"blocks.{i}.scale_shift_table"] = state[f"{block}.scale_shift_table"]
+    out["final.scale_shift_table"] = state["scale_shift_table"]
+    p2, c = cfg.patch**2, cfg.out_channels
+    rows = out["final.linear.weight"].shape[0]
+    if rows not in (p2 * c, 2 * p2 * c):
+        raise ValueError(f"proj_out has {rows} rows: neither patch^2 x {c} channels nor twice that (learn_sigma)")
+    if rows == 2 * p2 * c:  # learn_sigma: keep the noise half of every patch position
+        out["final.linear.weight"] = out["final.linear.weight"].reshape(p2, 2 * c, -1)[:, :c].reshape(p2 * c, -1)
+        out["final.linear.bias"] = out["final.linear.bias"].reshape(p2, 2 * c)[:, :c].reshape(p2 * c)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+MICRO_CONDITION_NAMES = {"csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
+                         "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
+                         "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
+                         "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2"}
+"""PixArt-alpha 1024-MS's size and aspect-ratio embedders: the original layout's names -> diffusers'."""
+ORIGINAL_UNUSED = ("y_embedder.y_embedding", "pos_embed")
+"""Original-layout tensors diffusers' model has no place for: the learned null caption (diffusers' pipelines encode
+the negative prompt instead) and the fixed position table (recomputed from the config)."""
+
+
+def original_to_diffusers(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Pure function: a state dict in the PixArt-alpha repository's layout (its PixArt.py / PixArtMS.py modules, what
+    its .pth files and pixart_to_original hold) -> PixArtTransformer2DModel's names, the fused qkv and kv_linear split.
+    `cfg` gives the depth and whether the caption MLP is there; ORIGINAL_UNUSED tensors are left out, the
+    micro-condition embedders (MICRO_CONDITION_NAMES) renamed when present. KeyError names a missing tensor."""
+    original, diffusers = _pixart_names(cfg, "original"), _pixart_names(cfg, "diffusers")
+    out: dict[str, Tensor] = {}
+    for ours, theirs in original.items():
+        for kind in ("weight", "bias"):
+            out[f"{diffusers[ours]}.{kind}"] = state[f"{theirs}.{kind}"]
+    for i in range(cfg.depth):
+        block = f"transformer_blocks.{i}"
+        for kind in ("weight", "bias"):
+            for name, part in zip(("to_q", "to_k", "to_v"), state[f"blocks.{i}.attn.qkv.{kind}"].chunk(3), strict=True):
+                out[f"{block}.attn1.{name}.{kind}"] = part
+            kv = state[f"blocks.{i}.cross_attn.kv_linear.{kind}"].chunk(2)
+            for name, part in zip(("to_k", "to_v"), kv, strict=True):
+                out[f"{block}.attn2.{name}.{kind}"] = part
+        out[f"{block}.scale_shift_table"] = state[f"blocks.{i}.scale_shift_table"]
+    out["scale_shift_table"] = state["final_layer.scale_shift_table"]
+    for theirs, ours in MICRO_CONDITION_NAMES.items():
+        for kind in ("weight", "bias"):
+            if f"{theirs}.{kind}" in state:
+                out[f"{ours}.{kind}"] = state[f"{theirs}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 # ---- Stage 1 -> PixArt ---------------------------------------------------------------------------------------
 
 PASS_BIAS = 20.0
@@ -406,7 +496,11 @@ def ccdit_to_pixart(
         inexact.append(f"the MLPs ({cc.activation} in the ccDiT, {px.activation} here)")
     from models.config import PIXART_TIME_CHANNELS
 
-    if cc.time_scale != px.time_scale or cc.cond_dim % 2 or PIXART_TIME_CHANNELS % cc.cond_dim:
+    if cc.time_scale != px.time_scale or cc.time_max_period != px.time_max_period:
+        inexact.append(f"the time path (left at px_init: the ccDiT's sinusoid, time_scale {cc.time_scale} and "
+                       f"time_max_period {cc.time_max_period}, is not diffusers')")
+        return out, inexact
+    if cc.cond_dim % 2 or PIXART_TIME_CHANNELS % cc.cond_dim:
         inexact.append(f"the time path (left at px_init: cond_dim {cc.cond_dim} does not divide 256)")
         return out, inexact
     inexact.append(f"the modulation tables away from t*={t_star}")

@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Float[Tensor, "b"], dim: int, max_period: float = 10_000.0) -> Float[Tensor, "b dim"]:
+def timestep_embedding(t: Float[Tensor, " b"], dim: int, max_period: float = 10_000.0) -> Float[Tensor, "b dim"]:
     """Sinusoidal embedding [cos | sin] of a continuous time, as in the Transformer/DiT [vaswani2017, peebles2023].
 
     Frequencies run from 1 down to 1/max_period radians per unit of `t`, so callers scale t in [0, 1]
@@ -30,13 +30,14 @@ def timestep_embedding(t: Float[Tensor, "b"], dim: int, max_period: float = 10_0
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoid of width `dim`. No parameters: each consumer owns the MLP it applies."""
 
-    def __init__(self, dim: int, time_scale: float):
+    def __init__(self, dim: int, time_scale: float, max_period: float = 10_000.0):
         super().__init__()
         self.dim = dim
         self.time_scale = time_scale
+        self.max_period = max_period
 
-    def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b dim"]:
-        return timestep_embedding(t * self.time_scale, self.dim)
+    def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b dim"]:
+        return timestep_embedding(t * self.time_scale, self.dim, self.max_period)
 
 
 def null_label_for(num_classes: int) -> int:
@@ -68,13 +69,13 @@ class LabelEmbedder(nn.Module):
     def null_label(self) -> int:
         return null_label_for(self.num_classes)
 
-    def forward(self, labels: Int[Tensor, "b"]) -> Float[Tensor, "b dim"]:
+    def forward(self, labels: Int[Tensor, " b"]) -> Float[Tensor, "b dim"]:
         return self.table(labels)
 
 
 def grid_positions(
     grid_h: int, grid_w: int, base_grid: int, device: torch.device | None = None
-) -> tuple[Float[Tensor, "grid_h"], Float[Tensor, "grid_w"]]:
+) -> tuple[Float[Tensor, " grid_h"], Float[Tensor, " grid_w"]]:
     """Row and column positions (float64) of a grid_h x grid_w token grid in units of the base grid, per axis.
 
     Rows step by base_grid / grid_h and columns by base_grid / grid_w, so each axis spans [0, base_grid) whatever
@@ -150,6 +151,11 @@ class PatchEmbed(nn.Module):
         tokens = rearrange(self.proj(x), "b d h w -> b (h w) d").contiguous()
         pos = self.position_table(H // self.patch, W // self.patch, x.device)
         return tokens + pos.to(tokens.dtype)
+
+
+def token_grid(size: Sequence[int], patch: int) -> tuple[int, int]:
+    """(rows, columns) of the patch tokens over an input whose last two sizes are `size`: x.shape or (H, W)."""
+    return size[-2] // patch, size[-1] // patch
 
 
 def unpatchify(

@@ -1,9 +1,14 @@
-"""Small building blocks shared by every model family: modulation, MLP, adaLN heads, final layer."""
+"""Small building blocks shared by the model families: modulation, MLP, adaLN heads, final layer, initialisation,
+and the caption side of cross-attention."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
-from jaxtyping import Float
+import torch
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
+
+from models.attention import pad_sequence, padded_length
+from models.embeddings import token_grid, unpatchify
 
 
 def modulate(x: Float[Tensor, "b n d"], shift: Float[Tensor, "b d"], scale: Float[Tensor, "b d"]) -> Tensor:
@@ -35,26 +40,6 @@ def modulate_per_token(x: Float[Tensor, "*n d"], shift: Float[Tensor, "*n d"], s
     return x * (1 + scale) + shift
 
 
-def gated_block_forward(
-    block: nn.Module,
-    x: Float[Tensor, "b n d"],
-    mod: Float[Tensor, "b m"],
-    cross: Callable[[Tensor], Tensor] | None = None,
-    rope: Float[Tensor, "n half"] | None = None,
-) -> Float[Tensor, "b n d"]:
-    """The gated residual pair of a DiT block: x += g1 * Attn(modulate(LN x)); x += g2 * MLP(modulate(LN x)).
-
-    `mod` holds (shift1, scale1, gate1, shift2, scale2, gate2). An mmDiT block passes `cross`, an
-    un-gated residual (cross-attention) run between the two, as in PixArt-alpha. `rope`: 2-D RoPE angles
-    for the self-attention (models/rope.py), or None.
-    """
-    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-    x = x + gate1[:, None] * block.attn(modulate(block.norm1(x), shift1, scale1), rope)
-    if cross is not None:
-        x = x + cross(x)
-    return x + gate2[:, None] * block.mlp(modulate(block.norm2(x), shift2, scale2))
-
-
 class AdaLNModulation(nn.Module):
     """Conditioning vector -> `chunks` modulation vectors of width `dim`: Linear -> SiLU -> Linear.
 
@@ -79,17 +64,22 @@ class AdaLNModulation(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm -> modulate (shift, scale from the conditioning) -> Linear to patch*patch*channels."""
+    """LayerNorm -> modulate (shift, scale from the conditioning) -> Linear to each patch's pixels -> the image."""
 
-    def __init__(self, dim: int, cond_dim: int, out_dim: int):
+    def __init__(self, dim: int, cond_dim: int, patch: int, channels: int):
         super().__init__()
+        self.patch, self.channels = patch, channels
         self.norm = layer_norm(dim)
         self.adaLN = AdaLNModulation(cond_dim, dim, chunks=2)
-        self.linear = nn.Linear(dim, out_dim)
+        self.linear = nn.Linear(dim, patch**2 * channels)
 
-    def forward(self, x: Float[Tensor, "b n d"], c: Float[Tensor, "b c"]) -> Float[Tensor, "b n o"]:
+    def forward(
+        self, x: Float[Tensor, "b n d"], c: Float[Tensor, "b c"], size: tuple[int, int]
+    ) -> Float[Tensor, "b o H W"]:
+        """The image of `size` (H, W) that the tokens x, one a patch, stand for."""
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        patches = self.linear(modulate(self.norm(x), shift, scale))  # b n (p p o)
+        return unpatchify(patches, self.patch, self.channels, *token_grid(size, self.patch))
 
     def zero_init(self) -> None:
         self.adaLN.zero_init()
@@ -116,3 +106,56 @@ def init_patch_embed(conv: nn.Conv2d) -> None:
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(conv.bias)
 
+
+def init_dit_weights(model: nn.Module, patch_conv: nn.Conv2d) -> None:
+    """DiT's base initialisation [peebles2023]: xavier for every nn.Linear of `model`, then its patch conv. A
+    family's `initialize_weights` starts with this and then makes its own draws and zero inits."""
+    init_linears_xavier(model)
+    init_patch_embed(patch_conv)
+
+
+# ---- the caption side of cross-attention (mmDiT, PixArt) ------------------------------------------------------
+# A family turns a caption into the keys its blocks' cross-attention reads (`caption_keys`: the mmDiT prepends its
+# learned null token, PixArt runs its caption MLP), padded with masked rows to a multiple of text_pad_multiple (FP8
+# GEMMs). Each block projects its own keys and values from them, inside the block, so that activation
+# checkpointing and FSDP see that projection as the block's. A sampler calls the model at every ODE step on the
+# same captions, and those projections from the encoder's width (2048 for T5Gemma) are a sizeable share of a
+# forward: `prepare_captions` computes every block's once, and the model then takes `text_kv=` and the padded
+# `text_mask=` in place of `text=` and `text_mask=`.
+
+PREPARED_KEYS = ("text_kv", "text_mask")
+"""The keywords a prepared caption is passed by (`DiffusionTransformer.prepared_keys`)."""
+
+CaptionKeys = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""A family's caption_keys: (text, text_mask) -> (keys, their mask), padded."""
+
+
+def pad_to_multiple(
+    tokens: Float[Tensor, "b l e"], mask: Bool[Tensor, "b l"], multiple: int
+) -> tuple[Float[Tensor, "b m e"], Bool[Tensor, "b m"]]:
+    """`tokens` and `mask` with masked zero rows appended up to a multiple of `multiple` rows."""
+    return pad_sequence(tokens, mask, padded_length(tokens.shape[1], multiple))
+
+
+def prepare_captions(
+    blocks: Iterable[nn.Module], keys: Float[Tensor, "b m e"], mask: Bool[Tensor, "b m"]
+) -> dict[str, Tensor]:
+    """Every block's keys and values of the caption keys, stacked: `text_kv` [b, depth, 2, heads, m, head_dim]."""
+    kv = torch.stack([torch.stack(block.cross_attn.context_kv(keys), dim=1) for block in blocks], dim=1)
+    return dict(text_kv=kv, text_mask=mask)
+
+
+def block_captions(
+    caption_keys: CaptionKeys,
+    depth: int,
+    text: Float[Tensor, "b l e"] | None,
+    text_mask: Bool[Tensor, "b _"],
+    text_kv: Float[Tensor, "b depth 2 h m e2"] | None,
+) -> tuple[Float[Tensor, "b m c"] | None, Bool[Tensor, "b m"], Sequence[Tensor | None]]:
+    """What the cross-attention of each of `depth` blocks reads: (the caption keys, their mask, each block's
+    prepared keys and values). From a caption: its keys, and no prepared ones (each block projects its own);
+    prepared: no keys, the mask as prepared, and block i's share of `text_kv`."""
+    if text_kv is not None:
+        return None, text_mask.bool(), text_kv.unbind(1)
+    keys, mask = caption_keys(text, text_mask)
+    return keys, mask, [None] * depth

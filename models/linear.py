@@ -7,6 +7,7 @@ Both layers name their parameters `weight` [out, in] and `bias` [out], so state 
 
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -66,15 +67,26 @@ def make_linear(
                      fuse_wgrad_accumulation=fuse_wgrad_accumulation)
 
 
-def fp8_filter(keep_high_precision: Sequence[str] = KEEP_HIGH_PRECISION) -> Callable[[str, nn.Linear], bool]:
-    """Convert every linear whose name contains none of `keep_high_precision`; FP8 GEMMs need both dimensions
-    divisible by 16."""
+def te_linears(model: nn.Module) -> list[str]:
+    """The names of `model`'s te.Linear layers (none unless Transformer Engine has been imported, which converting
+    a layer does)."""
+    te = sys.modules.get("transformer_engine.pytorch")
+    if te is None:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, te.Linear)]
+
+
+def fp8_filter(
+    keep_high_precision: Sequence[str] = KEEP_HIGH_PRECISION, multiple: int = 16
+) -> Callable[[str, nn.Linear], bool]:
+    """Convert every linear whose name contains none of `keep_high_precision` and whose feature sizes FP8 GEMMs take:
+    multiples of `multiple`, the recipe's (trainer/precision.py FP8_MULTIPLE: 16 per-tensor, 32 MXFP8)."""
     keep = tuple(keep_high_precision)
 
     def include(name: str, layer: nn.Linear) -> bool:
         if any(part in name for part in keep):
             return False
-        return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+        return layer.in_features % multiple == 0 and layer.out_features % multiple == 0
 
     return include
 

@@ -29,11 +29,21 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from models.attention import CrossAttention, SelfAttention, pad_sequence, padded_length
-from models.base import DiTSkeleton
+from models.attention import CrossAttention, SelfAttention
+from models.base import DiffusionTransformer, family_config
 from models.config import PIXART_TIME_CHANNELS, ModelConfig
-from models.embeddings import PatchEmbed, timestep_embedding, unpatchify
-from models.layers import AdaLNModulation, Mlp, gated_block_forward, layer_norm, modulate
+from models.embeddings import PatchEmbed, timestep_embedding, token_grid, unpatchify
+from models.layers import (
+    PREPARED_KEYS,
+    AdaLNModulation,
+    Mlp,
+    block_captions,
+    init_dit_weights,
+    layer_norm,
+    modulate,
+    pad_to_multiple,
+    prepare_captions,
+)
 
 MASK_BIAS = -10000.0
 """What diffusers adds to the attention logits of a masked caption token (PixArtTransformer2DModel.forward)."""
@@ -88,7 +98,7 @@ class PixArtTimestep(nn.Module):
         super().__init__()
         self.time_scale = time_scale
 
-    def forward(self, t: Float[Tensor, "b"]) -> Float[Tensor, "b c"]:
+    def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b c"]:
         return timestep_embedding((1 - t) * self.time_scale, PIXART_TIME_CHANNELS)
 
 
@@ -146,53 +156,63 @@ class PixArtBlock(nn.Module):
         text_mask: Bool[Tensor, "b l"],
         text_kv: Float[Tensor, "b 2 h l e2"] | None = None,
     ) -> Float[Tensor, "b n d"]:
-        cross = lambda h: self.cross_attn(h, text, text_mask, text_kv)  # noqa: E731 (run between the gated pair)
-        return gated_block_forward(self, x, s + self.scale_shift_table.flatten(), cross=cross)
+        """`text`: the caption keys (PixArt.caption_keys), or None with `text_kv`, this block's prepared keys and
+        values (prepare_condition)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (s + self.scale_shift_table.flatten()).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attn(x, text, text_mask, text_kv)  # un-gated, on the un-normalised tokens
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class PixArtFinalLayer(nn.Module):
-    """LayerNorm -> modulate by (scale_shift_table + emb(t)) -> Linear: no modulation MLP of its own."""
+    """LayerNorm -> modulate by (scale_shift_table + emb(t)) -> Linear -> the image: no modulation MLP of its own."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, patch: int, channels: int):
         super().__init__()
+        self.patch, self.channels = patch, channels
         self.norm = layer_norm(dim)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
-        self.linear = nn.Linear(dim, out_dim)
+        self.linear = nn.Linear(dim, patch**2 * channels)
 
-    def forward(self, x: Float[Tensor, "b n d"], emb: Float[Tensor, "b d"]) -> Float[Tensor, "b n o"]:
+    def forward(
+        self, x: Float[Tensor, "b n d"], emb: Float[Tensor, "b d"], size: tuple[int, int]
+    ) -> Float[Tensor, "b o H W"]:
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).unbind(1)  # each b d
-        return self.linear(modulate(self.norm(x), shift, scale))
+        patches = self.linear(modulate(self.norm(x), shift, scale))  # b n (p p o)
+        return unpatchify(patches, self.patch, self.channels, *token_grid(size, self.patch))
 
     def zero_init(self) -> None:
         for p in (self.scale_shift_table, self.linear.weight, self.linear.bias):
             nn.init.zeros_(p)
 
 
-class PixArt(DiTSkeleton):
+class PixArt(DiffusionTransformer):
     """Called as model(x, t, text=..., text_mask=...) with this repo's t and velocity; see the module docstring.
     A sampler may call `prepare_condition(text, text_mask)` once, as for the mmDiT."""
 
-    family = "pixart"
-    prepared_keys = ("text_kv", "text_mask")
+    prepared_keys = PREPARED_KEYS
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, with_head=False)
-        self.final = PixArtFinalLayer(cfg.dim, cfg.patch**2 * cfg.out_channels)
-        self.final.zero_init()
-
-    def build_conditioning(self, cfg: ModelConfig) -> None:
-        # The skeleton's patch embedding and sinusoid, swapped for diffusers' (same conv, so the same name and init).
+        super().__init__()
+        self.config = family_config(cfg, type(self), "pixart")
+        # The draws of a patch conv that pixart models have always built first and thrown away (the DiT's, replaced
+        # by diffusers' below), kept so that a seeded initialisation is what it was.
+        nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.patch_embed = PixArtPatchEmbed(cfg)
         self.t_embed = PixArtTimestep(cfg.time_scale)
         self.t_embedder = AdaLNModulation(PIXART_TIME_CHANNELS, cfg.dim, chunks=1)  # diffusers' TimestepEmbedding
         self.t_block = nn.Linear(cfg.dim, 6 * cfg.dim)  # adaLN-single: s(t) = t_block(SiLU(emb(t)))
         self.caption_projection = CaptionProjection(cfg.text_dim, cfg.dim) if cfg.caption_projection else None
+        self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
+        self.initialize_weights()
+        # Built after the xavier pass (it starts at zero anyway), so its construction's draws come last.
+        self.final = PixArtFinalLayer(cfg.dim, cfg.patch, cfg.out_channels)
+        self.final.zero_init()
 
-    def make_block(self, cfg: ModelConfig, index: int) -> PixArtBlock:
-        return PixArtBlock(cfg)
-
-    def init_conditioning(self) -> None:
-        # PixArt-alpha's draws for its embedding MLPs; adaLN-Zero for everything that modulates or adds to x.
+    def initialize_weights(self) -> None:
+        """DiT's xavier pass, then PixArt-alpha's draws for its embedding MLPs, and adaLN-Zero for everything that
+        modulates or adds to x (the output layer is zeroed where it is built)."""
+        init_dit_weights(self, self.patch_embed.proj)
         for linear in (self.t_embedder.fc1, self.t_embedder.fc2):
             nn.init.normal_(linear.weight, std=0.02)
         if self.caption_projection is not None:
@@ -205,45 +225,38 @@ class PixArt(DiTSkeleton):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
 
-    def keys(
+    def features(
+        self,
+        x: Float[Tensor, "b c H W"],
+        t: Float[Tensor, " b"],
+        text: Float[Tensor, "b l e"] | None = None,
+        text_mask: Bool[Tensor, "b _"] | None = None,
+        text_kv: Float[Tensor, "b depth 2 h m e2"] | None = None,
+    ) -> tuple[Float[Tensor, "b n d"], Float[Tensor, "b d"]]:
+        """The last block's tokens, and emb(t), which modulates the output layer. The caption comes as text and
+        text_mask, or prepared (`prepare_condition`) as text_kv and the mask over its keys."""
+        h = self.patch_embed(x)  # b n d, diffusers' positions added (no RoPE)
+        emb = self.t_embedder(self.t_embed(t).to(h.dtype))  # TimestepEmbedding(sinusoid(1000 (1 - t)))
+        s = self.t_block(F.silu(emb))  # adaLN-single: s(t), one for every block
+        keys, mask, kvs = block_captions(self.caption_keys, len(self.blocks), text, text_mask, text_kv)
+        for block, kv in zip(self.blocks, kvs, strict=True):
+            h = block(h, s, keys, mask, kv)
+        return h, emb
+
+    def head(
+        self, tokens: Float[Tensor, "b n d"], emb: Float[Tensor, "b d"], size: tuple[int, int]
+    ) -> Float[Tensor, "b o H W"]:
+        """diffusers' output (noise - data), negated: this repo's velocity (data - noise)."""
+        return -self.final(tokens, emb, size)
+
+    def caption_keys(
         self, text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]
     ) -> tuple[Float[Tensor, "b m c"], Bool[Tensor, "b m"]]:
         """What cross-attention reads: the (projected) caption, padded with masked rows to text_pad_multiple."""
         if self.caption_projection is not None:
             text = self.caption_projection(text)
-        return pad_sequence(text, text_mask.bool(), padded_length(text.shape[1], self.config.text_pad_multiple))
+        return pad_to_multiple(text, text_mask.bool(), self.config.text_pad_multiple)
 
     def prepare_condition(self, text: Float[Tensor, "b l e"], text_mask: Bool[Tensor, "b l"]) -> dict[str, Tensor]:
-        """The captions' keys and values in every block, computed once for all the ODE steps (as MMDiT's)."""
-        keys, mask = self.keys(text, text_mask)
-        kv = torch.stack([torch.stack(block.cross_attn.context_kv(keys), dim=1) for block in self.blocks], dim=1)
-        return dict(text_kv=kv, text_mask=mask)  # text_kv: b depth 2 h m e
-
-    def condition(
-        self,
-        t_emb: Float[Tensor, "b c"],
-        text: Float[Tensor, "b l e"] | None = None,
-        text_mask: Bool[Tensor, "b l"] | None = None,
-        text_kv: Float[Tensor, "b depth 2 h m e"] | None = None,
-    ) -> tuple[Float[Tensor, "b d"], tuple]:
-        """emb(t), which modulates the final layer, and (s(t), the caption keys or their prepared keys and values)."""
-        emb = self.t_embedder(t_emb)
-        s = self.t_block(F.silu(emb))
-        if text_kv is not None:
-            return emb, (s, None, text_mask.bool(), text_kv.unbind(1))
-        text, text_mask = self.keys(text, text_mask)
-        return emb, (s, text, text_mask, None)
-
-    def run_block(self, block: PixArtBlock, h: Tensor, state: tuple, rope: Tensor | None) -> tuple[Tensor, tuple]:
-        s, text, text_mask, kvs = state
-        if kvs is None:
-            return block(h, s, text, text_mask), state
-        return block(h, s, None, text_mask, kvs[0]), (s, None, text_mask, kvs[1:])
-
-    def head(
-        self, tokens: Float[Tensor, "b n d"], modulation: Float[Tensor, "b d"], size: tuple[int, int]
-    ) -> Float[Tensor, "b o H W"]:
-        """diffusers' output (noise - data), negated: this repo's velocity (data - noise)."""
-        p = self.config.patch
-        out = unpatchify(self.final(tokens, modulation), p, self.config.out_channels, size[0] // p, size[1] // p)
-        return -out
+        """The caption's keys and values in every block, computed once for all the steps of a sampler (as MMDiT's)."""
+        return prepare_captions(self.blocks, *self.caption_keys(text, text_mask))

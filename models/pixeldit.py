@@ -19,10 +19,10 @@ two ways:
 Modulation is x * (1 + scale) + shift throughout (models/layers.py) and every gate and the output head start
 at zero, so a fresh pixel stream is the identity and the model outputs zero, as DiT's adaLN-Zero does.
 
-The semantic stream is an existing model built with `with_head=False`: PixelDiT uses a ccDiT (class labels)
-or an mmDiT (captions, cross-attention); MM-PixelDiT a JointDiT (joint attention with registers, class or
-text). Conditioning therefore reaches the pixels only through s, and through the conditioning vector c added
-to it (the time, and the class where there is one).
+The semantic stream is an existing model built with `with_head=False`, whose `features` this model reads:
+PixelDiT uses a ccDiT (class labels) or an mmDiT (captions, cross-attention); MM-PixelDiT a JointDiT (joint
+attention with registers, class or text). Conditioning therefore reaches the pixels only through s, and through
+the conditioning vector c added to it (the time, and the class where there is one).
 """
 
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from models.attention import SelfAttention
-from models.base import DiffusionTransformer
+from models.base import DiffusionTransformer, family_config
 from models.ccdit import CCDiT
 from models.config import ModelConfig
 from models.joint_dit import JointDiT
@@ -102,9 +102,7 @@ class PixelDiT(DiffusionTransformer):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if not cfg.is_pixel_family:
-            raise ValueError(f"PixelDiT needs family='pixeldit' or 'mmpixeldit', got {cfg.family!r}")
-        self.config = cfg
+        self.config = family_config(cfg, type(self), "pixeldit", "mmpixeldit")
         family, stream = SEMANTIC_STREAMS[cfg.family, cfg.conditioning]
         self.semantic = stream(ModelConfig(**cfg.to_dict() | dict(family=family)), with_head=False)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.dim)  # c (time, class) joins s before the pixel stream
@@ -136,17 +134,16 @@ class PixelDiT(DiffusionTransformer):
         return (*self.semantic.blocks, *self.pixel_blocks)
 
     def features(
-        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, "b"], **cond: Tensor
+        self, x: Float[Tensor, "b c H W"], t: Float[Tensor, " b"], **cond: Tensor
     ) -> tuple[Float[Tensor, "b n q d"], Float[Tensor, "b n D"]]:
         """The last pixel block's tokens (n patches of q = P*P pixels) and the semantic tokens that modulate
         the output head pixel by pixel."""
-        H, W = x.shape[-2:]
         p = self.config.patch
         s, c = self.semantic.features(x, t, **cond)  # s: b n D over the (H/p) x (W/p) patch grid
         s = s + self.cond_proj(c)[:, None]
         pixels = rearrange(x, "b c (h p) (w q) -> b (h w) (p q) c", p=p, q=p)
         h = self.pixel_embed(pixels.to(s.dtype))  # b n (p q) d
-        rope = grid_rope(self.config, H // p, W // p, x.device)
+        rope = grid_rope(self.config, x)  # None unless config.rope
         for block in self.pixel_blocks:
             h = block(h, s, rope)
         return h, s

@@ -1,4 +1,5 @@
-"""Named model sizes and the one function that builds a model from a name or a ModelConfig."""
+"""Named model sizes, `model_config` (a ModelConfig from its fields, or from a name such as 'mmDiT-XL/2'), and
+`build_model`."""
 
 import re
 from typing import Any
@@ -46,20 +47,28 @@ diffusers' PixArt timestep MLP reads a 256-wide sinusoid at every size."""
 _NAME = re.compile(r"^(?P<family>[a-z]+)-(?P<size>[a-z]+)/(?P<patch>\d+)$", re.IGNORECASE)
 
 
-def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """'ccDiT-XL/2' (case-insensitive: family-size/patch) plus field overrides -> ModelConfig."""
-    match = _NAME.match(name.strip())
-    if match is None:
-        raise ValueError(f"model name {name!r} is not of the form FAMILY-SIZE/PATCH, e.g. 'mmDiT-XL/2'")
-    family = match["family"].lower()
-    size = {s.lower(): s for s in SIZES}.get(match["size"].lower())
+def model_config(name: str | None = None, /, **fields: Any) -> ModelConfig:
+    """A ModelConfig from its fields: `family`, `size` and `patch` pick the family's defaults and the named size
+    (family and size case-insensitive), and every other field of ModelConfig given overrides them:
+    model_config(family="mmdit", size="XL", patch=2, in_channels=3). People and command lines may name the first
+    three instead, as 'mmDiT-XL/2' (family-size/patch): model_config("mmDiT-XL/2", in_channels=3)."""
+    where = ""
+    if name is not None:
+        match = _NAME.match(name.strip())
+        if match is None:
+            raise ValueError(f"model name {name!r} is not of the form FAMILY-SIZE/PATCH, e.g. 'mmDiT-XL/2'")
+        fields, where = dict(family=match["family"], size=match["size"], patch=match["patch"]) | fields, f" in {name!r}"
+    if not {"family", "size", "patch"} <= set(fields):
+        raise TypeError("model_config needs family, size and patch (or a name such as 'mmDiT-XL/2')")
+    given = dict(family=fields.pop("family"), size=fields.pop("size"), patch=fields.pop("patch"))
+    family = str(given["family"]).lower()
+    size = {s.lower(): s for s in SIZES}.get(str(given["size"]).lower())
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {match['family']!r} in {name!r}; known: {sorted(FAMILIES)}")
+        raise ValueError(f"unknown model family {given['family']!r}{where}; known: {sorted(FAMILIES)}")
     if size is None:
-        raise ValueError(f"unknown model size {match['size']!r} in {name!r}; known: {list(SIZES)}")
-    fields = dict(family=family, size=size, patch=int(match["patch"]))
-    fields |= FAMILY_DEFAULTS.get(family, {}) | SIZES[size] | FAMILY_PINNED.get(family, {}) | overrides
-    return ModelConfig(**fields)
+        raise ValueError(f"unknown model size {given['size']!r}{where}; known: {list(SIZES)}")
+    named = dict(family=family, size=size, patch=int(given["patch"]))
+    return ModelConfig(**named | FAMILY_DEFAULTS.get(family, {}) | SIZES[size] | FAMILY_PINNED.get(family, {}) | fields)
 
 
 def build_model(config: ModelConfig | str, **overrides: Any) -> DiffusionTransformer:
@@ -77,5 +86,5 @@ def named_models() -> list[str]:
     for family in FAMILIES:
         for size in SIZES:
             for patch in (4,) if size == "debug" else PATCHES[family]:
-                names.append(model_config(f"{family}-{size}/{patch}").name)
+                names.append(model_config(family=family, size=size, patch=patch).name)
     return names

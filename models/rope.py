@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from models.embeddings import grid_positions
+from models.embeddings import grid_positions, token_grid
 
 
 def rope_angles_2d(
@@ -43,9 +43,10 @@ def apply_rope(x: Float[Tensor, "b h m e"], angles: Float[Tensor, "n half"]) -> 
     return torch.cat([head, rotated.to(x.dtype)], dim=-2)
 
 
-def grid_rope(cfg, grid_h: int, grid_w: int, device=None) -> Float[Tensor, "n half"] | None:
-    """The RoPE angles a model with ModelConfig `cfg` uses on a grid_h x grid_w token grid, or None when
+def grid_rope(cfg, x: Float[Tensor, "b c H W"]) -> Float[Tensor, "n half"] | None:
+    """The RoPE angles a model with ModelConfig `cfg` uses on the patch grid of its input `x`, or None when
     `cfg.rope` is off (positions then come from the patch embedding's table alone)."""
     if not cfg.rope:
         return None
-    return rope_angles_2d(cfg.dim // cfg.heads, grid_h, grid_w, cfg.base_grid, cfg.rope_theta, device)
+    grid_h, grid_w = token_grid(x.shape, cfg.patch)
+    return rope_angles_2d(cfg.dim // cfg.heads, grid_h, grid_w, cfg.base_grid, cfg.rope_theta, x.device)

@@ -35,22 +35,41 @@ def embedded_data(tmp_path_factory):
     return build_embedded_data(tmp_path_factory.mktemp("embedded-data"))
 
 
+def perturb_weights(checkpoint: Path, std: float = 0.1) -> Path:
+    """Gaussian noise of `std` added to the raw and the EMA weights of `checkpoint`, in place (atomically).
+
+    Two steps leave adaLN-Zero's gates and the zero-initialised output head nearly closed, and the EMA nearer still:
+    every sample would be a gray field of 127s and 128s whatever its seed, label or caption, and a front end that
+    used the wrong one would pass every pixel comparison. With the noise, different seeds, labels and captions
+    give different images (the tests that compare pixels assert it before they compare)."""
+    from core.checkpoint import load, save_atomic
+
+    state = load(checkpoint)
+    g = torch.Generator().manual_seed(0)
+    for key in ("model", "ema"):
+        state[key] = {k: v + std * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in state[key].items()}
+    save_atomic(state, checkpoint)
+    return checkpoint
+
+
 @pytest.fixture(scope="session")
 def stage1_checkpoint(embedded_data, tmp_path_factory):
-    """A two-step Stage 1 (class-conditional ccDiT) checkpoint on the embedded data, for the front ends."""
+    """A two-step Stage 1 (class-conditional ccDiT) checkpoint on the embedded data, for the front ends; its weights
+    perturbed so that its samples depend on the seed and the label (perturb_weights)."""
     from tests.stages import stage_config
     from trainer.loop import train
 
     cfg = stage_config(1, embedded_data, tmp_path_factory.mktemp("stage1-run"), "train.max_steps=2")
-    return Path(train(cfg)["checkpoint"])
+    return perturb_weights(Path(train(cfg)["checkpoint"]))
 
 
 @pytest.fixture(scope="session")
 def stage2_checkpoint(embedded_data, tmp_path_factory):
-    """A two-step Stage 2 (text-conditional mmDiT, from scratch) checkpoint on the embedded data."""
+    """A two-step Stage 2 (text-conditional mmDiT, from scratch) checkpoint on the embedded data; its weights
+    perturbed so that its samples depend on the seed and the caption (perturb_weights)."""
     from tests.stages import stage_config
     from trainer.loop import train
 
     cfg = stage_config(2, embedded_data, tmp_path_factory.mktemp("stage2-run"), "train.max_steps=2",
                        "train.init_from=null")
-    return Path(train(cfg)["checkpoint"])
+    return perturb_weights(Path(train(cfg)["checkpoint"]))

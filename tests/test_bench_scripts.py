@@ -11,35 +11,38 @@ import torch
 from tests.stages import ROOT
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_sample.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train", "sample"])
 def test_bench_script_smoke(script):
-    proc = subprocess.run([sys.executable, f"scripts/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run([sys.executable, "-m", f"scripts.bench.{script}", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     modes = {line.split("|")[1].strip() for line in table[1:]}
-    assert {"diffusers", "eager" if script == "bench_train.py" else "ours"} <= modes
+    assert {"diffusers", "eager" if script == "train" else "ours"} <= modes
     for line in table[1:]:
         if "skipped" not in line:
             assert "n/a | n/a | n/a" not in line, line  # a measured row has its figures
 
 
-def test_fp8_parity_smoke_runs_the_trainer_twice(embedded_data, tmp_path):
-    """On a CPU both runs fall back to nn.Linear (fp8 logs why), so the same seed gives the same loss."""
-    proc = subprocess.run([sys.executable, "scripts/fp8_parity.py", "--smoke", "--data-dir", str(embedded_data),
-                           "--out-dir", str(tmp_path), "train.num_threads=1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+@pytest.mark.slow
+def test_fp8_parity_script_smoke(embedded_data, tmp_path):
+    """A smoke test of scripts/bench/fp8_parity.py, not of FP8 parity: on a CPU both arms fall back to fp32 nn.Linear
+    (the fp8 arm logs why), so the script runs the trainer twice, compares the two runs and reports a 0.00% difference.
+    FP8 against bf16 is measured on a GPU (tests/test_gpu_fp8.py)."""
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench.fp8_parity", "--smoke", "--data-dir",
+                           str(embedded_data), "--out-dir", str(tmp_path), "train.num_threads=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "relative difference 0.00%" in proc.stdout, proc.stdout
     assert (tmp_path / "bf16" / "summary.json").exists() and (tmp_path / "fp8" / "summary.json").exists()
 
 
 def test_analytic_flops_match_torch_flop_counter():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_common import mmdit_forward_flops
     from torch.utils.flop_counter import FlopCounterMode
 
     from models import build_model
+    from scripts.bench.common import mmdit_forward_flops
 
     model = build_model("mmDiT-debug/4", input_size=16)
     cfg = model.config

@@ -17,6 +17,7 @@ from data.buckets import Bucket, bucket_table, nearest_bucket, parse_buckets, pi
 from models import build_model, model_config
 from models.embeddings import grid_positions, sincos_pos_embed_2d
 from models.rope import rope_angles_2d
+from tests import reference_models as reference
 
 DIFFUSERS = {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN}
 
@@ -103,13 +104,27 @@ def test_each_axis_spans_the_base_grid():
 @pytest.mark.parametrize("name", ["ccDiT-debug/4", "mmDiT-debug/4", "JointDiT-debug/4", "PixelDiT-debug/4",
                                   "MMPixelDiT-debug/4"])
 def test_every_family_takes_non_square_grids(name):
-    """A model built for 32 x 32 runs on 24 x 40 and 40 x 24 inputs (6 x 10 and 10 x 6 patches)."""
-    overrides = dict(in_channels=3, input_size=32, dim=32, heads=2, cond_dim=32, text_dim=16, text_len=4)
+    """A model built for 32 x 32 runs on 24 x 40 and 40 x 24 inputs (6 x 10 and 10 x 6 patches) and computes there
+    what the float64 reference does (tests/reference_models.py: each axis at its own positions, learned tables
+    resized per axis, RoPE per axis). Every weight is random: adaLN-Zero's closed gates and zero head would give
+    zero whatever the positions. Time scale 10 and the tolerance: tests/test_reference_models.py."""
+    overrides = dict(in_channels=3, input_size=32, dim=32, heads=2, cond_dim=32, text_dim=16, text_len=4,
+                     time_scale=10.0)
     if "Pixel" in name:
         overrides |= dict(pixel_dim=4)
     cfg = model_config(name, **overrides)
-    model = build_model(cfg).eval()
+    model = build_model(cfg).double().eval()
+    reference.randomize(model)
+    g = torch.Generator().manual_seed(0)
     for h, w in ((24, 40), (40, 24)):
-        x = torch.randn(2, 3, h, w)
-        cond = model.null_condition(2)
-        assert model(x, torch.rand(2), **cond).shape == (2, 3, h, w)
+        x, t = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
+        if cfg.conditioning == "class":
+            cond = dict(labels=torch.tensor([1, cfg.num_classes]))
+        else:
+            cond = dict(text=torch.randn(2, 4, 16, generator=g, dtype=torch.float64),
+                        text_mask=torch.tensor([[True, True, True, False], [True, False, False, False]]))
+        with torch.no_grad():
+            out = model(x, t, **cond)
+        want = reference.forward(model.state_dict(), cfg, x, t, **cond)
+        assert out.shape == (2, 3, h, w) and want.abs().max() > 1
+        torch.testing.assert_close(out, want, rtol=0, atol=2e-6 * float(want.abs().max()))

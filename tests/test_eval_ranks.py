@@ -15,7 +15,7 @@ from tests.stages import ROOT
 WORKER = """
 import sys, torch
 from evaluation.metrics import extract
-from evaluation.ranks import join, leave
+from core.ranks import join, leave
 from evaluation.val_loss import ValidationLoss
 from core.conditioning import ClassConditioning
 from flow.objective import Uniform
@@ -43,6 +43,14 @@ def _torchrun(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def test_every_rank_runs_as_many_rounds_as_the_busiest():
+    from core.ranks import Ranks
+
+    assert [Ranks(r, 3).rounds(4) for r in range(3)] == [[0, 3], [1, None], [2, None]]
+    assert [Ranks(r, 3).rounds(2) for r in range(3)] == [[0], [1], [None]]
+    assert Ranks().rounds(3) == [0, 1, 2] and Ranks(1, 2).rounds(0) == []
 
 
 @pytest.mark.slow

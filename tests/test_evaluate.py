@@ -230,8 +230,8 @@ def stand_in(monkeypatch, tmp_path):
     """Installs a fake `app.pipeline` module; returns a checkpoint path and a setter for its conditioning."""
     state = dict(pipe=StandInPipeline("text"))
     module = types.ModuleType("app.pipeline")
-    def load_pipeline(path, weights="ema", device="cpu", sources=None, limits=None):
-        state.update(sources=sources, limits=limits)
+    def load_pipeline(path, weights="ema", device="cpu", sources=None, limits=None, fp32=False):
+        state.update(sources=sources, limits=limits, fp32=fp32)
         return state["pipe"]
 
     module.load_pipeline = load_pipeline
@@ -266,7 +266,9 @@ def test_cli_passes_the_users_sources_to_the_loader(stand_in, tmp_path):
     assert state["sources"] == Sources(str(tmp_path / "enc"), str(tmp_path / "tok"), "acme/vae", True)
     assert state["limits"].pixel_steps is None
     main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--max-pixel-steps", "7"])
-    assert state["limits"].pixel_steps == 7
+    assert state["limits"].pixel_steps == 7 and state["fp32"] is False
+    main(["--model-path", str(checkpoint), "--samples-per-prompt", "1", "--steps", "1", "--fp32"])
+    assert state["fp32"] is True  # the transformer in float32 on CUDA too (app/precision.py)
 
 
 def test_cli_refuses_a_class_conditional_checkpoint(stand_in):

@@ -4,6 +4,7 @@ converted-layer log line names kinds. Compile equality is a slow test here (~50 
 
 import copy
 import logging
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,11 +13,13 @@ from torch import nn
 
 from models import ModelConfig, build_model
 from models.linear import fp8_filter, layer_kinds, make_linear, plan_conversion
+from tests import te_standin
 from tests.helpers import randomize_zero_inits, text_inputs
 from tests.model_golden import CASES, SMALL, case_inputs
 from tests.stages import stage_config
 from trainer import checkpoint
-from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice
+from trainer.config import PrecisionSection
+from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice, fp8_compile_note
 from trainer.loop import train
 from trainer.precision import Precision
 
@@ -102,14 +105,15 @@ def test_conversion_plan_names_kinds_and_follows_the_keep_list():
 
 
 def test_precision_reads_the_keep_list_and_fuse_flag(caplog):
-    cfg = OmegaConf.load("configs/precision/fp8.yaml")
+    cfg = OmegaConf.merge(PrecisionSection, OmegaConf.load("configs/precision/fp8.yaml"))
     p = Precision(cfg, torch.device("cpu"))
     assert p.keep_high_precision == ("adaLN", "t_block", "final", "embed") and p.fuse_wgrad_accumulation
     with caplog.at_level(logging.INFO, logger="models.linear"):
         assert p.convert(build_model("mmDiT-debug/4")) == 0  # no CUDA: nothing converted, one warning
     assert "no CUDA device" in caplog.text
     for name in ("bf16", "fp32"):
-        assert not Precision(OmegaConf.load(f"configs/precision/{name}.yaml"), torch.device("cpu")).fp8
+        assert not Precision(OmegaConf.merge(PrecisionSection, OmegaConf.load(f"configs/precision/{name}.yaml")),
+                             torch.device("cpu")).fp8
 
 
 def test_fused_wgrad_needs_te():
@@ -222,3 +226,127 @@ def test_one_training_step_with_per_block_compile_and_checkpointing(family, embe
     assert f"torch.compile per block ({blocks} blocks)" in caplog.text
     assert summary["steps"] == 1 and torch.isfinite(torch.tensor(summary["first_loss"]))
     assert list(state["model"]) == list(build_model(ModelConfig(**model_cfg)).state_dict())
+
+
+# ---- with Transformer Engine layers (tests/te_standin.py) ---------------------------------------------------
+
+FP8_CASE = dict(family="mmdit", conditioning="text", dim=64, depth=2, heads=2, cond_dim=32, patch=4, input_size=16,
+                in_channels=3, text_dim=32, text_len=12, text_pad_multiple=32)
+"""A model every recipe converts at batch 2: 16 image tokens and 32 padded caption keys a sample, features of 32."""
+
+
+def _fp8_model(recipe: str, monkeypatch):
+    """FP8_CASE with its large linears converted to the stand-in's te.Linear, and the Precision that runs it."""
+    te_standin.install(monkeypatch, (10, 0) if recipe == "mxfp8" else (9, 0))
+    precision = Precision(OmegaConf.structured(PrecisionSection(compute="fp32", fp8=True, fp8_recipe=recipe)),
+                          torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**FP8_CASE))
+    randomize_zero_inits(model, std=0.1)
+    assert precision.convert(model) == 14  # self- and cross-attention projections and the MLP of both blocks
+    return model, precision
+
+
+def _fp8_inputs():
+    gen = torch.Generator().manual_seed(5)
+    cfg = ModelConfig(**FP8_CASE)
+    text, mask = text_inputs(cfg, 2, [12, 7])
+    return torch.randn(2, 3, 16, 16, generator=gen), torch.rand(2, generator=gen), text, mask
+
+
+@pytest.mark.parametrize("recipe", ["current", "delayed", "mxfp8"])
+def test_fp8_activation_checkpointing_recomputes_inside_the_forward_recipe(recipe, monkeypatch, caplog):
+    """te.Linear reads TE's global FP8 state at every forward, and the trainer's backward runs after the FP8 autocast
+    has closed: a block recomputed by torch's checkpoint would take te.Linear's high-precision path, save other
+    tensors than its forward did, and torch would stop the backward with a CheckpointError. Blocks holding te.Linear
+    layers go through TE's checkpoint instead, whose recompute re-enters the forward's recipe (and, under delayed
+    scaling, the forward's scales, which the autocast's exit has moved on): every gradient equals the FP8 run's
+    without checkpointing, over two steps."""
+    plain, precision = _fp8_model(recipe, monkeypatch)
+    checkpointed = copy.deepcopy(plain)
+    with caplog.at_level(logging.INFO, logger="trainer.fast_path"):
+        assert checkpoint_blocks(checkpointed) == 2
+    inputs = _fp8_inputs()
+    for _ in range(2):
+        grads = []
+        for model in (plain, checkpointed):
+            model.zero_grad(set_to_none=True)
+            with precision.forward():
+                loss = model(*inputs).square().mean()
+            loss.backward()  # outside the autocast, as trainer/loop.py runs it
+            grads.append({n: p.grad for n, p in model.named_parameters()})
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-8, msg=name)
+    assert "2 through Transformer Engine's checkpoint" in caplog.text
+
+
+def test_fp8_training_with_activation_checkpointing(embedded_data, tmp_path, monkeypatch, caplog):
+    """The trainer with precision=fp8 and train.activation_checkpointing=true (the planner's usual advice)."""
+    te_standin.install(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        summary = train(stage_config(1, embedded_data, tmp_path, "precision=fp8", "device=cpu", "train.batch_size=8",
+                                     "train.max_steps=2", "train.activation_checkpointing=true"))
+    assert summary["steps"] == 2 and any(layer.forwards for layer in te_standin.Linear.instances)
+    assert "activation checkpointing on 2 blocks (2 through Transformer Engine's checkpoint" in caplog.text
+
+
+def _traced(model, inputs, context) -> tuple[list[str], list[str], int]:
+    """What torch.compile's dynamo captures of one forward: (the ops it traced, the parameters its graphs read, the
+    graph breaks)."""
+    torch._dynamo.reset()
+    with context:
+        explained = torch._dynamo.explain(model)(*inputs)
+    nodes = [n for graph in explained.graphs for n in graph.graph.nodes]
+    weights = [n.name for n in nodes if n.op == "placeholder" and n.name.endswith("_weight_")]
+    return [str(n.target) for n in nodes if n.op == "call_function"], weights, explained.graph_break_count
+
+
+CONVERTED = ("_attn_modules_qkv_", "_attn_modules_proj_", "_cross_attn_modules_q_", "_cross_attn_modules_kv_",
+             "_mlp_modules_fc1_", "_mlp_modules_fc2_")
+
+
+def test_torch_compile_cuts_the_graph_at_every_te_linear(monkeypatch):
+    """TE marks te.Linear's forward no_torch_dynamo: dynamo traces nothing of a te.Linear, and a model's graph is cut
+    at each, so its graphs hold the rest of the blocks (attention, norms) but no converted layer, where the same model
+    with nn.Linear traces every projection in fewer pieces. TE's checkpoint is not traced either: of a model whose
+    blocks it checkpoints, nothing inside a block is."""
+    model, precision = _fp8_model("current", monkeypatch)
+    inputs = _fp8_inputs()
+    torch._dynamo.reset()
+    with precision.forward():
+        assert torch._dynamo.explain(model.blocks[0].attn.qkv)(torch.randn(32, 64)).graph_count == 0
+    assert torch._dynamo.explain(nn.Linear(64, 192))(torch.randn(32, 64)).graph_count == 1
+    plain_ops, plain_weights, plain_breaks = _traced(build_model(ModelConfig(**FP8_CASE)), inputs, nullcontext())
+    ops, weights, breaks = _traced(model, inputs, precision.forward())
+    assert all(any(kind in w for w in plain_weights) for kind in CONVERTED)
+    assert not any(kind in w for w in weights for kind in CONVERTED)
+    assert any("scaled_dot_product_attention" in op for op in ops) and breaks > plain_breaks
+    checkpoint_blocks(model)
+    ops, _, _ = _traced(model, inputs, precision.forward())
+    assert not any("scaled_dot_product_attention" in op for op in ops)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compile_with_fp8_says_what_it_compiles(checkpointing, monkeypatch, caplog):
+    model, _ = _fp8_model("current", monkeypatch)
+    if checkpointing:
+        checkpoint_blocks(model)
+    with caplog.at_level(logging.WARNING, logger="trainer.fast_path"):
+        apply_compile(model, "block")
+    expected = "those blocks run eagerly" if checkpointing else "each block's graph is cut at every te.Linear"
+    assert expected in caplog.text and "train.compile=block with FP8" in caplog.text
+    assert fp8_compile_note(False, checkpointing) is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_memory_plan_says_what_compile_does_with_fp8(checkpointing):
+    from planner.plan import compose, make_plan
+
+    small = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp8",
+             "precision.compute=bf16", "train.compile=block", f"train.activation_checkpointing={checkpointing}"]
+    report = make_plan(compose(1, small), 1).report()
+    setting = report.split("Planner: activation checkpointing ")[1].split(" ")[0] == "on"
+    assert fp8_compile_note("block", setting) in report
+    assert "train.compile=block with FP8" not in make_plan(compose(1, small), 1, te_available=False).report()
+    assert "train.compile" not in make_plan(compose(1, [*small[:-2], "train.compile=false"]), 1).report().split(
+        "Overrides:")[1].split("Not counted")[0]

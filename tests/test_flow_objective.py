@@ -7,7 +7,7 @@ import torch
 
 from flow import (
     LogitNormal,
-    ResolutionShift,
+    RectifiedFlow,
     Uniform,
     build_timestep_sampler,
     flow_matching_loss,
@@ -112,12 +112,19 @@ def test_samplers_are_reproducible_with_generator():
     assert torch.equal(a, b) and a.device.type == "cpu"
 
 
+def _shifted_draws(base, shift: float | None) -> torch.Tensor:
+    """The times RectifiedFlow.draw gives a batch of N one-pixel samples (after its noise draw), shifted by `shift`."""
+    return RectifiedFlow(base, shift=shift).draw(torch.zeros(N, 1), torch.Generator().manual_seed(4))[1].double()
+
+
 def test_resolution_shift_closed_form():
     base = LogitNormal()
-    t = base(N, generator=torch.Generator().manual_seed(4)).double()
-    same = ResolutionShift(base, 1.0)(N, generator=torch.Generator().manual_seed(4)).double()
+    gen = torch.Generator().manual_seed(4)
+    torch.randn(N, 1, generator=gen)  # the noise the objective draws first
+    t = base(N, generator=gen).double()
+    same = _shifted_draws(base, 1.0)
     torch.testing.assert_close(same, t)
-    shifted = ResolutionShift(base, 3.0)(N, generator=torch.Generator().manual_seed(4)).double()
+    shifted = _shifted_draws(base, 3.0)
     sigma = 1 - t  # SD3 shifts the noise level
     torch.testing.assert_close(shifted, 1 - 3 * sigma / (1 + 2 * sigma), rtol=1e-6, atol=1e-6)
     # Median of sigmoid(N(0,1)) is 1/2; the shift maps it to sigma' = 1.5/2 = 0.75, i.e. t' = 0.25.
@@ -135,8 +142,7 @@ def test_build_timestep_sampler():
     assert isinstance(build_timestep_sampler("uniform"), Uniform)
     ln = build_timestep_sampler("logit_normal", mean=0.5, std=2.0)
     assert ln == LogitNormal(0.5, 2.0)
-    assert isinstance(build_timestep_sampler("logit_normal", shift=1.0), LogitNormal)
-    sh = build_timestep_sampler("logit_normal", shift=3.0, std=0.5)
-    assert sh == ResolutionShift(LogitNormal(0.0, 0.5), 3.0)
+    flow = RectifiedFlow.from_config(dict(name="logit_normal", shift=3.0, std=0.5), "velocity", 16, 1)
+    assert flow.timesteps == LogitNormal(0.0, 0.5) and flow.shift == 3.0  # the base sampler, shifted by the flow
     with pytest.raises(ValueError, match="'cosine'"):
         build_timestep_sampler("cosine")

@@ -99,6 +99,7 @@ def images(gallery) -> list[np.ndarray]:
     return [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
 
 
+@pytest.mark.slow
 def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_path):
     c = client(text_app, tmp_path)
     args = dict(prompt=PROMPT, steps=2, randomize_seed=False, api_name="/generate")
@@ -114,10 +115,18 @@ def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_pat
     assert np.array_equal(a5, direct)  # PNG all the way: the browser sees the pipeline's pixels
 
 
-def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, tmp_path):
+def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, text_pipe, tmp_path):
     gallery, *_, status = client(text_app, tmp_path).predict(
         prompt=PROMPT, steps=2, guidance_scale=2.5, alpha=1.5, guidance_start=0.1, seed=11, num_images=2,
         api_name="/generate")
+    # Each setting the line carries changes these pixels (the fixture is not gray): a line that lost one would not
+    # reproduce them.
+    chosen = dict(prompts=[PROMPT], seeds=[11], steps=2, cfg_scale=2.5, alpha=1.5, cfg_interval=(0.1, 1.0))
+    first = images(gallery)[0]
+    assert np.array_equal(first, text_pipe.generate(**chosen).numpy()[0])
+    for change in (dict(seeds=[12]), dict(prompts=["a small blue star in the center"]), dict(cfg_scale=1.0),
+                   dict(alpha=1.0), dict(cfg_interval=(0.0, 1.0))):
+        assert not np.array_equal(first, text_pipe.generate(**chosen | change).numpy()[0]), change
     argv = shlex.split(status.split("```")[1])[2:]  # after "python app/sample.py"
     argv[argv.index("--out-dir") + 1] = str(tmp_path / "cli")
     sample_main(argv)
@@ -162,15 +171,55 @@ def test_the_handler_shares_the_clis_checks(text_pipe):
     from app.gradio_app import Generator
     from app.validation import Limits, RequestError
 
-    handlers = Generator(text_pipe, None, Limits(pixel_steps=32 * 32 * 20 * 3 - 1), None)
+    tflop = text_pipe.evaluation_flops(32, 32) * 2 * 20 * 3 / 1e12  # guided: two evaluations a step
+    handlers = Generator(text_pipe, None, Limits(tflop=tflop * (1 - 1e-9)), None)
     controls = dict(steps=20, guidance_scale=4.0, guidance_start=0.0, guidance_end=1.0, alpha=1.0, solver="euler",
                     seed=0, randomize_seed=False, num_images=3, show_trajectory=False)
     with pytest.raises(RequestError, match="Guidance scale must be between 0.0 and 20.0, got nan"):
         handlers.settings(**controls | dict(guidance_scale=float("nan")))
-    budget = rf"32x32 pixels x 20 steps x 3 images = {32 * 32 * 20 * 3:,} pixel-steps.*\(the app's --max-pixel-steps"
+    budget = r"32x32 pixels x 20 euler steps x 3 images with guidance = .* TFLOP.*\(the app's --max-tflop raises it"
     with pytest.raises(RequestError, match=budget):
         handlers.settings(**controls)
     assert handlers.settings(**controls | dict(num_images=2)).seeds == [0, 1]
+    assert handlers.settings(**controls | dict(guidance_scale=1.0)).num_images == 3  # unguided: half the cost
+
+
+def test_a_request_past_the_time_limit_frees_the_worker(text_pipe, stage2_checkpoint, tmp_path):
+    """A request that runs past --time-limit stops at its next model evaluation and the app's one worker takes
+    the next request. Each evaluation is slowed to 0.2 s: 50 steps would hold the worker for 10 s."""
+    import time
+
+    from app.validation import Limits
+
+    calls = []
+
+    def slowly(module, args) -> None:
+        calls.append(1)
+        time.sleep(0.2)
+
+    slow = text_pipe.model.register_forward_pre_hook(slowly)
+    demo = build_app(text_pipe, source=stage2_checkpoint, limits=Limits(time_limit=0.5))
+    try:
+        c = client(serve(demo, stage2_checkpoint), tmp_path)
+        with pytest.raises(AppError, match=r"past the time limit of 0.5 s \(the app's --time-limit\)"):
+            c.predict(prompt=PROMPT, steps=50, seed=0, api_name="/generate")
+        assert 1 <= len(calls) <= 4  # stopped at the first evaluation after 0.5 s
+        calls.clear()
+        gallery, *_ = c.predict(prompt=PROMPT, steps=1, guidance_scale=1.0, seed=0, api_name="/generate")
+        assert len(images(gallery)) == 1 and len(calls) == 1
+    finally:
+        slow.remove()
+        demo.close()
+
+
+def test_the_app_takes_no_uploads(plain_text_app, tmp_path):
+    """The app takes no files, so Gradio's upload route refuses any (max_file_size); without it Gradio stores
+    whatever is posted."""
+    import httpx
+
+    files = {"files": ("big.bin", b"x" * 4096, "application/octet-stream")}
+    response = httpx.post(f"{plain_text_app}gradio_api/upload", files=files, timeout=60)
+    assert response.status_code == 413, (response.status_code, response.text[:200])
 
 
 def test_randomised_seed_is_reported(text_app, tmp_path):
@@ -225,6 +274,9 @@ def test_class_app_draws_the_chosen_class(class_app, class_pipe, tmp_path):
     (image,) = images(gallery)
     assert image.shape == (32, 32, 3) and seed == 4 and "--class-label 1" in status
     assert np.array_equal(image, class_pipe.generate(labels=[1], seeds=[4], steps=2).numpy()[0])
+    # Another class or another seed is another image (the fixture is not gray), so the line above can fail.
+    assert not np.array_equal(image, class_pipe.generate(labels=[2], seeds=[4], steps=2).numpy()[0])
+    assert not np.array_equal(image, class_pipe.generate(labels=[1], seeds=[5], steps=2).numpy()[0])
     names = class_pipe.conditioning.class_names
     with pytest.raises(AppError, match=rf"Class must be one of 0..{len(names) - 1} \(0: {names[0]}"):
         c.predict(class_label=len(names), steps=2, api_name="/generate")
@@ -244,6 +296,7 @@ def test_class_picker_shows_the_class_names(class_pipe):
     assert not any(isinstance(b, gr.Textbox) and b.label == "Prompt" for b in demo.blocks.values())
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_fails_at_start_up_in_one_line(tmp_path):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"garbage, not a checkpoint")
@@ -279,7 +332,9 @@ def test_default_bind_is_loopback_and_share_is_off():
 @pytest.mark.parametrize(
     "argv, flag",
     [(["--rewrite-endpoint", "http://x/v1"], "--rewrite-model"), (["--port", "0"], "--port"),
-     (["--max-prompt-chars", "0"], "--max-prompt-chars"), (["--max-pixel-steps", "0"], "--max-pixel-steps")],
+     (["--max-prompt-chars", "0"], "--max-prompt-chars"), (["--max-tflop", "0"], "--max-tflop"),
+     (["--max-tflop", "nan"], "--max-tflop"), (["--time-limit", "0"], "--time-limit"),
+     (["--time-limit", "inf"], "--time-limit")],
 )
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -299,6 +354,7 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProce
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_page_renders_the_controls_in_a_browser(plain_text_app, text_pipe, tmp_path):
     dom = chromium(plain_text_app, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from models import build_model, convert_linears, linear_backend, make_linear
-from models.linear import default_fp8_filter
+from models.linear import default_fp8_filter, fp8_filter, plan_conversion, te_linears
+from tests import te_standin
 from tests.helpers import randomize_zero_inits
 
 
@@ -35,6 +36,22 @@ def test_default_filter_keeps_small_layers_in_high_precision():
     chosen = {n for n, m in model.named_modules() if type(m) is nn.Linear and default_fp8_filter(n, m)}
     assert "blocks.0.attn.qkv" in chosen and "blocks.0.cross_attn.kv" in chosen and "blocks.3.mlp.fc2" in chosen
     assert not any(n.startswith(("t_block", "final")) or ".adaLN" in n for n in chosen)
+
+
+def test_the_filter_takes_the_recipes_multiple():
+    """MXFP8 needs feature sizes of 32 (tests/te_standin.py cites TE): a 48-wide layer converts only under 16."""
+    layer = nn.Linear(48, 64)
+    assert fp8_filter([], 16)("blocks.0.mlp.fc1", layer) and not fp8_filter([], 32)("blocks.0.mlp.fc1", layer)
+    assert not fp8_filter(["mlp"], 16)("blocks.0.mlp.fc1", layer)
+
+
+def test_te_linears_names_the_converted_layers(monkeypatch):
+    model = build_model("mmDiT-debug/4")
+    assert te_linears(model) == []
+    te_standin.install(monkeypatch)
+    chosen, _ = plan_conversion(model)
+    assert convert_linears(model, "fp8", "cpu") == len(chosen) > 0
+    assert te_linears(model) == [name for name, _ in chosen]
 
 
 @pytest.mark.gpu

@@ -138,6 +138,7 @@ def test_no_shuffle_reads_in_file_order(tmp_path, mix):
     assert ids(take(ShardDataset(root, shuffle=False, mix_shards=mix), 15)) == list(range(15))
 
 
+@pytest.mark.slow
 def test_batches_mix_shards(tmp_path):
     """8 shards, each of a single label: with mix_shards=4 a batch of 32 holds records of several
     shards (>= 3 labels on average), where mix_shards=1 gives 1 or 2."""
@@ -156,6 +157,7 @@ def test_batches_mix_shards(tmp_path):
 # ---- split --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @MIX
 @pytest.mark.parametrize(
     "shards, per_shard, world, workers",
@@ -172,6 +174,7 @@ def test_split_covers_every_record_once_per_epoch(tmp_path, shards, per_shard, w
         assert sorted(seen) == list(range(n)), f"epoch {epoch}"
 
 
+@pytest.mark.slow
 @MIX
 def test_split_drops_the_remainder_consistently(tmp_path, mix):
     """30 records over 2 ranks x 2 workers: 7 per worker, 2 dropped per epoch, never a duplicate."""
@@ -213,6 +216,7 @@ def batches(loader, n: int) -> list[torch.Tensor]:
     return [b["labels"].clone() for b in islice(loader, n)]
 
 
+@pytest.mark.slow
 @MIX
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_reproduces_the_uninterrupted_batches(tmp_path, workers, mix):
@@ -230,6 +234,7 @@ def test_resume_reproduces_the_uninterrupted_batches(tmp_path, workers, mix):
         assert torch.equal(torch.cat(batches(resumed, total - k)), full[k * bs :]), f"resumed at batch {k}"
 
 
+@pytest.mark.slow
 @MIX
 def test_resume_on_two_ranks(tmp_path, mix):
     root = make_labels(tmp_path, shards=3, per_shard=10)
@@ -408,6 +413,7 @@ def epoch_batches(root: Path, world: int, workers: int, batch: int, seed: int = 
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, workers, mix", [(1, 0, 4), (2, 0, 1), (2, 2, 4), (3, 2, 2)])
 def test_bucketed_batches_share_a_bucket_and_split_evenly(tmp_path, world, workers, mix):
     counts = {"2x4": 61, "3x3": 40, "4x2": 23}
@@ -460,6 +466,7 @@ def test_ranks_draw_the_same_bucket_at_every_step(tmp_path):
         assert len({bucket_of(b) for b in step}) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bucketed_resume_reproduces_the_uninterrupted_batches(tmp_path, workers):
     root = make_bucketed(tmp_path, {"2x4": 37, "3x3": 25, "4x2": 19}, per_shard=5)

@@ -11,7 +11,8 @@ import torch
 import flow.rectified_flow as objective
 from tests.stages import stage_config
 from trainer import checkpoint
-from trainer.loop import micro_batch_size, resolve_resume, train
+from trainer.builders import micro_batch_size
+from trainer.loop import resolve_resume, train
 
 CPU = "device=cpu"  # the bitwise comparisons below are CPU promises
 
@@ -128,6 +129,7 @@ def test_resume_picks_the_newest_checkpoint_by_step(tmp_path):
         resolve_resume("Auto", tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_never_a_path_and_a_finished_run(embedded_data, tmp_path, caplog):
     args = ("train.max_steps=4", "train.ckpt_every=2")
     train(stage_config(1, embedded_data, tmp_path, CPU, *args))

@@ -33,6 +33,7 @@ def _assert_equal(a: dict, b: dict, **tol) -> None:
         torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
+@pytest.mark.slow
 def test_ddp_reduces_main_grad_and_ranks_stay_identical(tmp_path):
     rank0, rank1 = _run(tmp_path / "ddp", ranks=2)
     (single,) = _run(tmp_path / "single")
@@ -46,6 +47,7 @@ def test_ddp_reduces_main_grad_and_ranks_stay_identical(tmp_path):
     assert not torch.allclose(single["2.weight"], init["2.weight"]), "the fused-wgrad weight never moved"
 
 
+@pytest.mark.slow
 def test_without_the_main_grad_all_reduce_ranks_drift(tmp_path):
     """The negative control: DDP alone never reduces a weight whose gradient lives in main_grad."""
     rank0, rank1 = _run(tmp_path / "bug", "--no-reduce", ranks=2)

@@ -141,7 +141,13 @@ def test_clip_score_matches_an_independent_computation():
                            return_tensors="pt", padding=True)
         out = model(**inputs)
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
-    assert got == pytest.approx(max(100 * float(cos.mean()), 0.0), rel=1e-4, abs=1e-4)
+    expected = 100 * float(cos.mean())
+    # Neither side may be CLIPScore's floor of 0 (a mean cosine below 0 scores 0), or 0 == 0 would pass.
+    assert expected > 10 and got > 10
+    assert got == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # the floor itself: text embeddings turned around score exactly 0
+        model.text_projection.weight.neg_()
+    assert metrics.clip_score(images, captions, lambda: (metrics.ProjectedCLIP(model), processor)) == 0.0
 
 
 def _samples_npz(path, images, **small):
@@ -270,3 +276,121 @@ def test_inception_wrapper_with_a_stand_in(monkeypatch, tmp_path):
         InceptionFeatures(tmp_path / "pickle.pth")
     with pytest.raises(FileNotFoundError, match="--inception-weights .*missing.pth: no such file"):
         InceptionFeatures(tmp_path / "missing.pth")
+
+
+# ---- degenerate input, refused before any feature is extracted (issue 25, item 10) -----------------------------
+
+
+class _CountingFeatures(TinyFeatures):
+    """TinyFeatures that counts the images it is shown (the probe of its widths is one), optionally NaN."""
+
+    def __init__(self, nan: bool = False):
+        super().__init__()
+        self.seen, self.nan = 0, nan
+
+    def forward(self, images):
+        self.seen += len(images)
+        out = super().forward(images)
+        return {k: v * float("nan") for k, v in out.items()} if self.nan else out
+
+
+@pytest.fixture
+def counting_net(monkeypatch):
+    """The CLI's InceptionFeatures replaced by a counting stand-in (torch-fidelity is not installed here)."""
+    import evaluation.features
+
+    net = _CountingFeatures()
+    monkeypatch.setattr(evaluation.features, "InceptionFeatures", lambda weights=None: net)
+    return net
+
+
+def _cli_refuses(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as caught:
+        metrics.main([*argv, "--device", "cpu"])
+    assert isinstance(caught.value.code, str), caught.value.code  # a message, not a status of its own
+    return caught.value.code
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_too_few_samples_are_refused_before_extraction(tmp_path, counting_net, n):
+    np.savez(tmp_path / "s.npz", arr_0=_images(max(n, 1), 20)[:n])
+    np.savez(tmp_path / "r.npz", arr_0=_images(10, 21))
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz")])
+    assert f"--samples {tmp_path / 's.npz'} holds {n} image" in message and "give at least 4" in message
+    assert counting_net.seen == 0
+
+
+def test_too_few_reference_images_are_refused_before_extraction(tmp_path, counting_net):
+    _samples_npz(tmp_path / "s.npz", _images(10, 22))
+    np.savez(tmp_path / "r.npz", arr_0=_images(3, 23))
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz")])
+    assert f"--reference {tmp_path / 'r.npz'} holds 3 images" in message
+    assert counting_net.seen <= 1  # the probe of the net's widths, one image
+
+
+@pytest.mark.parametrize(("stats", "words"), [
+    (dict(mu=np.zeros(5), sigma=np.eye(12)), "mu [5] and sigma [12, 12] are not a mean of d numbers"),
+    (dict(mu=np.zeros(5), sigma=np.eye(5)), "mu/sigma are of 5 features, but the feature net gives 12"),
+    (dict(mu=np.zeros(12), sigma=-np.eye(12)), "sigma has a negative eigenvalue"),
+    (dict(mu=np.zeros(12), sigma=np.triu(np.ones((12, 12)))), "sigma is not symmetric"),
+    (dict(mu=np.full(12, np.nan), sigma=np.eye(12)), "mu or sigma holds NaN"),
+    (dict(mu=np.zeros(12)), "holds mu without sigma"),
+], ids=["shapes", "widths", "not-psd", "not-symmetric", "nan", "half"])
+def test_reference_statistics_are_checked_before_extraction(tmp_path, counting_net, stats, words):
+    _samples_npz(tmp_path / "s.npz", _images(10, 24))
+    np.savez(tmp_path / "r.npz", arr_0=_images(10, 25), **stats)
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz")])
+    assert message.startswith(f"--reference {tmp_path / 'r.npz'}: ") and words in message, message
+    assert counting_net.seen <= 1
+
+
+def test_a_non_finite_result_is_refused_and_never_written(tmp_path, monkeypatch):
+    """NaN features would give a NaN FID, and JSON has no NaN: refused, nothing printed or written."""
+    import evaluation.features
+
+    monkeypatch.setattr(evaluation.features, "InceptionFeatures", lambda weights=None: _CountingFeatures(nan=True))
+    _samples_npz(tmp_path / "s.npz", _images(10, 26))
+    np.savez(tmp_path / "r.npz", arr_0=_images(10, 27))
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"),
+                            "--json", str(tmp_path / "m.json")])
+    assert "the feature net gave NaN or infinite" in message and not (tmp_path / "m.json").exists()
+
+
+def test_clip_that_cannot_load_is_found_before_extraction(tmp_path, counting_net):
+    _samples_npz(tmp_path / "s.npz", _images(10, 28), captions=np.array(["a red circle"] * 10))
+    np.savez(tmp_path / "r.npz", arr_0=_images(10, 29))
+    missing = tmp_path / "no" / "clip"
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"),
+                            "--clip-model", str(missing)])
+    assert f"--clip-model {missing}: cannot load it" in message and "--no-clip" in message
+    assert counting_net.seen == 0
+
+
+@pytest.mark.parametrize("where", ["folder", "below-a-file"])
+def test_an_unwritable_json_is_found_before_extraction(tmp_path, counting_net, where):
+    _samples_npz(tmp_path / "s.npz", _images(10, 30))
+    np.savez(tmp_path / "r.npz", arr_0=_images(10, 31))
+    (tmp_path / "file").write_text("")
+    target = tmp_path if where == "folder" else tmp_path / "file" / "m.json"
+    message = _cli_refuses(["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "r.npz"),
+                            "--json", str(target)])
+    assert message.startswith(f"--json {target}: ") and counting_net.seen == 0
+
+
+def test_a_damaged_compressed_npz_is_named(tmp_path):
+    """A flipped byte inside a deflated member fails in zlib, not in zip's CRC check."""
+    from evaluation.npz import read_npz
+
+    np.savez_compressed(tmp_path / "r.npz", arr_0=_images(40, 32), mu=np.random.default_rng(0).random(1000))
+    original = (tmp_path / "r.npz").read_bytes()
+    found = set()
+    for position in range(100, len(original) - 100, 61):
+        damaged = bytearray(original)
+        damaged[position] ^= 0xFF
+        (tmp_path / "r.npz").write_bytes(bytes(damaged))
+        try:
+            read_npz(tmp_path / "r.npz", "--reference")
+        except ValueError as err:
+            assert "not a readable .npz" in str(err) or "arr_0 must be" in str(err), err
+            found.add("named")
+    assert found == {"named"}

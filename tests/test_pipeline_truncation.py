@@ -18,10 +18,10 @@ import pytest
 
 from core.vae import IdentityVAE
 from data.embedded.build import build
+from data.make_shards import main as cli_main
 from data.pipeline import sources
 from data.pipeline.captioners import TarCaptioner
 from data.pipeline.run import PipelineConfig, RankResult, marker_path, run_rank
-from data.shard_caption_example import main as cli_main
 from data.validate import validate
 from tests.helpers import loopback_file_server
 from tests.test_pipeline import assert_same_dataset
@@ -81,6 +81,7 @@ def clean(tars, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_every_cut_of_a_tar_on_disk_is_refused_or_complete(tars, clean, tmp_path):
     data = tars[0].read_bytes()
     end = archive_end(data)
@@ -169,7 +170,7 @@ def test_cli_goes_on_with_the_other_tars_and_exits_non_zero(tars, tmp_path, caps
     assert cli_main([*argv, "--out-dir", str(out)]) == 1
     captured = capsys.readouterr()
     assert f"{tars[1].name}" in captured.err and "rerun" in captured.err
-    assert "2 tars processed, 0 skipped, 1 failed" in captured.out
+    assert "2 inputs processed, 0 skipped, 1 failed" in captured.out
     markers = sorted(p.name for p in (out / "progress").iterdir())
     assert markers == [f"{tars[0].stem}.done.json", f"{tars[2].stem}.done.json"]
     assert not (out / "manifest.json").exists() and not list(out.glob(f"*{tars[1].stem}*"))
@@ -178,7 +179,7 @@ def test_cli_goes_on_with_the_other_tars_and_exits_non_zero(tars, tmp_path, caps
 
     (inputs / tars[1].name).write_bytes(data)
     assert cli_main([*argv, "--out-dir", str(out)]) == 0
-    assert "1 tars processed, 2 skipped, 0 failed" in capsys.readouterr().out
+    assert "1 inputs processed, 2 skipped, 0 failed" in capsys.readouterr().out
     clean = tmp_path / "clean"
     assert cli_main([*argv, "--out-dir", str(clean)]) == 0
     assert validate(out) == [] and json.loads((out / "manifest.json").read_text())["num_records"] == PER_TAR * TARS

@@ -160,6 +160,7 @@ def test_class_conditional_joint_models_use_the_label():
         model(x, t, text=torch.randn(2, 4, 384), text_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["pixeldit", "mmpixeldit"])
 def test_short_x_prediction_run_on_embedded_data_lowers_the_loss(family, embedded_data, tmp_path):
     cfg = stage_config(

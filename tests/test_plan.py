@@ -1,4 +1,4 @@
-"""The memory planner (trainer/plan.py) and its activation measurement (trainer/activation_memory.py): byte counts
+"""The memory planner (planner/plan.py) and its activation measurement (planner/activation_memory.py): byte counts
 against closed forms and hand counts, the FlashAttention stand-in against SDPA, the affine scaling, checkpointing
 against torch.utils.checkpoint itself, the planner's choice, and the command line."""
 
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.shards import DatasetSpec, write_manifest
 from models import model_config
-from trainer.activation_memory import (
+from planner.activation_memory import (
     GpuKernels,
     SavedBytes,
     _blank_model,
@@ -26,15 +26,24 @@ from trainer.activation_memory import (
     measure_profile,
     measure_step,
 )
+from planner.plan import (
+    MemoryPlanError,
+    Setting,
+    check_memory,
+    compose,
+    data_shape,
+    largest_divisor_at_most,
+    make_plan,
+    state_bytes,
+)
 from trainer.fast_path import checkpoint_blocks
-from trainer.plan import MemoryPlanError, Setting, check_memory, compose, data_shape, make_plan, state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.size=debug", "model.patch=4", "data.image_size=32", "vae=identity", "precision=fp32"]
 """Overrides that make a real stage config a debug model on 32 px pixels: a plan in well under a second."""
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "planner", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -210,6 +219,46 @@ def test_chosen_micro_batch_fits_and_the_next_larger_does_not():
     assert (roomy.micro, roomy.grad_accum, roomy.checkpointing) == (per_gpu, 1, False)
 
 
+def test_largest_divisor_at_most_is_the_brute_force_one():
+    for n in range(1, 200):
+        for cap in range(1, n + 2):
+            assert largest_divisor_at_most(n, cap) == max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def test_a_huge_batch_is_planned_in_bounded_time():
+    """train.batch_size=10**12 on 8 GPUs: 1.25e11 = 2^9 x 5^12 per GPU. The old search tried every integer up to
+    it (hours); the choice must come at once and be the largest divisor that fits, the divisors listed from the
+    factorisation (an independent reference)."""
+    import signal
+
+    plan = make_plan(compose(1, [*SMALL, "train.batch_size=1000000000000", "train.grad_accum=1"]), 8)
+    per_gpu = plan.per_gpu_batch()
+    assert per_gpu == 2**9 * 5**12
+    divisors = sorted(2**a * 5**b for a in range(10) for b in range(13))
+
+    def too_slow(*_):
+        raise TimeoutError("the planner's divisor search did not finish in 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        choice = plan.choice()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert per_gpu % choice.micro == 0 and plan.fits_with(choice)
+    bigger = divisors[divisors.index(choice.micro) + 1]
+    assert not plan.fits_with(Setting(bigger, per_gpu // bigger, choice.checkpointing))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e300"])
+def test_gpu_memory_must_be_a_finite_positive_number(value):
+    result = _run("stage=1", *SMALL, f"+gpu_memory_gb={value}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"+gpu_memory_gb={value}: expected a positive, finite number of GB" in result.stderr
+
+
+@pytest.mark.slow
 def test_pixel_families_are_planned_without_checkpointing():
     """trainer/fast_path.py cannot checkpoint PixelDiT (no `model.blocks`): the planner shrinks the micro-batch."""
     cfg = compose(2, ["model=pixeldit", "model.size=debug", "data.image_size=64", "vae=identity",
@@ -235,6 +284,57 @@ def test_data_shape_from_the_manifest_or_from_image_size(tmp_path):
         data_shape(compose(2, ["data.image_size=260"]))
 
 
+def test_the_plan_of_non_square_data_is_the_model_the_trainer_trains(tmp_path):
+    """Unbucketed 32x48 latents, which the trainer takes (one forward of the model it builds, below): the plan
+    (and check_memory, which the trainer runs on CUDA before anything else) describes that model at that size,
+    its parameters and its (32 / 4) x (48 / 4) = 96 tokens a sample, instead of refusing non-square data."""
+    from core.conditioning import ClassConditioning
+    from models import build_model
+    from trainer import builders
+
+    spec = DatasetSpec(kind="labels", latent_shape=(3, 32, 48), image_size=48, vae={"id": "identity"}, num_classes=4)
+    write_manifest(tmp_path, spec, records_per_shard=10)
+    cfg = compose(1, [*SMALL, f"data.path={tmp_path}", "train.batch_size=8"])
+    plan = check_memory(cfg, 1, torch.device("cpu"))
+    model = build_model(builders.build_model_config(cfg, spec, ClassConditioning(4, None, 0.1), None))
+    out = model(torch.zeros(2, 3, 32, 48), torch.rand(2), labels=torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, 32, 48)
+    assert plan.tokens == 96 and "3x32x48 latents (96 tokens)" in plan.title
+    assert plan.state_rows[0].bytes == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_stored_text_features_keep_the_encoder_off_the_gpu(embedded_data, tmp_path):
+    """Stage 4 on bucketed shards with stored text features: the trainer builds no encoder for the step (its
+    conditioning reads the stored states; previews load one on the CPU), so the plan counts none; with
+    data.text_features=false the trainer loads it on the device, and the plan counts its parameters (the loaded
+    encoder's) in the configured dtype.
+    The activations are planned at the largest bucket the run trains on (40x40: 100 tokens at patch 4; 32x48 and
+    48x32 hold 96)."""
+    from core.conditioning import FeatureConditioning
+    from tests.stages import stage_config
+    from trainer import builders
+
+    cfg = stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null")
+    spec = builders.read_data_spec(cfg)
+    conditioning = builders.build_conditioning(cfg, spec, torch.device("cpu"), torch.float32)
+    assert isinstance(conditioning, FeatureConditioning) and conditioning.encoder is None
+    plan = make_plan(cfg, 1)
+    encoder = next(r for r in plan.rows() if r.name.startswith("text encoder"))
+    assert encoder.bytes == 0 and "not on the GPU" in encoder.how
+    assert plan.tokens == 100 and "the largest of 3 buckets" in plan.title
+    wide = make_plan(stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
+                                  "data.buckets=[32x48,48x32]"), 1)  # the buckets the run trains on: 96 tokens
+    assert wide.tokens == 96 and "the largest of 2 buckets" in wide.title
+
+    encoding = stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
+                            "data.text_features=false")
+    online = builders.build_conditioning(encoding, spec, torch.device("cpu"), torch.float32)
+    parameters = sum(p.numel() for p in online.encoder.parameters())
+    counted = next(r for r in make_plan(encoding, 1).rows() if r.name.startswith("text encoder"))
+    dtype = getattr(torch, encoding.text_encoder.dtype or "bfloat16")  # null: bf16 on CUDA
+    assert counted.bytes == dtype.itemsize * parameters
+
+
 @pytest.mark.slow
 def test_the_reference_stage_defaults_fit_an_80_gb_gpu_by_the_plan():
     for stage in range(1, 6):
@@ -257,7 +357,7 @@ def test_check_memory_raises_with_the_table_and_the_keys_to_change():
 
 
 def test_help_answers_without_importing_torch():
-    code = ("import sys\nfrom trainer.plan import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom planner.plan import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(json.dumps('torch' in sys.modules))")
     result = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)

@@ -1,4 +1,4 @@
-"""The memory planner under train.parallel (trainer/plan.py): the shard group, the sharded state against its
+"""The memory planner under train.parallel (planner/plan.py): the shard group, the sharded state against its
 closed form, FSDP's working copies against a count of the model's own blocks, and the per-step traffic against
 the ring algorithms' costs worked out by hand [patarasuk2009]."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import build_model
-from trainer.plan import (
+from planner.plan import (
     compose,
     data_shape,
     fsdp_working_bytes,
@@ -69,8 +69,9 @@ def test_step_traffic_is_the_ring_cost_worked_by_hand():
     assert step_traffic(p, "hsdp", 16, 8, 1, 2) == dict(all_gather=3500, reduce_scatter=3500, all_reduce=500)
 
 
+@pytest.mark.slow
 def test_cli_plans_hsdp_over_the_node_size_it_is_given():
-    proc = subprocess.run([sys.executable, "-m", "trainer.plan", "stage=1", *SMALL, "train.parallel=hsdp", "+gpus=8",
+    proc = subprocess.run([sys.executable, "-m", "planner", "stage=1", *SMALL, "train.parallel=hsdp", "+gpus=8",
                            "+gpus_per_node=4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

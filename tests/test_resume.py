@@ -125,6 +125,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(embedded_data, tmp_pat
     assert_same_run(a, b)  # model, EMA, optimizer, scheduler, history, loader, RNG: all bit for bit
 
 
+@pytest.mark.slow
 def test_text_stage_resume_is_exact_with_the_encoder_cache(embedded_data, tmp_path):
     """Stage 2 (captions through the frozen MiniLM) with train.text_cache on: a resumed run starts with an
     empty cache and still computes the same conditioning, so the same weights."""
@@ -141,6 +142,7 @@ def test_text_stage_resume_is_exact_with_the_encoder_cache(embedded_data, tmp_pa
     assert all(math.isfinite(x) for x in full["history"]) and len(full["history"]) == 4
 
 
+@pytest.mark.slow
 def test_bucketed_feature_stage_resume_is_exact(embedded_data, tmp_path):
     """Stage 4 on aspect-ratio buckets with stored text features (long and short captions mixed, caption dropout):
     a run resumed from its step-2 checkpoint reaches the uninterrupted run's step-4 checkpoint bit for bit."""
@@ -157,6 +159,7 @@ def test_bucketed_feature_stage_resume_is_exact(embedded_data, tmp_path):
     assert all(math.isfinite(x) for x in full["history"]) and len(full["history"]) == 4
 
 
+@pytest.mark.slow
 def test_minilm_output_for_a_row_does_not_depend_on_its_batch(embedded_data):
     """What the text cache's exact resume rests on (core/conditioning.py): encoding a caption alone, in
     another batch or at another position gives the same bits as encoding it in the full batch."""

@@ -46,6 +46,7 @@ def test_resume_takes_the_schedule_from_the_new_config(embedded_data, tmp_path):
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]  # decayed group follows, the other stays 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_stage_another_model_and_a_smaller_max_steps(embedded_data, tmp_path):
     s2 = train(stage_config(2, embedded_data, tmp_path / "s2", CPU, "train.init_from=null", "train.max_steps=2"))
     with pytest.raises(ConfigError, match=r"Stage 2 checkpoint, but this is Stage 3.*train.init_from="):
@@ -72,6 +73,7 @@ def test_a_broken_newest_checkpoint_is_named_and_the_good_one_offered(embedded_d
 # ---- one trainer per folder ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_locked_folder_stops_naming_the_holder(embedded_data, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, '.'); from trainer.run_lock import RunLock; "
@@ -149,6 +151,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(embedded_data, tmp_path):
     assert checkpoint.load(summary["checkpoint"])["step"] == summary["steps"]
 
 
+@pytest.mark.slow
 def test_metrics_file_has_every_step_once_after_a_resume(embedded_data, tmp_path):
     _run(embedded_data, tmp_path, "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1")
     checkpoint.checkpoint_path(tmp_path / "checkpoints", 4).unlink()  # as if killed after step 4's log line
@@ -159,6 +162,7 @@ def test_metrics_file_has_every_step_once_after_a_resume(embedded_data, tmp_path
     assert [r["step"] for r in rows if "held/loss_start" in r] == [0]
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_is_a_line_per_log_step(embedded_data, tmp_path):
 
     proc = subprocess.run(stage1_cmd(embedded_data, tmp_path, "train.max_steps=4", "train.log_every=2"), cwd=ROOT,

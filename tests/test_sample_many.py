@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from app.pipeline import load_pipeline
+from core.ranks import Ranks
 from evaluation import sample_many as sm
 from evaluation.npz import read_npz
-from evaluation.ranks import Ranks
 
 
 def _plan(path, n=10, batch=4, **kw) -> sm.Plan:
@@ -17,6 +17,11 @@ def _plan(path, n=10, batch=4, **kw) -> sm.Plan:
                 cfg_interval=(0.0, 1.0), alpha=1.0, method="euler", weights="ema", labels="uniform",
                 captions_from=None)
     return sm.Plan(**(base | kw))
+
+
+def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to one level: a batch of one and a batch of four may round a pixel differently."""
+    return bool(np.abs(a.astype(int) - b.astype(int)).max() <= 1)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +43,14 @@ def test_class_samples_split_over_ranks_match_single_draws(class_pipe, stage1_ch
     k = class_pipe.conditioning.num_classes
     labels = [int(np.random.default_rng([3, i]).integers(k)) for i in range(10)]  # the documented rule
     assert data["arr_1"].tolist() == labels
+    settings = dict(steps=2, cfg_scale=2.0, alpha=1.0)
     for i in (0, 5, 9):
-        alone = class_pipe.generate(labels=[labels[i]], seeds=[3 + i], steps=2, cfg_scale=2.0, alpha=1.0)
-        assert np.abs(alone[0].numpy().astype(int) - data["arr_0"][i].astype(int)).max() <= 1
+        alone = class_pipe.generate(labels=[labels[i]], seeds=[3 + i], **settings)[0].numpy()
+        assert same_pixels(alone, data["arr_0"][i])
+        # Another seed or another label is another image (the fixture is not gray), so the line above can fail.
+        other_seed = class_pipe.generate(labels=[labels[i]], seeds=[4 + i], **settings)[0].numpy()
+        other_label = class_pipe.generate(labels=[(labels[i] + 1) % k], seeds=[3 + i], **settings)[0].numpy()
+        assert not same_pixels(other_seed, data["arr_0"][i]) and not same_pixels(other_label, data["arr_0"][i])
     summary = json.loads((tmp_path / "samples.json").read_text())
     assert summary["drawn_now"] == 0 and summary["already_there"] == 3
 
@@ -73,8 +83,13 @@ def test_text_samples_carry_their_captions(stage2_checkpoint, tmp_path):
            progress=False)
     data = read_npz(tmp_path / "out" / sm.SAMPLES, "samples")
     assert data["captions"].tolist() == [captions[i % 2] for i in range(5)] and "arr_1" not in data
-    alone = pipe.generate(prompts=[captions[0]], seeds=[3 + 4], steps=2, cfg_scale=2.0, alpha=1.0)
-    assert np.abs(alone[0].numpy().astype(int) - data["arr_0"][4].astype(int)).max() <= 1
+    settings = dict(steps=2, cfg_scale=2.0, alpha=1.0)
+    alone = pipe.generate(prompts=[captions[0]], seeds=[3 + 4], **settings)[0].numpy()
+    assert same_pixels(alone, data["arr_0"][4])
+    # Another seed or another caption is another image (the fixture is not gray), so the line above can fail.
+    other_seed = pipe.generate(prompts=[captions[0]], seeds=[3 + 5], **settings)[0].numpy()
+    other_caption = pipe.generate(prompts=[captions[1]], seeds=[3 + 4], **settings)[0].numpy()
+    assert not same_pixels(other_seed, data["arr_0"][4]) and not same_pixels(other_caption, data["arr_0"][4])
 
 
 def test_captions_from_a_shard_folder(embedded_data):
@@ -110,3 +125,62 @@ def test_cli_refuses_captions_for_a_class_checkpoint(stage1_checkpoint, tmp_path
     with pytest.raises(SystemExit, match="class-conditional: --captions and --caption-shards are for text"):
         sm.main(["--model-path", str(stage1_checkpoint), "--num-samples", "2", "--out-dir", str(tmp_path / "o"),
                  "--captions", str(tmp_path / "c.txt"), "--device", "cpu"])
+
+
+# ---- parts it cannot vouch for (issue 25, item 7) ------------------------------------------------------------
+
+
+def test_without_sampling_json_a_rerun_with_another_seed_redraws_every_part(class_pipe, stage1_checkpoint, tmp_path,
+                                                                             capsys):
+    """Each part records its plan's hash: with sampling.json gone, another seed's run finds the old parts foreign,
+    names them, and draws its own (the reference: the same plan drawn in an empty folder)."""
+    sm.run(class_pipe, _plan(stage1_checkpoint, seed=3), tmp_path / "a", Ranks(), progress=False)
+    (tmp_path / "a" / sm.SETTINGS).unlink()
+    other = _plan(stage1_checkpoint, seed=4)
+    sm.run(class_pipe, other, tmp_path / "a", Ranks(), progress=False)
+    err = capsys.readouterr().err
+    assert f"{sm.part_path(tmp_path / 'a', 0)}: drawn with other settings" in err
+    sm.run(class_pipe, other, tmp_path / "fresh", Ranks(), progress=False)
+    np.testing.assert_array_equal(read_npz(tmp_path / "a" / sm.SAMPLES, "s")["arr_0"],
+                                  read_npz(tmp_path / "fresh" / sm.SAMPLES, "s")["arr_0"])
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["drawn_now"] == 3
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+    """One byte of the images changed, the size kept: only the zip's CRC shows it."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _foreign(path):
+    """Another part's file (its indices) under this part's name."""
+    path.write_bytes(path.with_name("part-000000.npz").read_bytes())
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _foreign], ids=["truncated", "flipped", "other-indices"])
+def test_a_damaged_part_is_named_and_drawn_again(class_pipe, stage1_checkpoint, tmp_path, capsys, damage):
+    plan = _plan(stage1_checkpoint)
+    sm.run(class_pipe, plan, tmp_path, Ranks(), progress=False)
+    first = read_npz(tmp_path / sm.SAMPLES, "s")["arr_0"].copy()
+    part = sm.part_path(tmp_path, 1)
+    damage(part)
+    sm.run(class_pipe, plan, tmp_path, Ranks(), progress=False)
+    err = capsys.readouterr().err
+    assert f"{part}: " in err and "drawing it again" in err and part.with_name(part.name + ".rejected").is_file()
+    assert json.loads((tmp_path / "samples.json").read_text())["drawn_now"] == 1
+    np.testing.assert_array_equal(read_npz(tmp_path / sm.SAMPLES, "s")["arr_0"], first)
+
+
+def test_an_unreadable_sampling_json_or_a_file_as_out_dir_is_named(class_pipe, stage1_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / sm.SETTINGS).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'out' / sm.SETTINGS} is unreadable"):
+        sm.run(class_pipe, _plan(stage1_checkpoint), tmp_path / "out", Ranks(), progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        sm.run(class_pipe, _plan(stage1_checkpoint), tmp_path / "file", Ranks(), progress=False)

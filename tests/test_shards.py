@@ -350,7 +350,8 @@ def test_features_hold_only_the_real_tokens(tmp_path):
 
 
 def test_validate_checks_the_encoder_identity(tmp_path, capsys):
-    from data.features import weights_sha256
+    from core.identity import files_sha256
+    from data.features import WEIGHT_PATTERNS
 
     write_feature_dataset(tmp_path / "data")
     folder = tmp_path / "my-encoder"
@@ -359,7 +360,7 @@ def test_validate_checks_the_encoder_identity(tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(b"weights")
     assert validate_main([str(tmp_path / "data"), "--text-encoder", str(folder)]) == 1
     err = capsys.readouterr().err
-    assert "'acme/encoder' (revision 0123abc)" in err and f"'sha256:{weights_sha256(folder)}'" in err
+    assert "'acme/encoder' (revision 0123abc)" in err and f"'sha256:{files_sha256(folder, WEIGHT_PATTERNS)}'" in err
     assert validate_main([str(tmp_path / "data")]) == 0
     assert "text features of acme/encoder" in capsys.readouterr().out
     # The hash covers every weight and config file by name, size and bytes, in name order.
@@ -368,7 +369,7 @@ def test_validate_checks_the_encoder_identity(tmp_path, capsys):
     digest = hashlib.sha256()
     for name, data in (("config.json", b'{"model_type": "t5"}'), ("model.safetensors", b"weights")):
         digest.update(f"{name}\0{len(data)}\0".encode() + data)
-    assert weights_sha256(folder) == digest.hexdigest()
+    assert files_sha256(folder, WEIGHT_PATTERNS) == digest.hexdigest()
 
 
 def test_a_bucketed_manifest_counts_and_checks_its_buckets(tmp_path):

@@ -117,6 +117,7 @@ def test_any_other_recorded_path_is_refused(tmp_path):
             recorded_tokenizer_source(recorded, "metadata.tokenizer", "--tokenizer PATH")
 
 
+@pytest.mark.slow
 def test_a_hub_tokenizer_is_recorded_by_name_commit_and_hash(tmp_path):
     """A hub id read offline from a Hugging Face cache (set through the environment, in a fresh process, as a user
     sets it): the commit the cache holds is the revision recorded."""

@@ -95,10 +95,8 @@ def test_every_stage_config_composes(stage):
     assert real.stage == stage and real.vae.kind == "sd3" and real.text_encoder.hidden_size == 2048
 
 
-def test_default_config_is_stage5_and_groups_override():
+def test_groups_override():
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="config")
-        assert cfg.stage == 5 and cfg.model.family == "mmdit" and cfg.train.timesteps.shift == "auto"
         cfg = compose(config_name="stage2", overrides=["data=aesthetic_256", "model=jointdit", "train.batch_size=64"])
     assert cfg.model.family == "jointdit" and cfg.train.batch_size == 64 and cfg.train.grad_accum == 20
 
@@ -174,14 +172,15 @@ def test_wandb_mode_follows_the_api_key(monkeypatch, tmp_path):
 def test_precision_falls_back_to_fp32_off_cuda(caplog):
     from omegaconf import OmegaConf
 
+    from trainer.config import PrecisionSection
     from trainer.precision import Precision
 
     with caplog.at_level("INFO"):
-        p = Precision(OmegaConf.create(dict(compute="bf16", fp8=True, fp8_recipe="auto")), torch.device("cpu"))
+        p = Precision(OmegaConf.structured(PrecisionSection(compute="bf16", fp8=True)), torch.device("cpu"))
         model = torch.nn.Sequential(torch.nn.Linear(32, 32))
         assert p.convert(model) == 0 and type(model[0]) is torch.nn.Linear
     assert p.model_dtype == torch.float32 and "fp32" in caplog.text and "nn.Linear" in caplog.text
     with p.forward():
         assert not torch.is_autocast_enabled()
     with pytest.raises(ValueError, match="precision.compute='fp16'"):
-        Precision(OmegaConf.create(dict(compute="fp16", fp8=False, fp8_recipe="auto")), torch.device("cpu"))
+        Precision(OmegaConf.structured(PrecisionSection(compute="fp16", fp8=False)), torch.device("cpu"))

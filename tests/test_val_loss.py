@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.conditioning import ClassConditioning
-from evaluation.ranks import Ranks
+from core.ranks import Ranks
 from evaluation.val_loss import ValidationLoss, bin_times, read_held_out, time_key
 from flow.objective import LogitNormal
 from flow.rectified_flow import RectifiedFlow
@@ -145,9 +145,11 @@ def test_trainer_refuses_held_out_data_of_another_kind(embedded_data, tmp_path):
         train(cfg)
 
 
-def test_trainer_small_fid_matches_the_pipelines_samples(embedded_data, tmp_path):
+def test_trainer_small_fid_matches_the_pipelines_samples(embedded_data, stage1_checkpoint, tmp_path):
     """train.eval.fid_samples with the scene encoder: the logged FID equals the one of the same indices drawn
-    through app/pipeline.py from the final checkpoint (same seeds, labels and sampling settings)."""
+    through app/pipeline.py from the final checkpoint (same seeds, labels and sampling settings). The run starts
+    from the shared Stage 1 checkpoint, whose weights are perturbed (tests/conftest.py): two steps from adaLN-Zero
+    would sample gray fields whatever the seed and label, and any indices would give the same FID."""
     import json
 
     import numpy as np
@@ -166,7 +168,7 @@ def test_trainer_small_fid_matches_the_pipelines_samples(embedded_data, tmp_path
     cfg = stage_config(1, embedded_data, tmp_path / "run", "train.max_steps=2", "train.eval.every=2",
                        f"train.eval.data={held}", "train.eval.samples=8", "train.eval.fid_samples=6",
                        f"train.eval.fid_reference={tmp_path / 'ref.npz'}", "train.eval.fid_features=scene",
-                       "train.eval.batch_size=4")
+                       "train.eval.batch_size=4", f"train.init_from={stage1_checkpoint}")
     summary = train(cfg)
     logged = summary["validation"]["fid/fid"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -177,6 +179,15 @@ def test_trainer_small_fid_matches_the_pipelines_samples(embedded_data, tmp_path
     images = pipe.generate(labels=labels, seeds=[cfg.seed + i for i in range(6)], steps=p.steps,
                            cfg_scale=p.cfg_scale, alpha=p.alpha).numpy()
     encoder = load_scene_encoder()
-    expected = frechet_distance(fit_gaussian(extract(images, encoder)["pool"]),
-                                fit_gaussian(extract(real, encoder)["pool"]))
-    assert logged == pytest.approx(expected, rel=1e-4)
+    reference = fit_gaussian(extract(real, encoder)["pool"])
+
+    def fid(drawn) -> float:
+        return frechet_distance(fit_gaussian(extract(drawn, encoder)["pool"]), reference)
+
+    assert len({image.tobytes() for image in images}) == 6  # every seed and label its own image
+    assert logged == pytest.approx(fid(images), rel=1e-4)
+    # The next indices' samples (other seeds and labels) score another FID: the equality above can fail.
+    shifted = pipe.generate(labels=[class_label(cfg.seed, i, 4, "uniform") for i in range(1, 7)],
+                            seeds=[cfg.seed + i for i in range(1, 7)], steps=p.steps, cfg_scale=p.cfg_scale,
+                            alpha=p.alpha).numpy()
+    assert fid(shifted) != pytest.approx(logged, rel=1e-2)

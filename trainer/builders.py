@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
-from models import ModelConfig, model_config
-from models.config import default_conditioning
+from models.config import ModelConfig, default_conditioning
+from models.registry import model_config
 from trainer import checkpoint
 from trainer.errors import ConfigError, MissingInputError
+from trainer.precision import text_pad_multiple
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,18 @@ ARCHITECTURE_FIELDS = ("family", "conditioning", "dim", "depth", "heads", "patch
 
 def model_conditioning(cfg: DictConfig) -> str:
     """class or text: model.conditioning, or the family's default (models/config.py)."""
-    return cfg.model.get("conditioning") or default_conditioning(cfg.model.family)
+    return cfg.model.conditioning or default_conditioning(cfg.model.family)
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Samples per rank per forward: train.batch_size over the ranks and train.grad_accum (the trainer and the
+    memory planner split it the same way)."""
+    if grad_accum < 1 or batch_size % (world_size * grad_accum):
+        raise ConfigError(
+            f"train.batch_size={batch_size} must split evenly over {world_size} ranks x train.grad_accum="
+            f"{grad_accum} micro-batches"
+        )
+    return batch_size // (world_size * grad_accum)
 
 
 def read_data_spec(cfg: DictConfig) -> DatasetSpec:
@@ -95,11 +107,11 @@ def build_conditioning(cfg: DictConfig, spec: DatasetSpec, device: torch.device,
 def uses_text_features(cfg: DictConfig, spec: DatasetSpec) -> bool:
     """data.text_features: null uses the shards' stored states when they hold them, true requires them, false
     encodes the tokens with the configured encoder."""
-    wanted = cfg.data.get("text_features")
+    wanted = cfg.data.text_features
     if wanted and spec.text_features is None:
         raise ConfigError(
             f"data.text_features=true but data.path={cfg.data.path!r} holds no text features; build the shards with "
-            "data/shard_caption_example.py --text-features, or set data.text_features=null"
+            "data/make_shards.py --text-features, or set data.text_features=null"
         )
     return spec.text_features is not None and wanted is not False
 
@@ -109,9 +121,9 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
     and revision; data/features.py), and as wide: checked from its files, without loading it."""
     from data.features import check_encoder, encoder_identity
 
-    source = enc_cfg.get("name_or_path") or "the bundled MiniLM"
-    try:
-        configured = encoder_identity(enc_cfg.get("name_or_path"), enc_cfg.get("subfolder"), enc_cfg.get("revision"))
+    source = enc_cfg["name_or_path"] or "the bundled MiniLM"
+    try:  # the schema has no revision: the encoder is loaded at the hub's default, and so identified
+        configured = encoder_identity(enc_cfg["name_or_path"], enc_cfg["subfolder"])
         check_encoder(spec.text_features["encoder"], configured, str(cfg.data.path))
     except ValueError as err:
         raise ConfigError(
@@ -127,7 +139,7 @@ def check_feature_encoder(cfg: DictConfig, spec: DatasetSpec, enc_cfg: dict[str,
 def loader_options(cfg: DictConfig, conditioning) -> dict[str, Any]:
     """What the loader reads besides the records' own keys: the stored text features when the conditioning uses
     them, and data.buckets (checked against the shards' buckets)."""
-    buckets = cfg.data.get("buckets")
+    buckets = cfg.data.buckets
     if buckets is not None:
         buckets = list(buckets)
         have = list(read_data_spec(cfg).buckets or [])
@@ -144,7 +156,7 @@ def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
     from core.tokenizer import BUNDLED_TOKENIZER, TextTokenizer, check_tokenizer
 
     enc = cfg.text_encoder
-    source = enc.get("tokenizer") or enc.get("name_or_path") or BUNDLED_TOKENIZER
+    source = enc.tokenizer or enc.name_or_path or BUNDLED_TOKENIZER
     try:
         tokenizer = TextTokenizer(source, int(spec.tokenizer["max_length"]))
         check_tokenizer(spec.tokenizer, tokenizer)
@@ -189,11 +201,7 @@ def read_resume_checkpoint(path: Path | None, cfg: DictConfig) -> dict[str, Any]
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as err:
-        older = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
-        good = next((p for p in reversed(older) if _loads(p)), None)
-        offer = (f"; the newest readable one is {good}: resume from it with train.resume={good}, or move {path} "
-                 "away" if good else "; no other checkpoint there loads: train.resume=never starts over")
-        raise checkpoint.CheckpointError(f"train.resume={cfg.train.resume}: {err}{offer}") from None
+        raise unreadable_resume(path, cfg, err) from None
     for key in ("model", "ema", "optimizer", "scheduler", "step", "history", "loader", "rng", "metadata"):
         if key not in state:
             raise checkpoint.CheckpointError(
@@ -201,6 +209,16 @@ def read_resume_checkpoint(path: Path | None, cfg: DictConfig) -> dict[str, Any]
                 "from reparameterize.py? start from it with train.init_from)"
             )
     return state
+
+
+def unreadable_resume(path: Path, cfg: DictConfig, err: checkpoint.CheckpointError) -> checkpoint.CheckpointError:
+    """The error for a resume checkpoint that cannot be read, whether opening it failed or (a sharded one damaged
+    where its sizes do not show it) reading its tensors did: it offers the newest readable checkpoint beside it."""
+    older = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
+    good = next((p for p in reversed(older) if _loads(p)), None)
+    offer = (f"; the newest readable one is {good}: resume from it with train.resume={good}, or move {path} "
+             "away" if good else "; no other checkpoint there loads: train.resume=never starts over")
+    return checkpoint.CheckpointError(f"train.resume={cfg.train.resume}: {err}{offer}")
 
 
 def _loads(path: Path) -> bool:
@@ -242,6 +260,13 @@ def warn_if_batch_exceeds_data(cfg: DictConfig, dataset, world_size: int) -> Non
                     cfg.train.batch_size, cfg.data.path, dataset.num_records)
 
 
+def model_input_size(height: int, width: int, patch: int) -> int:
+    """The model's input_size for latents of height x width. Non-square latents (one bucket, or buckets: then the
+    manifest's latent_shape is the resolution's square) take the side of the square with their token count as the
+    model's default size; positions are per axis anyway (models/embeddings)."""
+    return height if height == width else max(patch, round(math.sqrt(height * width) / patch) * patch)
+
+
 def build_model_config(
     cfg: DictConfig, spec: DatasetSpec, conditioning, init_model: dict[str, Any] | None
 ) -> ModelConfig:
@@ -256,10 +281,8 @@ def build_model_config(
     for _, bh, bw in spec.latent_shapes():  # a bucket the patch does not tile could not be trained on
         if bh % m.patch or bw % m.patch:
             raise ConfigError(f"{cfg.data.path}: latents of {bh}x{bw} are not a multiple of model.patch={m.patch}")
-    # Non-square latents (one bucket, or buckets: then latent_shape is the resolution's square) take the side of the
-    # square with their token count as the model's default size; positions are per axis anyway (models/embeddings).
-    side = h if h == w else max(m.patch, round(math.sqrt(h * w) / m.patch) * m.patch)
-    derived: dict[str, Any] = dict(in_channels=c, input_size=side, conditioning=model_conditioning(cfg))
+    derived: dict[str, Any] = dict(in_channels=c, input_size=model_input_size(h, w, m.patch),
+                                   conditioning=model_conditioning(cfg))
     if isinstance(conditioning, ClassConditioning):
         derived["num_classes"] = conditioning.num_classes
     else:
@@ -267,29 +290,76 @@ def build_model_config(
     for key, value in derived.items():
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"model.overrides.{key}={overrides[key]} but the data/text encoder give {value}")
-    fields = derived | overrides
+    fields = derived | carried_fields(init_model, m.family, set(derived) | set(overrides)) | overrides
     if init_model is not None and "base_grid" not in overrides:
         fields["base_grid"] = init_model.get("base_grid")
     if cfg.precision.fp8 and "text_pad_multiple" not in overrides:
-        # FP8 GEMMs need batch x rows divisible by 16: padding the caption keys (masked, so the output is the
-        # same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
-        fields["text_pad_multiple"] = 16
-    return model_config(f"{m.family}-{m.size}/{m.patch}", **fields)
+        # FP8 GEMMs need batch x rows divisible by the recipe's multiple (16, MXFP8 32): padding the caption keys
+        # (masked, so the output is the same) makes the text-side layers pass at any micro-batch (trainer/precision.py).
+        fields["text_pad_multiple"] = text_pad_multiple(cfg.precision.fp8_recipe)
+    try:
+        return model_config(**dict(family=m.family, size=m.size, patch=m.patch) | fields)
+    except ValueError as err:  # a value the family cannot take (pixart's cond_dim ...): the message names the key
+        raise ConfigError(f"model={m.family}: {err}") from None
+
+
+FUNCTION_FIELDS = ("time_scale", "time_max_period", "activation", "caption_projection", "interpolation_scale",
+                   "qk_norm", "pos_embed", "rope", "rope_theta")
+"""What a stage takes from the checkpoint it starts from or resumes (same family), unless model.overrides sets it: the
+fields that make its weights compute what they did, which no stage should change by default. The reference's ccDiT
+(raw-t sinusoid: time_scale, time_max_period) or an imported PixArt (interpolation_scale) then needs no override."""
+SHAPE_FIELDS = ("dim", "depth", "heads", "mlp_ratio", "cond_dim", "num_registers", "pixel_dim", "pixel_depth")
+"""Taken too from an imported checkpoint (app/import_weights.py), whose size need not be a named one."""
+
+
+def carried_fields(init_model: dict[str, Any] | None, family: str, fixed: set[str]) -> dict[str, Any]:
+    """The FUNCTION_FIELDS (and for an import the SHAPE_FIELDS) of the checkpoint a stage starts from, when it is the
+    same family, except the `fixed` ones (from the data or the overrides)."""
+    if not init_model or init_model.get("family") != family:
+        return {}
+    imported = bool((init_model.get("extra") or {}).get("imported_from"))
+    names = FUNCTION_FIELDS + (SHAPE_FIELDS if imported else ())
+    return {k: init_model[k] for k in names if k in init_model and k not in fixed}
 
 
 def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
-    """train.init_from, loaded once (an XL checkpoint is several GB): (its path, its contents) or None."""
+    """train.init_from, loaded once (an XL checkpoint is several GB): (its path, its contents) or None. A source of
+    another layout (a Hub id, a diffusers folder, a .safetensors file, PixArt's or the reference's .pth) is imported
+    in memory, as `python -m app.import_weights` would write it."""
     if cfg.train.init_from is None:
         return None
+    from app.import_weights import ImportSourceError, import_checkpoint, is_importable
+
+    source = str(cfg.train.init_from)
+    if is_importable(source):
+        try:
+            imported = import_checkpoint(source)
+        except ImportSourceError as err:
+            raise ConfigError(f"train.init_from={source!r}: {err}") from None
+        log.info("train.init_from=%s: imported (%s)", source, imported["metadata"]["imported"]["layout"])
+        return Path(source), imported
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
-    return src, checkpoint.load(src)
+    state = checkpoint.load(src)
+    check_init_stage(cfg, src, state)
+    return src, state
+
+
+def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
+    """train.init_from must hold weights of the stage `starts_from` names, or of this stage (reparameterize.py's
+    conversion for it, or a restart of it), when the config names one and the checkpoint records its stage."""
+    recorded = (state.get("metadata") or {}).get("stage")
+    if cfg.starts_from is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
+        return
+    raise ConfigError(
+        f"train.init_from={str(src)!r} holds Stage {recorded} weights, but Stage {cfg.stage} starts from Stage "
+        f"{cfg.starts_from} (starts_from={cfg.starts_from}): point train.init_from at a Stage {cfg.starts_from} "
+        f"run, or set starts_from={recorded} (starts_from=null skips this check)"
+    )
 
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
-    key = checkpoint.WEIGHTS.get(which)
-    if key is None:
-        raise ConfigError(f"train.init_weights={which!r}: expected ema or raw")
+    key = checkpoint.WEIGHTS[which]
     weights = state.get(key)
     if weights is None:
         raise ConfigError(f"train.init_from={str(src)!r} holds no '{key}' weights")

@@ -19,13 +19,12 @@ class CadenceEvaluation:
 
     def __init__(self, cfg: DictConfig, env, spec, conditioning, objective, precision, vae):
         e = cfg.train.eval
-        from evaluation.ranks import Ranks
         from evaluation.sample_fid import SampleFID, feature_net
         from evaluation.sample_many import read_captions
         from evaluation.val_loss import ValidationLoss, check_held_out
 
         self.every, self.weights = int(e.every), e.weights
-        folder, ranks = e.data or cfg.data.path, Ranks(env.rank, env.world_size, env.device)
+        folder, ranks = e.data or cfg.data.path, env
         if e.data is None:
             log.warning("train.eval.data is null: the validation loss reads the training data (%s), not held-out "
                         "records", folder)

@@ -11,7 +11,10 @@ A sharded checkpoint is a folder `checkpoints/step_XXXXXXXX.dcp/`:
 
 Only tensors go through DCP: its loader reads non-tensor entries with an unrestricted pickle, which would let a
 checkpoint run code; everything else is in .pt files read with weights_only=True, and DCP's own `.metadata`
-pickle is read with an unpickler that builds only DCP's metadata records (`_SafeReader`).
+pickle is read with an unpickler that builds only DCP's metadata records, named one by one (`_SafeReader`), then
+checked against the folder: every chunk in a `__R_N.distcp` file of this folder, inside its size, so a `.metadata`
+can neither choose which files are read nor make a load allocate more than the files hold, and a missing or
+truncated data file stops the load naming the folder before any tensor is read.
 
 Atomic: every rank writes into `.step_XXXXXXXX.dcp.partial/`, and rank 0 renames it to its final name once the
 whole checkpoint is written (DCP's save returns on rank 0 after every rank's shards are on disk), so a folder with
@@ -24,6 +27,7 @@ under any train.parallel resumes on M ranks under any other. `python -m trainer.
 form, the same dict a DDP run saves (`read_full` + `optimizer_by_index`).
 """
 
+import logging
 import os
 import pickle
 import random
@@ -60,6 +64,7 @@ from core.checkpoint import prune as prune_files
 from core.checkpoint import resolve as resolve_file
 from core.files import fsync_dir
 
+log = logging.getLogger(__name__)
 _SHARDED = re.compile(r"^step_(\d+)\.dcp$")
 _PARTIAL = re.compile(r"^\.step_(\d+)\.dcp\.partial$")
 META = "meta.pt"
@@ -125,25 +130,50 @@ def prune(ckpt_dir: Path, keep: int, writing: Path | None = None) -> None:
 # ---- the global RNG states ----------------------------------------------------------------------------------
 
 
-def rng_states() -> dict[str, Any]:
-    """Global RNG states: the loop draws from its own generators, but code it calls may use these."""
+def rng_states(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Global RNG states: the loop draws from its own generators, but code it calls may use these. With CUDA, the
+    state of `device`'s generator (None: the current CUDA device's, when there is one), that device's only: a rank
+    runs on one GPU, and its checkpoint must resume where other GPUs, or fewer, are visible (a state per visible
+    device, torch.cuda.get_rng_state_all, could not be restored on fewer: set_rng_state_all indexes them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # numpy's key array as a tensor: checkpoints load with weights_only=True, which refuses numpy objects.
     numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
                        gauss=gauss)
     states = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_state)
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    device = _cuda_device(device)
+    if device is not None:
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def restore_rng_states(states: dict[str, Any]) -> None:
+def restore_rng_states(states: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """`rng_states`' states back, the CUDA one into `device`'s generator (None: the current CUDA device's).
+    Checkpoints written before kept one CUDA state per visible device (a list): the entry at `device`'s index is
+    restored, or none when the saving run saw fewer devices (the loop's own draws never depend on it)."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     n = states["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    device, cuda = _cuda_device(device), states.get("cuda")
+    if device is None or cuda is None:
+        return
+    if isinstance(cuda, list | tuple):
+        if device.index >= len(cuda):
+            log.warning("the checkpoint holds CUDA RNG states of %d devices, none for %s: its global CUDA RNG "
+                        "stays as this run seeded it", len(cuda), device)
+            return
+        cuda = cuda[device.index]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def _cuda_device(device: torch.device | str | None) -> torch.device | None:
+    """The CUDA device whose RNG a run keeps, with its index; None for a CPU run."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 # ---- the data position on another world size -----------------------------------------------------------------
@@ -191,47 +221,44 @@ def optimizer_by_index(state: dict) -> dict:
 # ---- reading sharded checkpoints ----------------------------------------------------------------------------
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle; this builds only the records it holds (DCP's metadata dataclasses, torch's
-    Size, dtypes, layouts and memory formats, paths) and refuses anything else, so reading it runs no code."""
+_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
+"""The data files DCP's FileSystemWriter writes: f"__{rank}_{count}.distcp" (torch/distributed/checkpoint/
+filesystem.py: _FileSystemWriter.prepare_global_plan's prefix, write_data's gen_file)."""
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "BytesStorageMetadata"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch": frozenset({"Size"}),
+    "torch.serialization": frozenset({"_get_layout"}),  # how torch pickles a layout: a lookup by name
+    "pathlib": frozenset({"PosixPath"}),  # StorageMeta.checkpoint_id when the save was given a Path
+}
+"""Every class a .metadata written by dcp.save holds, by name (torch 2.13: metadata.py's Metadata and the records it
+nests, filesystem.py's _StorageInfo per stored chunk, torch.Size, dtypes, layouts; BytesStorageMetadata only so a
+non-tensor entry is refused by name). Nothing else is built: torch.Tensor, which filesystem.py imports, would let a
+.metadata allocate any amount of memory, and the planner's classes run code of their own."""
 
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-               "torch.distributed.checkpoint.planner")
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle; this builds only the records listed in _METADATA_CLASSES and torch's dtypes,
+    and refuses anything else, so reading it runs no code and allocates nothing large."""
 
     def find_class(self, module: str, name: str):
-        import pathlib
+        import importlib
 
-        if module in self.MODULES:
-            found = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(found, type):
-                return found
-        if module == "torch":
-            found = getattr(torch, name, None)
-            if found is torch.Size or isinstance(found, torch.dtype | torch.layout | torch.memory_format):
-                return found
-        if module == "torch.serialization" and name == "_get_layout":  # how torch pickles a layout: a name lookup
-            from torch.serialization import _get_layout
-
-            return _get_layout
-        if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-            return getattr(pathlib, name)
-        if module == "collections" and name == "OrderedDict":
-            from collections import OrderedDict
-
-            return OrderedDict
+        if name in _METADATA_CLASSES.get(module, ()):
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
+            return vars(torch)[name]
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata; refused")
 
 
 def _reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class _SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            with open(Path(path) / ".metadata", "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
+            metadata = _metadata(path)
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
@@ -239,18 +266,118 @@ def _reader(path: Path):
 
 
 def _metadata(path: Path):
-    """DCP's metadata record of a sharded checkpoint, read safely; CheckpointError when unreadable or when it
-    holds non-tensor entries (DCP would unpickle those freely)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """DCP's metadata record of a sharded checkpoint, read safely and checked against the folder (_check_metadata);
+    CheckpointError naming the folder when it is unreadable, names anything else, or does not fit its files."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
     try:
-        metadata = _reader(path).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: its .metadata is unreadable ({err})") from err
-    wrong = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
-    if wrong:
-        raise CheckpointError(f"cannot load checkpoint {path}: non-tensor entries {wrong[:3]} (never unpickled)")
+        with open(Path(path) / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
+            KeyError, MemoryError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: its .metadata is unreadable ({err})") from None
+    problem = _check_metadata(Path(path), metadata)
+    if problem:
+        raise CheckpointError(f"cannot load checkpoint {path}: {problem} (damaged, or not written by this trainer)")
+    if metadata.storage_meta is None:
+        metadata.storage_meta = StorageMeta()
     return metadata
+
+
+def _is_shape(value, ndim: int | None = None) -> bool:
+    return (isinstance(value, torch.Size) and (ndim is None or len(value) == ndim)
+            and all(isinstance(n, int) and n >= 0 for n in value))
+
+
+def _check_metadata(folder: Path, metadata) -> str | None:
+    """What is wrong with a .metadata read from `folder`, or None. Every entry is a tensor whose chunks lie inside
+    it, each stored once in a plain data file of this folder (_check_storage); so the tensors it declares hold no
+    more bytes than the files do, and a missing or truncated file is found here, before anything is read."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+    if type(metadata) is not Metadata or not isinstance(metadata.state_dict_metadata, dict):
+        return "its .metadata is not DCP's Metadata record"
+    if not isinstance(metadata.storage_meta, StorageMeta | None):
+        return "its .metadata has a malformed storage_meta"
+    entries, planner, storage = metadata.state_dict_metadata, metadata.planner_data, metadata.storage_data
+    wrong = [k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata)]
+    if wrong:
+        return f"non-tensor entries {wrong[:3]} (never unpickled)"
+    if not isinstance(planner, dict) or not isinstance(storage, dict):
+        return "its .metadata has no planner_data or storage_data tables"
+    problem = _check_storage(folder, storage)
+    for fqn, item in entries.items():
+        if problem:
+            return problem
+        where = planner.get(fqn)
+        if not (isinstance(fqn, str) and isinstance(where, tuple | list) and where
+                and all(isinstance(w, str | int) for w in where)):
+            return f"its .metadata has no valid planner entry for {str(fqn)[:80]!r}"
+        problem = _check_tensor(fqn, item, storage)
+    return problem
+
+
+def _check_storage(folder: Path, storage: dict) -> str | None:
+    """Every stored record: in a file named as DCP names them, present in `folder` (no path, no link), inside its
+    size, sharing no bytes with another, untransformed (DCP's optional compression, never written here)."""
+    from itertools import pairwise
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    files: dict[str, list[tuple[int, int]]] = {}
+    for key, info in storage.items():
+        if not isinstance(key, MetadataIndex) or type(info) is not _StorageInfo:
+            return "its .metadata's storage_data holds records other than DCP's"
+        name = info.relative_path
+        if not isinstance(name, str) or not _SHARD_FILE.match(name):
+            return f"its .metadata names the data file {str(name)[:80]!r}, not a __R_N.distcp file of the folder"
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                and info.length >= 0):
+            return f"its .metadata gives {name} an invalid byte range"
+        if info.transform_descriptors:
+            return f"its .metadata asks for transforms {list(info.transform_descriptors)[:3]} (never written here)"
+        files.setdefault(name, []).append((info.offset, info.offset + info.length))
+    for name, ranges in files.items():
+        data = folder / name
+        if data.is_symlink() or not data.is_file():
+            return f"its data file {name} is missing"
+        size = data.stat().st_size
+        ranges.sort()
+        if ranges[-1][1] > size:
+            return f"its data file {name} holds {size} bytes, but .metadata stores chunks up to byte {ranges[-1][1]}"
+        if any(b[0] < a[1] for a, b in pairwise(ranges)):
+            return f"its .metadata stores overlapping chunks in {name}"
+    return None
+
+
+def _check_tensor(fqn: str, item, storage: dict) -> str | None:
+    """One tensor's record: a dtype, a shape, chunks inside it each with its own stored record of at least the
+    chunk's bytes, and no more elements than its chunks store."""
+    import math
+
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+
+    if type(item.properties) is not TensorProperties or not isinstance(item.properties.dtype, torch.dtype) \
+            or not _is_shape(item.size) or not isinstance(item.chunks, list):
+        return f"its .metadata describes {fqn} with a malformed record"
+    stored, seen = 0, set()
+    for chunk in item.chunks:
+        if type(chunk) is not ChunkStorageMetadata or not _is_shape(chunk.offsets, len(item.size)) \
+                or not _is_shape(chunk.sizes, len(item.size)) or tuple(chunk.offsets) in seen \
+                or any(o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, item.size, strict=True)):
+            return f"its .metadata gives {fqn} a chunk outside its shape {list(item.size)} (or twice)"
+        seen.add(tuple(chunk.offsets))
+        info = storage.get(MetadataIndex(fqn, chunk.offsets))
+        if info is None:
+            return f"its .metadata stores no data for a chunk of {fqn}"
+        nbytes = math.prod(chunk.sizes) * item.properties.dtype.itemsize
+        if nbytes > info.length:
+            return f"its .metadata gives a chunk of {fqn} {nbytes} bytes in a record of {info.length}"
+        stored += nbytes
+    if math.prod(item.size) * item.properties.dtype.itemsize > stored:
+        return f"its .metadata declares {fqn} of shape {list(item.size)}, larger than the chunks stored for it"
+    return None
 
 
 def sharded_keys(path: Path) -> dict[str, tuple]:
@@ -261,17 +388,37 @@ def sharded_keys(path: Path) -> dict[str, tuple]:
 
 def load_sharded(path: Path, target: dict, no_dist: bool = False) -> None:
     """Read a sharded checkpoint's tensors into `target` (nested dicts of tensors or DTensors of any sharding) in
-    place; every key of `target` must be in the checkpoint (CheckpointError naming the first missing)."""
+    place; every key of `target` must be in the checkpoint (CheckpointError naming the first missing). A data file
+    that cannot be read (damaged where its size does not show it) is a CheckpointError naming the folder, on every
+    rank (DCP gathers the ranks' failures)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     have = {".".join(map(str, k)) for k in sharded_keys(path).values()}
     missing = [k for k in _flat_keys(target) if k not in have]
     if missing:
         raise CheckpointError(f"checkpoint {path} does not hold {missing[:5]}: not the model this run trains "
                               "(or saved by another version of it)")
-    with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is what was asked for
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(target, storage_reader=_reader(path), no_dist=no_dist)
+    try:
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is what was asked for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=_reader(path), no_dist=no_dist)
+    except CheckpointException as err:  # a BaseException: each failed rank's exception, with its traceback
+        rank, (cause, _) = next(iter(sorted(err.failures.items())))
+        raise CheckpointError(f"cannot load checkpoint {path}: rank {rank} could not read its tensors "
+                              f"({type(cause).__name__}: {_first_line(cause)}); its data files are damaged") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, AssertionError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: its tensors could not be read "
+                              f"({type(err).__name__}: {_first_line(err)}); its data files are damaged") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The cause in one line; torch.load's advice to retry with weights_only=False (running the file's code) is
+    never passed on."""
+    if "Weights only load failed" in str(err):
+        return "its bytes are not a tensor record"
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def read_full(path: Path, keys: tuple[str, ...] = TENSOR_KEYS) -> dict:
@@ -325,11 +472,15 @@ class ShardedEntry(Mapping):
 
 def open_sharded(path: Path, rank: int = 0) -> dict:
     """A sharded checkpoint as a training-checkpoint dict: meta.pt's entries, `rank`'s loader and RNG states (rank
-    0's when it has none), and ShardedEntry for model, ema and optimizer. CheckpointError when incomplete."""
+    0's when it has none), and ShardedEntry for model, ema and optimizer. CheckpointError naming the folder when
+    incomplete or damaged: the .metadata is checked against the data files here (_metadata), so a missing or
+    truncated file is found before a run, consolidate or train.init_from reads any tensor."""
+    path = Path(path)
     for needed in (".metadata", META, rank_file(0)):
         if not (path / needed).is_file():
             raise CheckpointError(f"cannot load checkpoint {path}: no {needed} in it (not a complete sharded "
                                   "checkpoint)")
+    _metadata(path)
     state = load_file(path / META)
     own = path / rank_file(rank)
     state |= {k: v for k, v in load_file(own if own.is_file() else path / rank_file(0)).items()

@@ -2,9 +2,10 @@
 
 configs/base.yaml starts from it (`defaults: - schema`), so every YAML file and every command-line override is
 checked against these types by OmegaConf: `train.batch_size=abc` stops with the key's name before anything runs,
-and a misspelt key is refused. The docstring under each field is its documentation: `python train_stageN.py
---help` prints it next to the stage's value (trainer/cli.py). Ranges that a type cannot say (a positive learning
-rate, a probability) are checked by `check_ranges` when a run starts.
+and a misspelt key is refused. The docstring under each field is its documentation, and its only one: the YAML
+files under configs/ say what a stage or an option changes, and why. `python train_stageN.py --help` prints it next
+to the stage's value (trainer/cli.py). Ranges that a type cannot say (a positive learning rate, a probability) are
+written once, in RANGES, and checked by `check_ranges` when a run starts.
 
 Fields typed `Any` take more than one kind of value (say `train.compile`: false, true or "block"); the code that
 reads them validates them with a message naming the key.
@@ -43,7 +44,7 @@ class DataSection:
     path: str = MISSING
     """Shard folder with manifest.json (data/README.md), e.g. /scratch/me/shards/imagenet1k-256."""
     image_size: int | None = None
-    """Pixels of the images the shards hold: python -m trainer.plan sizes the run from it before the data exists
+    """Pixels of the images the shards hold: python -m planner sizes the run from it before the data exists
     (the manifest rules once it does)."""
     num_workers: int = 4
     """DataLoader workers per rank (0: in the training process)."""
@@ -56,24 +57,33 @@ class DataSection:
     skip_bad_shards: bool = False
     """true: warn and skip a corrupt shard instead of stopping."""
     text_features: bool | None = None
-    """Text data: null uses the encoder states stored in the shards when they hold them (data/shard_caption_example.py
+    """Text data: null uses the encoder states stored in the shards when they hold them (data/make_shards.py
     --text-features; the encoder is then not loaded for training, and must be the one that made them); false encodes
     the tokens with text_encoder on every step; true requires stored states."""
     buckets: list[str] | None = None
-    """Aspect-ratio bucketed data (data/buckets.py): train on these buckets only, 'HxW' in pixels, height first;
-    null: every bucket of the shards, each batch of one bucket, buckets drawn in proportion to their records."""
+    """Aspect-ratio bucketed data (data/buckets.py; data/make_shards.py --buckets writes it): train on these buckets
+    only, 'HxW' in pixels, height first, e.g. [1024x1024]; null: every bucket of the shards, each batch of one
+    bucket, buckets drawn in proportion to their records."""
 
 
 @dataclass
 class TimestepsSection:
     name: str = "logit_normal"
-    """logit_normal | uniform (flow/objective.py)."""
+    """How training times are drawn (flow/objective.py), by the SD3 scripts' names [esser2024sd3]: logit_normal
+    (t = sigmoid(N(mean, std)), the default: most draws at mid times) | uniform | mode (mode_scale > 0 favours mid
+    times, < 0 the ends) | cosmap (the density of a cosine schedule's log-SNR)."""
     mean: float = 0.0
-    """logit-normal: mean of the normal whose sigmoid is t."""
+    """logit_normal: mean of the normal whose sigmoid is t; > 0 moves draws toward data (t = 1), as diffusers'
+    logit_mean."""
     std: float = 1.0
-    """logit-normal: its standard deviation."""
+    """logit_normal: its standard deviation."""
+    mode_scale: float = 1.29
+    """mode: SD3's scale s, in [-1, 2 / (pi - 2) = 1.75]; 0 is uniform; 1.29 is diffusers' default."""
     shift: Any = None
     """SD3 resolution shift: null or 1 none; a number; auto = sqrt(tokens / base_grid^2) for each batch's grid."""
+    weighting: str = "none"
+    """Loss weight by time (flow/objective.py loss_weight), as diffusers' SD3 scripts name them: none | sigma_sqrt
+    (sigma^-2, sigma = 1 - t: weights the data end) | cosmap (CosMap's density as a weight on the draws)."""
 
 
 @dataclass
@@ -188,9 +198,12 @@ class TrainSection:
     """Torch CPU threads: null (torch's default), an integer, or auto (the cores other processes leave free,
     followed as the load changes: trainer/threads.py)."""
     compile: Any = False
-    """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved."""
+    """false | true (torch.compile the whole forward) | block (each block, in place). The unwrapped model is saved.
+    With precision.fp8 it cannot trace te.Linear (TE marks its forward no_torch_dynamo): each block's graph is cut at
+    every te.Linear, and with activation_checkpointing the blocks (checkpointed by TE) run eagerly (README)."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward (memory for about 1/3 more compute)."""
+    """Recompute each block's activations in the backward (memory for about 1/3 more compute). Blocks with te.Linear
+    layers recompute through TE's checkpoint, inside the FP8 autocast (trainer/fast_path.py)."""
     parallel: str = "ddp"
     """ddp | fsdp | hsdp (trainer/parallel.py). ddp: every rank holds the whole model, gradients, AdamW and EMA.
     fsdp: FSDP2 shards them over all ranks (per block, then the root; bf16 compute parameters and fp32 reduction
@@ -206,11 +219,12 @@ class TrainSection:
     """sharded: write checkpoints in a background thread (dcp.async_save): the loop waits only for the copy to
     host memory, and the previous save finishes before the next starts."""
     memory_check: bool = True
-    """On CUDA, plan the memory first (python -m trainer.plan) and stop if the run cannot fit."""
+    """On CUDA, plan the memory first (python -m planner) and stop if the run cannot fit."""
     max_bad_steps: int = 10
     """Consecutive steps with a non-finite gradient before the run stops."""
     text_cache: int = 0
-    """Text stages: keep the frozen encoder's output for up to this many distinct captions."""
+    """Text stages: keep the frozen encoder's output for up to this many distinct captions (on the host: for CPU
+    runs with repeating captions; on CUDA it reads encoded rows back each step)."""
     timesteps: TimestepsSection = field(default_factory=TimestepsSection)
     ema: EMASection = field(default_factory=EMASection)
     preview: PreviewSection = field(default_factory=PreviewSection)
@@ -256,7 +270,7 @@ class TextEncoderSection:
     hidden_size: int = 2048
     """Width of the last hidden state; checked against the loaded model; the DiT's text_dim."""
     max_length: int = 120
-    """Tokens per caption, as the shards were tokenized."""
+    """Tokens per caption, as the shards were tokenized (checked against their manifest)."""
     dtype: str = "bfloat16"
     """On GPU; a CPU run uses float32."""
     tokenizer: str | None = None
@@ -268,15 +282,24 @@ class TextEncoderSection:
 @dataclass
 class PrecisionSection:
     compute: str = "bf16"
-    """bf16 | fp32. bf16 autocast runs on CUDA only; on a CPU the run stays fp32 and says so."""
+    """bf16 | fp32. bf16 autocast runs on CUDA; on a CPU the run stays fp32 and says so, unless bf16_on_cpu."""
+    bf16_on_cpu: bool = False
+    """compute=bf16 on a CPU: autocast there too (bf16 compute, fp32 master weights and loss) instead of fp32. Off
+    by default (bf16 speed on a CPU depends on its bf16 instructions); the tests use it to run the bf16 path."""
     fp8: bool = False
-    """Transformer Engine te.Linear for the large projections (needs TE and an FP8 GPU)."""
+    """Transformer Engine te.Linear for the large projections (models/linear.py; needs TE and an FP8 GPU: without
+    them the layers stay nn.Linear and one log line says why)."""
     fp8_recipe: str = "auto"
-    """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper)."""
+    """auto | mxfp8 | current | delayed (auto: MXFP8 on Blackwell sm_100+, current scaling on Hopper). Layers convert
+    where rows and features are multiples of 16 (mxfp8: 32) in every bucket; delayed's amax history is dropped on
+    resume unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (trainer/precision.py)."""
     keep_high_precision: list[str] | None = None
-    """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list)."""
+    """fp8: linear layers whose name contains any of these stay bf16 (null: models/linear.py's list; []: every
+    linear whose sizes FP8 can take)."""
     fuse_wgrad_accumulation: bool = False
-    """fp8: te.Linear accumulates weight gradients into fp32 main_grad (trainer/main_grad.py)."""
+    """fp8, train.parallel=ddp: te.Linear accumulates weight gradients into an fp32 weight.main_grad inside its
+    wgrad GEMM; those weights have no .grad, so trainer/main_grad.py keeps them out of DDP and all-reduces
+    main_grad itself."""
 
 
 @dataclass
@@ -284,11 +307,13 @@ class WandbSection:
     mode: str = "auto"
     """auto (online with an API key, else offline) | online | offline | disabled."""
     project: str = "rfdit"
+    """The wandb project the runs log to."""
     entity: str | None = None
     """Your team, or null for your default entity."""
     name: str | None = None
     """null: stage<N>-<out_dir name>."""
     tags: list[str] = field(default_factory=list)
+    """Tags of the wandb run."""
 
 
 @dataclass
@@ -304,7 +329,7 @@ class RunConfig:
     runs_dir: str = "outputs"
     """Where the stages' run folders live: stage N writes runs_dir/stageN and starts from runs_dir/stage(N-1)."""
     embedded_data: str | None = None
-    """experiment=embedded: where scripts/build_embedded_data.sh wrote the embedded shards."""
+    """experiment=embedded: where scripts/tools/build_embedded_data.sh wrote the embedded shards."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -318,7 +343,48 @@ class RunConfig:
 ConfigStore.instance().store(name="schema", node=RunConfig)
 
 
+# ---- keys ---------------------------------------------------------------------------------------------------
+
+
+def check_keys(cfg: DictConfig, schema: type = RunConfig, prefix: str = "") -> None:
+    """ConfigError naming the first key the schema does not have, with the closest known key. OmegaConf refuses
+    a misspelt key on its own, but Hydra's `+key=value` adds one to the composed config, where nothing would
+    read it: `+train.bach_size=64` would train with the default batch. model.overrides, a free-form dictionary,
+    takes the fields of models/config.py:ModelConfig."""
+    from models.config import ModelConfig
+
+    known = {f.name: f for f in fields(schema)}
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(_unknown(f"{prefix}{key}", known, prefix, "`train_stageN.py --help` lists every key"))
+        kind = known[key].default_factory() if callable(known[key].default_factory) else None  # type: ignore[misc]
+        if is_dataclass(kind) and isinstance(cfg[key], DictConfig):
+            check_keys(cfg[key], type(kind), f"{prefix}{key}.")
+    if schema is ModelSection and isinstance(cfg.overrides, DictConfig):
+        model_fields = {f.name: f for f in fields(ModelConfig)}
+        for key in cfg.overrides:
+            if key not in model_fields:
+                raise ConfigError(_unknown(f"{prefix}overrides.{key}", model_fields, f"{prefix}overrides.",
+                                           "models/config.py:ModelConfig has the fields it takes"))
+
+
+def _unknown(key: str, known, prefix: str, where: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.removeprefix(prefix), list(known), n=1)
+    return f"{key}: not a key of the config{f'; did you mean {prefix}{close[0]}?' if close else ''} ({where})"
+
+
 # ---- ranges -------------------------------------------------------------------------------------------------
+
+def _sampling_default(key: str, v) -> bool:
+    """Within core/checkpoint.py's SAMPLING_CAPS: the preview settings become the checkpoint's sampling defaults,
+    which every sampler refuses outside them."""
+    from core.sampling import SAMPLING_CAPS
+
+    lo, hi = SAMPLING_CAPS[key]
+    return lo <= v <= hi
+
 
 def _finite(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
@@ -353,12 +419,17 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.ema.start_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     "train.ema.every": (lambda v: v >= 1, ">= 1"),
     "train.ema.warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "train.preview.steps": (lambda v: 1 <= v <= 1000, "1..1000"),
+    "train.preview.steps": (lambda v: _sampling_default("steps", v), "1..1000 (the samplers' caps)"),
     "train.preview.rows": (lambda v: v >= 1, ">= 1"),
-    "train.preview.cfg_scale": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "train.preview.alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.preview.cfg_scale": (lambda v: _sampling_default("cfg_scale", v), "0..100 (the samplers' caps)"),
+    "train.preview.alpha": (lambda v: _sampling_default("alpha", v), "0.01..100 (the samplers' caps)"),
     "train.timesteps.std": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "train.timesteps.mean": (_finite, "a finite number"),
+    "train.timesteps.name": (lambda v: v in ("logit_normal", "uniform", "mode", "cosmap"),
+                             "logit_normal, uniform, mode or cosmap"),
+    "train.timesteps.mode_scale": (lambda v: _finite(v) and -1 <= v <= 2 / (math.pi - 2),
+                                   "a number in [-1, 2 / (pi - 2) = 1.7519] (f_mode monotone)"),
+    "train.timesteps.weighting": (lambda v: v in ("none", "sigma_sqrt", "cosmap"), "none, sigma_sqrt or cosmap"),
     "optim.lr": (lambda v: _finite(v) and 0 < v <= 1, "a finite number in (0, 1]"),
     "optim.eps": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
     "optim.weight_decay": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
@@ -370,25 +441,38 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.mix_shards": (lambda v: v >= 1, ">= 1"),
     "precision.compute": (lambda v: v in ("bf16", "fp32"), "bf16 or fp32"),
+    "precision.fp8_recipe": (lambda v: v in ("auto", "mxfp8", "current", "delayed"), "auto, mxfp8, current or delayed"),
     "train.parallel": (lambda v: v in ("ddp", "fsdp", "hsdp"), "ddp, fsdp or hsdp"),
     "train.hsdp_shard_size": (lambda v: v is None or v >= 1, "null or >= 1"),
     "train.checkpoint_format": (lambda v: v in (None, "file", "sharded"), "null, file or sharded"),
 }
-"""What each key must be, beyond its type."""
+"""What each key must be, beyond its type: the one statement of each rule. `check_ranges` applies them all when a
+run (or a plan) starts, so a bad value stops it with one line naming the key before anything is built; the classes
+that take one of these values on its own, and that tests and scripts build without a run config (Precision,
+Parallel, the FP8 recipe), apply the same rule through `check_value`. A rule that needs another value (a divisor
+of the world size, async checkpoints only when sharded) stays where both are known. The layers below the trainer
+(flow/, data/, evaluation/) check their own arguments, as libraries must: they also take these values from a
+checkpoint's record or from their own command lines, and do not import the trainer."""
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming `key` when `value` breaks its rule in RANGES."""
+    ok, requirement = RANGES[key]
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{key}={value!r}: expected {requirement}")
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """ConfigError naming the first key whose value is out of its range (RANGES)."""
-    for key, (ok, requirement) in RANGES.items():
+    """ConfigError naming the first key whose value breaks its rule (RANGES)."""
+    for key in RANGES:
         value = cfg
         for part in key.split("."):
             value = value[part]
-        try:
-            good = bool(ok(value))
-        except TypeError:
-            good = False
-        if not good:
-            raise ConfigError(f"{key}={value!r}: expected {requirement}")
+        check_value(key, value)
 
 
 # ---- documentation ------------------------------------------------------------------------------------------

@@ -58,12 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.force:
         print(f"trainer.consolidate: --out {args.out} exists (--force replaces it)", file=sys.stderr)
         return 2
+    if args.out.is_dir() or not args.out.absolute().parent.is_dir():
+        what = "a folder" if args.out.is_dir() else "its folder does not exist"
+        print(f"trainer.consolidate: --out {args.out}: {what}; give a .pt file in an existing folder", file=sys.stderr)
+        return 2
     try:
         state = consolidate(src, args.weights_only)
+        checkpoint.save_atomic(state, args.out)
     except checkpoint.CheckpointError as err:
         print(f"trainer.consolidate: {err}", file=sys.stderr)
         return 2
-    checkpoint.save_atomic(state, args.out)
+    except OSError as err:  # a full disk, no permission: the atomic write left nothing behind
+        print(f"trainer.consolidate: --out {args.out}: cannot write it ({err.strerror or err}); nothing was "
+              "written", file=sys.stderr)
+        return 2
     print(f"{src} -> {args.out} (step {state['step']}{', weights only' if args.weights_only else ''})")
     return 0
 

@@ -38,8 +38,13 @@ class EMA:
         d = self.decay_at(step)
         ema_params = [_local(e) for e in self.model.parameters()]
         params = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
-        weight = 1 - d if applied is None else applied.to(ema_params[0].dtype) * (1 - d)
-        torch._foreach_lerp_(ema_params, params, weight)  # e <- d e + (1 - d) p
+        if applied is None:
+            torch._foreach_lerp_(ema_params, params, 1 - d)  # e <- d e + (1 - d) p
+        else:
+            # The weight stays on the device: as a tensor where _foreach_lerp_ takes a Scalar it would be read
+            # back (.item(), a host sync); its list-of-weights overload broadcasts a 0-d tensor to each pair.
+            weight = applied.to(ema_params[0].dtype) * (1 - d)
+            torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 

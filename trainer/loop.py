@@ -16,9 +16,11 @@ micro-batches (with the loader's matching split: data/loader.py gives slot s = r
 Host syncs. A step's decisions are taken without reading a value back from the device where that is safe:
 the skip of a non-finite step follows the global gradient norm (after the DDP all-reduce it is the same number on
 every rank, so no collective is needed), taken on the device by the fused AdamW kernel (`found_inf`) and the EMA;
-losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
-(train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU default)
-has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+the batch is copied without blocking (the loader pins it on CUDA) and the dropout draws stay on the device.
+Losses, gradient norms and the stop flags (signals, the time limit) are reduced and read once per sync point
+(`sync`: train.sync_every steps, and every log, preview and checkpoint step). The un-fused optimizer (the CPU
+default) has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
+tests/test_host_syncs.py fails on any other read-back in `train_step`.
 
 Resume keeps what a run has learnt and where it is (weights, EMA, optimizer moments, step, loss history, data
 position, RNG states) and takes the schedule from the config it is resumed with: learning rate, warmup, decay and
@@ -45,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
-from models import build_model
+from models.registry import build_model
 from trainer import builders, checkpoint, distributed, sharded_state
 from trainer.builders import resolve_resume
 from trainer.cadence import CadenceEvaluation
@@ -58,7 +60,7 @@ from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallel import Parallel
 from trainer.plots import save_loss_plot
-from trainer.precision import Precision
+from trainer.precision import Precision, loadable_extra_state
 from trainer.preemption import PreemptionFlag
 from trainer.preview import Previewer
 from trainer.run_lock import RunLock
@@ -74,27 +76,18 @@ def step_generator(seed: int, step: int | str, virtual_rank: int, device: torch.
     return gen
 
 
-def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
-    if grad_accum < 1 or batch_size % (world_size * grad_accum):
-        raise ConfigError(
-            f"train.batch_size={batch_size} must split evenly over {world_size} ranks x train.grad_accum="
-            f"{grad_accum} micro-batches"
-        )
-    return batch_size // (world_size * grad_accum)
-
-
 class Trainer:
     """A stage's run: built from the config (and the checkpoint it resumes or starts from), then `fit()`."""
 
-    def __init__(self, cfg: DictConfig, env: distributed.Distributed):
+    def __init__(self, cfg: DictConfig, env: distributed.Ranks):
         self.cfg, self.env, t = cfg, env, cfg.train
         self.threads = ThreadGovernor(t.num_threads)
         self.device, self.out_dir = env.device, Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.micro = micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
+        self.micro = builders.micro_batch_size(t.batch_size, env.world_size, t.grad_accum)
         self.precision = Precision(cfg.precision, self.device)
         if self.device.type == "cuda":  # before anything large is allocated: a run that cannot fit stops here
-            from trainer.plan import check_memory
+            from planner.plan import check_memory
 
             check_memory(cfg, env.world_size, self.device)
         self.spec = builders.read_data_spec(cfg)
@@ -124,7 +117,7 @@ class Trainer:
         if saved_rng is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
-            checkpoint.restore_rng_states(saved_rng)
+            checkpoint.restore_rng_states(saved_rng, self.device)
 
     # ---- building ---------------------------------------------------------------------------------------------
 
@@ -140,7 +133,9 @@ class Trainer:
             builders.apply_initial_weights(self.model, init[0], init[1], t.init_weights)
         self.model.to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.converted = self.precision.convert(self.model, self.model_config, [tuple(self.spec.latent_shape[1:])])
+        # Every latent size a batch can have (each bucket's): TE's shape rule must hold at all of them.
+        sizes = [(h, w) for _, h, w in self.spec.latent_shapes()]
+        self.converted = self.precision.convert(self.model, self.model_config, sizes)
         self.ema = EMA(self.model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
                        start_decay=t.ema.start_decay)
         mc = self.model_config
@@ -201,9 +196,9 @@ class Trainer:
         t, env = self.cfg.train, self.env
         # te.Linear(fuse_wgrad_accumulation) leaves .grad empty: its weights are reduced through main_grad instead.
         fused_wgrad = self.converted and self.precision.fuse_wgrad_accumulation
-        self.parallel = Parallel(t.get("parallel", "ddp"), env, self.precision.bf16, t.get("hsdp_shard_size"))
+        self.parallel = Parallel(t.parallel, env, self.precision.bf16, t.hsdp_shard_size)
         self.parallel.check(t.compile, bool(fused_wgrad))
-        if t.get("activation_checkpointing"):
+        if t.activation_checkpointing:
             checkpoint_blocks(self.model)
         self.forward_model = apply_compile(self.model, t.compile)
         self.main_grads = MainGrads(self.model, env.world_size) if fused_wgrad else None
@@ -212,7 +207,10 @@ class Trainer:
         self._build_optimizer()
         self.writer = self._checkpoint_writer()
         if self.pending_state is not None:
-            self._load_tensors(self.pending_state)
+            try:
+                self._load_tensors(self.pending_state)
+            except checkpoint.CheckpointError as err:  # a sharded folder damaged where its sizes do not show it
+                raise builders.unreadable_resume(self.resume_from, self.cfg, err) from None
             self._follow_config_schedule()
             self.pending_state = None
 
@@ -230,15 +228,13 @@ class Trainer:
     def _checkpoint_writer(self) -> checkpoint.ShardedWriter | None:
         """train.checkpoint_format: a ShardedWriter for sharded checkpoints, None for one file by rank 0."""
         t = self.cfg.train
-        fmt = t.get("checkpoint_format") or ("sharded" if self.parallel.sharded else "file")
-        if fmt not in ("file", "sharded"):
-            raise ConfigError(f"train.checkpoint_format={fmt!r}: expected file, sharded or null")
-        if t.get("async_checkpoint") and fmt != "sharded":
+        fmt = t.checkpoint_format or ("sharded" if self.parallel.sharded else "file")
+        if t.async_checkpoint and fmt != "sharded":  # two keys (and the mode): checked here, where all are known
             raise ConfigError("train.async_checkpoint=true writes sharded checkpoints only: set "
                               "train.checkpoint_format=sharded (or train.async_checkpoint=false)")
         if fmt == "file":
             return None
-        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, bool(t.get("async_checkpoint")))
+        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, t.async_checkpoint)
 
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
@@ -281,7 +277,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What each rank holds of its own: the loader's position (steps x micro-batches x micro-batch) and RNGs."""
         samples = self.step * self.cfg.train.grad_accum * self.micro
-        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states())
+        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states(self.device))
 
     def sharded_state(self) -> tuple[dict, dict, dict]:
         """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
@@ -312,11 +308,13 @@ class Trainer:
         elif self.parallel.sharded:
             sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
         else:
-            extra = state.get("te_extra_state") or {}
+            saved = state.get("te_extra_state") or {}
             model, model_extra = checkpoint.split_extra_state(state["model"])
             ema, ema_extra = checkpoint.split_extra_state(state["ema"])
-            checkpoint.load_module_state(self.model, model, model_extra | extra.get("model", {}))
-            checkpoint.load_module_state(self.ema.model, ema, ema_extra | extra.get("ema", {}))
+            extra = loadable_extra_state(dict(model=model_extra | saved.get("model", {}),
+                                              ema=ema_extra | saved.get("ema", {})), "the checkpoint")
+            checkpoint.load_module_state(self.model, model, extra["model"])
+            checkpoint.load_module_state(self.ema.model, ema, extra["ema"])
             self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
 
@@ -331,7 +329,7 @@ class Trainer:
             batch = next(self.batches)
             gen = step_generator(self.cfg.seed, step, env.rank * t.grad_accum + m, self.device)
             with self.parallel.micro_batch(self.forward_model, last=m == t.grad_accum - 1):
-                x1 = batch["latents"].to(device=self.device, dtype=torch.float32)
+                x1 = batch["latents"].to(self.device, non_blocking=True).float()  # pinned: the host goes on
                 cond = self.conditioning.from_batch(batch, gen, self.device)  # dropout draws come first from gen
                 with self.precision.forward():
                     loss = self.objective.loss(self.forward_model, x1, cond, gen)
@@ -478,7 +476,7 @@ class Trainer:
         self.pending, self.last_grad_norm, self.stopped_by_signal, self.out_of_time = [], float("nan"), False, False
         self.progress = Progress(f"stage {self.cfg.stage}", self.step, t.max_steps, self.env.is_main)
         self.tic, self.seen = time.perf_counter(), 0
-        self.deadline = None if t.get("max_minutes") is None else time.perf_counter() + 60 * float(t.max_minutes)
+        self.deadline = None if t.max_minutes is None else time.perf_counter() + 60 * float(t.max_minutes)
         if self.extra.get("held_loss_start") is not None and self.step == 0:
             self.logger.log({"held/loss_start": self.extra["held_loss_start"]}, 0)
 
@@ -537,9 +535,9 @@ class Trainer:
 
 def train(cfg: DictConfig) -> dict:
     """Run one stage; returns its summary (also written to out_dir/summary.json)."""
-    env = distributed.setup(cfg.get("device"), need_group=cfg.train.get("parallel", "ddp") != "ddp")
+    env = distributed.setup(cfg.device, need_group=cfg.train.parallel != "ddp")
     try:
-        distributed.quiet_other_ranks(env, bool(cfg.train.get("log_all_ranks", False)))
+        distributed.quiet_other_ranks(env, cfg.train.log_all_ranks)
         with RunLock.for_run(Path(cfg.train.out_dir), env):
             return Trainer(cfg, env).fit()
     finally:

@@ -48,20 +48,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.distributed import Distributed, device_mesh
+from core.ranks import Ranks
+from trainer.config import check_value
+from trainer.distributed import device_mesh
 from trainer.errors import ConfigError
 from trainer.fast_path import blocks_of, compile_choice
 
 log = logging.getLogger(__name__)
-
-CHOICES = ("ddp", "fsdp", "hsdp")
-
-
-def parallel_choice(value) -> str:
-    if value not in CHOICES:
-        raise ConfigError(f"train.parallel={value!r}: expected ddp, fsdp or hsdp")
-    return value
-
 
 def _dtensor_type():
     from torch.distributed.tensor import DTensor
@@ -78,8 +71,9 @@ class Parallel:
     """train.parallel for one run: wraps the model for training, shards the EMA, and answers the loop's
     questions (is this micro-batch's gradient reduced, what is the global norm, where are the whole weights)."""
 
-    def __init__(self, mode: str, env: Distributed, bf16: bool, shard_size: int | None = None):
-        self.mode, self.env, self.bf16 = parallel_choice(mode), env, bf16
+    def __init__(self, mode: str, env: Ranks, bf16: bool, shard_size: int | None = None):
+        check_value("train.parallel", mode)
+        self.mode, self.env, self.bf16 = mode, env, bf16
         self.mesh = device_mesh(env, mode, shard_size) if self.sharded else None
 
     @property

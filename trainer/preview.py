@@ -10,6 +10,7 @@ from core.conditioning import ClassConditioning
 from core.images import save_grid, to_uint8
 from flow import sample
 from models.embeddings import check_labels
+from trainer.errors import ConfigError
 
 
 class Previewer:
@@ -17,14 +18,17 @@ class Previewer:
         p = cfg.train.preview
         self.p, self.prediction, self.vae, self.precision, self.device = p, cfg.train.prediction, vae, precision, device
         if isinstance(conditioning, ClassConditioning):
-            columns = check_labels(list(p.labels), conditioning.num_classes, "train.preview.labels")
+            try:
+                columns = check_labels(list(p.labels), conditioning.num_classes, "train.preview.labels")
+            except ValueError as err:  # the data's classes, not the config's type, decide the range
+                raise ConfigError(f"{err}: the classes of data.path={cfg.data.path}") from None
             names = conditioning.class_names + ["null"]
             self.captions = [names[c] for c in columns]
             cond = conditioning.from_labels(columns * p.rows, device)
         else:
             columns = list(p.prompts)
             if not columns:
-                raise ValueError("train.preview.prompts is empty: a text stage needs at least one preview prompt")
+                raise ConfigError("train.preview.prompts is empty: a text stage needs at least one preview prompt")
             self.captions = columns
             cond = conditioning.from_prompts(columns * p.rows, device)
         self.cols = len(columns)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from trainer import checkpoint
+from trainer.precision import loadable_extra_state
 
 
 def whole_state(model: nn.Module, ema: nn.Module, opt: Optimizer, is_main: bool) -> tuple[dict, dict, dict] | None:
@@ -63,10 +64,12 @@ def load_sharded(model: nn.Module, ema: nn.Module, opt: Optimizer, path: Path, s
     ema_weights, ema_extra = checkpoint.split_extra_state(get_model_state_dict(ema))
     target = dict(model=weights, ema=ema_weights, optimizer=optimizer["state"])
     checkpoint.load_sharded(path, target)
-    extra = state.get("te_extra_state") or {}
-    set_state_dict(model, opt, model_state_dict=weights | own_extra(model_extra, extra.get("model")),
+    saved = state.get("te_extra_state") or {}
+    extra = loadable_extra_state(dict(model=own_extra(model_extra, saved.get("model")),
+                                      ema=own_extra(ema_extra, saved.get("ema"))), str(path))
+    set_state_dict(model, opt, model_state_dict=weights | extra["model"],
                    optim_state_dict=dict(state=target["optimizer"], param_groups=state["optimizer_groups"]))
-    set_model_state_dict(ema, ema_weights | own_extra(ema_extra, extra.get("ema")))
+    set_model_state_dict(ema, ema_weights | extra["ema"])
 
 
 def load_whole_into_shards(model: nn.Module, ema: nn.Module, opt: Optimizer, state: dict[str, Any]) -> None:
@@ -79,11 +82,15 @@ def load_whole_into_shards(model: nn.Module, ema: nn.Module, opt: Optimizer, sta
     )
 
     whole = StateDictOptions(full_state_dict=True)
-    extra = state.get("te_extra_state") or {}
+    saved = state.get("te_extra_state") or {}
+    weights, extra = {}, {}
     for module, key in ((model, "model"), (ema, "ema")):
-        weights, inline = checkpoint.split_extra_state(state[key])
+        weights[key], inline = checkpoint.split_extra_state(state[key])
         own = {k: v for k, v in module.state_dict().items() if checkpoint.is_extra_state_key(k)}
-        set_model_state_dict(module, weights | own_extra(own, inline | extra.get(key, {})), options=whole)
+        extra[key] = own_extra(own, inline | saved.get(key, {}))
+    extra = loadable_extra_state(extra, "the checkpoint")
+    for module, key in ((model, "model"), (ema, "ema")):
+        set_model_state_dict(module, weights[key] | extra[key], options=whole)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
     set_optimizer_state_dict(model, opt, checkpoint.optimizer_by_name(state["optimizer"], order), options=whole)
@@ -92,5 +99,5 @@ def load_whole_into_shards(model: nn.Module, ema: nn.Module, opt: Optimizer, sta
 def own_extra(own: dict[str, Any], saved: dict[str, Any] | None) -> dict[str, Any]:
     """te.Linear's `_extra_state` entries for a module whose own are `own`: the saved ones where the checkpoint has
     them, the module's own (unchanged) where it has none (TE then starts its scaling afresh, as load_module_state
-    does), none for a module without TE layers."""
+    does), none for a module without TE layers. The caller passes them through precision.loadable_extra_state."""
     return {k: (saved or {}).get(k, v) for k, v in own.items()}

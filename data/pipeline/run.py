@@ -1,6 +1,9 @@
-"""The sharding pipeline: this rank's input tars -> filtered crops -> captions -> tokens + latents -> shards.
+"""The sharding pipeline: this rank's inputs -> filtered crops -> captions -> tokens + latents -> shards.
 
-Resume design: one input tar is the unit of work, done or not done.
+Inputs are units of work (data/pipeline/inputs.py): a WebDataset tar, a run of an image folder's files, a run of a
+dataset's rows, a stream shard or a parquet file; what follows says "tar" for any of them.
+
+Resume design: one input unit is the unit of work, done or not done.
   - Tar `train_0003.tar` writes `shard-train_0003-00000.pt, -00001.pt, ...` (records_per_shard each, the
     last partial; with aspect-ratio buckets one series per bucket, `shard-train_0003+512x1024-00000.pt`) and
     then, atomically, `progress/train_0003.done.json`: its shard files, drop counts and the dataset spec it
@@ -52,16 +55,8 @@ from core.vae import ImageAutoencoder
 from data.buckets import Bucket, buckets_as_json
 from data.features import encoder_identity, features_record
 from data.pipeline.captioners import Captioner, derive_short
-from data.pipeline.sources import (
-    DropCounts,
-    Prepared,
-    SourceError,
-    input_stem,
-    iter_tar_samples,
-    ordered_map,
-    prepare_sample,
-    split_for_rank,
-)
+from data.pipeline.inputs import InputUnit, as_units
+from data.pipeline.sources import DropCounts, Prepared, SourceError, ordered_map, prepare_sample, split_for_rank
 from data.shards import BUFFER_BYTES, MANIFEST, DatasetSpec, ShardWriter, shard_finished, write_manifest
 
 log = logging.getLogger(__name__)
@@ -74,8 +69,8 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class PipelineConfig:
-    inputs: list[str]
-    """Every input tar of the dataset, in the order all ranks agree on (sources.list_inputs)."""
+    inputs: list[InputUnit | str]
+    """Every input unit of the dataset, in the order all ranks agree on (inputs.py; a str is a tar URL)."""
     out_dir: Path
     kind: str = "text"
     image_size: int = 256
@@ -110,12 +105,13 @@ class PipelineConfig:
 @dataclass
 class RankResult:
     processed: list[str]
+    """The names of the units this rank did (a tar's URL, inputs.InputUnit.name)."""
     skipped: list[str]
     counts: DropCounts
     manifest: dict[str, Any] | None
-    """The manifest when this rank found every tar done and finalized the folder."""
+    """The manifest when this rank found every unit done and finalized the folder."""
     failed: dict[str, str] = field(default_factory=dict)
-    """Input tar -> why it could not be read whole (SourceError): no marker, no shards; a rerun redoes it."""
+    """Unit name -> why it could not be read whole (SourceError): no marker, no shards; a rerun redoes it."""
 
 
 def build_spec(
@@ -239,7 +235,7 @@ class _Writers:
 
 
 def _write_batch(
-    batch: list[Prepared], stem: str, url: str, writers: _Writers, counts: DropCounts, tools: Tools
+    batch: list[Prepared], stem: str, name: str, writers: _Writers, counts: DropCounts, tools: Tools
 ) -> None:
     spec = writers.spec
     pairs = tools.captioner.caption([p.caption_image for p in batch], [p.meta for p in batch])
@@ -260,7 +256,7 @@ def _write_batch(
             caption |= {k: v for k, v in (("caption", long), ("short_caption", short)) if v}
             record = {k: v[j] for k, v in record_keys.items()} | {"latents": latents[j]}
             if spec.kind == "labels":
-                caption["label"] = _label(sample.meta, spec.num_classes, f"{url} sample {sample.key}")
+                caption["label"] = _label(sample.meta, spec.num_classes, f"{name} sample {sample.key}")
                 record["labels"] = torch.tensor(caption["label"], dtype=torch.int64)
             writers[bucket].add(caption=caption, **record)
             counts.written += 1
@@ -280,17 +276,17 @@ def _text_records(spec: DatasetSpec, tools: Tools, longs: list[str], shorts: lis
     return keys
 
 
-def process_tar(
-    url: str, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None = None
+def process_unit(
+    unit: InputUnit, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None = None
 ) -> DropCounts:
-    """Turn one input tar into its shards and marker (from scratch: leftovers are deleted first). Raises
-    SourceError, after deleting what it wrote, when the tar cannot be read whole."""
-    stem = input_stem(url)
+    """Turn one input unit into its shards and marker (from scratch: leftovers are deleted first). Raises
+    SourceError, after deleting what it wrote, when the unit cannot be read whole."""
+    stem = unit.stem
     (Path(cfg.out_dir) / MANIFEST).unlink(missing_ok=True)
     if removed := clean_partial(cfg.out_dir, stem):
         log.info("%s: removed %d leftover files of an interrupted run", stem, len(removed))
     try:
-        counts = _write_shards(url, stem, cfg, spec, tools, bar)
+        counts = _write_shards(unit, cfg, spec, tools, bar)
     except SourceError:
         clean_partial(cfg.out_dir, stem)
         raise
@@ -298,8 +294,9 @@ def process_tar(
 
 
 def _write_shards(
-    url: str, stem: str, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None
+    unit: InputUnit, cfg: PipelineConfig, spec: DatasetSpec, tools: Tools, bar: tqdm | None
 ) -> DropCounts:
+    stem = unit.stem
     writers = _Writers(cfg, spec, stem)
     counts = DropCounts()
     caption_size = cfg.caption_size if tools.captioner.needs_images else None
@@ -309,7 +306,7 @@ def _write_shards(
     )
     batch: list[Prepared] = []
     try:
-        for result in ordered_map(prepare, iter_tar_samples(url, cfg.timeout), cfg.decode_workers):
+        for result in ordered_map(prepare, unit.samples(), cfg.decode_workers):
             counts.seen += 1
             if bar is not None:
                 bar.update(1)
@@ -318,15 +315,15 @@ def _write_shards(
                 continue
             batch.append(result)
             if len(batch) == cfg.batch_size:
-                _write_batch(batch, stem, url, writers, counts, tools)
+                _write_batch(batch, stem, unit.name, writers, counts, tools)
                 batch = []
         if batch:
-            _write_batch(batch, stem, url, writers, counts, tools)
+            _write_batch(batch, stem, unit.name, writers, counts, tools)
     except BaseException:
         writers.abort()  # the raw files of unfinished shards; finished ones go with clean_partial
         raise
     shards = writers.close()
-    marker = dict(input=url, stem=stem, shards=shards, records=counts.written, counts=dataclasses.asdict(counts))
+    marker = dict(input=unit.name, stem=stem, shards=shards, records=counts.written, counts=dataclasses.asdict(counts))
     marker |= dict(records_per_shard=cfg.records_per_shard, spec=_as_json(spec))
     # Written last and atomically: its presence means every shard above is finished.
     marker_path(cfg.out_dir, stem).parent.mkdir(parents=True, exist_ok=True)
@@ -342,32 +339,33 @@ def run_rank(
     frozen text encoder (core/text_encoder.py) whose states cfg.text_features stores."""
     spec = build_spec(cfg, captioner, tokenizer, vae, encoder)
     tools = Tools(captioner, tokenizer, vae, encoder)
-    mine = split_for_rank(cfg.inputs, cfg.rank, cfg.world_size)
-    done = {url for url in mine if is_done(cfg.out_dir, input_stem(url))}
-    for url in done:  # before any work: a folder must never mix two configurations
-        _check_same_spec(read_marker(cfg.out_dir, input_stem(url)), spec, cfg.records_per_shard, input_stem(url))
-    result = RankResult([], [u for u in mine if u in done], DropCounts(), None)
+    units = as_units(cfg.inputs, cfg.timeout)
+    mine = split_for_rank(units, cfg.rank, cfg.world_size)
+    done = {u.stem for u in mine if is_done(cfg.out_dir, u.stem)}
+    for stem in sorted(done):  # before any work: a folder must never mix two configurations
+        _check_same_spec(read_marker(cfg.out_dir, stem), spec, cfg.records_per_shard, stem)
+    result = RankResult([], [u.name for u in mine if u.stem in done], DropCounts(), None)
     if done:
-        log.info("rank %d: skipping %d of %d input tars already done", cfg.rank, len(done), len(mine))
-    todo = [u for u in mine if u not in done]
+        log.info("rank %d: skipping %d of %d input units already done", cfg.rank, len(done), len(mine))
+    todo = [u for u in mine if u.stem not in done]
     # In a batch job's log file a bar redrawn ten times a second is noise: one line a minute there.
     interval = 0.5 if sys.stderr.isatty() else 60.0
     bar = tqdm(desc=f"rank {cfg.rank}/{cfg.world_size}", unit="img", disable=not cfg.progress, mininterval=interval)
-    for i, url in enumerate(todo):
+    for i, unit in enumerate(todo):
         try:
-            result.counts.add(process_tar(url, cfg, spec, tools, bar))
-            result.processed.append(url)
+            result.counts.add(process_unit(unit, cfg, spec, tools, bar))
+            result.processed.append(unit.name)
         except SourceError as err:
-            log.error("%s failed, its shards are removed and a rerun redoes it: %s", input_stem(url), err)
-            result.failed[url] = str(err)
+            log.error("%s failed, its shards are removed and a rerun redoes it: %s", unit.stem, err)
+            result.failed[unit.name] = str(err)
         c = result.counts
         bar.set_postfix(
             tars=f"{i + 1}/{len(todo)}", failed=len(result.failed), small=c.too_small, flat=c.degenerate,
             bad=c.undecodable,
         )
     bar.close()
-    if all(is_done(cfg.out_dir, input_stem(u)) for u in cfg.inputs):
-        result.manifest = finalize(cfg.out_dir, cfg.inputs)
+    if all(is_done(cfg.out_dir, u.stem) for u in units):
+        result.manifest = finalize(cfg.out_dir, units)
     return result
 
 
@@ -394,10 +392,10 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return out
 
 
-def finalize(out_dir: Path | str, inputs: list[str]) -> dict[str, Any]:
-    """Check that every input tar is done and the markers agree, then write manifest.json; returns it."""
+def finalize(out_dir: Path | str, inputs: list[InputUnit | str]) -> dict[str, Any]:
+    """Check that every input unit is done and the markers agree, then write manifest.json; returns it."""
     out_dir = Path(out_dir)
-    stems = [input_stem(u) for u in inputs]
+    stems = [u.stem for u in as_units(inputs)]
     missing = [s for s in stems if not is_done(out_dir, s)]
     if missing:
         raise PipelineError(

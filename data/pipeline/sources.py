@@ -327,7 +327,11 @@ class Prepared:
 
 def decode_image(data: bytes) -> Image.Image:
     """RGB image; transparency is composited on white (black showed through as a hard outline otherwise)."""
-    image = Image.open(io.BytesIO(data))
+    return normalise_image(Image.open(io.BytesIO(data)))
+
+
+def normalise_image(image: Image.Image) -> Image.Image:
+    """Upright RGB: EXIF rotation applied, transparency composited on white."""
     image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -363,12 +367,19 @@ def prepare_sample(
     sample: dict[str, Any], image_size: int, caption_size: int | None, min_std: float,
     buckets: list[Bucket] | None = None,
 ) -> Prepared | str:
-    """The filtered, cropped sample, or the name of the DropCounts field that explains why it was dropped."""
+    """The filtered, cropped sample, or the name of the DropCounts field that explains why it was dropped.
+
+    `sample` is WebDataset-style (data/pipeline/inputs.py makes every source's samples so): the image's bytes under
+    its extension, or an image a source decoded itself under '__image__'; 'txt' and 'json' as bytes (a tar's
+    members) or already as str / dict."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        return "undecodable"
     try:
-        image = decode_image(sample[ext])
+        if "__image__" in sample:
+            image = normalise_image(sample["__image__"])
+        elif ext is not None:
+            image = decode_image(sample[ext])
+        else:
+            return "undecodable"
     except (OSError, ValueError, Image.DecompressionBombError):
         return "undecodable"
     bucket = nearest_bucket(image.height, image.width, buckets) if buckets else None
@@ -385,12 +396,14 @@ def prepare_sample(
         caption_image = cover_crop(image, round(height * factor), round(width * factor))
     meta: dict[str, Any] = {"key": sample["__key__"]}
     if "txt" in sample:
-        meta["txt"] = sample["txt"].decode("utf-8", errors="replace").strip()
+        text = sample["txt"]
+        meta["txt"] = (text if isinstance(text, str) else text.decode("utf-8", errors="replace")).strip()
     if "json" in sample:
         try:
-            meta["json"] = json.loads(sample["json"])
+            record = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            meta["json"] = {}
+            record = {}
+        meta["json"] = record if isinstance(record, dict) else {}
     return Prepared(sample["__key__"], crop, caption_image, meta, bucket)
 
 
