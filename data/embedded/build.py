@@ -120,6 +120,7 @@ def build(
         count = num_samples or SYNTHETIC_DEFAULT_SAMPLES
         samples = synthetic.iter_samples(image_size, count, seed, sizes, scene_mix)
         extra, total = synthetic.metadata(seed, scene_mix), count
+        extra["mix_name"] = mix  # as given, so a builder can tell whether these tars are the mix it wants
         if sizes:
             extra["sizes"] = [list(size) for size in sizes]
     else:

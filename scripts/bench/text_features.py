@@ -3,10 +3,10 @@
     python -m scripts.bench.text_features [--data-dir outputs/data] [--steps 40] [--warmup 5] [--rounds 3]
                                           [--threads N] [--smoke]
 
-Builds (once, under DATA_DIR/synthetic-32/shards-text-features) the embedded 32 px captioned scenes with the
-bundled MiniLM's states stored (data/make_shards.py --text-features, from DATA_DIR/synthetic-32/tars,
-which `make data` or `make demo` writes), then times the real training step (trainer/loop.py:Trainer.train_step:
-loader, conditioning, forward, backward, optimiser, EMA) of the embedded Stage 2 configuration on them three ways:
+Reads the 32 px captioned scenes `make data` or `make demo` writes (DATA_DIR/synthetic-32/shards-text, which hold
+the bundled MiniLM's states: data/make_shards.py --text-features; --smoke builds a small set), then times the real
+training step (trainer/loop.py:Trainer.train_step: loader, conditioning, forward, backward, optimiser, EMA) of the
+embedded Stage 2 configuration on them three ways:
 
     online          data.text_features=false, train.text_cache=0: MiniLM encodes every micro-batch (real captions
                     rarely repeat, so this is what a real run pays)
@@ -39,14 +39,18 @@ MODES = {
 
 
 def feature_shards(data_dir: Path, smoke: bool) -> Path:
-    """The embedded 32 px captioned scenes with stored MiniLM states (built from their tars once)."""
-    tars = data_dir / "synthetic-32" / "tars"
-    out = data_dir / "synthetic-32" / "shards-text-features"
+    """The embedded 32 px captioned scenes with stored MiniLM states: `make data`'s Stage 2-3 set, or (--smoke) a
+    small one built here from fresh tars."""
+    if not smoke:
+        shards = data_dir / "synthetic-32" / "shards-text"
+        if not (shards / "manifest.json").exists():
+            raise SystemExit(f"{shards} is missing: run `make data` (or scripts/tools/build_embedded_data.sh) first, "
+                             "or pass --data-dir")
+        return shards
+    tars = data_dir / "synthetic-32" / "tars-smoke"
+    out = data_dir / "synthetic-32" / "shards-text-features-smoke"
     py = sys.executable
     if not (tars / "dataset.json").exists():
-        if not smoke:
-            raise SystemExit(f"{tars} is missing: run `make data` (or scripts/tools/build_embedded_data.sh) first, or "
-                             "pass --data-dir")
         subprocess.run([py, "-m", "data.embedded.build", "--dataset", "synthetic", "--out", str(tars),
                         "--image-size", "32", "--num-samples", "128"], cwd=ROOT, check=True)
     if not (out / "manifest.json").exists():

@@ -2,9 +2,12 @@
 
     python -m scripts.demo [--out-dir outputs/demo] [--fresh]
 
-1. builds the embedded synthetic scenes as shards (scripts/tools/build_embedded_data.sh): 32 px with labels and
-   captions; at 40 and 48 px, three aspect-ratio buckets each with captions and their stored MiniLM features;
-2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded);
+1. builds the embedded synthetic scenes as shards (scripts/tools/build_embedded_data.sh): at 32 px, one huge
+   centred shape per scene with its label (Stage 1: what each shape looks like) and one large shape at one of five
+   places with its caption (Stages 2-3: the words); at 40 and 48 px, three aspect-ratio buckets each of the same
+   one-shape scenes; every caption set with its stored MiniLM features;
+2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded), then
+   scripts/demo/stage1_probe.py: how often it draws each labelled shape, printed and kept in the summary;
 3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
 4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px, each from the previous stage's EMA;
 5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48x48 and 40x56 px) on
@@ -12,8 +15,8 @@
 6. the distribution figures of the final checkpoint (evaluation/embedded.py: Frechet distance on the scene
    encoder's features against held-out real scenes, with its real-vs-real floor, and the loss by timestep;
    --distribution-stages 1 3 5 for more);
-7. writes OUT/summary.json: each stage's final checkpoint and wall time, the held-batch losses at every stage
-   boundary (the previous stage's EMA at its end, the next stage's weights at its start), the
+7. writes OUT/summary.json: each stage's final checkpoint and wall time, Stage 1's probe, the held-batch losses at
+   every stage boundary (the previous stage's EMA at its end, the next stage's weights at its start), the
    reparameterization's parity figures and the evaluation.
 
 Every stage runs with train.resume=auto, so a rerun after an interruption continues where it stopped and a
@@ -99,6 +102,16 @@ def prompt_grid(checkpoint_path: Path, path: Path, seeds: int = 3) -> None:
     (path.with_suffix(".txt")).write_text("\n".join(PROMPTS) + "\n")
 
 
+def print_probe(probe: dict) -> None:
+    per_class = probe["shape_per_class"]
+    print(f"Stage 1 draws the labelled shape in {probe['shape_mean']:.0%} of {probe['samples_per_class']} samples "
+          "per class: " + ", ".join(f"{k} {v:.2f}" for k, v in per_class.items()), flush=True)
+    weak = [k for k, v in per_class.items() if v < 0.5]
+    if weak:
+        print(f"note: Stage 1 draws {weak} in under half of its samples; later stages start from a model that "
+              "has not learnt those shapes (README, 'The embedded demo')", flush=True)
+
+
 def curriculum_plot(runs: Path, path: Path) -> None:
     """Every stage's per-step loss on one axis, stage after stage, with the boundaries marked."""
     import math
@@ -166,6 +179,7 @@ def main() -> None:
 
     common = ["experiment=embedded", f"embedded_data={args.data_dir}", *args.overrides]
     parity: dict[str, float] = {}
+    probe: dict = {}
     for stage in STAGES:
         init = []
         if stage == 2:
@@ -182,6 +196,14 @@ def main() -> None:
         tic = time.perf_counter()
         run([py, f"train_stage{stage}.py", *common, f"train.out_dir={runs / f'stage{stage}'}", *init])
         timings[f"stage{stage}"] = time.perf_counter() - tic
+        if stage == 1:  # does Stage 1 draw every shape class before the captions start? (scripts/demo/stage1_probe.py)
+            tic = time.perf_counter()
+            probe_json = args.out_dir / "stage1_probe.json"
+            run([py, "-m", "scripts.demo.stage1_probe", str(newest_checkpoint(runs / "stage1")), "--data",
+                 str(args.data_dir / "synthetic-32" / "shards-labels"), "--json", str(probe_json)], echo=False)
+            probe = json.loads(probe_json.read_text())
+            print_probe(probe)
+            timings["stage1_probe"] = time.perf_counter() - tic
 
     evaluation = {}
     # Stage 3 at its 32 px; Stage 5 at its square 48 px and at one of its non-square buckets (40x56, height first).
@@ -239,7 +261,8 @@ def main() -> None:
         for a, b in zip(STAGES, STAGES[1:], strict=False)
     }
     summary = dict(
-        stages=stages, boundaries=boundaries, reparameterization_parity=parity, evaluation=evaluation,
+        stages=stages, boundaries=boundaries, reparameterization_parity=parity, stage1_probe=probe,
+        evaluation=evaluation,
         distribution=distribution,
         prompt_grid=str(grid), loss_plot=str(args.out_dir / "losses.png"),
         timings_s={k: round(v, 1) for k, v in timings.items()},
@@ -247,6 +270,8 @@ def main() -> None:
     )
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out_dir / 'summary.json'} ({summary['total_s'] / 60:.1f} min)")
+    if probe:
+        print_probe(probe)
     for name, e in evaluation.items():
         print(f"{name} held-out compositions: " + ", ".join(f"{k} {v:.2f}" for k, v in e["accuracy"].items()
                                                              if isinstance(v, float)))

@@ -98,6 +98,9 @@ def main() -> None:
                    help="scenes in a --mix data set (default: 8000 at 32 px, 2000 at 40/48 px, as make demo)")
     p.add_argument("--eval-samples", type=int, default=2)
     p.add_argument("--eval-args", default="", help="extra evaluation.evaluate flags, e.g. '--cfg-scale 4'")
+    p.add_argument("--reuse", metavar="RUN",
+                   help="take the stages before the first of --stages from outputs/ablation/runs/RUN (a run "
+                        "folder such as objects-single-seed0), copied, so a lever on late stages costs only them")
     p.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every stage (after --)")
     args = p.parse_args()
@@ -111,6 +114,12 @@ def main() -> None:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     log = runs / "log.txt"
+    if args.reuse:
+        source = runs.parent / args.reuse
+        for stage in range(1, min(args.stages)):
+            if not (source / f"stage{stage}").is_dir():
+                p.error(f"--reuse {args.reuse}: {source / f'stage{stage}'} does not exist")
+            shutil.copytree(source / f"stage{stage}", runs / f"stage{stage}")
     per_stage: dict[int, list[str]] = {}
     for item in args.set:
         stage, _, override = item.partition(":")
@@ -125,14 +134,15 @@ def main() -> None:
     common = ["experiment=embedded", f"embedded_data={args.data_dir}", f"runs_dir={runs}", f"seed={args.seed}",
               *args.overrides]
     row = dict(name=args.name, seed=args.seed, overrides=args.overrides, per_stage=per_stage, mixes=args.mix,
-               stages={})
+               stages={}, reused=args.reuse)
     started = time.perf_counter()
     for stage in args.stages:
-        if stage == 2:
+        if stage == 2 and not (runs / "stage2" / "init.pt").exists():
             run([sys.executable, "reparameterize.py", "stage1-to-stage2", "--src", str(newest(runs / "stage1")),
                  "--dst", str(runs / "stage2" / "init.pt"), "--text-dim", "384", "--text-len", "32", "--force"], log)
         tic = time.perf_counter()
-        init = [] if stage > 1 and stage - 1 in args.stages else ["train.init_from=null"] if stage > 1 else []
+        earlier = stage - 1 in args.stages or (runs / f"stage{stage - 1}").is_dir()
+        init = [] if stage == 1 or earlier else ["train.init_from=null"]
         run([sys.executable, f"train_stage{stage}.py", *common, *init, *per_stage.get(stage, [])], log)
         summary = json.loads((runs / f"stage{stage}" / "summary.json").read_text())
         row["stages"][stage] = dict(steps=summary["steps"], minutes=round((time.perf_counter() - tic) / 60, 2),

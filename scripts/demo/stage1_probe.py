@@ -1,7 +1,9 @@
 """What a Stage-1 (class-conditional) checkpoint of the embedded curriculum knows about shapes.
 
     python -m scripts.demo.stage1_probe CKPT [--per-class 16] [--cfg-scale 3]
-                                        [--data DATA_DIR/synthetic-32/shards-labels]
+                                        [--data DATA_DIR/synthetic-32/shards-labels] [--json OUT.json]
+
+`make demo` runs it on Stage 1's final checkpoint before Stage 2 starts and keeps the figures in its summary.
 
 * shape accuracy: `--per-class` samples of each of the four shape classes (seeds 0, 1, ...), read by the pixel
   analyser (evaluation/analyse.py, the one the held-out evaluation uses); per class, their mean, and the share of
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--cfg-scale", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--data", type=Path, default=Path("outputs/data/synthetic-32/shards-labels"))
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args()
 
     import torch
@@ -59,10 +62,15 @@ def main() -> None:
                      for c in range(model.config.num_classes)]
             influence[str(t)] = sum(moved) / len(moved)
     rows = model.y_embed.table.weight[: model.config.num_classes].norm(dim=1)
-    print(json.dumps(dict(checkpoint=str(args.checkpoint), cfg_scale=args.cfg_scale, shape_per_class=per_class,
-                          shape_mean=sum(per_class.values()) / len(per_class), no_shape=none / len(labels),
-                          label_influence=influence, label_row_norm=float(rows.mean()),
-                          time_sinusoid_norm=(model.config.cond_dim / 2) ** 0.5), indent=1))
+    text = json.dumps(dict(checkpoint=str(args.checkpoint), cfg_scale=args.cfg_scale, steps=args.steps,
+                           samples_per_class=args.per_class, shape_per_class=per_class,
+                           shape_mean=sum(per_class.values()) / len(per_class), no_shape=none / len(labels),
+                           label_influence=influence, label_row_norm=float(rows.mean()),
+                           time_sinusoid_norm=(model.config.cond_dim / 2) ** 0.5), indent=1)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":
