@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.checkpoint import check_not_adapter
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models import ModelConfig, model_config
@@ -283,7 +284,12 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
     if cfg.train.init_from is None:
         return None
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
-    return src, checkpoint.load(src)
+    state = checkpoint.load(src)
+    try:
+        check_not_adapter(state.get("metadata") or {}, f"train.init_from={str(src)!r}")
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    return src, state
 
 
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
