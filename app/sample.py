@@ -17,12 +17,15 @@ widen to its own defaults): finite numbers in range, sizes that are multiples of
 fit its tokenizer (never cut), and at most --max-pixel-steps of pixels x steps x images. The text encoder,
 tokenizer and VAE come from the hub ids the checkpoint records or the bundled MiniLM; --text-encoder, --tokenizer
 and --vae load them from a folder instead, and only --trust-remote-code lets an encoder run its own code.
+
+--lora DIR merges a LoRA adapter (a LoRA run's out_dir/adapter, core/lora.py) into the checkpoint's weights at
+--lora-scale S (default 1; 0 draws the base alone); it must have been trained for the checkpoint's network.
 """
 
 import argparse
 from pathlib import Path
 
-from app.sources import add_source_flags
+from app.sources import add_lora_flags, add_source_flags
 from app.validation import BATCH
 from core.cli_help import HelpFormatter
 from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
@@ -57,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pixel-steps", type=int, default=None,
                    help="budget of height x width x steps x images (default: 16,000,000 on a CPU, 2e9 on a GPU)")
     add_source_flags(p)
+    add_lora_flags(p)
     return p.parse_args(argv)
 
 
@@ -105,14 +109,15 @@ def main(argv=None) -> None:
     from PIL import Image
 
     from app.pipeline import CheckpointError, load_pipeline
-    from app.sources import sources_from_args
+    from app.sources import lora_from_args, sources_from_args
     from app.validation import CLI, RequestError, check_number
     from core.images import save_grid
 
     apply_bucket(args)
     try:
         limits = limits_from_args(args)
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits,
+                             lora_from_args(args))
     except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
     if args.list_buckets:
