@@ -15,13 +15,14 @@ model config is another network's, and warns when the weights it is applied to a
 (an adapter on another fine-tune of the same network is legitimate, but rarely what was meant).
 
 Default targets (`default_targets`): attention (self and cross: q, k, v and the output projection, which this repo's
-fused qkv and kv layers hold) and the MLP in every block, as LoRA's own experiments and diffusers' DreamBooth-LoRA
-scripts adapt them. adaLN is added where the condition enters the blocks only through it: ccDiT's adaLN MLPs (every
-block's and the final layer's) read sinusoid(t) + the class embedding, so a LoRA that changes what a class draws
-needs them (a PixelDiT with a ccDiT stream likewise). The text families leave adaLN out: mmDiT's and PixArt's adaLN-single is a function
-of the time alone, shared by every block (its per-block tables are parameters, which LoRA does not adapt), and
-JointDiT's modulation reads the sinusoid (plus the class embedding, whose token also enters the joint attention,
-which is adapted); a caption reaches those blocks through the attention layers, which the defaults adapt.
+fused qkv and kv layers hold) and the MLP in every block, the layers that decide what each token becomes and where a
+new concept has to land; the embeddings, the timestep MLP and the output layer stay the base's. adaLN is added where
+the condition enters the blocks only through it: ccDiT's adaLN MLPs (every block's and the final layer's) read
+sinusoid(t) + the class embedding, so a LoRA that changes what a class draws needs them (a PixelDiT with a ccDiT
+stream likewise). The text families leave adaLN out: mmDiT's and PixArt's adaLN-single is a function of the time
+alone, shared by every block (its per-block tables are parameters, which LoRA does not adapt), and JointDiT's
+modulation reads the sinusoid (plus the class embedding, whose token also enters the joint attention, which is
+adapted); a caption reaches those blocks through the attention layers, which the defaults adapt.
 """
 
 import copy

@@ -178,7 +178,7 @@ def test_the_memory_plan_counts_the_frozen_base_once(embedded_data):
     """Hand counts: a rank-r adapter on a linear of in x out adds r (in + out) parameters; gradients, AdamW and the
     EMA are the adapters' alone, the base is weights only (2 bytes with bf16 compute)."""
     from models import build_model
-    from trainer.plan import make_plan, plan_model_config, data_shape
+    from trainer.plan import data_shape, make_plan, plan_model_config
 
     cfg = stage_config(2, embedded_data, Path("unused"), "train.lora.rank=4", "precision.compute=bf16")
     mcfg = plan_model_config(cfg, data_shape(cfg))
