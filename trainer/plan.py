@@ -71,7 +71,8 @@ NOT_COUNTED = ("allocator fragmentation beyond the allowance, NCCL buffers of la
                "Transformer Engine workspaces and FP8 weight copies, gradient tensors alive during the backward, "
                "the VAE decode of previews (between steps, when no activations are held); under fsdp/hsdp, the whole "
                "model and EMA each rank builds before sharding them, and the whole copy rank 0 gathers for previews "
-               "and held losses (both outside the step)")
+               "and held losses (both outside the step); with LoRA, the activations are measured on the plain model "
+               "(the adapters save their inputs and A x where the frozen base layers no longer need theirs)")
 
 
 class MemoryPlanError(UserError, RuntimeError):
