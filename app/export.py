@@ -228,6 +228,9 @@ def export(args: argparse.Namespace) -> Path:
     if args.lora is not None and args.format != "pixart":
         raise SystemExit(f"--lora writes an adapter for stock diffusers' PixArt transformer: it needs --format pixart, "
                          f"not {args.format}; --merge-lora merges one into any format")
+    if args.lora is not None and args.merge_lora is not None:
+        raise SystemExit("--lora writes an adapter beside the weights and --merge-lora merges one into them: give one "
+                         "(an adapter beside merged weights would apply twice)")
     if args.merge_lora is None and args.lora_scale != 1.0:
         raise SystemExit("--lora-scale needs --merge-lora")
     stages = model_card.read_lineage(path)
