@@ -12,10 +12,11 @@
 3. samples the base, the LoRA (app/sample.py's merge: --lora) and the full fine-tune on PINK_PROMPTS and on
    CONTROL_PROMPTS (colours the base knows), --eval-samples seeds each, and reads every image with the pixel analyser
    (evaluation/analyse.py: the measured colour matched to the nearest of the palette and pink): the fraction drawn
-   pink, and the fraction of control prompts still drawn in their colour (what fine-tuning forgot);
+   pink, and the fraction of control prompts still drawn in their colour (what fine-tuning forgot); a reading
+   farther from its palette colour than half the way to the next one counts as no colour;
 4. writes OUT/summary.json (per run: optimiser steps, trainable parameters, the checkpoint's and the adapter's bytes,
-   wall-clock minutes, the scores) and OUT/lora_demo.png: rows base, LoRA, full fine-tune; columns the prompts (pink
-   first), the first seed of each.
+   wall-clock minutes, the scores) and OUT/lora_demo.png: rows base, LoRA, full fine-tune (two seeds each); columns
+   the prompts (pink first).
 
 Runs resume (train.resume=auto) and the data is kept, so a rerun only redoes what is missing; --fresh starts over.
 """
@@ -90,7 +91,9 @@ def train(base: Path, shards: Path, out: Path, steps: int, lr: float, rank: int,
 
 
 def colour_of(image) -> str | None:
-    """The analyser's measured colour of the main shape, matched to the palette and the novel colour."""
+    """The analyser's measured colour of the main shape as a palette colour (the curriculum's and pink), or None when
+    nothing stands out or the colour is ambiguous: farther from the nearest palette colour than half that colour's
+    distance to its own nearest neighbour (a faint blob diluted into the gray background is no colour)."""
     from data.embedded.synthetic import COLOURS, NOVEL_COLOURS
     from evaluation.analyse import analyse_scene
 
@@ -98,7 +101,9 @@ def colour_of(image) -> str | None:
     if reading is None:
         return None
     palette = COLOURS | NOVEL_COLOURS
-    return min(palette, key=lambda name: math.dist(reading.rgb, palette[name]))
+    name = min(palette, key=lambda c: math.dist(reading.rgb, palette[c]))
+    margin = min(math.dist(palette[name], v) for c, v in palette.items() if c != name) / 2
+    return name if math.dist(reading.rgb, palette[name]) <= margin else None
 
 
 def sample_all(pipes: dict, seeds: int):
@@ -122,7 +127,7 @@ def grid(images: dict, seeds: int, path: Path) -> None:
 
     from core.images import save_grid
 
-    rows = [images[name][::seeds] for name in RUNS]  # the first seed of each prompt
+    rows = [images[name][k::seeds] for name in RUNS for k in range(min(2, seeds))]  # two seeds of each prompt
     save_grid(torch.cat(rows), path, cols=len(PINK_PROMPTS) + len(CONTROL_PROMPTS), scale=4)
 
 
