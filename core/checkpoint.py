@@ -312,6 +312,15 @@ def read_metadata(state: dict, where: str) -> CheckpointMetadata:
 # ---- rebuilding a model -------------------------------------------------------------------------------------
 
 
+def check_not_adapter(meta: dict, where: str) -> None:
+    """CheckpointError for a LoRA run's checkpoint (metadata.lora: it holds adapters, not a model), with the fix."""
+    lora = meta.get("lora")
+    if isinstance(lora, dict):
+        base = (lora.get("base") or {}).get("path", "its base")
+        raise CheckpointError(f"{where} is a LoRA training checkpoint: it holds the adapters only. Load its base "
+                              f"with the adapter: --model-path {base} --lora <the run's out_dir>/adapter")
+
+
 def model_from_state(state: dict, weights: str = "ema", where: str = "the checkpoint"):
     """The model a loaded checkpoint's metadata describes, with its `ema` or `raw` weights (plain layout, so an
     FP8-trained checkpoint loads too), in eval mode. metadata.model is checked first on the meta device: a valid
@@ -323,6 +332,7 @@ def model_from_state(state: dict, weights: str = "ema", where: str = "the checkp
     meta = state.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{where} has no metadata.model; not written by this repository")
+    check_not_adapter(meta, where)
     tensors = model_weights(state, weights)
     try:
         config = ModelConfig(**meta["model"])

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.checkpoint import check_not_adapter
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models.config import ModelConfig, default_conditioning
@@ -340,6 +341,10 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
         return Path(source), imported
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
     state = checkpoint.load(src)
+    try:
+        check_not_adapter(state.get("metadata") or {}, f"train.init_from={str(src)!r}")
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(str(err)) from None
     check_init_stage(cfg, src, state)
     return src, state
 

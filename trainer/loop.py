@@ -49,6 +49,7 @@ from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
 from models.registry import build_model
 from trainer import builders, checkpoint, distributed, sharded_state
+from trainer import lora as lora_training
 from trainer.builders import resolve_resume
 from trainer.cadence import CadenceEvaluation
 from trainer.ema import EMA
@@ -94,13 +95,18 @@ class Trainer:
         builders.check_vae(cfg, self.spec, cfg.data.path)
         self.conditioning = builders.build_conditioning(cfg, self.spec, self.device, self.precision.model_dtype)
         self.resume_from = resolve_resume(t.resume, self.ckpt_dir)
+        self.lora = lora_training.LoraSettings.from_config(t.get("lora"))
+        lora_training.require_base(self.lora, cfg)
         resumed = builders.read_resume_checkpoint(self.resume_from, cfg)
-        init = None if resumed is not None else builders.read_init_checkpoint(cfg)
+        # A LoRA run needs its base on a resume too: its checkpoints hold the adapters only.
+        init = builders.read_init_checkpoint(cfg) if resumed is None or self.lora.enabled else None
         base = (resumed or (init[1] if init else {})).get("metadata", {}).get("model")
         self.model_config = builders.build_model_config(cfg, self.spec, self.conditioning, base)
         if resumed is not None:
             builders.check_resumable(self.resume_from, resumed, cfg, self.model_config)
         self._build_model(init)
+        if resumed is not None:
+            lora_training.check_resumable(self.resume_from, resumed["metadata"], self.lora_record)
         self.step, self.history, self.bad_in_row, self.extra = 0, [], 0, {}
         self.loader_state, saved_rng, self.pending_state = None, None, None
         if resumed is not None:
@@ -131,11 +137,23 @@ class Trainer:
         self.model = build_model(self.model_config)
         if init is not None:
             builders.apply_initial_weights(self.model, init[0], init[1], t.init_weights)
+        self.lora_record = None
+        if self.lora.enabled:  # the base loaded: adapters in, base frozen (trainer/lora.py)
+            self.lora_record = lora_training.attach(self.model, self.lora, self.model_config, init[0], init[1],
+                                                    t.init_weights)
         self.model.to(self.device)
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # The network's own parameters (a LoRA's are counted apart, as trainable: only they are trained then).
+        self.n_params = sum(p.numel() for n, p in self.model.named_parameters()
+                            if not lora_training.core_lora.is_adapter_parameter(n))
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # Every latent size a batch can have (each bucket's): TE's shape rule must hold at all of them.
         sizes = [(h, w) for _, h, w in self.spec.latent_shapes()]
-        self.converted = self.precision.convert(self.model, self.model_config, sizes)
+        self.converted = self.precision.convert(self.model, self.model_config, sizes,
+                                                lora_training.adapter_aware if self.lora.enabled else None)
+        if self.lora.enabled:
+            lora_training.freeze_base(self.model)  # te.Linear's new parameters require grad
+            if self.precision.bf16:
+                lora_training.store_frozen(self.model, torch.bfloat16)
         self.ema = EMA(self.model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
                        start_decay=t.ema.start_decay)
         mc = self.model_config
@@ -143,6 +161,12 @@ class Trainer:
                                                    mc.base_grid, mc.patch)
         self.held = HeldLoss(cfg, self.micro, self.conditioning, self.objective, self.device, self.precision) \
             if self.env.is_main else None
+
+    def _adapt_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a fresh copy of the model needs to take this run's weights: its LoRA layers, in a LoRA run."""
+        if self.lora.enabled:
+            lora_training.core_lora.inject(model, self.lora.peft_config(self.model_config))
+        return model
 
     def _restore(self, resumed: dict) -> dict:
         """A checkpoint's run position now (the loader is built from it); its tensors later, once the model is
@@ -245,6 +269,8 @@ class Trainer:
         self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.step if self.resume_from else None)
         self.metadata = checkpoint.metadata_record(cfg, self.spec, self.model_config, self.conditioning,
                                                    self.n_params, self.converted)
+        if self.lora_record is not None:  # an adapter-only checkpoint: tools load it through its base
+            self.metadata["lora"] = self.lora_record
         self.evaluation = CadenceEvaluation.build(cfg, env, self.spec, self.conditioning, self.objective,
                                                   self.precision, vae)
 
@@ -254,13 +280,16 @@ class Trainer:
         """Everything a resume needs in the single-file form (the plain nn.Linear layout, the optimizer numbered
         by index: trainer/checkpoint.py), plus the metadata every other tool reads. Sharded, every rank must call
         it (the tensors are gathered into rank 0's CPU memory) and ranks other than 0 get None."""
+        keep = lora_training.kept if self.lora.enabled else None
         if self.parallel.sharded:
-            whole = sharded_state.whole_state(self.model, self.ema.model, self.opt, self.env.is_main)
+            whole = sharded_state.whole_state(self.model, self.ema.model, self.opt, self.env.is_main, keep)
             if whole is None:
                 return None
             model_state, ema_state, optimizer = whole
         else:
             model_state, ema_state, optimizer = self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
+            if keep is not None:  # the adapters only: the base is train.init_from's
+                model_state, ema_state = (lora_training.adapter_state(s) for s in (model_state, ema_state))
         model, model_extra = checkpoint.split_extra_state(model_state)
         ema, ema_extra = checkpoint.split_extra_state(ema_state)
         state = dict(model=model, ema=ema, optimizer=optimizer, scheduler=self.sched.state_dict(),
@@ -282,7 +311,8 @@ class Trainer:
     def sharded_state(self) -> tuple[dict, dict, dict]:
         """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
         shards), what rank 0 writes once (meta.pt), and this rank's own."""
-        tensors, shared = sharded_state.sharded_parts(self.model, self.ema.model, self.opt)
+        tensors, shared = sharded_state.sharded_parts(self.model, self.ema.model, self.opt,
+                                                      lora_training.kept if self.lora.enabled else None)
         shared |= self._run_state() | dict(scheduler=self.sched.state_dict(), world_size=self.env.world_size,
                                            parallel=self.parallel.mode)
         return tensors, shared, self._rank_state()
@@ -303,10 +333,19 @@ class Trainer:
     def _load_tensors(self, state: dict[str, Any]) -> None:
         """Weights, EMA, optimizer moments and schedule, from a file or a sharded folder, into the model as it is
         wrapped (whole on every rank, or sharded over a mesh of any size)."""
+        keep = lora_training.kept if self.lora.enabled else None
         if isinstance(state["model"], checkpoint.ShardedEntry):
-            sharded_state.load_sharded(self.model, self.ema.model, self.opt, state["model"].path, state)
+            sharded_state.load_sharded(self.model, self.ema.model, self.opt, state["model"].path, state, keep)
         elif self.parallel.sharded:
-            sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
+            sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state, keep)
+        elif keep is not None:
+            saved = state.get("te_extra_state") or {}
+            extra = loadable_extra_state(dict(model=saved.get("model", {}), ema=saved.get("ema", {})),
+                                         "the checkpoint")
+            for module, key in ((self.model, "model"), (self.ema.model, "ema")):
+                weights, inline = checkpoint.split_extra_state(state[key])
+                lora_training.load_adapter_state(module, weights, inline | extra[key], f"train.resume ({key})")
+            self.opt.load_state_dict(state["optimizer"])
         else:
             saved = state.get("te_extra_state") or {}
             model, model_extra = checkpoint.split_extra_state(state["model"])
@@ -412,7 +451,7 @@ class Trainer:
             return
         self.model.eval()
         for name, weights in (("ema", self.ema.model), ("raw", self.model)):
-            with self.parallel.full_copy(weights, self.model_config) as module:
+            with self.parallel.full_copy(weights, self.model_config, self._adapt_copy) as module:
                 if self.previewer is not None:
                     path = self.previewer(module, self.out_dir / "samples" / f"step_{done:08d}_{name}.png")
                     self.logger.log_image(f"samples/{name}", path, done, caption=" | ".join(self.previewer.captions))
@@ -441,8 +480,18 @@ class Trainer:
             if self.env.is_main:
                 checkpoint.save_atomic(state, path)
                 checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        if self.lora.enabled:
+            self._write_adapters(done)
         self.env.barrier()
         return path
+
+    def _write_adapters(self, done: int) -> None:
+        """A LoRA run's adapters in peft's format (out_dir/adapter, out_dir/adapter_raw) beside each checkpoint;
+        sharded, every rank helps gather them."""
+        tensors = dict(ema=lora_training.adapter_tensors(self.ema.model),
+                       raw=lora_training.adapter_tensors(self.model))
+        if self.env.is_main:
+            lora_training.write_adapters(self.out_dir, self.lora, self.model_config, self.metadata, done, tensors)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -509,7 +558,7 @@ class Trainer:
         if not measure or (self.held is None and not self.parallel.sharded):
             return held
         for name, weights in (("ema", self.ema.model), ("raw", self.model)):
-            with self.parallel.full_copy(weights, self.model_config) as module:
+            with self.parallel.full_copy(weights, self.model_config, self._adapt_copy) as module:
                 if self.held is not None:
                     held[f"held_loss_end_{name}"] = self.held(module)
                     if name == "ema":  # the null condition: what reparameterize.py carries over exactly (at t*)
@@ -526,7 +575,8 @@ class Trainer:
             ends = {f"held/{k.removeprefix('held_')}": v for k, v in held.items() if v is not None and "end" in k}
             self.logger.log(ends, self.step)
         return dict(
-            model=self.model_config.name, parameters=self.n_params, checkpoint=str(final[-1]) if final else None,
+            model=self.model_config.name, parameters=self.n_params, trainable_parameters=self.n_trainable,
+            checkpoint=str(final[-1]) if final else None,
             first_loss=finite[0] if finite else None, final_loss=sum(tail) / len(tail) if tail else None, **held,
             validation=self.extra.get("validation"),
             samples=str(self.out_dir / "samples"), loss_plot=str(self.out_dir / "loss.png"),
