@@ -36,15 +36,13 @@ CheckpointError = checkpoint.CheckpointError
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
-    """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest step_*.pt."""
-    path = Path(path)
+    """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest checkpoint
+    (core/checkpoint.py: resolve), which must be a single file: a sharded one is named with the command that writes
+    its single-file form."""
     try:
-        return checkpoint.resolve(path, "--model-path")
-    except FileNotFoundError:
-        if path.is_dir():
-            raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt "
-                                  f"in it{checkpoint.sharded_hint(path)}") from None
-        raise CheckpointError(f"--model-path {path}: no such file") from None
+        return checkpoint.resolve(path, "--model-path", single_file=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _unreadable(path: Path, err: Exception) -> str:
@@ -408,7 +406,7 @@ def load_pipeline(
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
-    checkpoint.check_not_adapter(meta.to_dict(), f"--model-path {path}")
+    meta.check_not_adapter(f"--model-path {path}")
     model = checkpoint.model_from_state(state, weights, f"--model-path {path}")
     merged = None
     if lora is not None:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from core import checkpoint
 from tests.helpers import randomize_zero_inits
 from tests.stages import stage_config
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.loop import Trainer
 from trainer.precision import Precision
 

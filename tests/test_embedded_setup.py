@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from core import checkpoint
 from tests.stages import CONFIGS, ROOT
-from trainer import checkpoint
 from trainer.errors import ConfigError
 from trainer.loop import train
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from app.pipeline import load_pipeline
+from core import checkpoint
 from reparameterize import main as reparameterize_main
 from tests import te_standin
 from tests.stages import ROOT, stage_config
-from trainer import checkpoint
 from trainer.loop import train
 from trainer.precision import FP8_MULTIPLE, fp8_recipe_name, loadable_extra_state, text_pad_multiple
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from core import checkpoint
 from tests.stages import ROOT, TINY
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.consolidate import consolidate
 
 pytestmark = pytest.mark.gpu

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import checkpoint, sharded_checkpoint
 from core import lora as core_lora
 from tests.stages import stage_config
 from tests.test_fsdp import newest, run_ok, stage1_args, torchrun
 from tests.test_resume import assert_same_run, checkpoint_step, start, wait_for_checkpoint
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.errors import ConfigError
 from trainer.loop import Trainer, train
 
@@ -149,7 +150,7 @@ def test_fsdp_shards_the_frozen_base_with_no_gradient_or_optimizer_state(embedde
     summary = trainer.fit()
     dcp = Path(summary["checkpoint"])
     assert checkpoint.is_sharded(dcp)
-    stored = {k for k in checkpoint.sharded_keys(dcp) if k.startswith(("model.", "ema."))}
+    stored = {k for k in sharded_checkpoint.sharded_keys(dcp) if k.startswith(("model.", "ema."))}
     assert stored and all(core_lora.is_adapter_parameter(k) for k in stored), sorted(stored)[:3]
     plain = Trainer(lora_config(embedded_data, tmp_path / "ddp", stage1_checkpoint, "train.max_steps=3",
                                 f"train.resume={dcp}", stage=1), one_rank)

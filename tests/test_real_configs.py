@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from core import checkpoint
 from tests.stages import ROOT
 from tests.wandb_reader import offline_runs, read_offline_run
-from trainer import checkpoint
 from trainer.loop import train
 
 REAL = ["model.size=debug", "model.patch=4", "vae=identity", "train.max_steps=2"]

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
+from core import checkpoint
 from core import files as core_files
+from core.checkpoint import CheckpointError
 from tests.stages import ROOT, stage_config
 from tests.test_resume import ENV, stage1_cmd, start, wait_for_checkpoint
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
 from trainer.errors import ConfigError
 from trainer.loop import train
 from trainer.optim import lr_factor

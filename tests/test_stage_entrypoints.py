@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core import checkpoint
 from tests.stages import ROOT, TINY
-from trainer import checkpoint
 
 ENV = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
 PATCH, BASE_GRID = 4, 8  # stage 1-3 data is 32 px: 8x8 tokens of 4x4 pixels
