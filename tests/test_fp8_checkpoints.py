@@ -4,7 +4,7 @@ every bucket, per recipe, and a delayed-scaling run resumes.
 The trainer converts to tests/te_standin.py's te.Linear stand-in, installed as `transformer_engine.pytorch` (TE's
 global FP8 state, its per-recipe shape rule, its extra state and its refusal to unpickle delayed-scaling state,
 fused wgrad into main_grad; the docstring cites TE's source for each). A checkpoint of such a run keeps `model` and
-`ema` in the plain nn.Linear layout and the scaling state beside them (trainer/checkpoint.py); every consumer must
+`ema` in the plain nn.Linear layout and the scaling state beside them (trainer/state.py); every consumer must
 load it with no manual step."""
 
 import logging

@@ -1,5 +1,5 @@
 """FSDP2 / HSDP and sharded checkpoints on the CPU (gloo), as torchrun runs them (trainer/parallel.py,
-trainer/checkpoint.py, trainer/consolidate.py).
+trainer/state.py, trainer/checkpoint.py, core/sharded_checkpoint.py, trainer/consolidate.py).
 
 The references are independent of the code under test: DDP's weights (the reference setting), the single-file
 checkpoint a DDP run writes, and checkpoints compared bit for bit. Runs on 2 ranks unless the test is about 4."""
