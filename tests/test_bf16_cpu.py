@@ -60,7 +60,7 @@ def run(embedded_data, out_dir, stage: int, precision: str) -> dict:
         for hook in hooks:
             hook.remove()
     seen["trainer"] = trainer
-    seen["checkpoint"] = checkpoint.load(checkpoint.list_checkpoints(out_dir / "checkpoints")[-1])
+    seen["checkpoint"] = checkpoint.load(checkpoint.newest(out_dir))
     return seen
 
 

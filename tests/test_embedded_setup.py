@@ -68,7 +68,7 @@ def test_the_seed_command_shape_trains(embedded_data, tmp_path):
            f"embedded_data={embedded_data}", f"train.out_dir={out}", *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint.load(checkpoint.list_checkpoints(out / "checkpoints")[-1])["step"] == 2
+    assert checkpoint.load(checkpoint.newest(out))["step"] == 2
 
 
 def test_default_init_from_follows_starts_from(tmp_path):

@@ -62,7 +62,7 @@ def test_resume_refuses_another_stage_another_model_and_a_smaller_max_steps(embe
 
 def test_a_broken_newest_checkpoint_is_named_and_the_good_one_offered(embedded_data, tmp_path):
     _run(embedded_data, tmp_path, "train.max_steps=2")
-    good = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    good = checkpoint.newest(tmp_path)
     broken = checkpoint.checkpoint_path(tmp_path / "checkpoints", 4)
     broken.write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"{broken.name}: the file is empty.*resume from it with "

@@ -68,17 +68,7 @@ from trainer.precision import Precision
 from trainer.preemption import PreemptionFlag
 from trainer.preview import Previewer
 from trainer.run_lock import RunLock
-from trainer.state import (
-    POSITION,
-    RNG,
-    TENSORS,
-    LoaderState,
-    RngState,
-    RunState,
-    TrainingState,
-    follow_config_schedule,
-    with_own_rng,
-)
+from trainer.state import LoaderState, RngState, RunState, TrainingState, follow_config_schedule, with_own_rng
 from trainer.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
@@ -124,9 +114,7 @@ class Trainer:
         self.run = RunState()
         self.state = TrainingState(dict(run=self.run, rng=RngState(self.device), loader=LoaderState(
             self.run, env.world_size, cfg.data.num_workers, self.micro, t.grad_accum)), self._describe, env.is_main)
-        self.pending_state = self._restore(resumed) if resumed is not None else None
-        if resumed is None and self.held is not None:
-            self.run.extra["held_loss_start"] = self.held(self.model)
+        self.pending_state = self._restore(resumed)
         del resumed, init  # a several-GB checkpoint need not stay in memory
         self._build_data()
         self._wrap_for_training()  # and then the checkpoint's tensors, into the model as wrapped and sharded
@@ -137,7 +125,7 @@ class Trainer:
         if self.pending_state is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
-            self.state.load(self.pending_state, RNG)
+            self.state.load(self.pending_state, TrainingState.RNG)
             self.pending_state = None
 
     # ---- building ---------------------------------------------------------------------------------------------
@@ -183,10 +171,15 @@ class Trainer:
             lora_training.core_lora.inject(model, self.lora.peft_config(self.model_config))
         return model
 
-    def _restore(self, resumed: dict) -> dict:
+    def _restore(self, resumed: dict | None) -> dict | None:
         """A checkpoint's run position now (the loader is built from it); its tensors later, once the model is
-        wrapped and the optimizer built (_wrap_for_training), and its RNG states last (this rank's own)."""
-        self.state.load(resumed, POSITION)
+        wrapped and the optimizer built (_wrap_for_training), and its RNG states last (this rank's own). A fresh
+        run measures its held loss at the start instead."""
+        if resumed is None:
+            if self.held is not None:
+                self.run.extra["held_loss_start"] = self.held(self.model)
+            return None
+        self.state.load(resumed, TrainingState.POSITION)
         log.info("resumed from %s at step %d", self.resume_from, self.run.step)
         return with_own_rng(resumed, self.env.rank, self.env.world_size)
 
@@ -225,7 +218,7 @@ class Trainer:
         self.writer = checkpoint_writer(self.cfg.train, self.parallel.sharded, self.env, self.ckpt_dir)
         if self.pending_state is not None:
             try:
-                self.state.load(self.pending_state, TENSORS)
+                self.state.load(self.pending_state, TrainingState.TENSORS)
             except checkpoint.CheckpointError as err:  # a sharded folder damaged where its sizes do not show it
                 raise builders.unreadable_resume(self.resume_from, self.cfg, err) from None
             follow_config_schedule(self.opt, self.sched, self.cfg.optim, self.cfg.train.max_steps)

@@ -45,12 +45,6 @@ log = logging.getLogger(__name__)
 Keep = Callable[[str], bool] | None
 TENSOR_PARTS = ("model", "ema", "optimizer")
 """The parts a sharded checkpoint keeps in DCP; the others are plain values in both forms."""
-POSITION = ("run", "loader")
-"""What a resume reads first: the loader is built from it."""
-TENSORS = (*TENSOR_PARTS, "scheduler")
-"""What a resume reads once the model is wrapped and sharded and the optimizer built over its final parameters."""
-RNG = ("rng",)
-"""What a resume restores last, after everything that draws from the global RNGs on the way (iter(loader))."""
 
 
 def _options(**kwargs):
@@ -216,6 +210,13 @@ class TrainingState:
     """The parts of a run (`parts`, keyed as the module docstring lists them) and a checkpoint of either form made of
     them; `describe()` gives what a checkpoint records beside them and never loads back (config, metadata). `main`:
     rank 0, which holds the whole form when the tensors are sharded."""
+
+    POSITION = ("run", "loader")
+    """What a resume reads first: the loader is built from it."""
+    TENSORS = (*TENSOR_PARTS, "scheduler")
+    """What a resume reads once the model is wrapped and sharded and the optimizer built over its final parameters."""
+    RNG = ("rng",)
+    """What a resume restores last, after everything that draws from the global RNGs on the way (iter(loader))."""
 
     def __init__(self, parts: dict[str, Any], describe: Callable[[], dict[str, Any]], main: bool):
         self.parts, self.describe, self.main = parts, describe, main
