@@ -55,7 +55,7 @@ def test_data_stage_n_names_the_stages_own_dataset(stage):
 
 
 def test_configs_have_no_unused_top_level_config():
-    """configs/config.yaml (Stage 5 under another name) was composed by no entrypoint: removed."""
+    """The top-level config that was Stage 5 under another name was composed by no entrypoint: removed."""
     assert not (ROOT / "configs" / "config.yaml").exists()
     assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == ["base", *(f"stage{n}" for n in range(1, 6))]
 
