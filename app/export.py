@@ -3,6 +3,8 @@
     python -m app.export --model-path outputs/embedded/stage5 --out-dir exported/stage5
     python -m app.export --model-path run/checkpoints/step_00001000.pt --out-dir px --format pixart --weights raw
     python -m app.export --model-path CKPT --out-dir DIR --push-to-hub me/my-model        # private unless --public
+    python -m app.export --model-path BASE --merge-lora RUN/adapter --out-dir merged        # a LoRA merged in
+    python -m app.export --model-path BASE --format pixart --lora RUN/adapter --out-dir px  # ... or beside it
 
 Formats (every one writes safetensors only, never a pickle, the model's config as JSON, and a README.md model card
 built from what the checkpoint and its run recorded, app/model_card.py):
@@ -17,6 +19,13 @@ built from what the checkpoint and its run recorded, app/model_card.py):
     pixart-original  one safetensors file in the key layout of the PixArt-alpha repository's .pth (what ComfyUI's
                      PixArt loader reads), with the model's PixArt arguments as JSON; pixart with caption_projection
     safetensors      the state dict as it is (model.safetensors, the checkpoint's own names) and config.json
+
+LoRA (core/lora.py): --merge-lora DIR merges an adapter into the weights (at --lora-scale) before any format is written.
+--lora DIR (--format pixart) writes the adapter unmerged beside the stock transformer, on its modules
+(models/conversion.py: pixart_lora_to_diffusers), as OUT/transformer_lora in peft's format:
+`peft.PeftModel.from_pretrained(transformer, OUT/transformer_lora)`. diffusers' own LoRA loaders do not apply:
+PixArtTransformer2DModel has no PeftAdapterMixin (no load_lora_adapter) and PixArtAlphaPipeline no
+load_lora_weights (diffusers 0.42 and its main branch of 2026-08).
 
 The text encoder, tokenizer and VAE load from where the checkpoint says (hub ids or the bundled MiniLM), or from the
 --text-encoder / --tokenizer / --vae folders (app/sources.py). Every flag is checked before the model loads or
@@ -58,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--license", default=None, help="the model card's licence field (default: none; see its Data)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repository")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repository public")
+    g = p.add_argument_group("LoRA (core/lora.py)")
+    g.add_argument("--merge-lora", metavar="DIR", type=Path, default=None,
+                   help="merge this LoRA adapter (or a LoRA run's out_dir: its adapter/) into the weights first")
+    g.add_argument("--lora-scale", type=float, default=1.0, metavar="S", help="--merge-lora: the update times S")
+    g.add_argument("--lora", metavar="DIR", type=Path, default=None,
+                   help="--format pixart: also write this adapter unmerged, on the stock transformer's modules, as "
+                        "OUT/transformer_lora (peft's format)")
     add_source_flags(p)
     return p.parse_args(argv)
 
@@ -283,13 +299,23 @@ def export(args: argparse.Namespace) -> Path:
         raise SystemExit(str(err)) from err
     check_format(args.format, record, f"--model-path {path}")
     check_destination(args.out_dir, path, args.force)
+    if args.lora is not None and args.format != "pixart":
+        raise SystemExit(f"--lora writes an adapter for stock diffusers' PixArt transformer: it needs --format pixart, "
+                         f"not {args.format}; --merge-lora merges one into any format")
+    if args.lora is not None and args.merge_lora is not None:
+        raise SystemExit("--lora writes an adapter beside the weights and --merge-lora merges one into them: give one "
+                         "(an adapter beside merged weights would apply twice)")
+    if args.merge_lora is None and args.lora_scale != 1.0:
+        raise SystemExit("--lora-scale needs --merge-lora")
     try:
         evals = model_card.evaluations(path, args.eval_report)
     except model_card.ReportError as err:
         raise SystemExit(str(err)) from err
     stages = model_card.read_lineage(path)
     try:
-        pipe = load_pipeline(path, args.weights, "cpu", sources_from_args(args))
+        merge = (args.merge_lora, args.lora_scale) if args.merge_lora is not None else None
+        pipe = load_pipeline(path, args.weights, "cpu", sources_from_args(args), lora=merge)
+        adapter = read_lora_for(pipe, args.lora) if args.lora is not None else None
     except CheckpointError as err:
         raise SystemExit(str(err)) from err
     out_dir = args.out_dir.resolve()
@@ -298,6 +324,12 @@ def export(args: argparse.Namespace) -> Path:
     tmp.mkdir(parents=True)
     try:
         usage = write_format(args.format, pipe, tmp)
+        if adapter is not None:
+            write_pixart_lora(adapter, pipe.model.config, tmp / "transformer_lora")
+            usage += "\n\n" + USAGE_LORA
+        if pipe.lora is not None:
+            usage += (f"\n\nThe weights have the LoRA adapter `{pipe.lora['folder']}` merged in at scale "
+                      f"{pipe.lora['scale']:g}.")
         parameters = sum(p.numel() for p in pipe.model.parameters())
         folder = json.dumps(args.push_to_hub or str(args.out_dir))  # a Python string literal in the card's snippet
         card = model_card.render(record, parameters, args.format, args.weights, stages,
@@ -310,6 +342,37 @@ def export(args: argparse.Namespace) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return args.out_dir
+
+
+def read_lora_for(pipe, folder: Path):
+    """The adapter --lora names, checked to fit the exported checkpoint's network."""
+    from core import lora as core_lora
+
+    adapter = core_lora.read_adapter(folder, "--lora")
+    core_lora.check_fits(adapter, pipe.model, None, "--lora")
+    return adapter
+
+
+def write_pixart_lora(adapter, cfg, folder: Path) -> None:
+    """A pixart adapter on diffusers' PixArtTransformer2DModel modules, in peft's format (same rank and alpha)."""
+    import copy
+
+    from core import lora as core_lora
+    from models.conversion import pixart_lora_to_diffusers
+
+    try:
+        state = pixart_lora_to_diffusers(adapter.state, cfg)
+    except ValueError as err:
+        raise SystemExit(f"--lora {adapter.folder}: {err}") from err
+    config = copy.deepcopy(adapter.config)
+    config.target_modules = sorted({k.partition(".lora_")[0] for k in state})
+    folder.mkdir(parents=True)
+    core_lora.save_lora_files(folder, config, state, {"format": "pt"})
+
+
+USAGE_LORA = ("A LoRA adapter for the transformer, unmerged, is in `transformer_lora/` (peft's format, on the stock "
+              "model's modules):\n\n```python\nfrom peft import PeftModel\n\n"
+              "transformer = PeftModel.from_pretrained(transformer, \"THIS_FOLDER/transformer_lora\")\n```")
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -330,10 +393,11 @@ def reproduce_command(path: Path, weights: str, pipe) -> str:
             else "--class-label 0")
     from app.model_card import one_line
 
+    lora = f" --lora {pipe.lora['folder']} --lora-scale {pipe.lora['scale']:g}" if pipe.lora else ""
     return ("The same sample from the training checkpoint (equal to the pipeline's to 1/255 with "
             "`generator=torch.manual_seed(0)`):\n\n```bash\n"
-            f"python app/sample.py --model-path {shlex.quote(one_line(str(path), 4096))} --weights {weights} {what} "
-            "--seed 0 --out-dir samples\n```")
+            f"python -m app.sample --model-path {shlex.quote(one_line(str(path), 4096))} --weights {weights} {what}"
+            f"{one_line(lora, 4096)} --seed 0 --out-dir samples\n```")
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = True, api=None) -> str:

@@ -16,6 +16,7 @@ at a time; a bounded queue holds the others. Every request is checked by app/val
 no request holds the one worker for long; uploads are refused (the app takes no files). What the checkpoint names
 (text encoder, tokenizer, VAE) loads only from hub ids or the bundled MiniLM: --text-encoder, --tokenizer and
 --vae PATH load a folder instead, and only --trust-remote-code lets an encoder run its own code (app/sources.py).
+--lora DIR merges a LoRA adapter into the checkpoint at start-up (at --lora-scale S), as app/sample.py does.
 
 Optional prompt rewriting (--rewrite-endpoint, app/rewrite.py) retells the prompt in the style of the
 training captions through an OpenAI-compatible VLM server; the prompt actually used is shown.
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 
 from app.precision import add_fp32_flag
-from app.sources import add_source_flags
+from app.sources import add_lora_flags, add_source_flags
 from core.cli_help import HelpFormatter
 
 _UI = ("Generator", "Settings", "TrajectoryWriter", "build_app", "launch_kwargs", "load_or_exit", "make_rewriter",
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a request may run; a longer one is stopped at its next model evaluation and the "
                         "worker moves on")
     add_source_flags(p)
+    add_lora_flags(p)
     g = p.add_argument_group("prompt rewriting (optional)")
     g.add_argument("--rewrite-endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     g.add_argument("--rewrite-model", help="model name the server serves, e.g. Qwen/Qwen3-VL-2B-Instruct")

@@ -23,7 +23,7 @@ from PIL import Image
 from app import validation as checks
 from app.pipeline import CheckpointError, Pipeline, load_pipeline
 from app.rewrite import PromptRewriter, RewriteError
-from app.sources import sources_from_args
+from app.sources import lora_from_args, sources_from_args
 from app.validation import APP, Limits, RequestError, check_number
 
 # System fonts only: the default theme loads Google Fonts, which a cluster node without internet cannot reach.
@@ -205,10 +205,12 @@ class Generator:
         """What was drawn, how long it took, and the app/sample.py line that draws the same pixels."""
         n = s.num_images
         what = ["--prompt", item] if key == "prompts" else ["--class-label", str(item)]
-        cli = ["python", "app/sample.py", "--model-path", self.source or "CKPT", *what, "--num-samples", str(n),
+        cli = ["python", "-m", "app.sample", "--model-path", self.source or "CKPT", *what, "--num-samples", str(n),
                "--seed", str(s.seed), "--steps", str(s.steps), "--cfg-scale", f"{s.cfg_scale:g}", "--cfg-interval",
                f"{s.cfg_interval[0]:g}", f"{s.cfg_interval[1]:g}", "--alpha", f"{s.alpha:g}", "--method", s.method,
                "--out-dir", "outputs/samples"]
+        if self.pipe.lora is not None:
+            cli[4:4] = ["--lora", self.pipe.lora["folder"], "--lora-scale", f"{self.pipe.lora['scale']:g}"]
         if (s.height, s.width) != (self.pipe.image_size, self.pipe.image_size):
             cli[-2:-2] = ["--bucket", f"{s.height}x{s.width}"]
         seeds = f"seed {s.seed}" if n == 1 else f"seeds {s.seed}-{s.seed + n - 1}"
@@ -222,7 +224,8 @@ def header(pipe: Pipeline, source: str | None) -> str:
     kind = "text-conditional" if pipe.is_text else f"class-conditional, {len(pipe.conditioning.class_names)} classes"
     name = meta.get("name") or meta["model"].get("family", "model")
     line = f"## {name} · Stage {meta.get('stage', '?')} · {pipe.image_size}×{pipe.image_size} px\n{kind}"
-    return line + (f" · `{source}`" if source else "")
+    line += f" · `{source}`" if source else ""
+    return line + (f" · LoRA `{pipe.lora['folder']}` × {pipe.lora['scale']:g}" if pipe.lora else "")
 
 
 def rewrite_note(rewriter: PromptRewriter | None) -> str:
@@ -336,7 +339,8 @@ def load_or_exit(args: argparse.Namespace) -> Pipeline:
     (A file torch cannot read comes back from app/pipeline.py without torch's own advice, which for a file that
     is no plain checkpoint is to load it with weights_only=False: that would run code from the file.)"""
     try:
-        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), fp32=args.fp32)
+        pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), fp32=args.fp32,
+                             lora=lora_from_args(args))
         item = dict(prompts=["a test"]) if pipe.is_text else dict(labels=[0])
         pipe.generate(**item, seeds=[0], steps=1, cfg_scale=1.0)
     except CheckpointError as err:

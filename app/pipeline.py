@@ -36,15 +36,13 @@ CheckpointError = checkpoint.CheckpointError
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
-    """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest step_*.pt."""
-    path = Path(path)
+    """A checkpoint file; a training run's folder or its checkpoints/ folder stands for its newest checkpoint
+    (core/checkpoint.py: resolve), which must be a single file: a sharded one is named with the command that writes
+    its single-file form."""
     try:
-        return checkpoint.resolve(path, "--model-path")
-    except FileNotFoundError:
-        if path.is_dir():
-            raise CheckpointError(f"--model-path {path}: a folder with no checkpoints/step_*.pt and no step_*.pt "
-                                  f"in it{checkpoint.sharded_hint(path)}") from None
-        raise CheckpointError(f"--model-path {path}: no such file") from None
+        return checkpoint.resolve(path, "--model-path", single_file=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _unreadable(path: Path, err: Exception) -> str:
@@ -84,6 +82,8 @@ class Pipeline:
     limits: checks.Limits = checks.BATCH
     """What `generate` accepts (app/validation.py); the CLI raises the budget with --max-tflop."""
     _cost: EvaluationCost | None = field(default=None, init=False, repr=False)
+    lora: dict[str, Any] | None = None
+    """The LoRA adapter merged into the model (folder, scale), if any (load_pipeline's `lora`)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -388,11 +388,14 @@ def load_pipeline(
     sources: Sources | None = None,
     limits: checks.Limits | None = None,
     fp32: bool = False,
+    lora: tuple[Path | str, float] | None = None,
 ) -> Pipeline:
     """Build the model a checkpoint describes (a file, a run folder or its checkpoints/ folder: the newest), with
     its `ema` or `raw` weights, and what it conditions on. `sources`: the user's own text encoder, tokenizer or VAE
     and whether remote code may run (app/sources.py). `limits`: what `generate` accepts (default BATCH). The model
-    is bfloat16 on CUDA and float32 on a CPU or with `fp32` (app/precision.py)."""
+    is bfloat16 on CUDA and float32 on a CPU or with `fp32` (app/precision.py). `lora`: (an adapter folder or LoRA
+    run folder, scale): the adapter merged into the weights at that scale (core/lora.py), checked to be one trained
+    for this network."""
     from app.precision import inference_dtype
     from core.vae import autoencoder_for
 
@@ -403,7 +406,11 @@ def load_pipeline(
     path = resolve_checkpoint(path)
     state, meta = read_metadata(path)
     plan = _plan(path, meta, sources)  # a name a checkpoint may not use is refused before anything loads
+    meta.check_not_adapter(f"--model-path {path}")
     model = checkpoint.model_from_state(state, weights, f"--model-path {path}")
+    merged = None
+    if lora is not None:
+        model, merged = _with_lora(model, checkpoint.model_weights(state, weights), meta, *lora)
     model = model.to(device, inference_dtype(device, fp32))
     del state
     if meta.conditioning == "text":
@@ -416,4 +423,22 @@ def load_pipeline(
     except (OSError, ValueError) as err:
         which = f"--vae {sources.vae}" if sources.vae else f"the recorded VAE {vae_from!r}"
         raise CheckpointError(f"--model-path {path}: {which}: cannot load it ({_one_line(err)})") from err
-    return Pipeline(model, conditioning, vae, meta, device, limits or checks.BATCH)
+    return Pipeline(model, conditioning, vae, meta, device, limits or checks.BATCH, merged)
+
+
+def _with_lora(model: torch.nn.Module, base_weights: dict[str, Tensor], meta: checkpoint.CheckpointMetadata,
+               folder: Path | str, scale: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model with a LoRA adapter merged in at `scale`, and what the pipeline records of it."""
+    import math
+
+    from core import lora as core_lora
+
+    if not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise CheckpointError(f"--lora-scale {scale!r}: expected a finite number")
+    adapter = core_lora.read_adapter(folder)
+    core_lora.check_fits(adapter, model, base_weights, "--lora")
+    if adapter.record is not None and adapter.record.prediction != meta.prediction:
+        raise CheckpointError(f"--lora {adapter.folder}: trained for a model predicting {adapter.record.prediction!r}, "
+                              f"this checkpoint predicts {meta.prediction!r}")
+    merged = core_lora.apply_adapter(model, adapter, scale, merge=True)
+    return merged.eval().requires_grad_(False), dict(folder=str(adapter.folder), scale=float(scale))

@@ -19,13 +19,16 @@ solver's evaluations x steps x images, x 2 with guidance). The text encoder, tok
 the checkpoint records or the bundled MiniLM; --text-encoder, --tokenizer and --vae load them from a folder
 instead, and only --trust-remote-code lets an encoder run its own code. A text encoder whose weights are not the
 ones the checkpoint trained with is refused unless --allow-other-text-encoder.
+
+--lora DIR merges a LoRA adapter (a LoRA run's out_dir/adapter, core/lora.py) into the checkpoint's weights at
+--lora-scale S (default 1; 0 draws the base alone); it must have been trained for the checkpoint's network.
 """
 
 import argparse
 from pathlib import Path
 
 from app.precision import add_fp32_flag
-from app.sources import add_source_flags
+from app.sources import add_lora_flags, add_source_flags
 from app.validation import BATCH
 from core.cli_help import HelpFormatter
 from flow.methods import ADAPTIVE_METHODS, FIXED_METHODS
@@ -62,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="budget of a request in teraFLOP of the transformer: its FLOPs at the size asked x solver "
                         "evaluations x steps x images, x 2 with guidance (default: 100 on a CPU, 20,000 on a GPU)")
     add_source_flags(p)
+    add_lora_flags(p)
     return p.parse_args(argv)
 
 
@@ -109,7 +113,7 @@ def main(argv=None) -> None:
     from PIL import Image
 
     from app.pipeline import CheckpointError, load_pipeline
-    from app.sources import sources_from_args
+    from app.sources import lora_from_args, sources_from_args
     from app.validation import CLI, RequestError, check_number
     from core.images import save_grid
     from core.writable import writable_folder
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     try:
         limits = limits_from_args(args)
         pipe = load_pipeline(args.model_path, args.weights, args.device, sources_from_args(args), limits,
-                             fp32=args.fp32)
+                             fp32=args.fp32, lora=lora_from_args(args))
     except (CheckpointError, RequestError) as err:
         raise SystemExit(str(err)) from err
     if args.list_buckets:

@@ -54,6 +54,24 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
                         "(refused otherwise, naming both)")
 
 
+def add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("a LoRA adapter (core/lora.py)")
+    g.add_argument("--lora", metavar="DIR", type=Path, default=None,
+                   help="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors), or a LoRA run's "
+                        "out_dir (its adapter/, the EMA weights), trained on --model-path's network; merged into it")
+    g.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="the adapter's update times S (0: the base alone, 1: as trained)")
+
+
+def lora_from_args(args: argparse.Namespace) -> tuple[Path, float] | None:
+    """(adapter folder, scale) for app/pipeline.py's load_pipeline, or None without --lora."""
+    if args.lora is None:
+        if args.lora_scale != 1.0:
+            raise SystemExit("--lora-scale needs --lora")
+        return None
+    return args.lora, args.lora_scale
+
+
 def sources_from_args(args: argparse.Namespace) -> Sources:
     return Sources(text_encoder=args.text_encoder, tokenizer=args.tokenizer, vae=args.vae,
                    trust_remote_code=bool(args.trust_remote_code),

@@ -1,13 +1,25 @@
-"""Checkpoints: complete, atomic, read with weights_only=True, and self-describing through a typed metadata record.
+"""Checkpoints, the one surface every tool reads them through: complete, atomic, read with weights_only=True, and
+self-describing through a typed metadata record.
 
-A training checkpoint (trainer/loop.py: Trainer.state_dict) is a dict of tensors and plain values:
-`model` and `ema` (the raw and averaged weights), `optimizer`, `scheduler`, `step`, `history`, `loader`, `rng`,
-`config` (the resolved Hydra config) and `metadata` (`CheckpointMetadata`: what every tool needs to use the
-weights with no other flag). reparameterize.py writes initialisations with the same keys for weights and
-metadata. Files are named `step_XXXXXXXX.pt` in a run's `checkpoints/` folder.
+A training checkpoint (trainer/state.py: TrainingState) is a dict of tensors and plain values: `model` and `ema`
+(the raw and averaged weights), `optimizer`, `scheduler`, `step`, `history`, `bad_in_row`, `extra`, `loader`, `rng`,
+`config` (the resolved Hydra config) and `metadata` (`CheckpointMetadata`: what every tool needs to use the weights
+with no other flag). reparameterize.py writes initialisations with the same keys for weights and metadata.
+
+Two forms, one surface. A run's `checkpoints/` folder holds `step_XXXXXXXX.pt` files (train.checkpoint_format=file,
+written by rank 0) or `step_XXXXXXXX.dcp` folders (sharded, every rank: core/sharded_checkpoint.py reads them,
+trainer/checkpoint.py writes them). `list_checkpoints`, `newest`, `resolve`, `load` and `prune` take both, so
+"the newest checkpoint of a run" is one function (`newest`) for the trainer, the app, the evaluation and the
+scripts. `load` opens a sharded folder as the same dict, its tensors read whole when first used; a command that
+writes or serves the single-file form (the app, the export, the evaluation) resolves with `single_file=True`,
+which names `python -m trainer.consolidate` for a sharded checkpoint.
+
+This module is on the inference floor (core/ imports nothing of trainer/, app/, data/ or evaluation/), so every
+package can import it; what only the trainer needs (the RNG states, the sharded writer, the state of a run) is in
+trainer/.
 
 Written atomically (core/files.py): a crash at any moment leaves the previous checkpoint or the complete new one.
-`prune` removes only temporary files whose writer is gone: this process's own, or a dead process's on this host.
+`prune` removes only temporaries whose writer is gone: this process's own, or a dead process's on this host.
 
 Portable across linear layouts: Transformer Engine's te.Linear adds a `<layer>._extra_state` entry (its FP8
 scaling state) to a state dict, which a plain nn.Linear model rejects. The trainer saves `model` and `ema` in the
@@ -19,9 +31,10 @@ the other way (older FP8 runs, `reparameterize.py to-te`).
 import dataclasses
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,7 +42,8 @@ from torch import Tensor
 from core.files import TEMP, host, write_atomic
 from core.sampling import sampling_problem
 
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)\.(pt|dcp)$")
+_PARTIAL = re.compile(r"^\.step_(\d+)\.dcp\.partial$")
 EXTRA_STATE = "_extra_state"
 """The suffix of the state-dict entry a module with get_extra_state (te.Linear) adds."""
 WEIGHTS = {"ema": "ema", "raw": "model"}
@@ -45,51 +59,88 @@ class CheckpointError(ValueError, RuntimeError):
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    """Where the single-file checkpoint of `step` goes."""
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step a `step_XXXXXXXX.pt` name records, or None for another name."""
+def sharded_path(ckpt_dir: Path, step: int) -> Path:
+    """Where the sharded checkpoint of `step` goes."""
+    return Path(ckpt_dir) / f"step_{step:08d}.dcp"
+
+
+def partial_path(final: Path) -> Path:
+    """The folder a sharded checkpoint is written into before it takes its final name."""
+    return final.with_name(f".{final.name}.partial")
+
+
+def is_sharded(path: Path) -> bool:
+    """A `step_XXXXXXXX.dcp` folder."""
+    path = Path(path)
+    return path.suffix == ".dcp" and path.is_dir() and _NAME.match(path.name) is not None
+
+
+def step_of(path: Path) -> int | None:
+    """The step a `step_XXXXXXXX.pt` file or `step_XXXXXXXX.dcp` folder records, or None for another name."""
     match = _NAME.match(Path(path).name)
     return int(match[1]) if match else None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The `step_*.pt` files of a folder, oldest step first."""
+    """The checkpoints of a folder, files and sharded folders, oldest step first (a file before a folder of the
+    same step). A sharded folder has its final name only once complete (trainer/checkpoint.py)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted((p for p in ckpt_dir.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name) and (p.suffix == ".pt" or p.is_dir())]
+    return sorted(found, key=lambda p: (step_of(p), p.suffix == ".dcp"))
 
 
-def resolve(path: str | Path, what: str, lister=None, is_checkpoint=None, empty: str | None = None) -> Path:
-    """A checkpoint file, or a run's out_dir or its checkpoints/ folder (then its newest checkpoint).
-    FileNotFoundError names `what` (the key or flag) when there is none. The trainer passes its own `lister`,
-    `is_checkpoint` and `empty` message so that sharded folders count too (trainer/checkpoint.py)."""
-    p = Path(path)
-    if (is_checkpoint or Path.is_file)(p):
-        return p
-    for folder in (p / "checkpoints", p):
-        found = (lister or list_checkpoints)(folder)
+def newest(run: Path) -> Path | None:
+    """The newest checkpoint of a run: the last of `run`/checkpoints/, or of `run` itself when it is that folder;
+    None when there is none. Every "latest checkpoint" in the repository is this one."""
+    for folder in (Path(run) / "checkpoints", Path(run)):
+        found = list_checkpoints(folder)
         if found:
             return found[-1]
-    if p.is_dir():
-        raise FileNotFoundError(f"{what}={str(path)!r}: " + (empty or "a folder with no checkpoints/step_*.pt and no "
-                                                              f"step_*.pt in it{sharded_hint(p)}"))
-    raise FileNotFoundError(f"{what}={str(path)!r}: no such file or folder")
+    return None
+
+
+def resolve(path: str | Path, what: str, single_file: bool = False) -> Path:
+    """A checkpoint (a file or a sharded folder), or a run's out_dir or its checkpoints/ folder: then its `newest`.
+    FileNotFoundError names `what` (the key or flag) when there is none. `single_file`: for a command that reads
+    the single-file form only, a sharded checkpoint is a CheckpointError naming the consolidation command."""
+    p = Path(path)
+    named = f"{what} {path}" if what.startswith("-") else f"{what}={str(path)!r}"
+    found = p if p.is_file() or is_sharded(p) else newest(p)
+    if found is None:
+        if p.is_dir():
+            raise FileNotFoundError(f"{named}: a folder with no checkpoints/step_*.pt (or step_*.dcp) and no "
+                                    "step_* checkpoint in it")
+        raise FileNotFoundError(f"{named}: no such file or folder")
+    if single_file and is_sharded(found):
+        raise CheckpointError(f"{named}: {found.name} is a sharded checkpoint, and this command reads the single-file "
+                              f"form (step_*.dcp: write the single-file form with `python -m trainer.consolidate "
+                              f"{path} --out FILE.pt`)")
+    return found
 
 
 # ---- reading and writing ------------------------------------------------------------------------------------
 
 
 def load(path: Path) -> dict:
-    """Load a checkpoint without executing code (weights_only=True); a clear error names the file.
+    """A checkpoint without executing code; a clear CheckpointError names the file. A file is read with
+    weights_only=True; a sharded folder is opened (core/sharded_checkpoint.py: its small entries read, its
+    `model`, `ema` and `optimizer` read whole when first used).
 
     torch's own message for a refused file suggests weights_only=False, i.e. running the file's code: that
     advice is never passed on."""
     path = Path(path)
+    if is_sharded(path):
+        from core.sharded_checkpoint import open_sharded
+
+        return open_sharded(path)
     if not path.is_file():
-        raise CheckpointError(f"cannot load checkpoint {path}: no such file{sharded_hint(path)}")
+        raise CheckpointError(f"cannot load checkpoint {path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
@@ -102,16 +153,6 @@ def load(path: Path) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}, not a dict")
     return state
-
-
-def sharded_hint(path: Path) -> str:
-    """What to do with a run's sharded checkpoints (step_*.dcp folders), which no tool but the trainer reads."""
-    found = [path] if path.suffix == ".dcp" and path.is_dir() else [
-        *path.glob("step_*.dcp"), *path.glob("checkpoints/step_*.dcp")] if path.is_dir() else []
-    if not found:
-        return ""
-    return (f" (it holds sharded checkpoints, step_*.dcp: write the single-file form with `python -m "
-            f"trainer.consolidate {path} --out FILE.pt`)")
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -143,12 +184,17 @@ def stale_temporaries(ckpt_dir: Path) -> list[Path]:
     return stale
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; remove stale temporary files (stale_temporaries)."""
+def prune(ckpt_dir: Path, keep: int, writing: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints of either form; remove stale temporary files (stale_temporaries) and every
+    partial sharded folder but `writing` (the one an asynchronous save is still filling; the run lock,
+    trainer/run_lock.py, keeps other runs out of the folder)."""
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     for stale in stale_temporaries(ckpt_dir):
         stale.unlink(missing_ok=True)
+    for partial in Path(ckpt_dir).glob(".step_*.dcp.*") if Path(ckpt_dir).is_dir() else []:
+        if partial != writing and (_PARTIAL.match(partial.name) or partial.name.endswith(".old")):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 # ---- linear layouts -----------------------------------------------------------------------------------------
@@ -202,12 +248,15 @@ of its own. Every other prediction must be one flow/objective.py turns into a ve
 @dataclass(frozen=True)
 class CheckpointMetadata:
     """What a checkpoint says about itself; everything a sampler, the app, the evaluation, reparameterize.py or the
-    next stage needs. Stored as a plain dict (`to_dict`) so checkpoints load with weights_only=True."""
+    next stage needs. The trainer builds it (trainer/checkpoint.py: metadata_record) and every reader reads it back
+    (`from_dict`, checked for the tools that sample; `parse` for rebuilding a network and for the trainer). Stored as
+    a plain dict (`to_dict`) so checkpoints load with weights_only=True."""
 
     model: dict[str, Any]
-    """models/config.py:ModelConfig fields."""
-    conditioning: str
-    """class or text: what the model is called with (`labels=` or `text=, text_mask=`)."""
+    """models/config.py:ModelConfig fields; the record's family, size and name follow from them."""
+    conditioning: str | None = None
+    """class or text: what the model is called with (`labels=` or `text=, text_mask=`). Initialisations written by
+    hand or by older tools may lack it; `from_dict` requires it."""
     stage: int | None = None
     prediction: str = "velocity"
     """What the network outputs: velocity or x (flow/objective.py); an imported DDPM model's `epsilon`
@@ -227,34 +276,63 @@ class CheckpointMetadata:
     """The text_encoder config group the run used (core/text_encoder.py: FrozenTextEncoder.from_config)."""
     text_encoder_info: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    """Every other recorded key (family, size, name, parameters, space, data, linear layouts ...), kept as is."""
+    """Every other recorded key (parameters, space, data, linear layouts, text_features, lora, imported ...), kept as
+    is."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("family", "size", "name")
+    """Written beside `model` at the top level, derived from it: every checkpoint so far records them there, and
+    readers of the plain dict (older tools, people) look for them there. The record keeps them once, in `model`."""
+
+    @classmethod
+    def parse(cls, meta: Any, where: str) -> "CheckpointMetadata":
+        """The record of a checkpoint's `metadata` as written, with its one structural need checked (a `model`
+        dict; CheckpointError naming `where`): what rebuilding its network and the trainer read, initialisations
+        from reparameterize.py and older files included."""
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+            raise CheckpointError(f"{where} has no metadata.model; not written by this repository")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in meta.items() if k in names},
+                   extra={k: v for k, v in meta.items() if k not in names})
 
     @classmethod
     def from_dict(cls, meta: Any, where: str) -> "CheckpointMetadata":
-        """The record of a checkpoint's `metadata`; CheckpointError names `where` and what is missing or wrong."""
+        """The record of a checkpoint a tool samples, exports or evaluates: `parse`, then what it says checked
+        (`check_prediction`, `check`); CheckpointError names `where` and what is missing or wrong."""
         if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "conditioning" not in meta:
             raise CheckpointError(
                 f"{where}: no metadata.model / metadata.conditioning; not a checkpoint written by this repository's "
                 "trainer (reparameterize.py outputs are initialisations: train them first)"
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        record = cls(**{k: v for k, v in meta.items() if k in names},
-                     extra={k: v for k, v in meta.items() if k not in names})
+        record = cls.parse(meta, where)
         record.check_prediction(where)
         record.check(where)
         return record
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return self.extra | out
+        """The plain dict a checkpoint stores: the typed fields that apply (None ones are left out), the identity
+        keys (IDENTITY) and `extra`."""
+        typed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "extra" and getattr(self, f.name) is not None}
+        return self.extra | dict(family=self.family, size=self.size, name=self.name) | typed
 
     @property
     def family(self) -> str | None:
         return self.model.get("family")
 
     @property
+    def size(self) -> str | None:
+        return self.model.get("size")
+
+    @property
     def name(self) -> str:
-        return str(self.extra.get("name") or self.family or "model")
+        """The model's display name: the one recorded (older and imported files), else ModelConfig's."""
+        recorded = self.extra.get("name")
+        if recorded:
+            return str(recorded)
+        try:
+            return self.model_config.name
+        except (TypeError, ValueError, KeyError):  # a record this repository does not build: its family at least
+            return str(self.family or "model")
 
     @property
     def model_config(self):
@@ -285,7 +363,6 @@ class CheckpointMetadata:
         if problem:  # the samplers start from these: a bad one would reach every request that leaves it unset
             raise CheckpointError(f"{where}: {problem} (the file is damaged or was edited)")
 
-
     def check_prediction(self, where: str) -> None:
         """metadata.prediction says how the sampler reads the network's output: one of flow/objective.py's, or an
         imported DDPM model's epsilon, refused with the way to fine-tune it."""
@@ -304,8 +381,18 @@ class CheckpointMetadata:
         raise CheckpointError(f"{where}: metadata.prediction is {str(self.prediction)[:80]!r}, not one of "
                               f"{', '.join(PREDICTIONS)}: the checkpoint was altered or is damaged")
 
+    def check_not_adapter(self, where: str) -> None:
+        """CheckpointError for a LoRA run's checkpoint (metadata.lora: it holds adapters, not a model), with the
+        fix."""
+        lora = self.extra.get("lora")
+        if isinstance(lora, dict):
+            base = (lora.get("base") or {}).get("path", "its base")
+            raise CheckpointError(f"{where} is a LoRA training checkpoint: it holds the adapters only. Load its base "
+                                  f"with the adapter: --model-path {base} --lora <the run's out_dir>/adapter")
+
 
 def read_metadata(state: dict, where: str) -> CheckpointMetadata:
+    """The checked record of a loaded checkpoint (CheckpointMetadata.from_dict)."""
     return CheckpointMetadata.from_dict(state.get("metadata"), where)
 
 
@@ -320,12 +407,11 @@ def model_from_state(state: dict, weights: str = "ema", where: str = "the checkp
     naming `where`)."""
     from models import ModelConfig, build_model
 
-    meta = state.get("metadata")
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{where} has no metadata.model; not written by this repository")
+    record = CheckpointMetadata.parse(state.get("metadata"), where)
+    record.check_not_adapter(where)
     tensors = model_weights(state, weights)
     try:
-        config = ModelConfig(**meta["model"])
+        config = ModelConfig(**record.model)
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as err:
@@ -336,9 +422,8 @@ def model_from_state(state: dict, weights: str = "ema", where: str = "the checkp
     if held != expected:
         missing, unexpected = sorted(expected.keys() - held.keys()), sorted(held.keys() - expected.keys())
         shaped = sorted(k for k in expected.keys() & held.keys() if expected[k] != held[k])
-        name = str(meta.get("name", config.family))[:80]
-        raise CheckpointError(f"{where}: metadata.model ({name}) does not describe the {weights} weights it holds: "
-                              f"{len(missing)} missing (first {missing[:2]}), "
+        raise CheckpointError(f"{where}: metadata.model ({record.name[:80]}) does not describe the {weights} weights "
+                              f"it holds: {len(missing)} missing (first {missing[:2]}), "
                               f"{len(unexpected)} unexpected ({unexpected[:2]}), {len(shaped)} of another shape "
                               f"({shaped[:2]}); the checkpoint was altered or is damaged")
     model = build_model(config)
@@ -347,12 +432,9 @@ def model_from_state(state: dict, weights: str = "ema", where: str = "the checkp
 
 
 def load_model(path: Path, weights: str = "ema"):
-    """Rebuild the model a training checkpoint describes and load its `ema` or `raw` weights.
+    """Rebuild the model a checkpoint describes and load its `ema` or `raw` weights.
 
     Returns (model in eval mode, metadata dict). Everything needed comes from the checkpoint itself.
     """
     state = load(path)
-    meta = state.get("metadata")
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise CheckpointError(f"{path}: no metadata.model; not a checkpoint written by this repository's trainer")
-    return model_from_state(state, weights, str(path)), meta
+    return model_from_state(state, weights, str(path)), state["metadata"]

@@ -87,7 +87,7 @@ class TextConditioning:
         model_dtype: torch.dtype = torch.float32,
         tokenizer=None,
     ):
-        """`tokenizer_info`: the tokenizer record of the data (data/pipeline/encoders.py: tokenizer_identity);
+        """`tokenizer_info`: the tokenizer record of the data (core/tokenizer.py: tokenizer_identity);
         `tokenizer`: that tokenizer, loaded and checked against the record by the caller (for prompts)."""
         self.encoder, self.tokenizer_info, self.dropout = encoder, dict(tokenizer_info), dropout
         self.cache_size, self.model_dtype = cache_size, model_dtype
@@ -145,7 +145,7 @@ class TextConditioning:
 
     @property
     def tokenizer(self):
-        """The tokenizer the shards were made with (data/pipeline/encoders.py), loaded on first use if the caller
+        """The tokenizer the shards were made with (core/tokenizer.py), loaded on first use if the caller
         gave none."""
         if self._tokenizer is None:
             from core.tokenizer import TextTokenizer

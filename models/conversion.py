@@ -6,6 +6,7 @@ command line around them is reparameterize.py (its docstring explains each conve
     te_to_torch_state    te.Linear layout -> nn.Linear layout (drops `_extra_state`)
     torch_to_te_state    nn.Linear layout -> te.Linear layout
     pixart_to_diffusers  a pixart model's state as diffusers' PixArtTransformer2DModel's (pixart_diffusers_config)
+    pixart_lora_to_diffusers  ... and a LoRA adapter of it, on the stock model's modules
     pixart_to_original   ... as the PixArt-alpha repository's .pth keys (what ComfyUI's PixArt loader reads)
     diffusers_to_pixart  the inverse of pixart_to_diffusers (a stock PixArtTransformer2DModel's state as a pixart
                          model's; learn_sigma's variance channels dropped)
@@ -316,6 +317,32 @@ def pixart_to_diffusers(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str,
                 out[f"transformer_blocks.{i}.attn2.{name}.{kind}"] = part
         out[f"transformer_blocks.{i}.scale_shift_table"] = state[f"blocks.{i}.scale_shift_table"]
     out["scale_shift_table"] = state["final.scale_shift_table"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def pixart_lora_to_diffusers(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Pure function: a pixart model's LoRA tensors (peft's adapter-file names, `<module>.lora_A.weight` [r, in] and
+    `<module>.lora_B.weight` [out, r]) -> the same adapter on PixArtTransformer2DModel's modules (pixart_to_diffusers'
+    names). A fused layer's update B A splits exactly as its weight does: the q, k and v parts of qkv (k and v of
+    kv) each take the whole A and their rows of B, at the same rank and alpha."""
+    names = _pixart_names(cfg, "diffusers")
+    for i in range(cfg.depth):
+        theirs = f"transformer_blocks.{i}"
+        names |= {f"blocks.{i}.attn.qkv": tuple(f"{theirs}.attn1.{n}" for n in ("to_q", "to_k", "to_v")),
+                  f"blocks.{i}.cross_attn.kv": tuple(f"{theirs}.attn2.{n}" for n in ("to_k", "to_v"))}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        module, _, kind = key.partition(".lora_")  # kind: "A.weight" or "B.weight"
+        if module not in names or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"LoRA tensor {key!r} is on no layer of a pixart model that diffusers' "
+                             "PixArtTransformer2DModel has")
+        target = names[module]
+        if isinstance(target, str):
+            out[f"{target}.lora_{kind}"] = value
+            continue
+        parts = [value.clone() for _ in target] if kind == "A.weight" else value.chunk(len(target))
+        for name, part in zip(target, parts, strict=True):
+            out[f"{name}.lora_{kind}"] = part
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -16,6 +16,10 @@ else on; the largest micro-batch that fits; the train.grad_accum that keeps trai
 train.parallel decides the shard group (`shard_degree`): 1 for ddp, every GPU for fsdp, train.hsdp_shard_size (or
 +gpus_per_node, default 8) for hsdp. Sharded, parameters, gradients, optimizer and EMA are divided by it
 (`state_bytes`), DDP's buckets go, and FSDP's unsharded working copies come in (`fsdp_working_bytes`).
+A LoRA run (train.lora.rank > 0, trainer/lora.py) trains the adapters alone: gradients, DDP buckets, AdamW and the EMA
+are the adapters' (`trainable`), and the frozen base counts once, as weights, at 2 bytes a parameter with bf16
+compute (it is stored in bf16) and 4 otherwise; sharded, the EMA holds its own shard of the base as well
+(`state_bytes`' `frozen`).
 `step_traffic` is the bytes one GPU sends per optimizer step for each mode, from the ring algorithms' costs
 [patarasuk2009]; docs/SCALING.md (scripts/figures/scaling.py) turns them into time against NVLink and InfiniBand.
 """
@@ -68,7 +72,8 @@ NOT_COUNTED = ("allocator fragmentation beyond the allowance, NCCL buffers of la
                "Transformer Engine workspaces and FP8 weight copies, gradient tensors alive during the backward, "
                "the VAE decode of previews (between steps, when no activations are held); under fsdp/hsdp, the whole "
                "model and EMA each rank builds before sharding them, and the whole copy rank 0 gathers for previews "
-               "and held losses (both outside the step)")
+               "and held losses (both outside the step); with LoRA, the activations are measured on the plain model "
+               "(the adapters save their inputs and A x where the frozen base layers no longer need theirs)")
 
 
 class MemoryPlanError(UserError, RuntimeError):
@@ -78,8 +83,11 @@ class MemoryPlanError(UserError, RuntimeError):
 # ---------------------------------------------------------------------------------- closed forms
 
 
-def state_bytes(parameters: int, fused_wgrad: int = 0, world_size: int = 1, shard_degree: int = 1) -> dict[str, int]:
-    """Per-GPU bytes of the training state of `parameters` fp32 master weights.
+def state_bytes(parameters: int, fused_wgrad: int = 0, world_size: int = 1, shard_degree: int = 1, frozen: int = 0,
+                frozen_bytes: int = 4) -> dict[str, int]:
+    """Per-GPU bytes of the training state of `parameters` fp32 master weights, beside `frozen` parameters held in
+    `frozen_bytes` each that are never trained (a LoRA run's base: no gradient, optimizer state or DDP bucket; the
+    EMA shares them unsharded, and holds its own shard of them sharded).
 
     shard_degree 1 is DDP: every GPU holds a full copy, plus DDP's flat fp32 buckets, into which it copies each
     gradient for the all-reduce (gradient_as_bucket_view is off), for every weight DDP manages (not the
@@ -89,9 +97,11 @@ def state_bytes(parameters: int, fused_wgrad: int = 0, world_size: int = 1, shar
     if shard_degree < 1 or world_size % shard_degree:
         raise ValueError(f"shard_degree={shard_degree} must be >= 1 and divide the world size {world_size}")
     share = math.ceil(parameters / shard_degree)
+    frozen_share = frozen_bytes * math.ceil(frozen / shard_degree)
     ddp = shard_degree == 1 and world_size > 1
-    return dict(parameters=4 * share, gradients=4 * share, ddp_buckets=4 * (parameters - fused_wgrad) if ddp else 0,
-                optimizer=8 * share, ema=4 * share)
+    return dict(parameters=4 * share + frozen_share, gradients=4 * share,
+                ddp_buckets=4 * (parameters - fused_wgrad) if ddp else 0, optimizer=8 * share,
+                ema=4 * share + (frozen_share if shard_degree > 1 else 0))
 
 
 def shard_degree(cfg, world_size: int, gpus_per_node: int | None = None) -> int:
@@ -415,10 +425,12 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     (hsdp without train.hsdp_shard_size: groups of `gpus_per_node`, default 8)."""
     import torch
 
+    from core import lora as core_lora
     from models import build_model
     from models.linear import KEEP_HIGH_PRECISION, fp8_filter, plan_conversion
     from planner.activation_memory import measure_profile
     from trainer.builders import micro_batch_size
+    from trainer.lora import LoraSettings
 
     t = cfg.train
     micro = micro_batch_size(int(t.batch_size), world_size, int(t.grad_accum))
@@ -426,17 +438,23 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     mcfg = plan_model_config(cfg, data)
     with torch.device("meta"):
         model = build_model(mcfg)
-    params = sum(p.numel() for p in model.parameters())
+        lora = LoraSettings.from_config(t.get("lora"))
+        if lora.enabled:
+            core_lora.inject(model, lora.peft_config(mcfg))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    params = trainable + frozen
     fused = 0
     pr = cfg.precision
-    if pr.fp8 and pr.fuse_wgrad_accumulation and te_available:
+    # A frozen base accumulates no weight gradient, and the adapters stay nn.Linear (trainer/lora.py).
+    if pr.fp8 and pr.fuse_wgrad_accumulation and te_available and not lora.enabled:
         keep = pr.keep_high_precision
         chosen, _ = plan_conversion(model, fp8_filter(KEEP_HIGH_PRECISION if keep is None else keep))
         fused = sum(layer.weight.numel() for _, layer in chosen)
     degree = shard_degree(cfg, world_size, gpus_per_node)
-    state = state_bytes(params, fused, world_size, degree)
     bf16 = pr.compute == "bf16"
-    state_rows = _state_rows(model, params, fused, state, degree, 2 if bf16 else 4)
+    state = state_bytes(trainable, fused, world_size, degree, frozen, 2 if bf16 else 4)
+    state_rows = _state_rows(model, trainable, fused, state, degree, 2 if bf16 else 4, frozen)
     profile = measure_profile(mcfg, bf16=bf16, prediction=t.prediction)
     if t.activation_checkpointing and not profile.checkpointable:
         raise ValueError(f"train.activation_checkpointing=true: trainer/fast_path.py checkpoints `model.blocks`, "
@@ -447,8 +465,9 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
     c = data.latent_shape[0]
     buckets = f", the largest of {len(data.sizes)} buckets" if data.sizes else ""
     precision = "bf16 autocast, fp32 master weights" if bf16 else "fp32"
-    title = (f"Memory plan, stage {cfg.stage}: {mcfg.name}, {params:,} parameters; {c}x{h}x{w} latents ({tokens} "
-             f"tokens{buckets}) from {data.source}; {_gpus(world_size, degree, t.parallel)}; "
+    lora_note = f" (LoRA rank {lora.rank}: {trainable:,} trained, the rest frozen)" if lora.enabled else ""
+    title = (f"Memory plan, stage {cfg.stage}: {mcfg.name}, {params:,} parameters{lora_note}; {c}x{h}x{w} latents "
+             f"({tokens} tokens{buckets}) from {data.source}; {_gpus(world_size, degree, t.parallel)}; "
              f"{precision}{'; fp8' if pr.fp8 else ''}")
     label = gpu_label or f"{DEFAULT_GPU_MEMORY_GB:g} GB (default; +gpu_memory_gb=...)"
     return Plan(title=title, state_rows=state_rows, frozen_rows=frozen_rows(cfg, mcfg, data), profile=profile,
@@ -459,23 +478,32 @@ def make_plan(cfg, world_size: int, gpu_bytes: int | None = None, gpu_label: str
                 checkpointable=profile.checkpointable, fp8_compile=t.compile if pr.fp8 and te_available else None)
 
 
-def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: int, param_bytes: int) -> list[Row]:
-    """Parameters, gradients, DDP's buckets, AdamW, EMA, and (sharded) FSDP's unsharded working copies."""
+def _state_rows(model, params: int, fused: int, state: dict[str, int], degree: int, param_bytes: int,
+                frozen: int = 0) -> list[Row]:
+    """Parameters, gradients, DDP's buckets, AdamW, EMA, and (sharded) FSDP's unsharded working copies. `params`:
+    the trained ones; `frozen`: a LoRA run's base (weights only, in the compute dtype)."""
     from trainer.fast_path import blocks_of
 
-    per = f"{params:,} x {{}} B" + (f" / {degree} (sharded)" if degree > 1 else "")
+    sharded = f" / {degree} (sharded)" if degree > 1 else ""
+    per = f"{params:,} x {{}} B" + sharded
     grads_how = per.format(4) + (f"; {fused:,} of them as te.Linear's fp32 main_grad" if fused else "")
+    base = f"{frozen:,} x {param_bytes} B{sharded}"
     rows = [
-        Row("parameters (fp32 master weights)", state["parameters"], per.format(4)),
-        Row("gradients (fp32)", state["gradients"], grads_how),
+        Row("parameters (fp32 master weights)" if not frozen else
+            f"parameters (fp32 adapters; frozen base in {'bf16' if param_bytes == 2 else 'fp32'})",
+            state["parameters"], per.format(4) + (f" + frozen {base}" if frozen else "")),
+        Row("gradients (fp32)", state["gradients"], grads_how + ("; none for the frozen base" if frozen else "")),
         Row("DDP gradient buckets (fp32)", state["ddp_buckets"],
             f"{params - fused:,} x 4 B: DDP all-reduces a flat copy of each gradient"),
-        Row("optimizer (AdamW, two fp32 moments)", state["optimizer"], per.format(8)),
-        Row("EMA (fp32 copy)", state["ema"], per.format(4)),
+        Row("optimizer (AdamW, two fp32 moments)", state["optimizer"],
+            per.format(8) + ("; none for the frozen base" if frozen else "")),
+        Row("EMA (fp32 copy)", state["ema"], per.format(4) + (
+            "" if not frozen else f" + its own shard of the base {base}" if degree > 1 else
+            "; shares the frozen base with the model")),
     ]
     if degree > 1:
         blocks = [sum(p.numel() for p in b.parameters()) for b in blocks_of(model)]
-        root, largest = params - sum(blocks), max(blocks)
+        root, largest = params + frozen - sum(blocks), max(blocks)
         rows.append(Row("FSDP unsharded working copies", fsdp_working_bytes(root, largest, param_bytes),
                         f"root {root:,} + 2 blocks of {largest:,} parameters x {param_bytes} B, 2 blocks' gradients "
                         f"x ({param_bytes} + 4) B", "an estimate from FSDP2's all-gather / reduce-scatter scheme "

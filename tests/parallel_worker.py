@@ -1,8 +1,8 @@
 """A train_stageN.py as torchrun starts it, with one thing changed for a test (RFDIT_TEST_MODE):
 
     dump         Trainer.fit is replaced: once built (and resumed), the trainer writes the state it holds, in the
-                 single-file form (Trainer.state_dict, gathered from the shards), with its loader's start sample and
-                 world size, to RFDIT_TEST_OUT (rank 0), and the run ends there
+                 single-file form (TrainingState.file_state, gathered from the shards), with its loader's start
+                 sample and world size, to RFDIT_TEST_OUT (rank 0), and the run ends there
     die-in-save  in the second sharded save, rank 1 writes half of one of its shard files and kills itself with
                  SIGKILL, as if its node died mid-write
 
@@ -22,7 +22,7 @@ import trainer.loop as loop  # noqa: E402
 
 
 def dump_instead_of_fit(self):
-    state = self.state_dict()  # every rank: sharded tensors are gathered to rank 0
+    state = self.state.file_state()  # every rank: sharded tensors are gathered to rank 0
     if self.env.is_main:
         torch.save(dict(state=state, start_sample=self.loader.dataset.start_sample, world_size=self.env.world_size),
                    os.environ["RFDIT_TEST_OUT"])

@@ -67,12 +67,17 @@ Behaviour by behaviour, what the stand-in does and where TE's source says TE doe
    forward used (quantization.py:785-834 copy / get_old_fp8_meta_tensors_for_recompute; module/base.py:1601-1603,
    :1635-1636). The stand-in runs its recompute through
    torch.utils.checkpoint with that context, so unlike TE's own frame a mismatch between forward and recompute raises.
+8. A frozen weight (requires_grad False, as a LoRA run's base layers): the forward records whether the weight requires
+   grad (module/linear.py:2008 weight_requires_grad=weight_tensor.requires_grad, :712 requires_wgrad), and the
+   backward computes no weight gradient for one that does not (:954, :1354) and never reads its main_grad, which is
+   bound only for a weight that requires grad (:749-757, :836-845). Here: no wgrad and no main_grad access for it.
 
 Not modelled: quantization of grad_output / grad_input (the backward GEMMs use the saved quantized operands and a
 high-precision grad_output), amax reduction across ranks, FP8 weight caching, userbuffers, the reentrant checkpoint,
 Blackwell's non-TN per-tensor GEMMs.
 """
 
+import importlib.machinery
 import os
 import pickle
 import pickletools
@@ -266,15 +271,17 @@ class _LinearFunction(torch.autograd.Function):
             xq, xs, wq, ws = ctx.saved_tensors
             x, w, g = _dequantize(xq, xs), _dequantize(wq, ws), grad_out.float()
         grad_x = (g @ w).to(ctx.out_dtype)
-        wgrad = g.t() @ x
         grad_w = None
-        if layer.fuse_wgrad_accumulation:
+        if not layer.weight.requires_grad:  # 8: no wgrad GEMM, main_grad untouched
+            pass
+        elif layer.fuse_wgrad_accumulation:
+            wgrad = g.t() @ x
             layer.weight.main_grad.add_(wgrad.to(layer.weight.main_grad.dtype))
             if hasattr(layer.weight, "grad_added_to_main_grad"):
                 layer.weight.grad_added_to_main_grad = True
                 grad_w = torch.zeros_like(layer.weight)
         else:
-            grad_w = wgrad.to(layer.weight.dtype)
+            grad_w = (g.t() @ x).to(layer.weight.dtype)
         grad_b = g.sum(0).to(layer.bias.dtype) if layer.bias is not None else None
         return grad_x, grad_w, grad_b, None, None, None
 
@@ -456,9 +463,13 @@ def _modules() -> dict[str, types.ModuleType]:
     recipe.MXFP8BlockScaling = MXFP8BlockScaling
     distributed.checkpoint = checkpoint
     pytorch.Linear, pytorch.fp8_autocast, pytorch.autocast = Linear, fp8_autocast, autocast
+    pytorch.LayerNormLinear, pytorch.LayerNormMLP = LayerNormLinear, LayerNormMLP
     pytorch.distributed, pytorch.checkpoint, pytorch.standin = distributed, checkpoint, this
     root.pytorch, root.common, common.recipe = pytorch, common, recipe
-    return {m.__name__: m for m in (root, common, recipe, pytorch, distributed)}
+    modules = (root, common, recipe, pytorch, distributed)
+    for module in modules:  # as an installed package's modules have: importlib.util.find_spec (peft's check) reads it
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+    return {m.__name__: m for m in modules}
 
 
 def install(monkeypatch, capability: tuple[int, int] = (9, 0)) -> None:
@@ -472,6 +483,15 @@ def install(monkeypatch, capability: tuple[int, int] = (9, 0)) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     FP8GlobalStateManager.reset()
     Linear.instances = []
+
+
+class LayerNormLinear(nn.Module):
+    """TE exports it beside Linear (pytorch/__init__.py); this repo never builds one. Present so that code which
+    checks a layer against TE's classes (peft's LoRA dispatch) finds them."""
+
+
+class LayerNormMLP(nn.Module):
+    """As LayerNormLinear: exported by TE, never built here."""
 
 
 StandInTELinear = Linear

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from core import checkpoint
 from tests.helpers import randomize_zero_inits
 from tests.stages import stage_config
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.loop import Trainer
 from trainer.precision import Precision
 
@@ -59,7 +60,7 @@ def run(embedded_data, out_dir, stage: int, precision: str) -> dict:
         for hook in hooks:
             hook.remove()
     seen["trainer"] = trainer
-    seen["checkpoint"] = checkpoint.load(checkpoint.list_checkpoints(out_dir / "checkpoints")[-1])
+    seen["checkpoint"] = checkpoint.load(checkpoint.newest(out_dir))
     return seen
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import checkpoint
 from tests.stages import ROOT, TINY
-from trainer import checkpoint
 
 STEPS = 4
 

@@ -58,6 +58,13 @@ FLOORS = [
      "configs/experiment/embedded.yaml", "${oc.env:RFDIT_EMBEDDED_DATA,outputs/data}"),
     ("safetensors", "0.4", "present", "in 0.4.0", "safetensors.torch.save_file(metadata=), safe_open",
      "app/export.py", "save_file("),
+    ("peft", "0.15", "arrived", "0.14.0's peft/helpers.py has no disable_input_dtype_casting, which diffusers "
+     "0.42's hooks/layerwise_casting.py imports whenever peft is installed: every diffusers model import then fails",
+     "peft.helpers.disable_input_dtype_casting (imported by diffusers)",
+     "app/export.py", "transformer = PixArtTransformer2DModel(**pixart_diffusers_config("),
+    ("peft", "0.15", "present", "in 0.15.0's mapping.py and tuners/lora/model.py",
+     "inject_adapter_in_model(adapter_name=), LoraModel.merge_and_unload(safe_merge=)",
+     "core/lora.py", "return inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)"),
     ("huggingface_hub", "0.25", "present", "in 0.25.0", "HfApi.create_repo / upload_folder, ModelCardData.to_yaml",
      "app/export.py", "api.upload_folder(repo_id=repo_id"),
     ("huggingface_hub", "0.25", "present", "in 0.25.0", "try_to_load_from_cache",

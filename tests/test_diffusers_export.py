@@ -533,7 +533,7 @@ def test_model_card_says_what_the_checkpoints_and_the_run_recorded(text_chain, t
     summary = json.loads((text_chain.parent.parent / "summary.json").read_text())
     assert f"held_loss_end_ema {summary['held_loss_end_ema']:.4g}" in card
     assert "5 Euler steps" in card and "alpha = 1.75" in card
-    assert f"python app/sample.py --model-path {text_chain} --weights ema --prompt" in card
+    assert f"python -m app.sample --model-path {text_chain} --weights ema --prompt" in card
 
 
 class FakeHub:

@@ -11,13 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from core import checkpoint
 from models import ModelConfig, build_model
 from models.linear import fp8_filter, layer_kinds, make_linear, plan_conversion
 from tests import te_standin
 from tests.helpers import randomize_zero_inits, text_inputs
 from tests.model_golden import CASES, SMALL, case_inputs
 from tests.stages import stage_config
-from trainer import checkpoint
 from trainer.config import PrecisionSection
 from trainer.fast_path import apply_compile, checkpoint_blocks, compile_choice, fp8_compile_note
 from trainer.loop import train

@@ -4,7 +4,7 @@ every bucket, per recipe, and a delayed-scaling run resumes.
 The trainer converts to tests/te_standin.py's te.Linear stand-in, installed as `transformer_engine.pytorch` (TE's
 global FP8 state, its per-recipe shape rule, its extra state and its refusal to unpickle delayed-scaling state,
 fused wgrad into main_grad; the docstring cites TE's source for each). A checkpoint of such a run keeps `model` and
-`ema` in the plain nn.Linear layout and the scaling state beside them (trainer/checkpoint.py); every consumer must
+`ema` in the plain nn.Linear layout and the scaling state beside them (trainer/state.py); every consumer must
 load it with no manual step."""
 
 import logging
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from app.pipeline import load_pipeline
+from core import checkpoint
 from reparameterize import main as reparameterize_main
 from tests import te_standin
 from tests.stages import ROOT, stage_config
-from trainer import checkpoint
 from trainer.loop import train
 from trainer.precision import FP8_MULTIPLE, fp8_recipe_name, loadable_extra_state, text_pad_multiple
 

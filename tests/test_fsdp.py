@@ -1,5 +1,5 @@
 """FSDP2 / HSDP and sharded checkpoints on the CPU (gloo), as torchrun runs them (trainer/parallel.py,
-trainer/checkpoint.py, trainer/consolidate.py).
+trainer/state.py, trainer/checkpoint.py, core/sharded_checkpoint.py, trainer/consolidate.py).
 
 The references are independent of the code under test: DDP's weights (the reference setting), the single-file
 checkpoint a DDP run writes, and checkpoints compared bit for bit. Runs on 2 ranks unless the test is about 4."""
@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import checkpoint, sharded_checkpoint
 from tests.stages import ROOT, TINY, stage_config
 from tests.test_resume import assert_identical
-from trainer import checkpoint, distributed
+from trainer import distributed
+from trainer.checkpoint import continue_loader
 from trainer.consolidate import consolidate
 from trainer.consolidate import main as consolidate_main
 from trainer.errors import ConfigError
@@ -46,9 +48,9 @@ def run_ok(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def newest(out: Path) -> Path:
-    found = checkpoint.list_checkpoints(out / "checkpoints")
-    assert found, f"no checkpoint in {out}"
-    return found[-1]
+    found = checkpoint.newest(out)
+    assert found is not None, f"no checkpoint in {out}"
+    return found
 
 
 def without_out_dir(state: dict) -> dict:
@@ -81,7 +83,7 @@ def test_fsdp_reaches_the_weights_ddp_reaches_with_accumulation_and_clipping(emb
     reference, dcp_dir = checkpoint.load(newest(ddp)), newest(fsdp)
     assert dcp_dir.name == "step_00000004.dcp" and checkpoint.is_sharded(dcp_dir)
     # Really sharded: every weight of more than one row was written as two chunks, one per rank.
-    metadata = checkpoint._reader(dcp_dir).read_metadata()
+    metadata = sharded_checkpoint._reader(dcp_dir).read_metadata()
     rows = {k: m for k, m in metadata.state_dict_metadata.items() if k.startswith("model.") and m.size[0] > 1}
     assert rows and all(len(m.chunks) == 2 for m in rows.values())
     sharded = consolidate(dcp_dir)
@@ -302,7 +304,7 @@ def test_saved_on_4_ranks_resumes_on_2_and_on_1_with_equal_states(embedded_data,
 
     cfg = stage_config(1, embedded_data, tmp_path / "ddp1", "device=cpu", *resume)
     alone = Trainer(cfg, distributed.setup("cpu"))
-    state = alone.state_dict()
+    state = alone.state.file_state()
     assert_identical({k: state[k] for k in tensors}, {k: expected[k] for k in tensors}, "ddp on 1")
     assert alone.loader.dataset.start_sample == 16
 
@@ -313,9 +315,9 @@ def test_the_data_continues_at_the_same_global_sample_count_on_another_world_siz
     shards = embedded_data / "synthetic-32" / "shards-labels"
     four = ShardDataset(shards, rank=1, world_size=4, batch_size=2, verify_checksum=False)
     saved = four.state_at(14)  # 7 steps of 2 samples on each of 4 ranks: 56 in all
-    assert checkpoint.continue_loader(saved, 4, 0, 2) is saved
+    assert continue_loader(saved, 4, 0, 2) is saved
     for world in (2, 1):
-        moved = checkpoint.continue_loader(saved, world, 0, 8 // world)
+        moved = continue_loader(saved, world, 0, 8 // world)
         data = ShardDataset(shards, rank=0, world_size=world, batch_size=8 // world, verify_checksum=False)
         data.load_state_dict(moved)
         assert data.start_sample * world == 56
@@ -352,12 +354,12 @@ def test_sigkill_during_an_fsdp_run_then_resume_equals_the_uninterrupted_run(emb
 
     a, b = newest(full), newest(killed)
     assert a.name == b.name == "step_00000024.dcp"
-    assert_identical(checkpoint.read_full(a), checkpoint.read_full(b), "dcp")
-    assert_identical(without_out_dir(checkpoint.load_file(a / checkpoint.META)),
-                     without_out_dir(checkpoint.load_file(b / checkpoint.META)), "meta.pt")
+    assert_identical(sharded_checkpoint.read_full(a), sharded_checkpoint.read_full(b), "dcp")
+    assert_identical(without_out_dir(checkpoint.load(a / sharded_checkpoint.META)),
+                     without_out_dir(checkpoint.load(b / sharded_checkpoint.META)), "meta.pt")
     for rank in (0, 1):
-        name = checkpoint.rank_file(rank)
-        assert_identical(checkpoint.load_file(a / name), checkpoint.load_file(b / name), name)
+        name = sharded_checkpoint.rank_file(rank)
+        assert_identical(checkpoint.load(a / name), checkpoint.load(b / name), name)
 
 
 @pytest.mark.slow
@@ -417,8 +419,8 @@ def test_an_asynchronous_save_holds_the_state_of_its_step(embedded_data, tmp_pat
         tmp_path / "async" / "checkpoints")
     assert [p.name for p in a] == [p.name for p in b] == [f"step_{s:08d}.dcp" for s in range(1, 5)]
     for pa, pb in zip(a, b, strict=True):
-        assert_identical(checkpoint.read_full(pa), checkpoint.read_full(pb), pa.name)
-        sa, sb = (without_out_dir(checkpoint.load_file(p / checkpoint.META)) for p in (pa, pb))
+        assert_identical(sharded_checkpoint.read_full(pa), sharded_checkpoint.read_full(pb), pa.name)
+        sa, sb = (without_out_dir(checkpoint.load(p / sharded_checkpoint.META)) for p in (pa, pb))
         sb["config"]["train"]["async_checkpoint"] = False
         assert_identical(sa, sb, f"{pa.name} meta")
     assert not list((tmp_path / "async" / "checkpoints").glob(".*"))  # nothing partial left behind
@@ -488,7 +490,7 @@ def test_a_sharded_checkpoint_never_unpickles_code(tmp_path, one_rank):
     folder = tmp_path / "step_00000001.dcp"
     dcp.save({"model": {"w": torch.ones(2)}, "note": "text"}, checkpoint_id=folder)
     with pytest.raises(checkpoint.CheckpointError, match="non-tensor entries"):
-        checkpoint.read_full(folder)
+        sharded_checkpoint.read_full(folder)
 
     class Boom:
         def __reduce__(self):
@@ -496,5 +498,5 @@ def test_a_sharded_checkpoint_never_unpickles_code(tmp_path, one_rank):
 
     (folder / ".metadata").write_bytes(pickle.dumps(Boom()))
     with pytest.raises(checkpoint.CheckpointError, match="is not part of a checkpoint's metadata"):
-        checkpoint.read_full(folder)
+        sharded_checkpoint.read_full(folder)
     assert not (tmp_path / "ran").exists()

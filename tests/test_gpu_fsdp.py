@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from core import checkpoint
 from tests.stages import ROOT, TINY
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.consolidate import consolidate
 
 pytestmark = pytest.mark.gpu
@@ -53,7 +54,7 @@ def test_an_fsdp_run_on_nccl_with_bf16_and_asynchronous_sharded_checkpoints(embe
     proc = _run_stage1(tmp_path, embedded_data, "precision=bf16", "train.parallel=fsdp",
                        "train.async_checkpoint=true")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    final = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    final = checkpoint.newest(tmp_path)
     assert final.name == "step_00000004.dcp"
     state = consolidate(final)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["model"].values())
@@ -69,5 +70,5 @@ def test_te_fp8_layers_train_under_fsdp2(embedded_data, tmp_path):
                        "model.overrides.cond_dim=64", "train.batch_size=32")
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "fp8" in (tmp_path / "train_stage1.log").read_text().lower()
-    state = consolidate(checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1])
+    state = consolidate(checkpoint.newest(tmp_path))
     assert "te_extra_state" in state and len(state["history"]) == 4

@@ -106,7 +106,7 @@ def test_text_endpoint_is_deterministic_in_the_seed(text_app, text_pipe, tmp_pat
     gallery, gif, used, seed, status = c.predict(**args, seed=5, num_images=2)
     a5, a6 = images(gallery)
     assert a5.shape == (32, 32, 3) and gif is None and used == PROMPT and seed == 5
-    assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"] and "app/sample.py" in status
+    assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"] and "-m app.sample" in status
     again = images(c.predict(**args, seed=5, num_images=1)[0])[0]
     other = images(c.predict(**args, seed=6, num_images=1)[0])[0]
     assert np.array_equal(a5, again) and not np.array_equal(a5, other)
@@ -127,7 +127,7 @@ def test_the_status_line_reproduces_the_pixels_with_the_cli(text_app, text_pipe,
     for change in (dict(seeds=[12]), dict(prompts=["a small blue star in the center"]), dict(cfg_scale=1.0),
                    dict(alpha=1.0), dict(cfg_interval=(0.0, 1.0))):
         assert not np.array_equal(first, text_pipe.generate(**chosen | change).numpy()[0]), change
-    argv = shlex.split(status.split("```")[1])[2:]  # after "python app/sample.py"
+    argv = shlex.split(status.split("```")[1])[3:]  # after "python -m app.sample"
     argv[argv.index("--out-dir") + 1] = str(tmp_path / "cli")
     sample_main(argv)
     for item, image in zip(gallery, images(gallery), strict=True):

@@ -17,9 +17,9 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from core import checkpoint, sharded_checkpoint
+from core.checkpoint import CheckpointError
 from tests.stages import ROOT, stage_config
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
 from trainer.loop import train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -45,7 +45,7 @@ def run_copy(sharded_run, tmp_path) -> Path:
 
 
 def newest(run: Path) -> Path:
-    return checkpoint.list_checkpoints(run / "checkpoints")[-1]
+    return checkpoint.newest(run)
 
 
 def read_metadata(folder: Path):
@@ -110,7 +110,7 @@ def test_a_metadata_cannot_declare_a_tensor_larger_than_its_stored_chunks(run_co
     metadata.state_dict_metadata[fqn] = TensorStorageMetadata(item.properties, torch.Size([10**6]), item.chunks)
     write_metadata(folder, metadata)
     with pytest.raises(CheckpointError, match=rf"declares {fqn} of shape \[1000000\], larger than the chunks"):
-        checkpoint.read_full(folder)
+        sharded_checkpoint.read_full(folder)
 
 
 def test_a_chunk_must_lie_inside_its_tensor_and_its_file(run_copy):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import flow.rectified_flow as objective
+from core import checkpoint
 from tests.stages import stage_config
-from trainer import checkpoint
 from trainer.builders import micro_batch_size
 from trainer.loop import resolve_resume, train
 

@@ -90,7 +90,7 @@ def test_the_app_picks_a_bucket(text_pipe, stage2_checkpoint, tmp_path):
     assert image.shape == (24, 40, 3)
     assert np.array_equal(image, text_pipe.generate(prompts=[PROMPT], seeds=[7], steps=2, height=24,
                                                     width=40).numpy()[0])
-    argv = shlex.split(status.split("```")[1])[2:]  # the status line's CLI draws the same pixels
+    argv = shlex.split(status.split("```")[1])[3:]  # after "python -m app.sample"
     assert argv[argv.index("--bucket") + 1] == "24x40"
     argv[argv.index("--out-dir") + 1] = str(tmp_path)
     sample_main(argv)

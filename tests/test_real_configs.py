@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from core import checkpoint
 from tests.stages import ROOT
 from tests.wandb_reader import offline_runs, read_offline_run
-from trainer import checkpoint
 from trainer.loop import train
 
 REAL = ["model.size=debug", "model.patch=4", "vae=identity", "train.max_steps=2"]
@@ -86,7 +86,7 @@ def test_every_real_stage_config_runs_two_steps_chained_from_the_command_line(em
         assert "this cpu run computes in fp32" in log  # the real precision config (bf16) falls back, and says so
         check_run_folder(out, stage)
         check_offline_run(out)
-        previous = str(out) if stage > 1 else str(checkpoint.list_checkpoints(out / "checkpoints")[-1])
+        previous = str(out) if stage > 1 else str(checkpoint.newest(out))
 
 
 @pytest.mark.slow

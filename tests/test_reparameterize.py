@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import reparameterize
+from core import checkpoint
 from models import build_model, conversion, convert_linears, model_config
 from models.embeddings import sincos_pos_embed_2d
 from models.linear import default_fp8_filter
@@ -23,7 +24,6 @@ from reparameterize import (
     torch_to_te_state,
 )
 from tests.helpers import randomize_zero_inits, text_inputs
-from trainer import checkpoint
 
 
 def trained_like_pair(t_star: float = 0.5):

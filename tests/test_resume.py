@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import checkpoint
 from tests.stages import ROOT, TINY, stage_config
-from trainer import checkpoint
 from trainer.loop import train
 
 ENV = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
@@ -60,9 +60,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def newest(out: Path) -> Path:
-    found = checkpoint.list_checkpoints(out / "checkpoints")
-    assert found, f"no checkpoint in {out}"
-    return found[-1]
+    found = checkpoint.newest(out)
+    assert found is not None, f"no checkpoint in {out}"
+    return found
 
 
 def assert_identical(a, b, where: str = "checkpoint") -> None:

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
+from core import checkpoint
 from core import files as core_files
+from core.checkpoint import CheckpointError
 from tests.stages import ROOT, stage_config
 from tests.test_resume import ENV, stage1_cmd, start, wait_for_checkpoint
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
 from trainer.errors import ConfigError
 from trainer.loop import train
 from trainer.optim import lr_factor
@@ -62,7 +62,7 @@ def test_resume_refuses_another_stage_another_model_and_a_smaller_max_steps(embe
 
 def test_a_broken_newest_checkpoint_is_named_and_the_good_one_offered(embedded_data, tmp_path):
     _run(embedded_data, tmp_path, "train.max_steps=2")
-    good = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    good = checkpoint.newest(tmp_path)
     broken = checkpoint.checkpoint_path(tmp_path / "checkpoints", 4)
     broken.write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"{broken.name}: the file is empty.*resume from it with "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core import checkpoint
 from tests.stages import ROOT, TINY
-from trainer import checkpoint
 
 ENV = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
 PATCH, BASE_GRID = 4, 8  # stage 1-3 data is 32 px: 8x8 tokens of 4x4 pixels
@@ -44,7 +44,7 @@ def test_the_curriculum_runs_stage_by_stage_from_the_command_line(embedded_data,
     out = {n: tmp_path / f"stage{n}" for n in range(1, 6)}
 
     run_ok(train_cmd(1, embedded_data, out[1]))
-    stage1 = checkpoint.list_checkpoints(out[1] / "checkpoints")[-1]
+    stage1 = checkpoint.newest(out[1])
     init = out[2] / "init.pt"
     run_ok([sys.executable, "reparameterize.py", "stage1-to-stage2", "--src", str(stage1), "--dst", str(init),
             "--text-dim", "384", "--text-len", "32"])
@@ -53,7 +53,7 @@ def test_the_curriculum_runs_stage_by_stage_from_the_command_line(embedded_data,
     assert initialised_from(out[2], 2) == [str(init)]
     for n in (3, 4, 5):  # each from the previous stage's out_dir, i.e. its newest checkpoint
         run_ok(train_cmd(n, embedded_data, out[n], f"train.init_from={out[n - 1]}"))
-        assert initialised_from(out[n], n) == [str(checkpoint.list_checkpoints(out[n - 1] / "checkpoints")[-1])]
+        assert initialised_from(out[n], n) == [str(checkpoint.newest(out[n - 1]))]
 
     tokens = {1: 8, 2: 8, 3: 8, 4: 10, 5: 12}  # per side: 32, 40, 48 px in 4x4 patches
     for n, side in tokens.items():

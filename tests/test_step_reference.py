@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch import nn
 
+from core import checkpoint
 from data.loader import mix_seed
 from tests.helpers import randomize_zero_inits
 from tests.stages import stage_config
-from trainer import checkpoint, distributed
+from trainer import distributed
 from trainer.loop import Trainer
 
 STEPS = 5

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from core import checkpoint
 from tests.stages import stage_config
-from trainer import checkpoint
 from trainer.ema import EMA
 from trainer.loop import train
 from trainer.optim import lr_factor, param_groups

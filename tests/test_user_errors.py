@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from app.sample import main as sample_main
+from core import checkpoint
+from core.checkpoint import CheckpointError
 from tests.stages import ROOT, TINY, stage_config
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
 from trainer.cli import run_stage
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

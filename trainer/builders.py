@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core import checkpoint
+from core.checkpoint import CheckpointMetadata
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models.config import ModelConfig, default_conditioning
 from models.registry import model_config
-from trainer import checkpoint
 from trainer.errors import ConfigError, MissingInputError
 from trainer.precision import text_pad_multiple
 
@@ -169,7 +170,7 @@ def configured_tokenizer(cfg: DictConfig, spec: DatasetSpec):
 
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
-    """A checkpoint file, or a run's out_dir / checkpoints dir (then its newest checkpoint)."""
+    """A checkpoint (file or sharded folder), or a run's out_dir / checkpoints dir (then its newest checkpoint)."""
     try:
         return checkpoint.resolve(path, what)
     except FileNotFoundError as err:
@@ -184,8 +185,7 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        found = checkpoint.list_checkpoints(ckpt_dir)
-        return found[-1] if found else None
+        return checkpoint.newest(ckpt_dir)
     path = Path(resume)
     if not (path.is_file() or checkpoint.is_sharded(path)):
         raise MissingInputError(f"train.resume={resume!r}: not 'auto', 'never' or an existing checkpoint file (or a "
@@ -231,18 +231,18 @@ def _loads(path: Path) -> bool:
 
 def check_resumable(path: Path, state: dict[str, Any], cfg: DictConfig, model_config: ModelConfig) -> None:
     """Refuse to resume a checkpoint of another stage or another network, or past this run's max_steps."""
-    meta = state["metadata"]
-    if meta.get("stage") is not None and int(meta["stage"]) != int(cfg.stage):
+    record = CheckpointMetadata.parse(state["metadata"], f"train.resume: {path}")
+    if record.stage is not None and int(record.stage) != int(cfg.stage):
         raise ConfigError(
-            f"train.resume: {path} is a Stage {meta['stage']} checkpoint, but this is Stage {cfg.stage}; to start "
+            f"train.resume: {path} is a Stage {record.stage} checkpoint, but this is Stage {cfg.stage}; to start "
             f"Stage {cfg.stage} from its weights use train.init_from={path} (and a new train.out_dir)"
         )
-    saved, ours = meta.get("model") or {}, model_config.to_dict()
+    saved, ours = record.model, model_config.to_dict()
     differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {ours.get(k)!r} here" for k in ARCHITECTURE_FIELDS
               if k in saved and saved.get(k) != ours.get(k)]
     if differ:
         raise ConfigError(
-            f"train.resume: {path} holds a {meta.get('name', saved.get('family'))} that differs from this run's "
+            f"train.resume: {path} holds a {record.name} that differs from this run's "
             f"{model_config.name}: " + "; ".join(differ) + ". Resume with the checkpoint's model settings, or "
             "start a new run (train.out_dir=..., or train.resume=never)"
         )
@@ -340,14 +340,23 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
         return Path(source), imported
     src = resolve_checkpoint(cfg.train.init_from, "train.init_from")
     state = checkpoint.load(src)
+    try:
+        init_record(src, state).check_not_adapter(f"train.init_from={str(src)!r}")
+    except checkpoint.CheckpointError as err:
+        raise ConfigError(str(err)) from None
     check_init_stage(cfg, src, state)
     return src, state
+
+
+def init_record(src: Path, state: dict[str, Any]) -> CheckpointMetadata:
+    """The metadata record of the checkpoint a stage starts from (CheckpointError naming it when it has none)."""
+    return CheckpointMetadata.parse(state.get("metadata"), f"train.init_from={str(src)!r}")
 
 
 def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
     """train.init_from must hold weights of the stage `starts_from` names, or of this stage (reparameterize.py's
     conversion for it, or a restart of it), when the config names one and the checkpoint records its stage."""
-    recorded = (state.get("metadata") or {}).get("stage")
+    recorded = init_record(src, state).stage
     if cfg.starts_from is None or recorded is None or int(recorded) in (int(cfg.starts_from), int(cfg.stage)):
         return
     raise ConfigError(
@@ -367,7 +376,7 @@ def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, An
     weights = checkpoint.split_extra_state(weights)[0]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        family = (state.get("metadata") or {}).get("family")
+        family = init_record(src, state).family
         hint = (" (Stage 1 -> 2 needs `reparameterize.py stage1-to-stage2` first)"
                 if family != model.config.family and model.config.family == "mmdit" else "")
         raise ConfigError(

@@ -155,6 +155,22 @@ class EvalSection:
 
 
 @dataclass
+class LoraSection:
+    rank: int = 0
+    """LoRA rank r [hu2022lora]; 0: off (full fine-tuning). > 0: the weights of train.init_from are frozen and only
+    peft's LoRA layers on target_modules are trained, averaged and checkpointed (trainer/lora.py); the run writes
+    its adapters to out_dir/adapter (EMA) and out_dir/adapter_raw, for app/sample.py --lora."""
+    alpha: float | None = None
+    """LoRA's alpha: the update is alpha / rank x B A; null: alpha = rank (scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's lora_dropout), in training only."""
+    target_modules: list[str] | None = None
+    """Module-name suffixes to adapt (peft's list rule: 'attn.qkv' adapts every blocks.N.attn.qkv); null: the
+    family's default, attention and MLP in every block, plus adaLN where the class enters through it (ccdit;
+    core/lora.py: default_targets says why)."""
+
+
+@dataclass
 class TrainSection:
     max_steps: int = 300_000
     """Optimiser steps of the stage."""
@@ -229,6 +245,7 @@ class TrainSection:
     ema: EMASection = field(default_factory=EMASection)
     preview: PreviewSection = field(default_factory=PreviewSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass
@@ -410,6 +427,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.eval.weights": (lambda v: v in ("ema", "raw", "both"), "ema, raw or both"),
     "train.eval.fid_samples": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
     "train.eval.fid_features": (lambda v: v in ("inception", "scene"), "inception or scene"),
+    "train.lora.rank": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "train.lora.alpha": (lambda v: v is None or (_finite(v) and v > 0), "null or a finite number > 0"),
+    "train.lora.dropout": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    "train.lora.target_modules": (lambda v: v is None or (len(v) > 0 and all(isinstance(x, str) and x for x in v)),
+                                  "null or a non-empty list of module names"),
     "train.max_minutes": (lambda v: v is None or (_finite(v) and v > 0), "null or > 0"),
     "train.label_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "train.caption_dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),

@@ -8,27 +8,28 @@ The file holds the whole `model` and `ema` weights (plain nn.Linear layout, te.L
 0's loader and RNG states, config and metadata: reparameterize.py, app/sample.py, the Gradio app, the evaluation
 and the export read it with no other flag, and train.resume takes it. `--weights-only` leaves out the optimizer
 (a third of the size; enough for every tool but a resume). Runs in one process on the CPU, no process group: every
-tensor is read whole (trainer/checkpoint.py: read_full), so it needs host memory for what it writes.
+tensor is read whole (core/sharded_checkpoint.py: read_full), so it needs host memory for what it writes.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from core import checkpoint
 from core.cli_help import HelpFormatter
-from trainer import checkpoint
+from core.sharded_checkpoint import TENSOR_KEYS, open_sharded, read_full
+from trainer.checkpoint import optimizer_by_index
 
 
 def consolidate(src: Path, weights_only: bool = False) -> dict:
     """The single-file checkpoint dict of sharded checkpoint `src` (a step_XXXXXXXX.dcp folder)."""
-    opened = checkpoint.open_sharded(Path(src))
-    tensors = checkpoint.read_full(Path(src), ("model", "ema") if weights_only else checkpoint.TENSOR_KEYS)
-    state = {k: v for k, v in opened.items() if k not in (*checkpoint.TENSOR_KEYS, "optimizer_groups", "world_size",
-                                                           "parallel")}
+    opened = open_sharded(Path(src))
+    tensors = read_full(Path(src), ("model", "ema") if weights_only else TENSOR_KEYS)
+    state = {k: v for k, v in opened.items() if k not in (*TENSOR_KEYS, "optimizer_groups", "world_size", "parallel")}
     state |= dict(model=tensors["model"], ema=tensors["ema"])
     if not weights_only:
         named = dict(state=tensors.get("optimizer", {}), param_groups=opened["optimizer_groups"])
-        state["optimizer"] = checkpoint.optimizer_by_index(named)
+        state["optimizer"] = optimizer_by_index(named)
     else:
         state.pop("scheduler", None)
     return state

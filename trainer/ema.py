@@ -6,6 +6,10 @@ Two schedules: the reference's (update every `every` steps, decay rising linearl
 Under train.parallel=fsdp/hsdp the EMA copy is sharded like the model (trainer/parallel.py), so both hold
 DTensors with the same placements: the blend runs on each rank's local shards, which is the unsharded update
 restricted to the elements that rank holds, so the EMA stays exact and needs no communication.
+
+Only the parameters that require grad when the EMA is made are averaged (all of them, except in a LoRA run: the
+adapters, trainer/lora.py). The frozen ones are the model's own tensors in the copy, shared rather than copied, so a
+frozen base costs no second copy (sharded, the EMA's shards of it are its own: FSDP2 shards each module separately).
 """
 
 import copy
@@ -20,7 +24,9 @@ class EMA:
     ):
         self.decay, self.every, self.warmup_steps, self.start_decay = decay, every, warmup_steps, start_decay
         # A copy of the unwrapped model: no DDP, no compile wrapper, so its keys match the model's.
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
         if self.warmup_steps <= 0:
@@ -33,11 +39,12 @@ class EMA:
         """Call after optimiser step `step` (1-based); only every `every`-th step blends. `applied`: a 0-d device
         tensor, 1 when the optimiser step was taken and 0 when it was skipped, for a loop that decides on the
         device (trainer/loop.py); the blend weight is multiplied by it, so a skipped step leaves the EMA as it was."""
-        if step % self.every:
+        if step % self.every or not self.names:
             return
         d = self.decay_at(step)
-        ema_params = [_local(e) for e in self.model.parameters()]
-        params = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
+        own, source = dict(self.model.named_parameters()), dict(model.named_parameters())
+        ema_params = [_local(own[n]) for n in self.names]
+        params = [_local(source[n].detach()).to(e.dtype) for n, e in zip(self.names, ema_params, strict=True)]
         if applied is None:
             torch._foreach_lerp_(ema_params, params, 1 - d)  # e <- d e + (1 - d) p
         else:

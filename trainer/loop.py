@@ -22,14 +22,15 @@ Losses, gradient norms and the stop flags (signals, the time limit) are reduced 
 default) has no device-side skip, so there the step reads its gradient norm back (on a CPU that costs nothing).
 tests/test_host_syncs.py fails on any other read-back in `train_step`.
 
-Resume keeps what a run has learnt and where it is (weights, EMA, optimizer moments, step, loss history, data
-position, RNG states) and takes the schedule from the config it is resumed with: learning rate, warmup, decay and
-max_steps, betas, eps and weight decay, cadences, and everything outside optim and train. It refuses a checkpoint
-of another stage or another model, and a max_steps below the checkpoint's step. Checkpoints are one file
-(train.checkpoint_format=file, rank 0) or a sharded folder (sharded, every rank: trainer/checkpoint.py); either
-resumes under any train.parallel and world size. The run position is read first (the loader is built from it);
-weights, EMA, optimizer and schedule once the model is wrapped and sharded and the optimizer built over its
-final parameters. On another world size the data continues from the same global sample count.
+State. What a run has learnt and where it is lives in `self.state`, a dict of stateful parts (trainer/state.py:
+model, ema, optimizer, scheduler, loader, rng, run), which a checkpoint of either form saves and restores:
+one file (train.checkpoint_format=file, rank 0) or a sharded folder (sharded, every rank: trainer/checkpoint.py);
+either resumes under any train.parallel and world size. Resume keeps all of it and takes the schedule from the
+config it is resumed with: learning rate, warmup, decay and max_steps, betas, eps and weight decay, cadences, and
+everything outside optim and train. It refuses a checkpoint of another stage or another model, and a max_steps
+below the checkpoint's step. The run position is read first (the loader is built from it); weights, EMA, optimizer
+and schedule once the model is wrapped and sharded and the optimizer built over its final parameters; the RNG
+states last. On another world size the data continues from the same global sample count.
 """
 
 import json
@@ -44,13 +45,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core import checkpoint
 from core.vae import autoencoder_for
 from data.loader import build_loader, mix_seed
 from flow.rectified_flow import RectifiedFlow
 from models.registry import build_model
-from trainer import builders, checkpoint, distributed, sharded_state
+from trainer import builders, distributed
+from trainer import lora as lora_training
 from trainer.builders import resolve_resume
 from trainer.cadence import CadenceEvaluation
+from trainer.checkpoint import checkpoint_writer, metadata_record
 from trainer.ema import EMA
 from trainer.errors import ConfigError, RunStoppedError  # noqa: F401 (ConfigError: callers catch it here)
 from trainer.fast_path import apply_compile, checkpoint_blocks
@@ -60,10 +64,11 @@ from trainer.main_grad import MainGrads
 from trainer.optim import build_optimizer, lr_factor
 from trainer.parallel import Parallel
 from trainer.plots import save_loss_plot
-from trainer.precision import Precision, loadable_extra_state
+from trainer.precision import Precision
 from trainer.preemption import PreemptionFlag
 from trainer.preview import Previewer
 from trainer.run_lock import RunLock
+from trainer.state import LoaderState, RngState, RunState, TrainingState, follow_config_schedule, with_own_rng
 from trainer.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
@@ -94,19 +99,22 @@ class Trainer:
         builders.check_vae(cfg, self.spec, cfg.data.path)
         self.conditioning = builders.build_conditioning(cfg, self.spec, self.device, self.precision.model_dtype)
         self.resume_from = resolve_resume(t.resume, self.ckpt_dir)
+        self.lora = lora_training.LoraSettings.from_config(t.get("lora"))
+        lora_training.require_base(self.lora, cfg)
         resumed = builders.read_resume_checkpoint(self.resume_from, cfg)
-        init = None if resumed is not None else builders.read_init_checkpoint(cfg)
+        # A LoRA run needs its base on a resume too: its checkpoints hold the adapters only.
+        init = builders.read_init_checkpoint(cfg) if resumed is None or self.lora.enabled else None
         base = (resumed or (init[1] if init else {})).get("metadata", {}).get("model")
         self.model_config = builders.build_model_config(cfg, self.spec, self.conditioning, base)
         if resumed is not None:
             builders.check_resumable(self.resume_from, resumed, cfg, self.model_config)
         self._build_model(init)
-        self.step, self.history, self.bad_in_row, self.extra = 0, [], 0, {}
-        self.loader_state, saved_rng, self.pending_state = None, None, None
         if resumed is not None:
-            saved_rng = self._restore(resumed)
-        elif self.held is not None:
-            self.extra["held_loss_start"] = self.held(self.model)
+            lora_training.check_resumable(self.resume_from, resumed["metadata"], self.lora_record)
+        self.run = RunState()
+        self.state = TrainingState(dict(run=self.run, rng=RngState(self.device), loader=LoaderState(
+            self.run, env.world_size, cfg.data.num_workers, self.micro, t.grad_accum)), self._describe, env.is_main)
+        self.pending_state = self._restore(resumed)
         del resumed, init  # a several-GB checkpoint need not stay in memory
         self._build_data()
         self._wrap_for_training()  # and then the checkpoint's tensors, into the model as wrapped and sharded
@@ -114,10 +122,11 @@ class Trainer:
         log.info("stage %s: %s (%.2fM parameters), batch %d = %d ranks x %d micro-batches x %d samples, data %s "
                  "(%d records), %s", cfg.stage, self.model_config.name, self.n_params / 1e6, t.batch_size,
                  env.world_size, t.grad_accum, self.micro, cfg.data.path, self.loader.dataset.num_records, self.device)
-        if saved_rng is not None:
+        if self.pending_state is not None:
             # After everything that draws from the global RNGs on the way here (iter(loader) takes a base seed from
             # torch's), so the loop continues with the states the uninterrupted run had at that step.
-            checkpoint.restore_rng_states(saved_rng, self.device)
+            self.state.load(self.pending_state, TrainingState.RNG)
+            self.pending_state = None
 
     # ---- building ---------------------------------------------------------------------------------------------
 
@@ -131,11 +140,23 @@ class Trainer:
         self.model = build_model(self.model_config)
         if init is not None:
             builders.apply_initial_weights(self.model, init[0], init[1], t.init_weights)
+        self.lora_record = None
+        if self.lora.enabled:  # the base loaded: adapters in, base frozen (trainer/lora.py)
+            self.lora_record = lora_training.attach(self.model, self.lora, self.model_config, init[0], init[1],
+                                                    t.init_weights)
         self.model.to(self.device)
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # The network's own parameters (a LoRA's are counted apart, as trainable: only they are trained then).
+        self.n_params = sum(p.numel() for n, p in self.model.named_parameters()
+                            if not lora_training.core_lora.is_adapter_parameter(n))
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         # Every latent size a batch can have (each bucket's): TE's shape rule must hold at all of them.
         sizes = [(h, w) for _, h, w in self.spec.latent_shapes()]
-        self.converted = self.precision.convert(self.model, self.model_config, sizes)
+        self.converted = self.precision.convert(self.model, self.model_config, sizes,
+                                                lora_training.adapter_aware if self.lora.enabled else None)
+        if self.lora.enabled:
+            lora_training.freeze_base(self.model)  # te.Linear's new parameters require grad
+            if self.precision.bf16:
+                lora_training.store_frozen(self.model, torch.bfloat16)
         self.ema = EMA(self.model, decay=t.ema.decay, every=t.ema.every, warmup_steps=t.ema.warmup_steps,
                        start_decay=t.ema.start_decay)
         mc = self.model_config
@@ -144,48 +165,35 @@ class Trainer:
         self.held = HeldLoss(cfg, self.micro, self.conditioning, self.objective, self.device, self.precision) \
             if self.env.is_main else None
 
-    def _restore(self, resumed: dict) -> dict:
-        """A checkpoint's run position now (the loader is built from it); its tensors later, once the model is
-        wrapped and the optimizer built (_wrap_for_training). Returns this rank's RNG states, restored last."""
-        self._load_position(resumed)
-        self.pending_state = resumed
-        log.info("resumed from %s at step %d", self.resume_from, self.step)
-        saved_world = int(resumed["loader"].get("world_size", self.env.world_size))
-        if saved_world != self.env.world_size:
-            log.warning("resumed on %d ranks from a checkpoint saved on %d: the data continues at global sample %d "
-                        "(%d per rank), in another order than a %d-rank run would take", self.env.world_size,
-                        saved_world, self.loader_state["samples"] * self.env.world_size, self.loader_state["samples"],
-                        saved_world)
-        model = resumed["model"]
-        own = model.path / checkpoint.rank_file(self.env.rank) if isinstance(model, checkpoint.ShardedEntry) else None
-        if own is not None and own.is_file() and saved_world == self.env.world_size:
-            return checkpoint.load_file(own)["rng"]  # a sharded checkpoint keeps every rank's
-        return resumed["rng"]
+    def _adapt_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What a fresh copy of the model needs to take this run's weights: its LoRA layers, in a LoRA run."""
+        if self.lora.enabled:
+            lora_training.core_lora.inject(model, self.lora.peft_config(self.model_config))
+        return model
 
-    def _follow_config_schedule(self) -> None:
-        """After a resume: the saved param groups carry the old run's hyperparameters; this run's config rules."""
-        o = self.cfg.optim
-        for group in self.opt.param_groups:
-            group.update(betas=tuple(o.betas), eps=o.eps, initial_lr=o.lr)
-            group["weight_decay"] = o.weight_decay if group["weight_decay"] else 0.0
-        self.sched.base_lrs = [o.lr for _ in self.opt.param_groups]
-        for group, base, factor in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas, strict=True):
-            group["lr"] = base * factor(self.sched.last_epoch)  # what LambdaLR computes at this step
-        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
-        log.info("kept from the checkpoint: weights, EMA, optimizer moments, history, data position, RNG; from this "
-                 "config: optim.lr=%g, warmup %d, decay_fraction %g, train.max_steps=%d", o.lr, o.warmup_steps,
-                 o.decay_fraction, self.cfg.train.max_steps)
+    def _restore(self, resumed: dict | None) -> dict | None:
+        """A checkpoint's run position now (the loader is built from it); its tensors later, once the model is
+        wrapped and the optimizer built (_wrap_for_training), and its RNG states last (this rank's own). A fresh
+        run measures its held loss at the start instead."""
+        if resumed is None:
+            if self.held is not None:
+                self.run.extra["held_loss_start"] = self.held(self.model)
+            return None
+        self.state.load(resumed, TrainingState.POSITION)
+        log.info("resumed from %s at step %d", self.resume_from, self.run.step)
+        return with_own_rng(resumed, self.env.rank, self.env.world_size)
 
     def _build_data(self) -> None:
         cfg = self.cfg
         d = cfg.data
         self.loader = build_loader(
             d.path, self.micro, self.env.rank, self.env.world_size, seed=cfg.seed, num_workers=d.num_workers,
-            state=self.loader_state, short_caption_prob=d.short_caption_prob, mix_shards=d.mix_shards,
+            state=self.state.parts["loader"].resume, short_caption_prob=d.short_caption_prob, mix_shards=d.mix_shards,
             verify_checksum=d.verify_checksum, skip_bad_shards=d.skip_bad_shards,
             **builders.loader_options(cfg, self.conditioning),  # stored text features, data.buckets
         )
         builders.warn_if_batch_exceeds_data(cfg, self.loader.dataset, self.env.world_size)
+        self.state.parts["loader"].dataset = self.loader.dataset
         self.batches = iter(self.loader)
 
     def _wrap_for_training(self) -> None:
@@ -205,14 +213,15 @@ class Trainer:
         self.forward_model = self.parallel.wrap(self.forward_model, self.main_grads)
         self.parallel.shard_ema(self.ema.model)
         self._build_optimizer()
-        self.writer = self._checkpoint_writer()
+        self.state.attach(self.model, self.ema.model, self.opt, self.sched, self.parallel.sharded,
+                          lora_training.kept if self.lora.enabled else None)
+        self.writer = checkpoint_writer(self.cfg.train, self.parallel.sharded, self.env, self.ckpt_dir)
         if self.pending_state is not None:
             try:
-                self._load_tensors(self.pending_state)
+                self.state.load(self.pending_state, TrainingState.TENSORS)
             except checkpoint.CheckpointError as err:  # a sharded folder damaged where its sizes do not show it
                 raise builders.unreadable_resume(self.resume_from, self.cfg, err) from None
-            self._follow_config_schedule()
-            self.pending_state = None
+            follow_config_schedule(self.opt, self.sched, self.cfg.optim, self.cfg.train.max_steps)
 
     def _build_optimizer(self) -> None:
         """AdamW and its schedule, over the parameters as wrapped (FSDP2 replaces them by sharded DTensors)."""
@@ -225,98 +234,21 @@ class Trainer:
             self.opt, lambda s: lr_factor(s, o.warmup_steps, t.max_steps, o.decay_fraction)
         )
 
-    def _checkpoint_writer(self) -> checkpoint.ShardedWriter | None:
-        """train.checkpoint_format: a ShardedWriter for sharded checkpoints, None for one file by rank 0."""
-        t = self.cfg.train
-        fmt = t.checkpoint_format or ("sharded" if self.parallel.sharded else "file")
-        if t.async_checkpoint and fmt != "sharded":  # two keys (and the mode): checked here, where all are known
-            raise ConfigError("train.async_checkpoint=true writes sharded checkpoints only: set "
-                              "train.checkpoint_format=sharded (or train.async_checkpoint=false)")
-        if fmt == "file":
-            return None
-        return checkpoint.ShardedWriter(self.ckpt_dir, self.env, t.keep_checkpoints, t.async_checkpoint)
-
     def _build_outputs(self) -> None:
         cfg, env = self.cfg, self.env
         vae = autoencoder_for(self.spec.vae, cfg.vae.name_or_path, cfg.vae.subfolder, self.device) \
             if env.is_main or cfg.train.eval.fid_samples else None
         self.previewer = Previewer(cfg, self.conditioning, vae, self.model_config, self.precision, self.device) \
             if env.is_main else None
-        self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.step if self.resume_from else None)
-        self.metadata = checkpoint.metadata_record(cfg, self.spec, self.model_config, self.conditioning,
-                                                   self.n_params, self.converted)
+        self.logger = RunLogger(cfg, env.is_main, self.out_dir, self.run.step if self.resume_from else None)
+        self.metadata = metadata_record(cfg, self.spec, self.model_config, self.conditioning, self.n_params,
+                                        self.converted, self.lora_record)
         self.evaluation = CadenceEvaluation.build(cfg, env, self.spec, self.conditioning, self.objective,
                                                   self.precision, vae)
 
-    # ---- state ------------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """Everything a resume needs in the single-file form (the plain nn.Linear layout, the optimizer numbered
-        by index: trainer/checkpoint.py), plus the metadata every other tool reads. Sharded, every rank must call
-        it (the tensors are gathered into rank 0's CPU memory) and ranks other than 0 get None."""
-        if self.parallel.sharded:
-            whole = sharded_state.whole_state(self.model, self.ema.model, self.opt, self.env.is_main)
-            if whole is None:
-                return None
-            model_state, ema_state, optimizer = whole
-        else:
-            model_state, ema_state, optimizer = self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
-        model, model_extra = checkpoint.split_extra_state(model_state)
-        ema, ema_extra = checkpoint.split_extra_state(ema_state)
-        state = dict(model=model, ema=ema, optimizer=optimizer, scheduler=self.sched.state_dict(),
-                     **self._run_state(), **self._rank_state())
-        if model_extra or ema_extra:
-            state["te_extra_state"] = dict(model=model_extra, ema=ema_extra)
-        return state
-
-    def _run_state(self) -> dict[str, Any]:
-        """What a checkpoint holds once, whatever its form: where the run is, its config and metadata."""
-        return dict(step=self.step, history=self.history, bad_in_row=self.bad_in_row, extra=self.extra,
-                    config=OmegaConf.to_container(self.cfg, resolve=True), metadata=self.metadata)
-
-    def _rank_state(self) -> dict[str, Any]:
-        """What each rank holds of its own: the loader's position (steps x micro-batches x micro-batch) and RNGs."""
-        samples = self.step * self.cfg.train.grad_accum * self.micro
-        return dict(loader=self.loader.dataset.state_at(samples), rng=checkpoint.rng_states(self.device))
-
-    def sharded_state(self) -> tuple[dict, dict, dict]:
-        """A sharded checkpoint's three parts (trainer/checkpoint.py): the tensors DCP writes (each rank its
-        shards), what rank 0 writes once (meta.pt), and this rank's own."""
-        tensors, shared = sharded_state.sharded_parts(self.model, self.ema.model, self.opt)
-        shared |= self._run_state() | dict(scheduler=self.sched.state_dict(), world_size=self.env.world_size,
-                                           parallel=self.parallel.mode)
-        return tensors, shared, self._rank_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A checkpoint of either form (a loaded file, or trainer.checkpoint.load of a sharded folder) into this
-        run, whatever its parallel mode and world size; every rank calls it."""
-        self._load_position(state)
-        self._load_tensors(state)
-
-    def _load_position(self, state: dict[str, Any]) -> None:
-        d = self.cfg.data
-        self.step, self.history = state["step"], list(state["history"])
-        self.loader_state = checkpoint.continue_loader(state["loader"], self.env.world_size, d.num_workers,
-                                                       self.micro)
-        self.bad_in_row, self.extra = state.get("bad_in_row", 0), dict(state.get("extra", {}))
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        """Weights, EMA, optimizer moments and schedule, from a file or a sharded folder, into the model as it is
-        wrapped (whole on every rank, or sharded over a mesh of any size)."""
-        if isinstance(state["model"], checkpoint.ShardedEntry):
-            sharded_state.load_sharded(self.model, self.ema.model, self.opt, state["model"].path, state)
-        elif self.parallel.sharded:
-            sharded_state.load_whole_into_shards(self.model, self.ema.model, self.opt, state)
-        else:
-            saved = state.get("te_extra_state") or {}
-            model, model_extra = checkpoint.split_extra_state(state["model"])
-            ema, ema_extra = checkpoint.split_extra_state(state["ema"])
-            extra = loadable_extra_state(dict(model=model_extra | saved.get("model", {}),
-                                              ema=ema_extra | saved.get("ema", {})), "the checkpoint")
-            checkpoint.load_module_state(self.model, model, extra["model"])
-            checkpoint.load_module_state(self.ema.model, ema, extra["ema"])
-            self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+    def _describe(self) -> dict[str, Any]:
+        """What a checkpoint records beside the run's state and never loads back: the resolved config, the metadata."""
+        return dict(config=OmegaConf.to_container(self.cfg, resolve=True), metadata=self.metadata.to_dict())
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
@@ -373,20 +305,21 @@ class Trainer:
         return self.stopped_by_signal or self.out_of_time
 
     def _record(self, done: int, mean_loss: float, grad_norm: float) -> None:
-        self.history.append(mean_loss)
+        run = self.run
+        run.history.append(mean_loss)
         self.last_grad_norm = grad_norm
         if math.isfinite(grad_norm):
-            self.bad_in_row = 0
+            run.bad_in_row = 0
             return
-        self.bad_in_row += 1
+        run.bad_in_row += 1
         log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; step skipped (%d in a row)", done,
-                    mean_loss, grad_norm, self.bad_in_row)
-        if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            last = checkpoint.list_checkpoints(self.ckpt_dir)
+                    mean_loss, grad_norm, run.bad_in_row)
+        if run.bad_in_row >= self.cfg.train.max_bad_steps:
             raise RunStoppedError(
-                f"{self.bad_in_row} consecutive steps (to step {done}) had a non-finite loss or gradient; stopping "
+                f"{run.bad_in_row} consecutive steps (to step {done}) had a non-finite loss or gradient; stopping "
                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}). Last good checkpoint: "
-                f"{last[-1] if last else 'none yet'}. Lower optim.lr or check the data (python -m data.validate)"
+                f"{checkpoint.newest(self.ckpt_dir) or 'none yet'}. Lower optim.lr or check the data "
+                "(python -m data.validate)"
             )
 
     # ---- on cadence -------------------------------------------------------------------------------------------
@@ -394,7 +327,7 @@ class Trainer:
     def log_metrics(self, done: int) -> None:
         t = self.cfg.train
         elapsed = time.perf_counter() - self.tic
-        recent = [x for x in self.history[-t.log_every:] if math.isfinite(x)]
+        recent = [x for x in self.run.history[-t.log_every:] if math.isfinite(x)]
         values = {
             "train/loss": sum(recent) / max(1, len(recent)), "train/grad_norm": self.last_grad_norm,
             "train/lr": self.sched.get_last_lr()[0], "train/img_per_s": self.seen / max(elapsed, 1e-9),
@@ -412,7 +345,7 @@ class Trainer:
             return
         self.model.eval()
         for name, weights in (("ema", self.ema.model), ("raw", self.model)):
-            with self.parallel.full_copy(weights, self.model_config) as module:
+            with self.parallel.full_copy(weights, self.model_config, self._adapt_copy) as module:
                 if self.previewer is not None:
                     path = self.previewer(module, self.out_dir / "samples" / f"step_{done:08d}_{name}.png")
                     self.logger.log_image(f"samples/{name}", path, done, caption=" | ".join(self.previewer.captions))
@@ -428,21 +361,32 @@ class Trainer:
         if values:
             self.tic += values["val/seconds"]
             self.logger.log(values, done)
-            self.extra["validation"] = dict(values, step=done)
+            self.run.extra["validation"] = dict(values, step=done)
 
     def save(self, done: int) -> Path:
         """One checkpoint: a file by rank 0, or a sharded folder by every rank (written in the background with
         train.async_checkpoint; a half-written one never has its final name)."""
         if self.writer is not None:
-            path = self.writer.save(done, *self.sharded_state())
+            path = self.writer.save(done, *self.state.sharded_state(self.env.world_size, self.parallel.mode))
         else:
             path = checkpoint.checkpoint_path(self.ckpt_dir, done)
-            state = self.state_dict() if self.env.is_main or self.parallel.sharded else None
+            state = self.state.file_state() if self.env.is_main or self.parallel.sharded else None
             if self.env.is_main:
                 checkpoint.save_atomic(state, path)
                 checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        if self.lora.enabled:
+            self._write_adapters(done)
         self.env.barrier()
         return path
+
+    def _write_adapters(self, done: int) -> None:
+        """A LoRA run's adapters in peft's format (out_dir/adapter, out_dir/adapter_raw) beside each checkpoint;
+        sharded, every rank helps gather them."""
+        tensors = dict(ema=lora_training.adapter_tensors(self.ema.model),
+                       raw=lora_training.adapter_tensors(self.model))
+        if self.env.is_main:
+            lora_training.write_adapters(self.out_dir, self.lora, self.model_config, self.metadata.to_dict(), done,
+                                         tensors)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -450,9 +394,9 @@ class Trainer:
         t = self.cfg.train
         self.start_clock()
         with PreemptionFlag() as preempted:
-            for step in range(self.step, t.max_steps):
+            for step in range(self.run.step, t.max_steps):
                 self.train_step(step)
-                self.step = done = step + 1
+                self.run.step = done = step + 1
                 self.seen += t.batch_size
                 self.progress.step()
                 final = done == t.max_steps
@@ -474,29 +418,30 @@ class Trainer:
         t = self.cfg.train
         self.model.train()
         self.pending, self.last_grad_norm, self.stopped_by_signal, self.out_of_time = [], float("nan"), False, False
-        self.progress = Progress(f"stage {self.cfg.stage}", self.step, t.max_steps, self.env.is_main)
+        self.progress = Progress(f"stage {self.cfg.stage}", self.run.step, t.max_steps, self.env.is_main)
         self.tic, self.seen = time.perf_counter(), 0
         self.deadline = None if t.max_minutes is None else time.perf_counter() + 60 * float(t.max_minutes)
-        if self.extra.get("held_loss_start") is not None and self.step == 0:
-            self.logger.log({"held/loss_start": self.extra["held_loss_start"]}, 0)
+        if self.run.extra.get("held_loss_start") is not None and self.run.step == 0:
+            self.logger.log({"held/loss_start": self.run.extra["held_loss_start"]}, 0)
 
     def finish(self) -> dict:
         """The stage's summary (also out_dir/summary.json): steps, losses, held losses, where things are."""
         t, mc = self.cfg.train, self.model_config
         if self.stopped_by_signal:
-            log.warning("stopped by signal after step %d; checkpoint saved", self.step)
+            log.warning("stopped by signal after step %d; checkpoint saved", self.run.step)
         elif self.out_of_time:
-            log.info("train.max_minutes=%s reached after step %d; checkpoint saved", t.max_minutes, self.step)
+            log.info("train.max_minutes=%s reached after step %d; checkpoint saved", t.max_minutes, self.run.step)
         if self.writer is not None:
             self.writer.wait()  # an asynchronous save still writing: the summary names it complete
-        summary = dict(stage=self.cfg.stage, steps=len(self.history), max_steps=t.max_steps,
+        summary = dict(stage=self.cfg.stage, steps=len(self.run.history), max_steps=t.max_steps,
                        preempted=self.stopped_by_signal, time_limit_reached=self.out_of_time)
         held = self._held_end()
         if self.env.is_main:
             summary |= self._main_summary(held)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             title = f"stage {self.cfg.stage}: {mc.name}, {self.n_params / 1e6:.1f}M parameters"
-            save_loss_plot(list(range(1, len(self.history) + 1)), self.history, self.out_dir / "loss.png", title)
+            history = self.run.history
+            save_loss_plot(list(range(1, len(history) + 1)), history, self.out_dir / "loss.png", title)
         self.logger.finish()
         return summary
 
@@ -509,7 +454,7 @@ class Trainer:
         if not measure or (self.held is None and not self.parallel.sharded):
             return held
         for name, weights in (("ema", self.ema.model), ("raw", self.model)):
-            with self.parallel.full_copy(weights, self.model_config) as module:
+            with self.parallel.full_copy(weights, self.model_config, self._adapt_copy) as module:
                 if self.held is not None:
                     held[f"held_loss_end_{name}"] = self.held(module)
                     if name == "ema":  # the null condition: what reparameterize.py carries over exactly (at t*)
@@ -517,18 +462,19 @@ class Trainer:
         return held
 
     def _main_summary(self, held_end: dict[str, float | None]) -> dict:
-        final = checkpoint.list_checkpoints(self.ckpt_dir)
-        finite = [x for x in self.history if math.isfinite(x)]
+        final = checkpoint.newest(self.ckpt_dir)
+        finite = [x for x in self.run.history if math.isfinite(x)]
         tail = finite[-50:]
         measure = self.held is not None and not self.stopped_by_signal
-        held = dict(held_loss_start=self.extra.get("held_loss_start"), **held_end)
+        held = dict(held_loss_start=self.run.extra.get("held_loss_start"), **held_end)
         if measure:
             ends = {f"held/{k.removeprefix('held_')}": v for k, v in held.items() if v is not None and "end" in k}
-            self.logger.log(ends, self.step)
+            self.logger.log(ends, self.run.step)
         return dict(
-            model=self.model_config.name, parameters=self.n_params, checkpoint=str(final[-1]) if final else None,
+            model=self.model_config.name, parameters=self.n_params, trainable_parameters=self.n_trainable,
+            checkpoint=str(final) if final else None,
             first_loss=finite[0] if finite else None, final_loss=sum(tail) / len(tail) if tail else None, **held,
-            validation=self.extra.get("validation"),
+            validation=self.run.extra.get("validation"),
             samples=str(self.out_dir / "samples"), loss_plot=str(self.out_dir / "loss.png"),
         )
 

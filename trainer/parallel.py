@@ -35,6 +35,10 @@ and takes, or skips, the same step.
 The EMA is sharded exactly like the model (trainer/ema.py blends each rank's local shard with the matching
 shard of the weights: the same update, element for element). Previews and the held losses run on rank 0 from a
 copy gathered for the occasion (`full_copy`), so trainer/preview.py and trainer/held_loss.py stay unchanged.
+Frozen parameters (a LoRA run's base, trainer/lora.py) are sharded like the others, in the same groups: they get no
+gradient, so FSDP2 reduce-scatters nothing of theirs and the optimizer holds no state for them, and FSDP2 asks one
+dtype of the trainable parameters of a group only, so a base stored in bf16 shards beside fp32 adapters. DDP hooks
+only parameters that require grad: a frozen base is broadcast once when wrapped and never all-reduced.
 The frozen text encoder and the VAE are not sharded: they are called on rank 0 alone (previews, held batches)
 or a different number of times per rank (the text cache), which a sharded module, whose forward is a
 collective, cannot allow.
@@ -163,10 +167,11 @@ class Parallel:
     # ---- whole weights, for rank 0 --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def full_copy(self, module: nn.Module, model_config) -> Iterator[nn.Module | None]:
+    def full_copy(self, module: nn.Module, model_config, adapt=None) -> Iterator[nn.Module | None]:
         """`module` with all its weights, for what runs on rank 0 alone (previews, held losses). Unsharded it is
         `module` itself on every rank. Sharded, every rank must enter (the weights are gathered); rank 0 gets a
-        plain fp32 copy on its device, freed on exit, and the other ranks None."""
+        plain fp32 copy on its device, freed on exit, and the other ranks None. `adapt(model)`: what a fresh model
+        needs to take `module`'s weights (a LoRA run's layers, trainer/lora.py)."""
         if not self.sharded:
             yield module
             return
@@ -181,6 +186,7 @@ class Parallel:
             return
         with torch.device("meta"):
             copy = build_model(model_config)
+            copy = adapt(copy) if adapt is not None else copy
         copy = copy.to_empty(device=self.env.device)
         load_module_state(copy, split_extra_state(state)[0])  # te.Linear's scaling state is not needed here
         del state

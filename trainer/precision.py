@@ -144,11 +144,14 @@ class Precision:
         # Only te.Linear accumulates into main_grad; with no TE layers converted this changes nothing.
         self.fuse_wgrad_accumulation = cfg.fuse_wgrad_accumulation
 
-    def convert(self, model: nn.Module, model_config=None, sizes: Sequence[tuple[int, int]] = ()) -> int:
+    def convert(self, model: nn.Module, model_config=None, sizes: Sequence[tuple[int, int]] = (),
+                adapted=None) -> int:
         """Swap the large linears for te.Linear when fp8 is on and TE can run; returns how many. Only layers whose
         feature sizes are multiples of the recipe's FP8_MULTIPLE convert, and with a model config and the data's
         input sizes (every bucket's), only those whose rows per sample are too, at every size: TE's shape rule then
-        holds at any batch size."""
+        holds at any batch size. `adapted`: for a model with LoRA layers, trainer/lora.py's adapter_aware, which
+        wraps the filter so that it reads a wrapped layer by the name it had (the names rows_per_sample measures)
+        and keeps the adapters in bf16."""
         if not self.fp8 or linear_backend("fp8", self.device) == "torch":
             return 0  # linear_backend has logged why
         name = fp8_recipe_name(self.recipe_name, self.device)
@@ -157,11 +160,13 @@ class Precision:
         if model_config is not None and sizes:
             rows = rows_per_sample(model_config, sizes)
             unsafe = sorted(n for n, r in rows.items() if any(v % multiple for v in r) and include(
-                n, model.get_submodule(n)))
+                n, _unwrapped(model.get_submodule(n))))
             if unsafe:
                 log.info("kept in bf16 for TE's shape rule (%s: rows per sample not a multiple of %d at %s): %s",
                          name, multiple, [f"{h}x{w}" for h, w in sizes], layer_kinds(unsafe))
             include = _excluding(include, set(unsafe))
+        if adapted is not None:
+            include = adapted(include)
         converted = convert_linears(model, "fp8", self.device, include=include,
                                     fuse_wgrad_accumulation=self.fuse_wgrad_accumulation)
         if converted:
@@ -179,6 +184,11 @@ class Precision:
         if self.recipe is not None:
             stack.enter_context(fp8_context(self.recipe))
         return stack
+
+
+def _unwrapped(layer: nn.Module) -> nn.Module:
+    """The linear a LoRA layer wraps (peft's `base_layer`, trainer/lora.py), or the layer itself."""
+    return getattr(layer, "base_layer", layer)
 
 
 def _excluding(include, names: set[str]):

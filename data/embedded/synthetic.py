@@ -74,6 +74,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
+NOVEL_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (240, 110, 180)}
+"""Colours no generated scene uses (sample_spec draws from COLOURS only): `novel_colour_sample` draws them for a small
+set of its own, which a LoRA teaches to a model that never saw the word (scripts/demo/lora.py)."""
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "white": (250, 250, 250),
@@ -132,7 +135,8 @@ class ShapeSpec:
     """(x, y) shift of the centroid from its anchor, in fractions of the side (the `objects` mix's jitter)."""
 
     def __post_init__(self) -> None:
-        for value, allowed in ((self.colour, COLOURS), (self.shape, SHAPES), (self.position, POSITIONS)):
+        colours = COLOURS | NOVEL_COLOURS
+        for value, allowed in ((self.colour, colours), (self.shape, SHAPES), (self.position, POSITIONS)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {list(allowed)}")
         if self.size not in SIZES:
@@ -171,7 +175,7 @@ class SceneSpec:
 
 
 def contrasts(colour: str, background: str) -> bool:
-    return math.dist(COLOURS[colour], BACKGROUNDS[background]) >= MIN_CONTRAST
+    return math.dist((COLOURS | NOVEL_COLOURS)[colour], BACKGROUNDS[background]) >= MIN_CONTRAST
 
 
 def _pick(rng: UniformSource, options: Sequence[str]) -> str:
@@ -295,7 +299,7 @@ def render_scene(spec: SceneSpec, image_size: Size = 32) -> Image.Image:
         ax, ay = _ANCHORS[s.position]
         ax, ay = ax + s.offset[0], ay + s.offset[1]
         cx, cy, diameter = ax * (width * SUPERSAMPLE), ay * (height * SUPERSAMPLE), SIZES[s.size] * side
-        fill = COLOURS[s.colour]
+        fill = (COLOURS | NOVEL_COLOURS)[s.colour]
         if s.shape == "circle":
             r = diameter / 2
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -383,6 +387,24 @@ def iter_samples(
     equal shares of each size, for aspect-ratio buckets)."""
     for index in range(num_samples):
         yield make_sample(seed, index, sizes[index % len(sizes)] if sizes else image_size, mix)
+
+
+def novel_colour_sample(seed: int, index: int, image_size: Size, colour: str = "pink") -> EmbeddedSample:
+    """Sample `index` of a one-shape set in a NOVEL_COLOURS colour: shape, position and a background it stands out on
+    drawn uniformly from its own generator (seeded by (seed, index, the colour's place)), large as in the caption
+    stages' `single` mix, captioned in the training grammar."""
+    if colour not in NOVEL_COLOURS:
+        raise ValueError(f"{colour!r} is not one of the novel colours {list(NOVEL_COLOURS)}")
+    rng = np.random.default_rng([seed, index, 1 + list(NOVEL_COLOURS).index(colour)])
+    shape = ShapeSpec(colour, _pick(rng, SHAPES), _pick(rng, POSITIONS), _pick(rng, MIXES["single"].sizes))
+    spec = SceneSpec((shape,), _pick(rng, [b for b in BACKGROUNDS if contrasts(colour, b)]))
+    return EmbeddedSample(
+        key=f"{NAME}-{colour}-{index:06d}", image=render_scene(spec, image_size), caption=caption(spec),
+        short_caption=short_caption(spec), label=spec.label, label_name=SHAPES[spec.label],
+        attributes=dict(shapes=[dict(colour=colour, shape=shape.shape, position=shape.position, size=shape.size,
+                                     rgb=list(NOVEL_COLOURS[colour]))], num_shapes=1, background=spec.background,
+                        background_rgb=list(BACKGROUNDS[spec.background]), seed=seed, index=index),
+    )
 
 
 def metadata(seed: int, mix: SceneMix = MIXES["scenes"]) -> dict:

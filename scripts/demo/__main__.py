@@ -79,10 +79,10 @@ def build_data(data_dir: Path, samples_32: int, samples_hi: int) -> None:
 def newest_checkpoint(run_dir: Path) -> Path:
     from core import checkpoint
 
-    found = checkpoint.list_checkpoints(run_dir / "checkpoints")
-    if not found:
+    found = checkpoint.newest(run_dir)
+    if found is None:
         raise SystemExit(f"demo: no checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1]
+    return found
 
 
 def parse_parity(text: str) -> dict[str, float]:

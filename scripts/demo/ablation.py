@@ -34,10 +34,12 @@ RESULTS = ROOT / "outputs" / "ablation" / "results.jsonl"
 
 
 def newest(run: Path) -> Path:
-    found = sorted((run / "checkpoints").glob("step_*.pt"))
-    if not found:
+    from core import checkpoint
+
+    found = checkpoint.newest(run)
+    if found is None:
         raise SystemExit(f"no checkpoint in {run}")
-    return found[-1]
+    return found
 
 
 def run(cmd: list[str], log: Path) -> None:

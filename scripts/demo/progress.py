@@ -48,7 +48,7 @@ def main() -> None:
             points = old
         elif stage > 1:
             for ckpt in checkpoint.list_checkpoints(run / "checkpoints"):
-                step = int(ckpt.stem.split("_")[-1])
+                step = checkpoint.step_of(ckpt)
                 out = args.out.parent / f"{args.out.stem}_points" / f"stage{stage}_{step}"
                 subprocess.run([sys.executable, "-m", "evaluation.evaluate", "--model-path", str(ckpt),
                                 "--samples-per-prompt", str(args.samples_per_prompt), "--json", str(out / "eval.json"),

@@ -45,10 +45,10 @@ def sample(model_path: Path, prompts: tuple[str, ...], out_dir: Path, *extra: st
 def newest_stage5() -> Path:
     from core import checkpoint
 
-    found = checkpoint.list_checkpoints(ROOT / "outputs" / "embedded" / "stage5" / "checkpoints")
-    if not found:
+    found = checkpoint.newest(ROOT / "outputs" / "embedded" / "stage5")
+    if found is None:
         raise SystemExit("no Stage 5 checkpoint under outputs/embedded/stage5: run `make demo` or pass --model-path")
-    return found[-1]
+    return found
 
 
 def main(argv=None) -> None:
