@@ -5,7 +5,8 @@
 
 1. builds a small set of one-shape scenes in pink (data.embedded.synthetic.novel_colour_sample: no scene of the
    curriculum's data is pink, and no caption says it) and shards it through the real pipeline (captions from the
-   tars, the bundled MiniLM's tokens and states, pixel space), as scripts/tools/build_embedded_data.sh does the curriculum's;
+   tars, the bundled MiniLM's tokens and states, pixel space), as scripts/tools/build_embedded_data.sh does the
+   curriculum's;
 2. trains on it from the base (a Stage-3 checkpoint of `make demo`, or any text checkpoint of the embedded
    models) with train_stage3.py experiment=embedded: a LoRA (train.lora.rank, the mmDiT's default targets) and a full
    fine-tune, the same steps and batch each, each at its own learning rate;
