@@ -38,8 +38,6 @@ def build_embedded_data(root: Path) -> Path:
             argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--captioner", "tar",
                     "--vae", "identity", "--image-size", str(size), "--kind", kind, "--max-length", "32", "--quiet",
                     "--tokenizer", MINILM]
-            if kind == "text" and size == 32:  # Stages 2-3 read the MiniLM's stored states, as make data writes them
-                argv += ["--text-features", "--text-encoder", MINILM]
             assert shard_main(argv) == 0
     for size, buckets, samples in BUCKETED:
         sizes = [tuple(int(v) for v in b.split("x")) for b in buckets.split(",")]
