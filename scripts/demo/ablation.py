@@ -4,7 +4,8 @@ compositions, one row of results per run (outputs/ablation/results.jsonl; `--tab
     python -m scripts.demo.ablation --name base --seed 0                      # the committed demo config
     python -m scripts.demo.ablation --name lr2e-3 --seed 0 -- optim.lr=2e-3   # an override for every stage
     python -m scripts.demo.ablation --name s1-1200 --set 1:train.max_steps=1200 --stages 1 2 3
-    python -m scripts.demo.ablation --name objects --mix 1:objects --mix 2:single --mix 3:single
+    python -m scripts.demo.ablation --name scenes --mix 1:scenes --mix 2:scenes --mix 3:scenes   # the old data
+    python -m scripts.demo.ablation --name s45-lr --reuse base-seed0 --stages 4 5 --set 4:optim.lr=1e-4
     python -m scripts.demo.ablation --table
 
 The embedded data must exist (`make data`, or a previous `make demo`). Each run trains the named stages in order
@@ -14,7 +15,9 @@ held-out compositions. A row records the overrides, each stage's steps, wall min
 accuracies. Wall minutes are only comparable between runs made alone on the same machine.
 
 `--mix STAGE:MIX` trains that stage on synthetic scenes of another mix (data/embedded/synthetic.py: MIXES, with
-overrides such as 'objects,jitter=0.05'), built on first use under DATA_DIR/mixes/ at the stage's size (and buckets).
+overrides such as 'objects,jitter=0.05'), built on first use under DATA_DIR/mixes/ at the stage's size (and buckets);
+`make data` builds Stage 1 of `objects` and Stages 2-5 of `single`. `--reuse RUN` copies the earlier stages of a
+previous run (outputs/ablation/runs/RUN), so a lever on the late stages trains only them.
 """
 
 import argparse
@@ -94,8 +97,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
     p.add_argument("--mix", action="append", default=[], metavar="N:MIX",
                    help="train stage N on synthetic scenes of MIX (built on first use)")
-    p.add_argument("--features", type=int, nargs="*", default=[4, 5],
-                   help="stages whose --mix data stores the captions' MiniLM states (data.text_features=true)")
+    p.add_argument("--features", type=int, nargs="*", default=[2, 3, 4, 5],
+                   help="stages whose --mix data stores the captions' MiniLM states (data.text_features=true), as "
+                        "make data's do; the others encode captions online")
     p.add_argument("--mix-samples", type=int, default=0,
                    help="scenes in a --mix data set (default: 8000 at 32 px, 2000 at 40/48 px, as make demo)")
     p.add_argument("--eval-samples", type=int, default=2)
