@@ -74,7 +74,7 @@ FLOORS = [
     ("jaxtyping", "0.2.30", "present", "in 0.2.30's _import_hook.py", "install_import_hook with a typechecker by name",
      "tests/conftest.py", 'install_import_hook("models", "tests.typecheck.beartype_unless_compiling")'),
     ("numpy", "1.24", "present", "numpy.random.default_rng is documented since 1.17", "numpy.random.default_rng",
-     "data/embedded/synthetic.py", "return sample_spec(np.random.default_rng([seed, index]))"),
+     "data/embedded/synthetic.py", "return sample_spec(np.random.default_rng([seed, index]), mix)"),
     ("wandb", "0.19", "present", "in 0.19.0's wandb_init.py", "wandb.init(mode=, dir=, resume=, id=, tags=)",
      "trainer/logger.py", "self.run = wandb.init("),
 ]
