@@ -184,3 +184,29 @@ def test_precision_falls_back_to_fp32_off_cuda(caplog):
         assert not torch.is_autocast_enabled()
     with pytest.raises(ValueError, match="precision.compute='fp16'"):
         Precision(OmegaConf.structured(PrecisionSection(compute="fp16", fp8=False)), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_stage_lets_its_data_workers_go_when_it_returns(embedded_data, tmp_path, monkeypatch):
+    """train() frees its loader iterator by refcount before it returns, and the workers are joined. Left to a later
+    cyclic GC pass (the Trainer sits in reference cycles), the index queues' own finalizers may stop their feeder
+    threads before the iterator's __del__ sends each worker its None, and torch then waits 5 s per worker before
+    killing it: 20 s at an unrelated line of whatever runs next in the process (a sweep, a notebook, this suite)."""
+    import multiprocessing
+    import weakref
+
+    from trainer.loop import Trainer
+
+    made = []
+    build = Trainer._build_data
+
+    def build_and_keep_a_weak_reference(self):
+        build(self)
+        made.append(weakref.ref(self.batches))
+
+    monkeypatch.setattr(Trainer, "_build_data", build_and_keep_a_weak_reference)
+    workers_before = set(multiprocessing.active_children())
+    train(stage_config(1, embedded_data, tmp_path, "train.max_steps=2", "data.num_workers=2"))
+    assert len(made) == 1
+    assert made[0]() is None, "the loader iterator outlived train(): its workers wait for a cyclic GC pass"
+    assert set(multiprocessing.active_children()) <= workers_before

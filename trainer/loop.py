@@ -38,6 +38,7 @@ import logging
 import math
 import random
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -424,6 +425,11 @@ class Trainer:
         if self.run.extra.get("held_loss_start") is not None and self.run.step == 0:
             self.logger.log({"held/loss_start": self.run.extra["held_loss_start"]}, 0)
 
+    def close(self) -> None:
+        """Free the loader iterator by refcount, so its workers get their `None` now: in a later cyclic GC pass the
+        index queues' finalizers may stop their feeders first, and torch then waits 5 s per worker to kill it."""
+        self.batches = self.loader = None
+
     def finish(self) -> dict:
         """The stage's summary (also out_dir/summary.json): steps, losses, held losses, where things are."""
         t, mc = self.cfg.train, self.model_config
@@ -484,8 +490,8 @@ def train(cfg: DictConfig) -> dict:
     env = distributed.setup(cfg.device, need_group=cfg.train.parallel != "ddp")
     try:
         distributed.quiet_other_ranks(env, cfg.train.log_all_ranks)
-        with RunLock.for_run(Path(cfg.train.out_dir), env):
-            return Trainer(cfg, env).fit()
+        with RunLock.for_run(Path(cfg.train.out_dir), env), closing(Trainer(cfg, env)) as trainer:
+            return trainer.fit()
     finally:
         distributed.teardown()
 
