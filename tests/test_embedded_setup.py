@@ -118,8 +118,8 @@ def test_make_data_builds_what_every_embedded_stage_reads(tmp_path):
                      "synthetic-48-buckets/shards-text"]
     mixes = {p.parent.relative_to(tmp_path).as_posix(): json.loads(p.read_text())["mix_name"]
              for p in tmp_path.glob("*/tars*/dataset.json")}
-    assert mixes == {"synthetic-32/tars-objects": "objects", "synthetic-32/tars-single": "single",
-                     "synthetic-40-buckets/tars": "single", "synthetic-48-buckets/tars": "single"}
+    assert mixes == {"synthetic-32/tars-objects": "objects", "synthetic-32/tars-captions": "captions",
+                     "synthetic-40-buckets/tars": "captions", "synthetic-48-buckets/tars": "captions"}
     for stage in range(1, 6):
         cfg = compose_stage(stage, "experiment=embedded", f"embedded_data={tmp_path}")
         spec = builders.read_data_spec(cfg)

@@ -66,6 +66,15 @@ def test_single_draws_one_large_shape_at_every_position_and_background():
     assert {s.background for s in gray} == {"gray"}
 
 
+def test_captions_is_single_on_gray_scene_for_scene():
+    """The caption stages' mix draws exactly the scenes the ablation measured as `single,backgrounds=gray` (README,
+    "What limits it"): every scene one large shape on gray, and the same scene at every index."""
+    specs = _specs("captions", 2000)
+    assert {s.background for s in specs} == {"gray"} and {s.shapes[0].size for s in specs} == {"large"}
+    assert {len(s.shapes) for s in specs} == {1} and {s.shapes[0].position for s in specs} == set(POSITIONS)
+    assert specs == _specs("single,backgrounds=gray", 2000)
+
+
 def test_the_default_mix_keeps_two_shape_scenes_and_both_sizes():
     specs = _specs("scenes", 2000)
     share = sum(len(s.shapes) == 2 for s in specs) / len(specs)

@@ -40,6 +40,8 @@ curriculum gets data for its own job (PixArt-alpha's curriculum [chen2023pixarta
 
     scenes   one shape (60%) at any of the five positions, or two in two corners; small or large; the default
     single   one shape at any of the five positions; the sizes and backgrounds of the mix's fields
+    captions `single` on gray only, the background every held-out prompt names: the caption stages' scenes (on five
+             backgrounds the words bound to shapes at half the rate at this budget; README, "What limits it")
     objects  one `huge` shape (diameter 0.62) at the centre, optionally jittered: class-conditional pretraining on
              object-centric images, where the label is true to most of the pixels
 
@@ -213,6 +215,7 @@ MIXES: dict[str, SceneMix] = {
     "scenes": SceneMix(),
     "single": SceneMix(two_shape_probability=0.0, sizes=("large",)),
     "objects": SceneMix(two_shape_probability=0.0, positions=("center",), sizes=("huge",)),
+    "captions": SceneMix(two_shape_probability=0.0, sizes=("large",), backgrounds=("gray",)),
 }
 
 

