@@ -3,6 +3,8 @@ command line around them is reparameterize.py (its docstring explains each conve
 
     ccdit_to_mmdit       Stage 1 -> Stage 2: the class-conditional ccDiT's state as a text-conditional mmDiT's
     change_resolution    the same network at another input size (no parameter changes; positions interpolate)
+    change_patch         the same network with another patch size: patch embedding and output layer resampled, so
+                         a larger image at a larger patch gives the tokens its area-downsampled image gave
     te_to_torch_state    te.Linear layout -> nn.Linear layout (drops `_extra_state`)
     torch_to_te_state    nn.Linear layout -> te.Linear layout
     pixart_to_diffusers  a pixart model's state as diffusers' PixArtTransformer2DModel's (pixart_diffusers_config)
@@ -173,6 +175,66 @@ def change_resolution(
     _check_state_matches(state, cfg)
     check_same_parameter_shapes(cfg, new)
     return new, dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patch-size change
+
+PATCH_KEYS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "final.linear.weight", "final.linear.bias")
+"""The only tensors whose shapes follow the patch size, in every family built on models/embeddings.py:PatchEmbed and a
+final layer that unpatchifies in (p q c) order (ccdit, mmdit, jointdit, pixart)."""
+
+
+def area_downsample_matrix(src: int, dst: int) -> Tensor:
+    """[dst, src] float64: pixel i of a dst-pixel row is the mean of the src-pixel row over [i, i + 1) * src / dst,
+    each source pixel weighted by how much of it lies there (the box filter of PIL's `reduce`, at any ratio)."""
+    ratio = src / dst
+    lo = torch.arange(dst, dtype=torch.float64)[:, None] * ratio
+    j = torch.arange(src, dtype=torch.float64)[None, :]
+    return (torch.minimum(lo + ratio, j + 1) - torch.maximum(lo, j)).clamp(min=0) / ratio
+
+
+def change_patch(state: dict[str, Tensor], cfg: ModelConfig, patch: int) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Pure function: (state dict, config) at one patch size -> (config, state dict) at `patch`, the token grid kept.
+
+    In pixel space the patch grows with the image, as JiT does from 256 to 512 px [li2025jit], so a resolution step
+    keeps the token grid and every learned spacing (PixArt's latent stages grow the grid instead). With D the area
+    downsampling of a new patch to an old one ([p, P] per axis, `area_downsample_matrix`):
+
+    * patch embedding: W' = D^T W D per input channel, so embedding a P x P patch gives exactly what embedding its
+      area-downsampled p x p patch gave: the trunk sees a larger image as it saw the smaller one;
+    * output layer: W' = U W U^T per output channel with U = pinv(D), the least-norm P x P patch whose area
+      downsampling is the old p x p output (D U = I); the bias likewise.
+
+    FlexiViT resamples a patch embedding by such a pseudo-inverse [beyer2023flexivit]. Every other tensor is carried
+    unchanged, base_grid included (positions stay where they were when the grid does). Raises ValueError for a
+    family without these four tensors (pixeldit, whose pixel path has its own per-pixel layers), or when `state`
+    does not match `cfg`.
+    """
+    if patch <= 0:
+        raise ValueError(f"patch={patch} must be a positive integer")
+    _check_state_matches(state, cfg)
+    missing = [k for k in PATCH_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{cfg.name} ({cfg.family}) has no {missing[0]}: change_patch resamples the patch embedding "
+                         "and output layer of the ccdit, mmdit, jointdit and pixart families only")
+    grid = cfg.input_size // cfg.patch
+    new = dataclasses.replace(cfg, patch=patch, input_size=grid * patch, base_grid=cfg.base_grid or grid,
+                              extra=dict(cfg.extra))
+    down = area_downsample_matrix(patch, cfg.patch)  # [p, P]
+    up = torch.linalg.pinv(down)  # [P, p]
+    out = dict(state)
+    w = state["patch_embed.proj.weight"]
+    out["patch_embed.proj.weight"] = torch.einsum("dcpq,pP,qQ->dcPQ", w.double(), down, down).to(w.dtype)
+    weight, bias = state["final.linear.weight"], state["final.linear.bias"]
+    channels = weight.shape[0] // cfg.patch**2
+    w_out = weight.double().reshape(cfg.patch, cfg.patch, channels, -1)
+    out["final.linear.weight"] = torch.einsum("pqcd,Pp,Qq->PQcd", w_out, up, up).reshape(
+        patch**2 * channels, -1).to(weight.dtype)
+    b_out = bias.double().reshape(cfg.patch, cfg.patch, channels)
+    out["final.linear.bias"] = torch.einsum("pqc,Pp,Qq->PQc", b_out, up, up).reshape(-1).to(bias.dtype)
+    log.info("patch %d -> %d (token grid %d kept): patch embedding and output layer resampled", cfg.patch, patch, grid)
+    return new, out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ CONFIGS = str(ROOT / "configs")
 # (size, kinds, samples) of the synthetic datasets the five embedded stages read (configs/embedded/).
 DATASETS = ((32, ("labels", "text"), 160), (40, ("text",), 64), (48, ("text",), 64))
 # (size, buckets, samples) of the aspect-ratio bucketed sets with stored text features (Stages 4-5).
-BUCKETED = ((40, "40x40,32x48,48x32", 64), (48, "48x48,40x56,56x40", 64))
+BUCKETED = ((40, "40x40,35x45,45x35", 64), (48, "48x48,42x54,54x42", 64))
 
 TINY = [
     "model.overrides.dim=32", "model.overrides.depth=2", "model.overrides.heads=2", "model.overrides.cond_dim=32",

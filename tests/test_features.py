@@ -134,9 +134,9 @@ def test_bucketed_stage_trains_on_every_bucket(embedded_data, tmp_path, monkeypa
 
 
 def test_data_buckets_names_the_shards_buckets(embedded_data, tmp_path):
-    cfg = stage_config(4, embedded_data, tmp_path, *STAGE4, "data.buckets=[32x48,48x32]", "train.eval_batches=0")
-    assert builders.loader_options(cfg, None)["buckets"] == ["32x48", "48x32"]
-    for bad, words in (("[40x56]", "holds the buckets 48x32, 40x40, 32x48"), ("[]", "holds the buckets")):
+    cfg = stage_config(4, embedded_data, tmp_path, *STAGE4, "data.buckets=[35x45,45x35]", "train.eval_batches=0")
+    assert builders.loader_options(cfg, None)["buckets"] == ["35x45", "45x35"]
+    for bad, words in (("[42x54]", "holds the buckets 45x35, 40x40, 35x45"), ("[]", "holds the buckets")):
         cfg = stage_config(4, embedded_data, tmp_path, *STAGE4, f"data.buckets={bad}")
         with pytest.raises(ConfigError, match=rf"data.buckets=.*: .* {words}"):
             builders.loader_options(cfg, None)

@@ -241,19 +241,19 @@ def test_text_stage_at_an_odd_micro_batch_meets_the_recipes_rule(gpu, embedded_d
 @pytest.mark.slow
 @pytest.mark.parametrize("gpu", [HOPPER, BLACKWELL], ids=["hopper-current", "blackwell-mxfp8"])
 def test_every_bucket_meets_the_rule(gpu, embedded_data, tmp_path, monkeypatch, caplog):
-    """Stage 5's buckets are 48x48 (144 tokens a sample at patch 4) and 40x56 / 56x40 (140): the square passes the
-    rule on Hopper, the others do not (6 x 140 = 840 rows: a multiple of 8, so the forward runs, but not of 16, so
-    the backward's wgrad GEMM fails). The image-token layers must stay bf16, decided from every bucket; the
+    """Stage 5's buckets are 48x48 (64 tokens a sample at patch 6) and 42x54 / 54x42 (63): the square passes the
+    rule at every recipe's multiple (6 x 64 = 384 rows), the others do not (6 x 63 = 378 rows: not a multiple of 8,
+    so even the forward would fail). The image-token layers must stay bf16, decided from every bucket; the
     caption-key projection (padded) converts."""
     te_standin.install(monkeypatch, gpu)
     with caplog.at_level("INFO"):
         summary = train(stage_config(5, embedded_data, tmp_path, *FP8, "train.init_from=null", "train.batch_size=6",
-                                     "data.buckets=[40x56]", "train.max_steps=2", "train.eval_batches=0"))
+                                     "data.buckets=[42x54]", "train.max_steps=2", "train.eval_batches=0"))
     assert summary["steps"] == 2 and _stand_ins_ran()
     kept = caplog.text.split("kept in bf16 for TE's shape rule")[1].splitlines()[0]
     multiple = FP8_MULTIPLE[fp8_recipe_name("auto", torch.device("cuda"))]
-    assert f"not a multiple of {multiple} at [" in kept and all(f"'{size}'" in kept for size in ("48x48", "40x56",
-                                                                                                   "56x40"))
+    assert f"not a multiple of {multiple} at [" in kept and all(f"'{size}'" in kept for size in ("48x48", "42x54",
+                                                                                                   "54x42"))
     for kind in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "cross_attn.q "):
         assert f"blocks.*.{kind}" in kept + " ", kind
     assert "blocks.*.cross_attn.kv x2" in _conversion(caplog.text)[0]

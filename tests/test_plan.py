@@ -308,8 +308,8 @@ def test_stored_text_features_keep_the_encoder_off_the_gpu(embedded_data, tmp_pa
     conditioning reads the stored states; previews load one on the CPU), so the plan counts none; with
     data.text_features=false the trainer loads it on the device, and the plan counts its parameters (the loaded
     encoder's) in the configured dtype.
-    The activations are planned at the largest bucket the run trains on (40x40: 100 tokens at patch 4; 32x48 and
-    48x32 hold 96)."""
+    The activations are planned at the largest bucket the run trains on (40x40: 64 tokens at Stage 4's patch 5;
+    35x45 and 45x35 hold 63)."""
     from core.conditioning import FeatureConditioning
     from tests.stages import stage_config
     from trainer import builders
@@ -321,10 +321,10 @@ def test_stored_text_features_keep_the_encoder_off_the_gpu(embedded_data, tmp_pa
     plan = make_plan(cfg, 1)
     encoder = next(r for r in plan.rows() if r.name.startswith("text encoder"))
     assert encoder.bytes == 0 and "not on the GPU" in encoder.how
-    assert plan.tokens == 100 and "the largest of 3 buckets" in plan.title
+    assert plan.tokens == 64 and "the largest of 3 buckets" in plan.title
     wide = make_plan(stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
-                                  "data.buckets=[32x48,48x32]"), 1)  # the buckets the run trains on: 96 tokens
-    assert wide.tokens == 96 and "the largest of 2 buckets" in wide.title
+                                  "data.buckets=[35x45,45x35]"), 1)  # the buckets the run trains on: 63 tokens
+    assert wide.tokens == 63 and "the largest of 2 buckets" in wide.title
 
     encoding = stage_config(4, embedded_data, tmp_path, "device=cpu", "train.init_from=null",
                             "data.text_features=false")

@@ -85,7 +85,7 @@ def test_for_stage_2_refuses_what_stage_2_would_refuse(capsys, flags, named):
 @pytest.mark.parametrize("overrides, flags, named", [
     (["data.text_features=true"], ["--no-text-features"], "the stage's data.text_features is true"),
     (["data.text_features=false"], ["--text-features"], "data.text_features is false"),
-    (["data.buckets=[40x40]"], ["--buckets", "32x48,48x32"], "data.buckets names ['40x40']"),
+    (["data.buckets=[40x40]"], ["--buckets", "35x45,45x35"], "data.buckets names ['40x40']"),
     (["model.patch=64"], [], "model.patch 64"),
     ([], ["--text-features", "--text-encoder", "google/t5gemma-xl-xl-ul2"], "text_encoder.name_or_path"),
 ])
@@ -110,10 +110,10 @@ def test_accepted_shards_pass_the_trainers_own_checks(tmp_path):
 
     tars = tmp_path / "tars"
     build("synthetic", tars, image_size=40, num_samples=6, samples_per_tar=6, progress=False,
-          sizes=[(40, 40), (32, 48), (48, 32)])
+          sizes=[(40, 40), (35, 45), (45, 35)])
     out = tmp_path / "shards"
     argv = ["--input-glob", str(tars / "*.tar"), "--out-dir", str(out), "--for-stage", "4",
-            "--stage-override", "experiment=embedded", "--buckets", "40x40,32x48,48x32", "--quiet"]
+            "--stage-override", "experiment=embedded", "--buckets", "40x40,35x45,45x35", "--quiet"]
     assert cli_main(argv) == 0
     spec = read_manifest(out)[1]
     assert spec.text_features is not None and spec.extra["captioner"]["backend"] == "tar"

@@ -14,7 +14,7 @@ from core import checkpoint
 from tests.stages import ROOT, TINY
 
 ENV = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-PATCH, BASE_GRID = 4, 8  # stage 1-3 data is 32 px: 8x8 tokens of 4x4 pixels
+BASE_GRID = 8  # stage 1-3 data is 32 px: 8x8 tokens of 4x4 pixels
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -55,8 +55,8 @@ def test_the_curriculum_runs_stage_by_stage_from_the_command_line(embedded_data,
         run_ok(train_cmd(n, embedded_data, out[n], f"train.init_from={out[n - 1]}"))
         assert initialised_from(out[n], n) == [str(checkpoint.newest(out[n - 1]))]
 
-    tokens = {1: 8, 2: 8, 3: 8, 4: 10, 5: 12}  # per side: 32, 40, 48 px in 4x4 patches
-    for n, side in tokens.items():
+    patches = {1: 4, 2: 4, 3: 4, 4: 5, 5: 6}  # 32, 40, 48 px: the patch grows with the image, 8x8 tokens throughout
+    for n, patch in patches.items():
         ckpts = checkpoint.list_checkpoints(out[n] / "checkpoints")
         assert [p.name for p in ckpts] == ["step_00000002.pt"], n
         state = checkpoint.load(ckpts[-1])
@@ -64,10 +64,12 @@ def test_the_curriculum_runs_stage_by_stage_from_the_command_line(embedded_data,
         assert meta["stage"] == n and state["step"] == 2 and len(state["history"]) == 2
         assert meta["family"] == ("ccdit" if n == 1 else "mmdit")
         assert meta["conditioning"] == ("class" if n == 1 else "text")
-        assert model["patch"] == PATCH and model["input_size"] == side * PATCH == meta["image_size"], (n, model)
-        # base_grid is Stage 1's 8x8 throughout: 40 and 48 px interpolate the positions learned at 32 px.
+        assert model["patch"] == patch and model["input_size"] == BASE_GRID * patch == meta["image_size"], (n, model)
+        # base_grid is Stage 1's 8x8 throughout: the 7x9 buckets of 40 and 48 px interpolate its positions per axis.
         assert model["base_grid"] == BASE_GRID, (n, model)
         assert (out[n] / ".hydra" / "config.yaml").is_file() and (out[n] / "summary.json").is_file()
+    resampled = (out[4] / "train_stage4.log").read_text() + (out[5] / "train_stage5.log").read_text()
+    assert "patch 4 -> 5 (token grid 8 kept)" in resampled and "patch 5 -> 6 (token grid 8 kept)" in resampled
 
     output, _ = typo.communicate(timeout=120)
     assert typo.returncode != 0

@@ -366,6 +366,20 @@ def check_init_stage(cfg: DictConfig, src: Path, state: dict[str, Any]) -> None:
     )
 
 
+def _to_patch(weights: dict[str, Any], record: CheckpointMetadata, target: ModelConfig, src: Path) -> dict[str, Any]:
+    """The weights at the model's patch size: a stage whose config names another patch than the checkpoint it
+    starts from (the embedded Stages 4-5 grow it with the image, keeping the 8 x 8 token grid) gets them resampled
+    by models/conversion.py:change_patch; the same patch, or another family, passes them through unchanged."""
+    if not record.model or record.family != target.family or record.model.get("patch") in (None, target.patch):
+        return weights
+    from models.conversion import change_patch
+
+    try:
+        return change_patch(weights, record.model_config, target.patch)[1]
+    except ValueError as err:
+        raise ConfigError(f"train.init_from={str(src)!r}: model.patch={target.patch}: {err}") from None
+
+
 def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, Any], which: str) -> None:
     """Load the `ema` or `raw` weights of a checkpoint into `model`; a mismatch names both sides."""
     key = checkpoint.WEIGHTS[which]
@@ -374,6 +388,7 @@ def apply_initial_weights(model: torch.nn.Module, src: Path, state: dict[str, An
         raise ConfigError(f"train.init_from={str(src)!r} holds no '{key}' weights")
     # Plain nn.Linear layout: an FP8-trained checkpoint's TE scaling state (older ones kept it inline) is dropped.
     weights = checkpoint.split_extra_state(weights)[0]
+    weights = _to_patch(weights, init_record(src, state), model.config, src)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         family = init_record(src, state).family

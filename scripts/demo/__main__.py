@@ -10,7 +10,7 @@
    scripts/demo/stage1_probe.py: how often it draws each labelled shape, printed and kept in the summary;
 3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
 4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px, each from the previous stage's EMA;
-5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48x48 and 40x56 px) on
+5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48x48 and 42x54 px) on
    the 40 held-out colour-shape-position combinations, and a prompt grid from the final model;
 6. the distribution figures of the final checkpoint (evaluation/embedded.py: Frechet distance on the scene
    encoder's features against held-out real scenes, with its real-vs-real floor, and the loss by timestep;
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--samples-32", type=int, default=8000, help="synthetic scenes at 32 px")
     parser.add_argument("--samples-hi", type=int, default=2000, help="synthetic scenes at 40 and 48 px each")
     parser.add_argument("--eval-samples", type=int, default=2, help="images per held-out prompt at 32 px (Stage 3)")
-    parser.add_argument("--eval-samples-final", type=int, default=1, help="images per held-out prompt, Stage 5")
+    parser.add_argument("--eval-samples-final", type=int, default=2, help="images per held-out prompt, Stage 5")
     parser.add_argument("--distribution-samples", type=int, default=64,
                         help="samples (and real scenes) for the Frechet distance")
     parser.add_argument("--distribution-stages", type=int, nargs="*", default=[5],
@@ -206,11 +206,11 @@ def main() -> None:
             timings["stage1_probe"] = time.perf_counter() - tic
 
     evaluation = {}
-    # Stage 3 at its 32 px; Stage 5 at its square 48 px and at one of its non-square buckets (40x56, height first).
-    non_square = ["--height", "40", "--width", "56"]
+    # Stage 3 at its 32 px; Stage 5 at its square 48 px and at one of its non-square buckets (42x54, height first).
+    non_square = ["--height", "42", "--width", "54"]
     for name, stage, samples, size in (("stage3", 3, args.eval_samples, []),
                                        ("stage5", 5, args.eval_samples_final, []),
-                                       ("stage5_40x56", 5, args.eval_samples_final, non_square)):
+                                       ("stage5_42x54", 5, args.eval_samples_final, non_square)):
         tic = time.perf_counter()
         out = args.out_dir / f"eval_{name}"
         run([py, "-m", "evaluation.evaluate", "--model-path", str(newest_checkpoint(runs / f"stage{stage}")),

