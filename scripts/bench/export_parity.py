@@ -5,8 +5,9 @@
 Exports the checkpoint (`python -m app.export --format diffusers`), draws two prompts with N seeds each
 once through `app/sample.py` and once through `RFDiTPipeline.from_pretrained` on the exported folder (each with the
 checkpoint's own steps, guidance and alpha), and prints the largest and mean absolute difference over the uint8
-pixels, with the difference between two seeds beside them for scale. Also at a non-square bucket (40x56) when the
-checkpoint was trained on buckets.
+pixels, with the difference between two seeds beside them for scale. Also at a non-square size one pixel unit (the
+patch, times the autoencoder's factor) shorter and one longer than the trained side: 42x54 for the embedded Stage 5
+(48 px at patch 6).
 """
 
 import argparse
@@ -33,19 +34,24 @@ def main() -> None:
     from app.diffusers_pipeline import RFDiTPipeline
     from app.export import main as export_main
     from app.sample import main as sample_main
+    from core import checkpoint
 
+    meta = checkpoint.load(checkpoint.resolve(args.model_path, "--model-path"))["metadata"]
+    side = meta["image_size"]
+    unit = side // meta["latent_shape"][-1] * meta["model"]["patch"]
+    height, width = side - unit, side + unit
     folder = args.out_dir / "diffusers"
     export_main(["--model-path", str(args.model_path), "--out-dir", str(folder), "--force"])
     pipe = RFDiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     report = {}
-    for name, size in (("trained size", []), ("40x56", ["--height", "40", "--width", "56"])):
+    for name, size in (("trained size", []), (f"{height}x{width}", ["--height", str(height), "--width", str(width)])):
         cli_dir = args.out_dir / f"cli_{name.replace(' ', '_')}"
         flags = [f for prompt in PROMPTS for f in ("--prompt", prompt)]
         sample_main(["--model-path", str(args.model_path), "--out-dir", str(cli_dir), "--device", "cpu", "--seed",
                      "0", "--num-samples", str(args.seeds), *flags, *size])
         cli = {q.stem: np.asarray(Image.open(q)).astype(int) for q in cli_dir.glob("*_seed_*.png")}
-        kwargs = dict(height=40, width=56) if size else {}
+        kwargs = dict(height=height, width=width) if size else {}
         diffs, between = [], []
         for i, prompt in enumerate(PROMPTS):
             seeds = [i * args.seeds + j for j in range(args.seeds)]  # app/sample.py's rule for prompt i
