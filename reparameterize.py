@@ -36,6 +36,10 @@ steps positions by 1/2 and spans the range the model learned at 32x32 (interpola
     python reparameterize.py change-resolution --src outputs/stage3/checkpoints/step_00100000.pt \
         --dst outputs/stage4/init.pt --input-size 64 [--stage 4]
 
+Patch change (the embedded Stages 4-5 in pixel space, which grow the patch with the image and keep the token grid):
+no subcommand; a stage whose model.patch differs from its train.init_from checkpoint's gets the weights through
+models/conversion.py:change_patch when it loads them (trainer/builders.py), since the optimizer state would not fit.
+
 Linear layouts: te.Linear and nn.Linear name and shape `weight` and `bias` alike; te.Linear adds an
 `<layer>._extra_state` entry (FP8 scaling metadata) that a plain model rejects.
 
