@@ -9,7 +9,8 @@
 2. Stage 1: class-conditional ccDiT on the shape labels (python train_stage1.py experiment=embedded), then
    scripts/demo/stage1_probe.py: how often it draws each labelled shape, printed and kept in the summary;
 3. reparameterize.py stage1-to-stage2: Stage 1's EMA -> the Stage-2 mmDiT initialisation, printing parity;
-4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px, each from the previous stage's EMA;
+4. Stages 2-5 on captions, resolution rising 32 -> 32 -> 40 -> 48 px with the patch (4, 4, 5, 6: an 8x8 token grid
+   throughout, models/conversion.py:change_patch), each from the previous stage's EMA;
 5. the compositional evaluation (evaluation/evaluate.py) of Stage 3 (32 px) and Stage 5 (48x48 and 42x54 px) on
    the 40 held-out colour-shape-position combinations, and a prompt grid from the final model;
 6. the distribution figures of the final checkpoint (evaluation/embedded.py: Frechet distance on the scene
