@@ -27,6 +27,16 @@ def text_inputs(cfg, batch: int, valid: list[int], seed: int = 0):
     return text, mask
 
 
+def conditioned_forward(model, x, t):
+    """One forward of any family with fixed conditioning: labels 0, 1, ... for a ccDiT, otherwise `text_inputs`
+    (rows of 3 and 1 real tokens) in x's dtype."""
+    cfg = model.config
+    if cfg.family == "ccdit":
+        return model(x, t, labels=torch.arange(x.shape[0]) % cfg.num_classes)
+    text, mask = text_inputs(cfg, x.shape[0], valid=[3, 1][: x.shape[0]])
+    return model(x, t, text.to(x.dtype), mask)
+
+
 @contextlib.contextmanager
 def loopback_chat_server(answer: Callable[[dict, dict], str]):
     """A loopback OpenAI-compatible /v1/chat/completions server for the captioner and prompt-rewriting tests.

@@ -10,20 +10,12 @@ import torch.nn.functional as F
 
 from models import build_model
 from models.conversion import area_downsample_matrix, change_patch
-from tests.helpers import randomize_zero_inits, text_inputs
+from tests.helpers import conditioned_forward, randomize_zero_inits
 
 
 def box_downsample(x: torch.Tensor, factor_num: int, factor_den: int) -> torch.Tensor:
     """Area downsampling of [b, c, H, W] by factor_den / factor_num (H * factor_num / factor_den pixels a side)."""
     return F.avg_pool2d(F.interpolate(x, scale_factor=factor_num, mode="nearest"), kernel_size=factor_den)
-
-
-def forward(model, x, t):
-    cfg = model.config
-    if cfg.family == "ccdit":
-        return model(x, t, labels=torch.arange(x.shape[0]) % cfg.num_classes)
-    text, mask = text_inputs(cfg, x.shape[0], valid=[3, 1][: x.shape[0]])
-    return model(x, t, text.to(x.dtype), mask)
 
 
 @pytest.mark.parametrize("src, dst", [(6, 4), (5, 4), (6, 5), (8, 4), (4, 4)])
@@ -50,7 +42,7 @@ def test_the_larger_image_at_the_larger_patch_computes_what_its_downsampled_imag
     x, t = torch.randn(2, 3, 8 * patch, 8 * patch, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
     small = box_downsample(x, 4, patch)
     with torch.no_grad():
-        y_new, y_old = forward(new, x, t), forward(old, small, t)
+        y_new, y_old = conditioned_forward(new, x, t), conditioned_forward(old, small, t)
     assert y_new.shape == x.shape
     assert torch.allclose(box_downsample(y_new, 4, patch), y_old, atol=1e-9)
     assert not torch.allclose(y_new, F.interpolate(y_old, size=x.shape[-2:], mode="nearest"), atol=1e-3)  # not a copy

@@ -23,7 +23,7 @@ from reparameterize import (
     te_to_torch_state,
     torch_to_te_state,
 )
-from tests.helpers import randomize_zero_inits, text_inputs
+from tests.helpers import conditioned_forward, randomize_zero_inits, text_inputs
 
 
 def trained_like_pair(t_star: float = 0.5):
@@ -72,15 +72,6 @@ def test_mismatched_trunk_is_a_clear_error():
 # change-resolution
 
 
-def _forward(model, x, t):
-    """One forward of any family with fixed conditioning (labels for ccDiT, a masked caption otherwise)."""
-    cfg = model.config
-    if cfg.family == "ccdit":
-        return model(x, t, labels=torch.arange(x.shape[0]) % cfg.num_classes)
-    text, mask = text_inputs(cfg, x.shape[0], valid=[3, 1][: x.shape[0]])
-    return model(x, t, text, mask)
-
-
 @pytest.mark.parametrize("name", ["ccDiT-debug/4", "mmDiT-debug/4", "JointDiT-debug/4"])
 def test_change_resolution_is_exact_at_the_old_size_and_runs_at_the_new(name):
     old = build_model(name).eval()  # 32 px, patch 4: an 8x8 grid
@@ -93,8 +84,9 @@ def test_change_resolution_is_exact_at_the_old_size_and_runs_at_the_new(name):
     assert all(new_state[k] is v for k, v in old_state.items())  # carried, not recomputed
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
     with torch.no_grad():
-        assert torch.equal(_forward(new, x, t), _forward(old, x, t))  # same positions at the old grid
-        y = _forward(new, torch.randn(2, 3, 64, 64), t)
+        # Same positions at the old grid:
+        assert torch.equal(conditioned_forward(new, x, t), conditioned_forward(old, x, t))
+        y = conditioned_forward(new, torch.randn(2, 3, 64, 64), t)
     assert y.shape == (2, 3, 64, 64) and torch.isfinite(y).all()
 
 

@@ -19,6 +19,7 @@ from core.checkpoint import CheckpointMetadata
 from core.conditioning import ClassConditioning, FeatureConditioning, TextConditioning
 from data.shards import DatasetSpec, ShardError, read_manifest
 from models.config import ModelConfig, default_conditioning
+from models.conversion import change_patch
 from models.registry import model_config
 from trainer.errors import ConfigError, MissingInputError
 from trainer.precision import text_pad_multiple
@@ -372,8 +373,6 @@ def _to_patch(weights: dict[str, Any], record: CheckpointMetadata, target: Model
     by models/conversion.py:change_patch; the same patch, or another family, passes them through unchanged."""
     if not record.model or record.family != target.family or record.model.get("patch") in (None, target.patch):
         return weights
-    from models.conversion import change_patch
-
     try:
         return change_patch(weights, record.model_config, target.patch)[1]
     except ValueError as err:
